@@ -1,0 +1,47 @@
+"""vivit_kernels: a faster, leaner drop-in ViViT for NVIDIA GPUs, with its own Triton and CUDA kernels.
+
+Names are imported on first use, so ``import vivit_kernels`` is cheap and the command line can configure
+Triton (e.g. its interpreter on machines without a GPU) before any kernel is defined.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "VivitConfig": "config",
+    "PRESETS": "config",
+    "VivitModel": "model",
+    "VivitForVideoClassification": "model",
+    "VivitModelOutput": "model",
+    "VivitClassifierOutput": "model",
+    "CheckpointError": "checkpoint",
+    "ops": None,
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vivit_kernels' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = importlib.import_module(f".{name}" if module is None else f".{module}", __name__)
+    if module is not None:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import ops
+    from .checkpoint import CheckpointError
+    from .config import PRESETS, VivitConfig
+    from .model import VivitClassifierOutput, VivitForVideoClassification, VivitModel, VivitModelOutput

@@ -1,0 +1,62 @@
+"""Backends: a table from a name to the functions a ViViT layer calls.
+
+The model never branches on the backend name; it calls ``backend.attention``, ``backend.linear``,
+``backend.layer_norm`` and ``backend.patch_embed``, whose signatures are the same for every entry:
+
+- ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
+- ``layer_norm(x, weight, bias, eps) -> x.shape``
+- ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
+- ``attention(q, k, v, softmax_scale, dropout_p) -> (B, N, H, D)`` for q/k/v shaped (B, N, H, D)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .ops.attention import attention_ref, attention_sdpa
+from .ops.layer_norm import layer_norm_ref
+from .ops.linear import linear_ref
+from .ops.patch_embed import patch_embed_ref
+
+__all__ = ["Backend", "BACKEND_NAMES", "backend_status", "get_backend"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    attention: Callable
+    linear: Callable
+    layer_norm: Callable
+    patch_embed: Callable
+    # False when ``attention`` cannot apply attention dropout itself (the layer then uses the eager path).
+    attention_dropout: bool = True
+
+
+def _eager_attention(q, k, v, softmax_scale, dropout_p):
+    return attention_ref(q, k, v, softmax_scale, dropout_p)
+
+
+EAGER = Backend("eager", _eager_attention, linear_ref, layer_norm_ref, patch_embed_ref)
+SDPA = Backend("sdpa", attention_sdpa, linear_ref, layer_norm_ref, patch_embed_ref)
+
+BACKEND_NAMES = ("eager", "sdpa", "triton")
+
+
+def get_backend(name: str) -> Backend:
+    if name == "eager":
+        return EAGER
+    if name == "sdpa":
+        return SDPA
+    if name == "triton":
+        raise NotImplementedError("attn='triton' is not implemented yet; use 'eager' or 'sdpa'")
+    raise ValueError(f"unknown attn {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """For each backend name: (usable here, why / what it runs)."""
+    return {
+        "eager": (True, "PyTorch ops, transformers' eager attention"),
+        "sdpa": (True, "PyTorch ops, torch.nn.functional.scaled_dot_product_attention"),
+        "triton": (False, "not implemented yet"),
+    }

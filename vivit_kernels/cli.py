@@ -1,0 +1,189 @@
+"""The ``vivit-kernels`` command line: info | demo (and the commands later modules add).
+
+The heavy imports happen inside each command, after the command has configured the environment: on a
+machine without CUDA, ``demo`` turns on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
+defined, so the Triton backend can be checked there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+
+
+def _versions() -> list[tuple[str, str]]:
+    rows = [("python", platform.python_version())]
+    for name in ("torch", "triton", "numpy", "safetensors", "transformers", "av"):
+        try:
+            module = importlib.import_module(name)
+            rows.append((name, getattr(module, "__version__", "?")))
+        except Exception as e:  # noqa: BLE001 - report, never fail
+            rows.append((name, f"not installed ({type(e).__name__})"))
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    print("vivit_kernels", _package_version())
+    for name, version in _versions():
+        print(f"  {name:<13} {version}")
+    print(f"  {'torch CUDA':<13} {torch.version.cuda or 'none (CPU build)'}")
+    print("device")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        print("  no CUDA device: the Triton kernels run only in the Triton interpreter (TRITON_INTERPRET=1)")
+    from .backends import backend_status
+
+    print("backends (attn=...)")
+    for name, (ok, why) in backend_status().items():
+        print(f"  {name:<8} {'available' if ok else 'unavailable'}: {why}")
+    return 0
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _synthetic_clip(frames: int, height: int, width: int, seed: int = 0):
+    """A deterministic uint8 clip (T, H, W, 3): a bright square moving over a colour gradient, plus noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 255, height).view(height, 1).expand(height, width)
+    xs = torch.linspace(0, 255, width).view(1, width).expand(height, width)
+    clip = torch.empty(frames, height, width, 3)
+    side = max(2, min(height, width) // 4)
+    for t in range(frames):
+        frame = torch.stack([ys, xs, (ys + xs) / 2], dim=-1).clone()
+        y0 = (t * height // max(frames, 1)) % max(height - side, 1)
+        x0 = (t * width // max(frames, 1)) % max(width - side, 1)
+        frame[y0 : y0 + side, x0 : x0 + side] = 255.0
+        clip[t] = frame + 8 * torch.randn(height, width, 3, generator=g)
+    return clip.clamp(0, 255).to(torch.uint8)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backends import BACKEND_NAMES, backend_status
+    from .model import VivitForVideoClassification
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.model:
+        model = VivitForVideoClassification.from_pretrained(args.model, dtype=dtype, device=device)
+        print(f"model: {args.model} ({type(model).__name__})")
+    else:
+        torch.manual_seed(args.seed)
+        model = VivitForVideoClassification(args.preset).to(device=device, dtype=dtype).eval()
+        print(
+            f"model: preset {args.preset!r} with RANDOM weights (seed {args.seed}); its labels mean nothing. "
+            "Pass --model DIR for a real checkpoint."
+        )
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    height, width = cfg.image_hw
+    print(
+        f"  {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
+        f"{cfg.num_patches + 1} tokens, {n_params / 1e6:.2f} M parameters, {dtype}, {device}"
+    )
+    clip = _synthetic_clip(cfg.num_frames, height, width, seed=args.seed)
+    pixel_values = (clip.permute(0, 3, 1, 2).float() / 127.5 - 1.0)[None].repeat(args.batch, 1, 1, 1, 1)
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    print(f"input: synthetic clip, pixel_values {tuple(pixel_values.shape)} (batch, frames, channels, H, W)")
+
+    status = backend_status()
+    results = {}
+    for name in BACKEND_NAMES:
+        ok, why = status[name]
+        if not ok:
+            print(f"  {name:<7} skipped: {why}")
+            continue
+        model.set_attn(name)
+        with torch.no_grad():
+            logits = model(pixel_values).logits  # warm-up (compiles kernels on first use)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                logits = model(pixel_values).logits
+            _sync(device)
+        ms = (time.perf_counter() - start) * 1e3 / args.repeats
+        results[name] = (logits.float(), ms)
+
+    reference = results.get("eager", next(iter(results.values())))[0]
+    print(f"\n{'backend':<8} {'ms/batch':>10} {'max |logits - eager|':>22}  top-1 label")
+    for name, (logits, ms) in results.items():
+        top = logits[0].argmax().item()
+        diff = (logits - reference).abs().max().item()
+        note = " (Triton interpreter on CPU: a correctness run, not a speed figure)" if _interpreted(name, device) else ""
+        print(f"{name:<8} {ms:>10.2f} {diff:>22.3g}  {cfg.id2label.get(top, top)}{note}")
+    print(f"\ntimings are wall-clock on {_device_name(device)}, {args.repeats} repeats after one warm-up")
+    return 0
+
+
+def _interpreted(backend: str, device) -> bool:
+    return backend == "triton" and device.type == "cpu"
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _use_interpreter_without_gpu() -> None:
+    """Run Triton kernels in the interpreter when there is no GPU (must precede any kernel definition)."""
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vivit-kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, device, and which backends and kernels are available")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="run a clip through every available backend; print agreement and timing")
+    p.add_argument("--model", help="checkpoint directory (default: a small random-weight model)")
+    p.add_argument("--preset", default="small", help="model preset when no --model is given (default: small)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo, interpreter=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "interpreter", False):
+        _use_interpreter_without_gpu()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
