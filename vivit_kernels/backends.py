@@ -14,7 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .ops.attention import attention_ref, attention_sdpa
+import warnings
+
+from .ops import _triton
+from .ops.attention import attention_ref, attention_sdpa, flash_attention
 from .ops.layer_norm import layer_norm_ref
 from .ops.linear import linear_ref
 from .ops.patch_embed import patch_embed_ref
@@ -37,8 +40,14 @@ def _eager_attention(q, k, v, softmax_scale, dropout_p):
     return attention_ref(q, k, v, softmax_scale, dropout_p)
 
 
+def _flash_attention(q, k, v, softmax_scale, dropout_p):
+    return flash_attention(q, k, v, softmax_scale)
+
+
 EAGER = Backend("eager", _eager_attention, linear_ref, layer_norm_ref, patch_embed_ref)
 SDPA = Backend("sdpa", attention_sdpa, linear_ref, layer_norm_ref, patch_embed_ref)
+# Attention through our Triton kernels (no in-kernel dropout: the layer uses eager attention for those calls).
+TRITON = Backend("triton", _flash_attention, linear_ref, layer_norm_ref, patch_embed_ref, attention_dropout=False)
 
 BACKEND_NAMES = ("eager", "sdpa", "triton")
 
@@ -49,7 +58,14 @@ def get_backend(name: str) -> Backend:
     if name == "sdpa":
         return SDPA
     if name == "triton":
-        raise NotImplementedError("attn='triton' is not implemented yet; use 'eager' or 'sdpa'")
+        if not _triton.HAS_TRITON:
+            warnings.warn(
+                f"attn='triton' needs Triton, which failed to import ({_triton.TRITON_IMPORT_ERROR}); "
+                "using attn='sdpa' instead",
+                stacklevel=3,
+            )
+            return SDPA
+        return TRITON
     raise ValueError(f"unknown attn {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
 
 
@@ -58,5 +74,18 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     return {
         "eager": (True, "PyTorch ops, transformers' eager attention"),
         "sdpa": (True, "PyTorch ops, torch.nn.functional.scaled_dot_product_attention"),
-        "triton": (False, "not implemented yet"),
+        "triton": _triton_status(),
     }
+
+
+def _triton_status() -> tuple[bool, str]:
+    if not _triton.HAS_TRITON:
+        return False, f"Triton failed to import: {_triton.TRITON_IMPORT_ERROR}"
+    import torch
+
+    version = f"Triton {_triton.triton.__version__}"
+    if torch.cuda.is_available():
+        return True, f"{version} kernels on CUDA"
+    if _triton.INTERPRET:
+        return True, f"{version} kernels in the Triton interpreter (TRITON_INTERPRET=1; CPU, slow, for testing)"
+    return False, f"{version} kernels need a CUDA device (or TRITON_INTERPRET=1 set before import, for testing)"

@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo, interpreter=True)
+
+    from . import aot
+
+    p = sub.add_parser("compile-report", help="compile every shipped Triton kernel config for sm_80/sm_90 (no GPU needed)")
+    aot.add_arguments(p)
+    p.set_defaults(func=aot.run_cli)
     return parser
 
 

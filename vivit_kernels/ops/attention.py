@@ -1,15 +1,542 @@
 """Multi-head self-attention on (batch, tokens, heads, head_dim) tensors.
 
-``attention_ref`` is the eager PyTorch reference (transformers' eager attention, op for op);
-``attention_sdpa`` routes to ``torch.nn.functional.scaled_dot_product_attention``.
+- ``_attn_fwd_kernel``, ``_attn_bwd_preprocess_kernel``, ``_attn_bwd_dkdv_kernel``, ``_attn_bwd_dq_kernel``:
+  FlashAttention-2 in Triton. The forward keeps a running max and sum per query row (online softmax), never
+  materialises the N x N scores, and saves the row logsumexp. The backward recomputes the probabilities tile
+  by tile from q, k and the logsumexp: delta = rowsum(dO * O) first, then dK/dV (one program per key tile,
+  looping over query tiles) and dQ (one program per query tile, looping over key tiles), so no atomics.
+  Every N >= 1 works: the last query and key tiles are masked. head_dim up to 128 is padded to a power of two.
+- ``flash_attn_fwd`` / ``flash_attn_bwd``: ``torch.library`` custom ops (with fake implementations and
+  autograd), so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see through them.
+- ``flash_attention(q, k, v, softmax_scale=None)``: the functional API.
+- ``attention_ref``: the eager PyTorch reference (transformers' eager attention, op for op);
+  ``attention_sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_ref", "attention_sdpa"]
+from ._triton import (
+    HAS_TRITON,
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    KernelConfig,
+    check_launchable,
+    device_guard,
+    emulate_bf16,
+    next_pow2,
+    tl,
+    triton,
+)
+
+__all__ = ["flash_attention", "attention_ref", "attention_sdpa", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped launch configurations, by padded head dim (BLOCK_D) and element size in bytes. Every entry
+# compiles for sm_80 and sm_90 without register spills and within shared memory (tests/test_aot.py);
+# the autotuner picks among the entries of the matching row on the GPU.
+# ------------------------------------------------------------------------------------------------
+def _cfgs(*rows: tuple[int, int, int, int]) -> list[KernelConfig]:
+    return [KernelConfig.make(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in rows]
+
+
+FWD_CONFIGS: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)),
+    (64, 2): _cfgs((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)),
+    (128, 2): _cfgs((128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)),
+    # fp32 with IEEE products runs on FMA units, whose dot layouts need far more registers: small tiles.
+    (32, 4): _cfgs((64, 32, 8, 3), (32, 32, 4, 2), (16, 64, 4, 2)),
+    (64, 4): _cfgs((64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    (128, 4): _cfgs((16, 32, 8, 2), (32, 16, 8, 2), (16, 64, 8, 2)),
+}
+DKDV_CONFIGS: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)),
+    (64, 2): _cfgs((64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 3)),
+    (128, 2): _cfgs((64, 64, 8, 3), (32, 32, 4, 3)),
+    (32, 4): _cfgs((32, 32, 4, 2), (16, 64, 4, 2), (32, 16, 4, 2)),
+    (64, 4): _cfgs((32, 16, 8, 2), (16, 32, 8, 2)),
+    (128, 4): _cfgs((16, 32, 8, 2), (32, 16, 8, 2)),
+}
+DQ_CONFIGS: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 3)),
+    (64, 2): _cfgs((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    (128, 2): _cfgs((64, 64, 8, 3), (64, 32, 4, 3)),
+    (32, 4): _cfgs((32, 32, 4, 2), (64, 32, 8, 3), (16, 32, 4, 2)),
+    (64, 4): _cfgs((32, 32, 8, 2), (16, 64, 4, 2), (32, 64, 8, 2)),
+    (128, 4): _cfgs((16, 32, 8, 2), (32, 16, 8, 2)),
+}
+PREPROCESS_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64)
+# Under the interpreter one config per kernel (autotuning would run every config, slowly, on the CPU);
+# large tiles mean fewer interpreted loop iterations. Every shipped tile shape is tested separately.
+INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=128, BLOCK_N=128)
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dims are padded (with masking) to a power of two, at least 32."""
+    return max(32, next_pow2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    from ._triton import load_operand, to_dot_operand, to_output
+
+    @triton.jit
+    def _program_ids(N, H, BLOCK: tl.constexpr):
+        """One flat grid axis (no 65535 limit on batch * heads): pid -> (tile index, batch, head)."""
+        pid = tl.program_id(0).to(tl.int64)
+        num_tiles = tl.cdiv(N, BLOCK)
+        tile = pid % num_tiles
+        bh = pid // num_tiles
+        return tile, bh // H, bh % H, bh
+
+    @triton.jit
+    def _attn_fwd_tiles(
+        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """Online-softmax accumulation over key tiles [lo, hi); MASK_N masks keys >= N (the last tile)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+            k = load_operand(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            if MASK_N:
+                s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = load_operand(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
+            acc = acc * alpha[:, None] + tl.dot(
+                to_dot_operand(p, V.dtype.element_ty, EMULATE_BF16), v, input_precision=DOT_PRECISION
+            )
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE,  # q/k/v/o: (B, N, H, D) with unit stride in D; LSE: (B, H, N) fp32
+        stride_qb, stride_qn, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_on, stride_oh,
+        N, H, qk_scale,  # qk_scale = softmax_scale * log2(e)
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        tile, b, h, bh = _program_ids(N, H, BLOCK_M)
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        O += b * stride_ob + h * stride_oh
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        q = load_operand(Q + offs_m[:, None] * stride_qn + offs_d[None, :], q_mask, EMULATE_BF16, True)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_full = (N // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _attn_fwd_tiles(
+            acc, m_i, l_i, q, K, V, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
+        )
+        if n_full < N:
+            acc, m_i, l_i = _attn_fwd_tiles(
+                acc, m_i, l_i, q, K, V, stride_kn, stride_vn, n_full, N, N, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+            )
+        acc = acc / l_i[:, None]
+        # logsumexp of the scaled scores, in natural-log units
+        tl.store(LSE + bh * N + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=offs_m < N)
+        o = to_output(acc, O.dtype.element_ty, EMULATE_BF16)
+        tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o, mask=q_mask)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(
+        O, DO, DELTA,  # o/do: (B, N, H, D); DELTA: (B, H, N) fp32
+        stride_ob, stride_on, stride_oh,
+        stride_db, stride_dn, stride_dh,
+        N, H,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """delta = rowsum(dO * O), the softmax-backward correction term, in fp32."""
+        tile, b, h, bh = _program_ids(N, H, BLOCK_M)
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * N + offs_m, delta, mask=offs_m < N)
+
+    @triton.jit
+    def _attn_bwd_dkdv_tiles(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_dn, lo, hi, N, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """Accumulate dK, dV of one key tile over query tiles [lo, hi).
+
+        Query rows >= N (MASK_M) load q = dO = 0 and lse = delta = 0, so their probabilities are finite and
+        their contributions to dV (p * dO) and dK (p * (dP - delta) = 0) vanish without extra masking.
+        """
+        offs_d = tl.arange(0, BLOCK_D)
+        PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+            q = load_operand(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask, EMULATE_BF16, MASK_M or PAD_D)
+            do = load_operand(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask, EMULATE_BF16, MASK_M or PAD_D)
+            if MASK_M:
+                lse = tl.load(LSE + offs_m, mask=offs_m < N, other=0.0)
+                delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
+            else:
+                lse = tl.load(LSE + offs_m)
+                delta = tl.load(DELTA + offs_m)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): scores transposed
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
+            dv += tl.dot(to_dot_operand(p_t, DO.dtype.element_ty, EMULATE_BF16), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(to_dot_operand(ds_t, Q.dtype.element_ty, EMULATE_BF16), q, input_precision=DOT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,  # (B, N, H, D) each, LSE/DELTA (B, H, N) fp32
+        stride_qb, stride_qn, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_db, stride_dn, stride_dh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        N, H, qk_scale, softmax_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        tile, b, h, bh = _program_ids(N, H, BLOCK_N)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        k = load_operand(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
+        v = load_operand(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
+        Q += b * stride_qb + h * stride_qh
+        DO += b * stride_db + h * stride_dh
+        LSE += bh * N
+        DELTA += bh * N
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        m_full = (N // BLOCK_M) * BLOCK_M
+        dk, dv = _attn_bwd_dkdv_tiles(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_dn, 0, m_full, N, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
+        )
+        if m_full < N:
+            dk, dv = _attn_bwd_dkdv_tiles(
+                dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_dn, m_full, N, N, qk_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+            )
+        dk = dk * softmax_scale
+        DK += b * stride_dkb + h * stride_dkh
+        DV += b * stride_dvb + h * stride_dvh
+        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], to_output(dk, DK.dtype.element_ty, EMULATE_BF16), mask=kv_mask)
+        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], to_output(dv, DV.dtype.element_ty, EMULATE_BF16), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_tiles(
+        dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """Accumulate dQ of one query tile over key tiles [lo, hi); keys >= N get probability 0."""
+        offs_d = tl.arange(0, BLOCK_D)
+        PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+            k = load_operand(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
+            v = load_operand(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            if MASK_N:
+                p = tl.where(offs_n[None, :] < N, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(to_dot_operand(ds, K.dtype.element_ty, EMULATE_BF16), k, input_precision=DOT_PRECISION)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qn, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_db, stride_dn, stride_dh,
+        stride_dqb, stride_dqn, stride_dqh,
+        N, H, qk_scale, softmax_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        tile, b, h, bh = _program_ids(N, H, BLOCK_M)
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        q = load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask, EMULATE_BF16, True)
+        do = load_operand(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask, EMULATE_BF16, True)
+        lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_full = (N // BLOCK_N) * BLOCK_N
+        dq = _attn_bwd_dq_tiles(
+            dq, q, do, lse, delta, K, V, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
+        )
+        if n_full < N:
+            dq = _attn_bwd_dq_tiles(
+                dq, q, do, lse, delta, K, V, stride_kn, stride_vn, n_full, N, N, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+            )
+        dq = dq * softmax_scale
+        DQ += b * stride_dqb + h * stride_dqh
+        tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+    def _autotuned(kernel, table: dict[tuple[int, int], list[KernelConfig]]):
+        """Wrap a kernel in triton.autotune over the shipped table; only the row matching the call's
+        (BLOCK_D, element size) is benchmarked. The device is not touched until the first launch."""
+        all_configs = {c: c.to_triton() for row in table.values() for c in row}
+
+        def prune(configs, named_args, **kwargs):
+            row = table[(kwargs["BLOCK_D"], named_args["Q"].element_size())]
+            wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in row}
+            return [
+                c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
+            ]
+
+        return triton.autotune(
+            configs=list(all_configs.values()),
+            key=["N", "HEAD_DIM", "DOT_PRECISION"],
+            prune_configs_by={"early_config_prune": prune},
+        )(kernel)
+
+    _attn_fwd_tuned = _autotuned(_attn_fwd_kernel, FWD_CONFIGS)
+    _attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS)
+    _attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def flat_grid(N: int, B: int, H: int, block: int) -> tuple[int]:
+    """All (tile, batch, head) programs on grid axis 0, whose limit (2^31 - 1) is far above axes 1 and 2's
+    65535, so any batch * heads fits."""
+    programs = triton.cdiv(N, block) * B * H
+    if programs > 2**31 - 1:
+        raise ValueError(f"flash_attention: {programs} programs exceed the CUDA grid limit (B={B}, H={H}, N={N})")
+    return (programs,)
+
+
+def _launch(tuned, plain, grid_block: str, B: int, H: int, N: int, args: tuple, meta: dict, config: KernelConfig | None):
+    """Launch through the autotuner on a GPU, or with one fixed config (interpreter, or a test's choice)."""
+    with device_guard(args[0]):
+        if config is None and not INTERPRET:
+            tuned[lambda m: flat_grid(N, B, H, m[grid_block])](*args, **meta)
+            return
+        config = config or INTERPRETER_CONFIG
+        kw = config.kwargs
+        plain[flat_grid(N, B, H, kw[grid_block])](
+            *args, **meta, **kw, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must be 4-D (batch, tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"flash_attention: q, k, v must have one shape (batch, tokens, heads, head_dim), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"flash_attention supports float16, bfloat16 and float32, got {q.dtype}")
+    B, N, H, D = q.shape
+    if min(B, N, H, D) < 1:
+        raise ValueError(f"flash_attention: every dimension must be >= 1, got {tuple(q.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention supports head_dim <= {MAX_HEAD_DIM}, got {D}")
+    check_launchable(q, k, v, what="flash_attention")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need stride 1 along head_dim; anything else is copied once (documented)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check_extent(*tensors: torch.Tensor) -> None:
+    """Offsets inside one (batch, head) slice are 32-bit in the kernels; batch/head offsets are 64-bit."""
+    for t in tensors:
+        if (t.shape[1] - 1) * t.stride(1) + t.shape[3] >= 2**31:
+            raise ValueError(
+                f"flash_attention: one (batch, head) slice spans {t.shape[1]} x stride {t.stride(1)} elements, "
+                "more than 32-bit offsets allow"
+            )
+
+
+def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig | None = None):
+    B, N, H, D = q.shape
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    _check_extent(q, k, v)
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    meta = dict(
+        HEAD_DIM=D, BLOCK_D=block_d_for(D), DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+        EMULATE_BF16=emulate_bf16(q.dtype),
+    )
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, H, softmax_scale * LOG2E)
+    _launch(_attn_fwd_tuned, _attn_fwd_kernel, "BLOCK_M", B, H, N, args, meta, config)
+    return out, lse
+
+
+def _bwd(
+    do, q, k, v, out, lse, softmax_scale: float, allow_tf32: bool,
+    dkdv_config: KernelConfig | None = None, dq_config: KernelConfig | None = None,
+):
+    B, N, H, D = q.shape
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    _check_extent(do, q, k, v, out)
+    block_d = block_d_for(D)
+    delta = torch.empty_like(lse)
+    _launch(
+        None, _attn_bwd_preprocess_kernel, "BLOCK_M", B, H, N,
+        (out, do, delta, *_strides(out), *_strides(do), N, H), dict(HEAD_DIM=D, BLOCK_D=block_d), PREPROCESS_CONFIG,
+    )
+    dq, dk, dv = (torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    meta = dict(
+        HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+        EMULATE_BF16=emulate_bf16(q.dtype),
+    )
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    scales = (N, H, softmax_scale * LOG2E, softmax_scale)
+    _launch(
+        _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", B, H, N,
+        (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *scales), meta, dkdv_config,
+    )
+    _launch(
+        _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", B, H, N,
+        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), *scales), meta, dq_config,
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vivit_kernels::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, N, H, D), logsumexp (B, H, N) fp32) of softmax(q k^T * scale) v."""
+    return _fwd(q, k, v, softmax_scale, allow_tf32)
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, softmax_scale, allow_tf32):
+    B, N, H, D = q.shape
+    torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "q, k, v must have one shape")
+    return q.new_empty((B, N, H, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vivit_kernels::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the output gradient and what the forward saved (q, k, v, out, logsumexp)."""
+    return _bwd(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32)
+
+
+@flash_attn_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, allow_tf32 = inputs
+    out, lse = output
+    # Saved for backward: the inputs (views, no copies), the output and the fp32 row logsumexp: O(N) per
+    # row instead of the N x N probabilities eager attention keeps.
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+    ctx.allow_tf32 = allow_tf32
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.allow_tf32)
+    return dq, dk, dv, None, None
+
+
+flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool = False
+) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale) v with the Triton FlashAttention-2 kernels (forward and backward).
+
+    Args:
+        q, k, v: (batch, tokens, heads, head_dim) in float16, bfloat16 or float32, on a CUDA device (or on
+            the CPU under TRITON_INTERPRET=1). Strided views, e.g. slices of one fused qkv tensor, are read
+            in place; a tensor whose last dimension is not contiguous is copied once. head_dim <= 128.
+        softmax_scale: defaults to head_dim ** -0.5.
+        allow_tf32: float32 inputs use strict IEEE products by default (so results match an fp32
+            reference); True lets the tensor cores use TF32.
+    Returns:
+        (batch, tokens, heads, head_dim), contiguous, in the input dtype.
+    """
+    _check_inputs(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
+    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(allow_tf32))[0]
 
 
 def attention_ref(
@@ -48,3 +575,46 @@ def attention_sdpa(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=softmax_scale
     )
     return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (vivit_kernels.aot): every shipped config, dtype and head_dim
+# ------------------------------------------------------------------------------------------------
+AOT_HEAD_DIMS = (32, 64, 80, 128)
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_cases(head_dims=AOT_HEAD_DIMS):
+    from ..aot import make_case
+
+    cases = []
+    for dtype, ty in _TRITON_TYPES.items():
+        size = torch.tensor([], dtype=dtype).element_size()
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        for head_dim in head_dims:
+            block_d = block_d_for(head_dim)
+            base = dict(HEAD_DIM=head_dim, BLOCK_D=block_d)
+            strides = lambda *ts: {f"stride_{t}{d}": "i32" for t in ts for d in "bnh"}  # noqa: E731
+            pre = dict(O=f"*{ty}", DO=f"*{ty}", DELTA="*fp32", N="i32", H="i32", **strides("o", "d"))
+            cases.append(make_case(__name__, _attn_bwd_preprocess_kernel, "_attn_bwd_preprocess_kernel", pre,
+                                   {**base, **PREPROCESS_CONFIG.kwargs}, PREPROCESS_CONFIG.num_warps,
+                                   PREPROCESS_CONFIG.num_stages, f"{ty} d={head_dim} {PREPROCESS_CONFIG.label()}"))
+            for precision in precisions:
+                meta = dict(base, DOT_PRECISION=precision, EMULATE_BF16=False)
+                tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} d={head_dim}"
+                fwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", O=f"*{ty}", LSE="*fp32", N="i32", H="i32",
+                           qk_scale="fp32", **strides("q", "k", "v", "o"))
+                for cfg in FWD_CONFIGS[(block_d, size)]:
+                    cases.append(make_case(__name__, _attn_fwd_kernel, "_attn_fwd_kernel", fwd, {**meta, **cfg.kwargs},
+                                           cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}"))
+                bwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32", N="i32",
+                           H="i32", qk_scale="fp32", softmax_scale="fp32", **strides("q", "k", "v", "d"))
+                dkdv = dict(bwd, DK=f"*{ty}", DV=f"*{ty}", **strides("dk", "dv"))
+                dq = dict(bwd, DQ=f"*{ty}", **strides("dq"))
+                for cfg in DKDV_CONFIGS[(block_d, size)]:
+                    cases.append(make_case(__name__, _attn_bwd_dkdv_kernel, "_attn_bwd_dkdv_kernel", dkdv,
+                                           {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}"))
+                for cfg in DQ_CONFIGS[(block_d, size)]:
+                    cases.append(make_case(__name__, _attn_bwd_dq_kernel, "_attn_bwd_dq_kernel", dq,
+                                           {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}"))
+    return cases

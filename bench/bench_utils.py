@@ -1,0 +1,56 @@
+"""Shared helpers for the benchmarks: the device, synchronisation, FLOP and byte formulas, and a runner that
+times through pytest-benchmark and stores derived figures (TFLOP/s, GB/s) in ``extra_info``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def device_label() -> str:
+    if ON_GPU:
+        return torch.cuda.get_device_name()
+    import os
+    import platform
+
+    return f"CPU {platform.machine()} x{os.cpu_count()} (CPU timing, not a GPU figure)"
+
+
+def attention_flops(batch: int, heads: int, tokens: int, head_dim: int, backward: bool) -> float:
+    """Matmul FLOPs of attention: 4 B H N^2 D forward (QK^T and PV); the backward is 2.5x the forward."""
+    forward = 4.0 * batch * heads * tokens * tokens * head_dim
+    return forward * (3.5 if backward else 1.0)
+
+
+def run(benchmark, fn: Callable[[], object], flops: float | None = None, nbytes: float | None = None,
+        rounds: int = 10, warmup: int = 2, **info) -> None:
+    """Time ``fn`` (synchronised inside the timed call) and attach derived throughput to extra_info."""
+
+    def timed():
+        result = fn()
+        sync()
+        return result
+
+    benchmark.extra_info.update(info, device=device_label())
+    if ON_GPU:
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    else:
+        benchmark.pedantic(timed, rounds=1, warmup_rounds=0, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
+    if mean:
+        benchmark.extra_info["ms"] = mean * 1e3
+        if flops:
+            benchmark.extra_info["tflops"] = flops / mean / 1e12
+        if nbytes:
+            benchmark.extra_info["gbps"] = nbytes / mean / 1e9

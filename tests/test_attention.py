@@ -1,0 +1,241 @@
+"""Triton flash attention (interpreter on CPU) against the eager reference, forward and backward."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_close, assert_within_rule
+from vivit_kernels.ops import attention as attn_mod
+from vivit_kernels.ops.attention import attention_ref, flash_attention
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def fused_qkv(B, N, H, D, dtype, scale=1.0):
+    """q, k, v as the QKV projection gives them: strided slices of one (B, N, 3, H, D) tensor."""
+    qkv = (torch.randn(B, N, 3, H, D) * scale).to(dtype).requires_grad_()
+    return qkv
+
+
+def run_all(qkv, grad, fn, dtype=None):
+    """Output and gradient of the fused qkv leaf, optionally after casting the inputs to ``dtype``."""
+    leaf = qkv.detach().to(dtype or qkv.dtype).requires_grad_()
+    q, k, v = leaf.unbind(2)
+    out = fn(q, k, v)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), leaf.grad
+
+
+def check(B, N, H, D, dtype, fn=flash_attention, scale=1.0):
+    qkv = fused_qkv(B, N, H, D, dtype, scale)
+    grad = torch.randn(B, N, H, D)
+    out, dqkv = run_all(qkv, grad, fn)
+    ref, dref = run_all(qkv, grad, attention_ref, torch.float32)
+    names = ("dq", "dk", "dv")
+    if dtype == torch.float32:
+        assert_close(out, ref, 1e-4, name="out")
+        for i, name in enumerate(names):
+            assert_close(dqkv[:, :, i], dref[:, :, i], 1e-4, name=name)
+    else:
+        low, dlow = run_all(qkv, grad, attention_ref)
+        assert_within_rule(out, ref, low, factor=2.0, name="out")
+        for i, name in enumerate(names):
+            assert_within_rule(dqkv[:, :, i], dref[:, :, i], dlow[:, :, i], factor=3.0, name=name)
+
+
+SHAPES = [
+    (1, 1, 1, 32),  # a single token: softmax over one key
+    (3, 17, 5, 64),  # odd batch and heads, one partial tile
+    (2, 197, 3, 80),  # ViT-sized sequence, head_dim padded 80 -> 128
+    (1, 130, 2, 128),  # two full tiles + 2 rows
+    (5, 33, 1, 32),
+    (1, 64, 3, 16),  # head_dim below the minimum tile: padded to 32
+    (2, 50, 2, 100),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, dtype):
+    check(*shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vivit_sequence_length(dtype):
+    """ViViT-B's 3137 tokens = 49 * 64 + 1: the last query and key tiles hold a single row."""
+    check(1, 3137, 1, 64, dtype)
+
+
+def test_large_scores_stay_finite():
+    """Scores far from zero: the online softmax must not overflow (fp16 inputs scaled by 8)."""
+    check(2, 100, 2, 64, torch.float16, scale=8.0)
+
+
+def test_contiguous_and_strided_inputs_agree():
+    qkv = torch.randn(2, 40, 3, 3, 32)
+    q, k, v = qkv.unbind(2)
+    strided = flash_attention(q, k, v)
+    contiguous = flash_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(strided, contiguous)
+    # a last dimension that is not contiguous is copied once, with the same result
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qt.stride(-1) != 1
+    assert torch.equal(flash_attention(qt, k, v), strided)
+
+
+def test_softmax_scale_and_tf32_flag():
+    q, k, v = torch.randn(3, 1, 25, 2, 32).unbind(0)
+    assert_close(flash_attention(q, k, v, softmax_scale=0.3), attention_ref(q, k, v, 0.3), 1e-5, name="scale 0.3")
+    # allow_tf32 is a GPU precision choice; the interpreter computes fp32 products either way
+    assert_close(flash_attention(q, k, v, allow_tf32=True), attention_ref(q, k, v), 1e-4, name="tf32")
+
+
+def _shipped_tiles():
+    """Every distinct (kernel, BLOCK_D, BLOCK_M, BLOCK_N) the autotuner may pick on a GPU."""
+    seen = {}
+    tables = (("fwd", attn_mod.FWD_CONFIGS), ("dkdv", attn_mod.DKDV_CONFIGS), ("dq", attn_mod.DQ_CONFIGS))
+    for table_name, table in tables:
+        for (block_d, size), configs in table.items():
+            for cfg in configs:
+                seen[(table_name, block_d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])] = cfg
+    return sorted(seen.items())
+
+
+@pytest.mark.parametrize("key, cfg", _shipped_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else "")
+def test_every_shipped_tile_config(key, cfg):
+    """Each shipped tile shape, forced (no autotuning), forward and backward against the reference; N spans
+    full tiles and a partial one for both the query and the key tiles."""
+    table, block_d, bm, bn = key
+    head_dim = block_d if block_d != 128 else 80
+    N = 2 * max(bm, bn) + 3
+    qkv = torch.randn(1, N, 3, 2, head_dim)
+    q, k, v = qkv.unbind(2)
+    do = torch.randn(1, N, 2, head_dim)
+    ref = qkv.clone().requires_grad_()
+    out_ref = attention_ref(*ref.unbind(2))
+    out_ref.backward(do)
+    out, lse = attn_mod._fwd(q, k, v, head_dim**-0.5, False, config=cfg if table == "fwd" else None)
+    assert_close(out, out_ref, 1e-4, name="out")
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * head_dim**-0.5
+    assert_close(lse, torch.logsumexp(scores, -1), 1e-4, name="logsumexp")
+    dq, dk, dv = attn_mod._bwd(
+        do, q, k, v, out, lse, head_dim**-0.5, False,
+        dkdv_config=cfg if table == "dkdv" else None, dq_config=cfg if table == "dq" else None,
+    )
+    for i, (name, g) in enumerate((("dq", dq), ("dk", dk), ("dv", dv))):
+        assert_close(g, ref.grad[:, :, i], 1e-4, name=name)
+
+
+def test_grid_is_one_flat_axis():
+    """Programs for every (tile, batch, head) go on grid axis 0 (limit 2^31 - 1), not axes 1/2 (65535)."""
+    assert attn_mod.flat_grid(3137, 8192, 12, 64) == (50 * 8192 * 12,)
+    with pytest.raises(ValueError, match="exceed the CUDA grid limit"):
+        attn_mod.flat_grid(3137, 2**22, 16, 64)
+
+
+@pytest.mark.cuda
+def test_cuda_many_batch_heads():
+    """B * H above 65535 (the CUDA limit of grid axes y and z) runs on a real GPU."""
+    B, H = 16385, 4
+    q, k, v = torch.randn(3, B, 3, H, 32, device="cuda", dtype=torch.float16).unbind(0)
+    assert_close(flash_attention(q, k, v), attention_ref(q, k, v), 2e-3, name="out")
+
+
+def test_opcheck():
+    qkv = torch.randn(2, 19, 3, 3, 32, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    torch.library.opcheck(torch.ops.vivit_kernels.flash_attn_fwd.default, (q, k, v, 0.2, False))
+    out, lse = torch.ops.vivit_kernels.flash_attn_fwd(q.detach(), k.detach(), v.detach(), 0.2, False)
+    do = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.vivit_kernels.flash_attn_bwd.default, (do, q.detach(), k.detach(), v.detach(), out, lse, 0.2, False)
+    )
+
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+
+    def block(qkv):
+        q, k, v = qkv.unbind(2)
+        return flash_attention(q, k, v).sum(-1)
+
+    qkv = torch.randn(2, 21, 3, 2, 32)
+    a = qkv.clone().requires_grad_()
+    b = qkv.clone().requires_grad_()
+    eager = block(a)
+    eager.sum().backward()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(b)
+    compiled.sum().backward()
+    assert_close(compiled, eager, 1e-6, name="out")
+    assert_close(b.grad, a.grad, 1e-6, name="grad")
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 32)), ValueError, "must have one shape"),
+        ((torch.randn(4, 2, 32),) * 3, ValueError, r"must be 4-D \(batch, tokens, heads, head_dim\)"),
+        ((torch.randn(1, 4, 2, 160),) * 3, ValueError, "head_dim <= 128, got 160"),
+        ((torch.ones(1, 4, 2, 32, dtype=torch.int32),) * 3, ValueError, "supports float16, bfloat16 and float32"),
+        ((torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32).half(), torch.randn(1, 4, 2, 32)), ValueError, "share a dtype"),
+        ((torch.randn(1, 0, 2, 32),) * 3, ValueError, "every dimension must be >= 1"),
+    ],
+)
+def test_bad_inputs(args, exc, match):
+    with pytest.raises(exc, match=match):
+        flash_attention(*args)
+
+
+def test_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import torch\n"
+        "from vivit_kernels.ops.attention import flash_attention\n"
+        "q = torch.randn(1, 4, 2, 32)\n"
+        "try:\n"
+        "    flash_attention(q, q, q)\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU present CPU tensors still error, but this test targets GPU-less machines")
+    assert "ERR" in out.stdout, out.stderr
+    assert "need a CUDA device" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3137, 12, 64), (8, 197, 12, 64), (2, 1025, 4, 80), (3, 17, 5, 128)])
+def test_cuda_matches_reference(shape, dtype):
+    B, N, H, D = shape
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, N, H, D, device="cuda")
+    out, dqkv = run_all(qkv, grad, flash_attention)
+    ref, dref = run_all(qkv, grad, attention_ref, torch.float32)
+    if dtype == torch.float32:
+        assert_close(out, ref, 1e-4, name="out")
+        assert_close(dqkv, dref, 1e-4, name="dqkv")
+    else:
+        low, dlow = run_all(qkv, grad, attention_ref)
+        assert_within_rule(out, ref, low, 2.0, name="out")
+        assert_within_rule(dqkv, dref, dlow, 3.0, name="dqkv")
+
+
+@pytest.mark.parametrize("kernel, table", [
+    ("_attn_fwd_tuned", "FWD_CONFIGS"), ("_attn_bwd_dkdv_tuned", "DKDV_CONFIGS"), ("_attn_bwd_dq_tuned", "DQ_CONFIGS"),
+])
+def test_autotuner_benchmarks_only_the_matching_table_row(kernel, table):
+    """On a GPU the autotuner times only the shipped configs of the call's (BLOCK_D, element size) row."""
+    tuner, rows = getattr(attn_mod, kernel), getattr(attn_mod, table)
+    for (block_d, size), row in rows.items():
+        dtype = torch.float16 if size == 2 else torch.float32
+        pruned = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
+        got = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned)
+        want = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in row)
+        assert got == want, (block_d, size)

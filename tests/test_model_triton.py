@@ -1,0 +1,138 @@
+"""The model with attn="triton" (Triton kernels, interpreted on CPU) against attn="eager"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vivit_kernels as vk
+from helpers import assert_close
+
+TINY_CONFIGS = {
+    "tiny": dict(),
+    "tubelet1-odd-heads": dict(image_size=[16, 32], num_frames=3, tubelet_size=[1, 8, 8], hidden_size=48,
+                               num_attention_heads=3, intermediate_size=72, num_hidden_layers=2),
+    "head-dim-80": dict(hidden_size=160, num_attention_heads=2, intermediate_size=96, num_hidden_layers=1),
+}
+
+
+def make_pair(name: str, head: bool = True):
+    cfg = vk.VivitConfig.from_preset("tiny", **TINY_CONFIGS[name])
+    cls = vk.VivitForVideoClassification if head else vk.VivitModel
+    torch.manual_seed(0)
+    eager = cls(cfg, attn="eager")
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    triton_model = cls(cfg, attn="triton")
+    triton_model.load_state_dict(eager.state_dict())
+    return cfg, eager, triton_model
+
+
+def inputs(cfg, batch=2):
+    h, w = cfg.image_hw
+    return torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w), torch.randint(0, cfg.num_labels, (batch,))
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_outputs_and_every_gradient_match_eager(name):
+    cfg, eager, tri = make_pair(name)
+    x, labels = inputs(cfg)
+    out_e = eager(x, labels=labels, output_hidden_states=True)
+    out_t = tri(x, labels=labels, output_hidden_states=True)
+    assert_close(out_t.logits, out_e.logits, 1e-4, name="logits")
+    for i, (a, b) in enumerate(zip(out_t.hidden_states, out_e.hidden_states)):
+        assert_close(a, b, 1e-4, name=f"hidden_states[{i}]")
+    out_e.loss.backward()
+    out_t.loss.backward()
+    grads_t = dict(tri.named_parameters())
+    for n, p in eager.named_parameters():
+        assert_close(grads_t[n].grad, p.grad, 1e-4, rtol=1e-4, name=f"grad {n}")
+
+
+def test_attentions_and_head_mask_fall_back_to_eager_with_one_warning():
+    cfg, eager, tri = make_pair("tiny", head=False)
+    x, _ = inputs(cfg)
+    from vivit_kernels import model as model_module
+
+    model_module._warned.clear()
+    with pytest.warns(UserWarning, match="falling back to eager"):
+        out_t = tri(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5]))
+    out_e = eager(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5]))
+    assert_close(out_t.last_hidden_state, out_e.last_hidden_state, 1e-5, name="last_hidden_state")
+    for a, b in zip(out_t.attentions, out_e.attentions):
+        assert_close(a, b, 1e-6, name="attentions")
+
+
+def test_attention_dropout_uses_eager_path_in_training():
+    cfg = vk.VivitConfig.from_preset("tiny", attention_probs_dropout_prob=0.5)
+    model = vk.VivitModel(cfg, attn="triton").train()
+    from vivit_kernels import model as model_module
+
+    model_module._warned.clear()
+    x, _ = inputs(cfg)
+    with pytest.warns(UserWarning, match="attention dropout"):
+        a = model(x).last_hidden_state
+    b = model(x).last_hidden_state
+    assert not torch.allclose(a, b)  # dropout really applied
+    model.eval()
+    assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model(dtype):
+    cfg, eager, tri = make_pair("tiny")
+    x, _ = inputs(cfg)
+    ref = eager(x).logits
+    low_eager = eager.to(dtype)(x).logits.float()
+    low_triton = tri.to(dtype)(x).logits.float()
+    err_ours = (low_triton - ref).abs().max().item()
+    err_torch = (low_eager - ref).abs().max().item()
+    assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)
+
+
+def test_compile_fullgraph_triton_model():
+    torch._dynamo.reset()
+    cfg, eager, tri = make_pair("tiny")
+    x, labels = inputs(cfg)
+    compiled = torch.compile(tri, fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels=labels)
+    out.loss.backward()
+    ref = eager(x, labels=labels)
+    ref.loss.backward()
+    assert_close(out.logits, ref.logits, 1e-4, name="logits")
+    grads = dict(tri.named_parameters())
+    for n, p in eager.named_parameters():
+        assert_close(grads[n].grad, p.grad, 1e-4, rtol=1e-4, name=n)
+
+
+def test_transformers_attention_interface():
+    transformers = pytest.importorskip("transformers")
+    from vivit_kernels.integrations import register_transformers_attention
+
+    config = transformers.VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 16, 16], hidden_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
+    torch.manual_seed(0)
+    model = transformers.VivitModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 4, 3, 32, 32)
+    model.set_attn_implementation("eager")
+    ref = model(x).last_hidden_state
+    name = register_transformers_attention()
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == "vivit_kernels"
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vivit_kernels.integrations import transformers_attention_forward
+
+    assert ALL_ATTENTION_FUNCTIONS["vivit_kernels"] is transformers_attention_forward
+    x2 = x.clone().requires_grad_()
+    out = model(x2).last_hidden_state
+    assert_close(out, ref, 1e-4, name="last_hidden_state")
+    out.sum().backward()
+    model.set_attn_implementation("eager")
+    x3 = x.clone().requires_grad_()
+    model(x3).last_hidden_state.sum().backward()
+    assert_close(x2.grad, x3.grad, 1e-4, name="input grad")

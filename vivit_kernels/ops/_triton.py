@@ -1,0 +1,133 @@
+"""Shared Triton plumbing: availability, interpreter detection, bf16 emulation under the interpreter,
+device checks and kernel-config tables.
+
+Nothing here touches CUDA at import: config tables are plain data, and the device is looked at only when a
+kernel is about to launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as e:  # noqa: BLE001 - any failure means "no Triton", reported by backend_status
+    triton = None
+    tl = None
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = e
+
+# Kernels defined while this is true are interpreted (numpy on the CPU), not compiled.
+INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of a kernel: tile sizes (meta-parameters) plus warps and pipeline stages."""
+
+    meta: tuple[tuple[str, int], ...]
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def make(cls, num_warps: int, num_stages: int, **meta: int) -> "KernelConfig":
+        return cls(tuple(sorted(meta.items())), num_warps, num_stages)
+
+    @property
+    def kwargs(self) -> dict[str, int]:
+        return dict(self.meta)
+
+    def label(self) -> str:
+        tiles = " ".join(f"{k}={v}" for k, v in self.meta)
+        return f"{tiles} w{self.num_warps} s{self.num_stages}"
+
+    def to_triton(self):
+        return triton.Config(self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def check_launchable(*tensors: torch.Tensor, what: str) -> None:
+    """Raise a clear error when the Triton kernels cannot run on these tensors here."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{what} needs Triton, which failed to import: {TRITON_IMPORT_ERROR}")
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"{what}: all inputs must be on one device, got {device} and {t.device}")
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and INTERPRET:
+        return
+    if device.type == "cpu":
+        raise RuntimeError(
+            f"{what} runs Triton kernels, which need a CUDA device; these tensors are on the CPU. To run the "
+            "kernels on the CPU in the Triton interpreter (slow; for testing), set TRITON_INTERPRET=1 before "
+            "importing vivit_kernels. Otherwise move the model and inputs to a CUDA device, or use "
+            "attn='sdpa' / 'eager'."
+        )
+    raise RuntimeError(f"{what} supports CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device), a no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def emulate_bf16(dtype: torch.dtype) -> bool:
+    """Under the interpreter, bf16 ``tl.dot`` returns garbage and fp32->bf16 casts truncate; kernels then
+    keep bf16 operands in fp32 registers and round to bf16 explicitly (see ``round_to_bf16``)."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def round_to_bf16(x):
+        """fp32 -> fp32 holding the nearest bf16 value (round half to even), as a GPU's cvt.rn.bf16 does."""
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        u = u & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def to_dot_operand(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+        """Round an fp32 tile to the operand dtype of the next tl.dot.
+
+        On a GPU this is a plain cast. Under the interpreter with bf16 the tile stays fp32 but holds exactly
+        the bf16 values, so an fp32 dot of such tiles equals a bf16 MMA with fp32 accumulation.
+        """
+        if EMULATE_BF16:
+            return round_to_bf16(x)
+        else:
+            return x.to(dtype)
+
+    @triton.jit
+    def load_operand(ptrs, mask, EMULATE_BF16: tl.constexpr, HAS_MASK: tl.constexpr):
+        """Load a tile, upcast to fp32 (exact) under the interpreter with bf16."""
+        if HAS_MASK:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            x = tl.load(ptrs)
+        if EMULATE_BF16:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def to_output(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+        """Cast an fp32 result to the output dtype with round-to-nearest, also under the interpreter."""
+        if EMULATE_BF16:
+            x = round_to_bf16(x)
+        return x.to(dtype)
