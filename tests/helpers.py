@@ -36,3 +36,39 @@ def assert_within_rule(out, ref_fp32, torch_lowp, factor: float = 2.0, eps: floa
         f"{name}: max abs error {ours:.3g} vs fp32 reference exceeds {factor} x PyTorch's own "
         f"same-dtype error {theirs:.3g} + {eps}"
     )
+
+
+def check_against_reference(ours, ref, inputs, dtype, grad_seed: int = 1, fp32_atol: float = 1e-4, name: str = ""):
+    """Run ``ours`` in ``dtype`` and ``ref`` in fp32 (and in ``dtype``) on the same inputs; compare the
+    output and the gradient of every input that requires one.
+
+    fp32: max abs difference <= fp32_atol (scaled by the reference's magnitude when it is large).
+    fp16 / bf16: the flash-attention rule, output error <= 2x PyTorch's own same-dtype error (+ eps),
+    gradients <= 3x.
+    """
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                  for t in inputs]
+        out = fn(*leaves)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            out.backward(g)
+        grads = [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+        return out.detach(), grads
+
+    out, grads = run(ours, dtype)
+    ref_out, ref_grads = run(ref, torch.float32)
+    assert out.dtype == dtype, f"{name}: output dtype {out.dtype}, expected {dtype}"
+    if dtype == torch.float32:
+        scale = max(1.0, ref_out.abs().max().item())
+        assert_close(out, ref_out, fp32_atol * scale, name=f"{name} out")
+        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+            if rg is not None:
+                assert_close(g, rg, fp32_atol * max(1.0, rg.abs().max().item()), name=f"{name} grad[{i}]")
+        return
+    low_out, low_grads = run(ref, dtype)
+    assert_within_rule(out, ref_out, low_out, 2.0, name=f"{name} out")
+    for i, (g, rg, lg) in enumerate(zip(grads, ref_grads, low_grads)):
+        if rg is not None:
+            assert_within_rule(g, rg, lg, 3.0, eps=1e-4 * max(1.0, rg.abs().max().item()), name=f"{name} grad[{i}]")

@@ -7,6 +7,9 @@ import pytest
 
 from vivit_kernels import aot
 from vivit_kernels.ops import attention as attn_mod
+from vivit_kernels.ops import layer_norm as ln_mod
+from vivit_kernels.ops import linear as lin_mod
+from vivit_kernels.ops import patch_embed as pe_mod
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,26 @@ def test_gate_covers_every_attention_config(results):
     expected += 3 * n_dims  # the delta pre-processing kernel, per dtype and head_dim
     got = [r for r in results if r.case.name.startswith("attn")]
     assert len(got) == 2 * expected
+
+
+def test_gate_covers_every_gemm_config(results):
+    """Each GEMM table entry in every launch variant of its kind, per dtype (fp32: IEEE and TF32)."""
+    variants = lin_mod.gemm_launch_variants()
+    expected = 0
+    for (size, precision, kind), configs in lin_mod.GEMM_CONFIGS.items():
+        n_variants = sum(1 for _, v in variants if lin_mod._kind(v) == kind)
+        expected += len(configs) * n_variants * (2 if size == 2 else 1)  # fp16 and bf16 share the 2-byte rows
+    assert len([r for r in results if r.case.name == "gemm"]) == 2 * expected
+
+
+def test_gate_covers_layer_norm_and_patch_embed(results):
+    assert len([r for r in results if r.case.name.startswith("layer_norm")]) == 2 * 2 * 3 * len(ln_mod.LN_CONFIGS)
+    expected = 0
+    for table, rows in pe_mod.PATCH_CONFIGS.items():
+        for (size, precision), configs in rows.items():
+            per_tubelet = len(pe_mod.AOT_TUBELETS) + (1 if table != "dx" else 0)  # + the no-bias variant
+            expected += len(configs) * per_tubelet * (2 if size == 2 else 1)
+    assert len([r for r in results if r.case.name.startswith("patch_embed")]) == 2 * expected
 
 
 def test_results_are_real_measurements(results):

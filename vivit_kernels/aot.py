@@ -87,9 +87,15 @@ class AotResult:
 
 
 def make_case(module: str, fn, kernel: str, types: dict[str, str], constexprs: dict[str, Any], num_warps: int,
-              num_stages: int, label: str) -> AotCase:
+              num_stages: int, label: str, divisible: tuple[str, ...] = ()) -> AotCase:
     """Build a case from a kernel's argument names: ``types`` gives every runtime argument's type, and every
-    other argument must be in ``constexprs``. Pointers and strides are marked 16-divisible."""
+    other argument must be in ``constexprs``.
+
+    The JIT specialises integer arguments: a value of 1 becomes a constant (pass it in ``constexprs``) and a
+    multiple of 16 is marked 16-divisible, which decides vectorisation and software pipelining. Pointers and
+    runtime strides are marked divisible (allocations are 16-byte aligned and ViViT's strides are multiples
+    of 16); ``divisible`` names further integers that are multiples of 16 in ViViT's shapes (feature sizes,
+    not token counts: 3137 is odd)."""
     signature = []
     for name in fn.arg_names:
         if name in constexprs:
@@ -98,9 +104,12 @@ def make_case(module: str, fn, kernel: str, types: dict[str, str], constexprs: d
             signature.append((name, types[name]))
         else:
             raise KeyError(f"{kernel}: no type or constexpr value for argument {name!r}")
-    divisible = tuple(n for n, t in signature if t.startswith("*") or n.startswith("stride"))
+    marked = tuple(
+        n for n, t in signature
+        if t.startswith("*") or (t != "constexpr" and (n.startswith("stride") or n in divisible))
+    )
     return AotCase(module, kernel, tuple(signature), tuple(sorted(constexprs.items())), num_warps, num_stages,
-                   label, divisible)
+                   label, marked)
 
 
 def collect_cases(kernel_filter: str | None = None) -> list[AotCase]:

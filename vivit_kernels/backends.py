@@ -1,26 +1,28 @@
 """Backends: a table from a name to the functions a ViViT layer calls.
 
-The model never branches on the backend name; it calls ``backend.attention``, ``backend.linear``,
-``backend.layer_norm`` and ``backend.patch_embed``, whose signatures are the same for every entry:
+The model never branches on the backend name; it calls the functions of one :class:`Backend`, whose
+signatures are the same for every entry:
 
 - ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
 - ``layer_norm(x, weight, bias, eps) -> x.shape``
 - ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
+- ``mlp(x, w1, b1, w2, b2, activation, residual=None) -> fc2(act(fc1(x))) + residual``
 - ``attention(q, k, v, softmax_scale, dropout_p) -> (B, N, H, D)`` for q/k/v shaped (B, N, H, D)
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import warnings
+import torch
 
 from .ops import _triton
 from .ops.attention import attention_ref, attention_sdpa, flash_attention
-from .ops.layer_norm import layer_norm_ref
-from .ops.linear import linear_ref
-from .ops.patch_embed import patch_embed_ref
+from .ops.layer_norm import layer_norm, layer_norm_ref
+from .ops.linear import linear, linear_ref, mlp, mlp_ref
+from .ops.patch_embed import patch_embed, patch_embed_ref
 
 __all__ = ["Backend", "BACKEND_NAMES", "backend_status", "get_backend"]
 
@@ -30,6 +32,7 @@ class Backend:
     name: str
     attention: Callable
     linear: Callable
+    mlp: Callable
     layer_norm: Callable
     patch_embed: Callable
     # False when ``attention`` cannot apply attention dropout itself (the layer then uses the eager path).
@@ -41,13 +44,15 @@ def _eager_attention(q, k, v, softmax_scale, dropout_p):
 
 
 def _flash_attention(q, k, v, softmax_scale, dropout_p):
-    return flash_attention(q, k, v, softmax_scale)
+    # float32 follows torch's matmul precision setting, like the GEMMs (IEEE products unless TF32 is allowed)
+    return flash_attention(q, k, v, softmax_scale, allow_tf32=_triton.default_allow_tf32())
 
 
-EAGER = Backend("eager", _eager_attention, linear_ref, layer_norm_ref, patch_embed_ref)
-SDPA = Backend("sdpa", attention_sdpa, linear_ref, layer_norm_ref, patch_embed_ref)
-# Attention through our Triton kernels (no in-kernel dropout: the layer uses eager attention for those calls).
-TRITON = Backend("triton", _flash_attention, linear_ref, layer_norm_ref, patch_embed_ref, attention_dropout=False)
+EAGER = Backend("eager", _eager_attention, linear_ref, mlp_ref, layer_norm_ref, patch_embed_ref)
+SDPA = Backend("sdpa", attention_sdpa, linear_ref, mlp_ref, layer_norm_ref, patch_embed_ref)
+# Every hot op through our Triton kernels (no in-kernel attention dropout: the layer uses eager attention
+# for those calls).
+TRITON = Backend("triton", _flash_attention, linear, mlp, layer_norm, patch_embed, attention_dropout=False)
 
 BACKEND_NAMES = ("eager", "sdpa", "triton")
 
@@ -81,11 +86,9 @@ def backend_status() -> dict[str, tuple[bool, str]]:
 def _triton_status() -> tuple[bool, str]:
     if not _triton.HAS_TRITON:
         return False, f"Triton failed to import: {_triton.TRITON_IMPORT_ERROR}"
-    import torch
-
-    version = f"Triton {_triton.triton.__version__}"
+    version = f"Triton {_triton.triton.__version__}: flash attention, GEMM + epilogues, MLP, LayerNorm, patch embedding"
     if torch.cuda.is_available():
-        return True, f"{version} kernels on CUDA"
+        return True, f"{version}, on CUDA"
     if _triton.INTERPRET:
-        return True, f"{version} kernels in the Triton interpreter (TRITON_INTERPRET=1; CPU, slow, for testing)"
-    return False, f"{version} kernels need a CUDA device (or TRITON_INTERPRET=1 set before import, for testing)"
+        return True, f"{version}, in the Triton interpreter (TRITON_INTERPRET=1; CPU, slow, for testing)"
+    return False, f"{version}: need a CUDA device (or TRITON_INTERPRET=1 set before import, for testing)"

@@ -232,9 +232,10 @@ class VivitLayer(nn.Module):
 
         ln = self.layernorm_after
         h = backend.layer_norm(x, ln.weight, ln.bias, self.eps)
-        h = backend.linear(h, self.mlp.fc1.weight, self.mlp.fc1.bias, activation=self.mlp.activation)
-        x = self._project_add(backend, h, self.mlp.fc2, x)
-        return x, probs
+        fc1, fc2, act = self.mlp.fc1, self.mlp.fc2, self.mlp.activation
+        if self.training and self.dropout.p > 0:
+            return self.dropout(backend.mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act)) + x, probs
+        return backend.mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual=x), probs
 
 
 class VivitPooler(nn.Module):

@@ -7,9 +7,11 @@ kernel is about to launch.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -53,6 +55,51 @@ class KernelConfig:
 
     def to_triton(self):
         return triton.Config(self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Kernel launches by kernel name (incremented on every launch; tests count launches per layer with it).
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+def config_key(c) -> tuple:
+    """Identity of a KernelConfig or triton.Config: its meta-parameters, warps and stages."""
+    return (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+
+
+def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: list[str]):
+    """``triton.autotune`` over every config of ``table``; a call benchmarks only ``table[row_of(args,
+    kwargs)]``, the shipped configs of its case (e.g. head_dim and element size). Nothing touches the
+    device before the first launch."""
+    configs = {config_key(c): c.to_triton() for row in table.values() for c in row}
+
+    def prune(all_configs, named_args, **kwargs):
+        wanted = {config_key(c) for c in table[row_of(named_args, kwargs)]}
+        return [c for c in all_configs if config_key(c) in wanted]
+
+    return triton.autotune(configs=list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune})(
+        kernel
+    )
+
+
+def launch(tuned, plain, grid: Callable[[dict], tuple], args: tuple, meta: dict, config: KernelConfig | None,
+           interpreter_config: KernelConfig | None = None) -> None:
+    """Launch ``plain`` with a fixed config (a test's choice, or ``interpreter_config`` under the
+    interpreter), or through the autotuner ``tuned`` on a GPU. ``grid(meta_params)`` gives the grid."""
+    LAUNCHES[getattr(plain, "__name__", None) or plain.fn.__name__] += 1
+    with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
+        if config is None and tuned is not None and not INTERPRET:
+            tuned[grid](*args, **meta)
+            return
+        config = config or interpreter_config
+        plain[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
+
+
+@torch.compiler.assume_constant_result
+def default_allow_tf32() -> bool:
+    """float32 kernels follow torch's matmul setting: TF32 products unless the precision is "highest"
+    (torch's default). A constant to torch.compile (read when a graph is traced)."""
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def next_pow2(n: int) -> int:

@@ -26,8 +26,8 @@ from ._triton import (
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,
-    device_guard,
     emulate_bf16,
+    launch,
     next_pow2,
     tl,
     triton,
@@ -92,7 +92,7 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 # Kernels
 # ------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from ._triton import load_operand, to_dot_operand, to_output
+    from ._triton import autotuned, load_operand, to_dot_operand, to_output
 
     @triton.jit
     def _program_ids(N, H, BLOCK: tl.constexpr):
@@ -323,27 +323,13 @@ if HAS_TRITON:
         DQ += b * stride_dqb + h * stride_dqh
         tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, EMULATE_BF16), mask=mask)
 
-    def _autotuned(kernel, table: dict[tuple[int, int], list[KernelConfig]]):
-        """Wrap a kernel in triton.autotune over the shipped table; only the row matching the call's
-        (BLOCK_D, element size) is benchmarked. The device is not touched until the first launch."""
-        all_configs = {c: c.to_triton() for row in table.values() for c in row}
+    def _row(named_args, kwargs):
+        return kwargs["BLOCK_D"], named_args["Q"].element_size()
 
-        def prune(configs, named_args, **kwargs):
-            row = table[(kwargs["BLOCK_D"], named_args["Q"].element_size())]
-            wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in row}
-            return [
-                c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
-            ]
-
-        return triton.autotune(
-            configs=list(all_configs.values()),
-            key=["N", "HEAD_DIM", "DOT_PRECISION"],
-            prune_configs_by={"early_config_prune": prune},
-        )(kernel)
-
-    _attn_fwd_tuned = _autotuned(_attn_fwd_kernel, FWD_CONFIGS)
-    _attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS)
-    _attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS)
+    _KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
+    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_CONFIGS, _row, _KEY)
+    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _row, _KEY)
+    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, _row, _KEY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,16 +349,7 @@ def flat_grid(N: int, B: int, H: int, block: int) -> tuple[int]:
 
 
 def _launch(tuned, plain, grid_block: str, B: int, H: int, N: int, args: tuple, meta: dict, config: KernelConfig | None):
-    """Launch through the autotuner on a GPU, or with one fixed config (interpreter, or a test's choice)."""
-    with device_guard(args[0]):
-        if config is None and not INTERPRET:
-            tuned[lambda m: flat_grid(N, B, H, m[grid_block])](*args, **meta)
-            return
-        config = config or INTERPRETER_CONFIG
-        kw = config.kwargs
-        plain[flat_grid(N, B, H, kw[grid_block])](
-            *args, **meta, **kw, num_warps=config.num_warps, num_stages=config.num_stages
-        )
+    launch(tuned, plain, lambda m: flat_grid(N, B, H, m[grid_block]), args, meta, config, INTERPRETER_CONFIG)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,13 +1,518 @@
-"""Linear layers with fused epilogues: ``act(x @ W^T + b) + residual``."""
+"""Linear layers and the transformer MLP with fused epilogues, forward and backward in Triton.
+
+One GEMM kernel, ``_gemm_kernel``, computes ``C = epilogue(A @ B)`` for strided A (M, K) and B (K, N).
+Epilogue, in order: ``+ bias`` (per column); store the pre-activation; ``gelu_fast``; the gelu_fast
+backward (multiply by gelu_fast'(AUX), and store gelu_fast(AUX)); ``+ residual``. With ``ROWSUM`` the
+programs of the first column tile also write the row sums of A: the bias gradient, computed inside the
+weight-gradient GEMM (A = dY^T there).
+
+- ``linear(x, W, b, activation, residual)``: the fused QKV projection (+ bias) and the attention output
+  projection (+ bias + residual). Backward: dX = dY @ W and dW = dY^T @ X (+ db), two launches.
+- ``mlp(x, W1, b1, W2, b2, residual)``: FC1 (+ bias -> gelu_fast) and FC2 (+ bias + residual), two launches.
+  Backward: dY @ W2 ends in the gelu_fast derivative (dH = (dY @ W2) * gelu_fast'(H)) and also recomputes
+  gelu_fast(H) for dW2 = dY^T @ gelu_fast(H); then dX = dH @ W1 and dW1 = dH^T @ X. So the activation
+  derivative costs no pass of its own and the FC1 output is not kept for the backward.
+
+Saved for backward: linear keeps x (for dW) and W; the MLP keeps x, W1, W2 and the FC1 pre-activation H
+(M x intermediate), from which both gelu_fast'(H) and gelu_fast(H) are recomputed. Residual additions keep
+nothing (their gradient is the output gradient itself).
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ._triton import (
+    HAS_TRITON,
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    KernelConfig,
+    check_launchable,
+    default_allow_tf32,
+    emulate_bf16,
+    launch,
+    tl,
+    triton,
+)
 from .activations import get_activation
 
-__all__ = ["linear_ref"]
+__all__ = ["linear", "mlp", "linear_ref", "mlp_ref", "GEMM_CONFIGS", "KERNEL_ACTIVATIONS"]
+
+# Activations fused into the GEMM epilogue; any other is applied by torch after the kernel.
+KERNEL_ACTIVATIONS = ("gelu_fast",)
+
+
+def _cfgs(*rows: tuple[int, int, int, int, int]) -> list[KernelConfig]:
+    return [KernelConfig.make(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in rows]
+
+
+# Shipped configs by (element size, dot precision, epilogue kind). Each compiles for sm_80 and sm_90 in every
+# variant of its kind without spills and within shared memory (tests/test_aot.py). The gelu-backward
+# epilogue ("dgelu") holds two more tiles in registers at the end, so it gets smaller tiles / more warps.
+GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
+    (2, "ieee", "main"): _cfgs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
+    (2, "ieee", "dgelu"): _cfgs((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)),
+    (4, "tf32", "main"): _cfgs((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)),
+    (4, "tf32", "dgelu"): _cfgs((128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
+    # fp32 with IEEE products runs on FMA units: small tiles.
+    (4, "ieee", "main"): _cfgs((64, 64, 16, 4, 2), (64, 64, 32, 8, 2)),
+    (4, "ieee", "dgelu"): _cfgs((64, 64, 32, 8, 2), (32, 64, 32, 4, 2)),
+}
+INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+
+
+def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    from ._triton import autotuned, to_dot_operand, to_output
+
+    @triton.jit
+    def _tanh(x):
+        e = tl.math.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def gelu_fast(x):
+        """transformers' FastGELUActivation, in fp32."""
+        return 0.5 * x * (1.0 + _tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+    @triton.jit
+    def gelu_fast_and_grad(x):
+        """(gelu_fast(x), d/dx gelu_fast(x)) in fp32, sharing one tanh."""
+        t = _tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608 * (1.0 + 3.0 * 0.044715 * x * x)
+        return 0.5 * x * (1.0 + t), grad
+
+    @triton.jit
+    def _gemm_kernel(
+        A, B, C,  # A (M, K), B (K, N), C (M, N); any strides
+        BIAS,  # (N,) added to every row (HAS_BIAS)
+        AUX,  # (M, N) a gelu_fast pre-activation: C = (A @ B) * gelu_fast'(AUX) (DGELU)
+        RES,  # (M, N) added after the activation (HAS_RES)
+        PRE,  # (M, N) receives the pre-activation (SAVE_PRE), or gelu_fast(AUX) (DGELU)
+        ROWSUM,  # (M,) receives the sum over K of A's rows (ROWSUM_A)
+        M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+        DGELU: tl.constexpr, ROWSUM_A: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        # grouped program order: GROUP_M row tiles share each column tile of B while it is in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+
+        # 64-bit tile origins (M * stride may pass 2^31), 32-bit offsets inside the tile
+        row0 = (pid_m * BLOCK_M).to(tl.int64)
+        col0 = (pid_n * BLOCK_N).to(tl.int64)
+        lm = tl.arange(0, BLOCK_M)
+        ln = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_m = pid_m * BLOCK_M + lm
+        offs_n = pid_n * BLOCK_N + ln
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + offs_k[None, :] * stride_ak)
+        b_ptrs = B + col0 * stride_bn + (offs_k[:, None] * stride_bk + ln[None, :] * stride_bn)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if ROWSUM_A:
+                rowsum += tl.sum(a.to(tl.float32), 1)
+            if EMULATE_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        mask = m_mask[:, None] & n_mask[None, :]
+        c_ptrs = C + row0 * stride_cm + col0 * stride_cn + (lm[:, None] * stride_cm + ln[None, :] * stride_cn)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SAVE_PRE:
+            pre_ptrs = PRE + row0 * stride_pm + col0 * stride_pn + (lm[:, None] * stride_pm + ln[None, :] * stride_pn)
+            tl.store(pre_ptrs, to_output(acc, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
+        if ACTIVATION == "gelu_fast":
+            acc = gelu_fast(acc)
+        if DGELU:
+            aux_ptrs = AUX + row0 * stride_xm + col0 * stride_xn + (lm[:, None] * stride_xm + ln[None, :] * stride_xn)
+            g, dg = gelu_fast_and_grad(tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32))
+            acc = acc * dg
+            pre_ptrs = PRE + row0 * stride_pm + col0 * stride_pn + (lm[:, None] * stride_pm + ln[None, :] * stride_pn)
+            tl.store(pre_ptrs, to_output(g, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
+        if HAS_RES:
+            res_ptrs = RES + row0 * stride_rm + col0 * stride_rn + (lm[:, None] * stride_rm + ln[None, :] * stride_rn)
+            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, to_output(acc, C.dtype.element_ty, EMULATE_BF16), mask=mask)
+        if ROWSUM_A:
+            if pid_n == 0:
+                tl.store(ROWSUM + offs_m, to_output(rowsum, ROWSUM.dtype.element_ty, EMULATE_BF16), mask=m_mask)
+
+    def _row(named_args, kwargs):
+        return named_args["A"].element_size(), kwargs["DOT_PRECISION"], _kind(kwargs)
+
+    _gemm_tuned = autotuned(
+        _gemm_kernel, GEMM_CONFIGS, _row,
+        ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RES", "SAVE_PRE", "DGELU", "ROWSUM_A", "DOT_PRECISION"],
+    )
+
+
+def _kind(flags: dict) -> str:
+    return "dgelu" if flags["DGELU"] else "main"
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    pre: Optional[torch.Tensor] = None,
+    dgelu_of: Optional[torch.Tensor] = None,
+    rowsum: Optional[torch.Tensor] = None,
+    allow_tf32: bool = False,
+    config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """out (M, N) = epilogue(a @ b) for 2-D strided a (M, K), b (K, N).
+
+    Epilogue, in order: ``+ bias``; store the pre-activation into ``pre``; ``activation``; with ``dgelu_of``
+    (M, N): multiply by gelu_fast'(dgelu_of) and store gelu_fast(dgelu_of) into ``pre``; ``+ residual``.
+    ``rowsum`` (M,) receives the row sums of ``a``. An activation and a residual do not combine in one
+    launch (the model never needs both; it keeps the kernel's register budget for the common variants).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if activation is not None and residual is not None:
+        raise ValueError("gemm: an activation and a residual do not combine in one launch")
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        raise ValueError("gemm: the reduction dimension is empty")
+    x = dgelu_of if dgelu_of is not None else out
+    r = residual if residual is not None else out
+    p = pre if pre is not None else out
+    args = (
+        a, b, out,
+        bias if bias is not None else out, x, r, p, rowsum if rowsum is not None else out,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), p.stride(0), p.stride(1),
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RES=residual is not None,
+        SAVE_PRE=pre is not None and dgelu_of is None, DGELU=dgelu_of is not None, ROWSUM_A=rowsum is not None,
+        DOT_PRECISION=_dot_precision(a.dtype, allow_tf32), EMULATE_BF16=emulate_bf16(a.dtype),
+    )
+
+    def grid(m):
+        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+
+    launch(_gemm_tuned, _gemm_kernel, grid, args, meta, config, INTERPRETER_CONFIG)
+    return out
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K) as a view where the leading dims collapse (a copy only where they cannot)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _weight_grads(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool):
+    """dW = g^T @ x and db = column sums of g, in one GEMM (db from the row sums of g^T)."""
+    dw = torch.empty_like(weight)
+    db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else weight.new_empty(0)
+    gemm(g2.t(), x2, dw, rowsum=db if has_bias else None, allow_tf32=allow_tf32)
+    return dw, db
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# linear: act(x @ W^T + b) + residual
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vivit_kernels::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    activation: str,
+    save_pre: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(x @ W^T + b) + residual, the pre-activation if save_pre else an empty tensor)."""
+    x2 = _as_2d(x)
+    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    pre = torch.empty_like(out) if save_pre else out.new_empty(0)
+    gemm(x2, weight.t(), out, bias=bias, activation=None if activation == "none" else activation,
+         residual=_as_2d(residual) if residual is not None else None, pre=pre if save_pre else None,
+         allow_tf32=allow_tf32)
+    shape = (*x.shape[:-1], weight.shape[0])
+    return out.view(shape), (pre.view(shape) if save_pre else pre)
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, residual, activation, save_pre, allow_tf32):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight disagree on in_features")
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), (x.new_empty(shape) if save_pre else x.new_empty(0))
+
+
+@torch.library.custom_op("vivit_kernels::linear_bwd", mutates_args=())
+def linear_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, needs_dx: bool, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW, db) of x @ W^T + b from the gradient of that output (dx / db empty when not needed)."""
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    dx = x.new_empty(0)
+    if needs_dx:
+        dx2 = torch.empty_like(x2)
+        gemm(g2, weight, dx2, allow_tf32=allow_tf32)
+        dx = dx2.view(x.shape)
+    dw, db = _weight_grads(g2, x2, weight, has_bias, allow_tf32)
+    return dx, dw, db
+
+
+@linear_bwd.register_fake
+def _(grad, x, weight, has_bias, needs_dx, allow_tf32):
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return dx, torch.empty_like(weight), (weight.new_empty(weight.shape[0]) if has_bias else weight.new_empty(0))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, residual, activation, save_pre, allow_tf32 = inputs
+    # Saved: x (for dW), weight (for dx) and, with gelu_fast, the pre-activation (for its derivative).
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.activation, ctx.allow_tf32 = activation, allow_tf32
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+
+
+def _linear_backward(ctx, grad_out, grad_pre):
+    x, weight, pre = ctx.saved_tensors
+    grad = _unit_last(grad_out)
+    if ctx.activation == "gelu_fast":
+        # A standalone linear has no neighbouring GEMM to fuse this into (the MLP op fuses it into the
+        # epilogue of the next layer's backward GEMM): one elementwise pass.
+        if pre.numel() == 0:
+            raise RuntimeError("linear: backward through gelu_fast needs the forward run with save_pre=True")
+        grad = gelu_fast_backward_ref(grad, pre)
+    dx, dw, db = linear_bwd(grad, x, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.allow_tf32)
+    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
+            grad_out if ctx.has_residual else None, None, None, None)
+
+
+linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# mlp: fc2(gelu_fast(fc1(x))) + residual, the transformer MLP as one op
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vivit_kernels::mlp_fwd", mutates_args=())
+def mlp_fwd(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    save_pre: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_fast(x @ W1^T + b1) @ W2^T + b2 + residual, the FC1 pre-activation if save_pre)."""
+    x2 = _as_2d(x)
+    M, F = x2.shape[0], w1.shape[0]
+    hidden = torch.empty((M, F), dtype=x.dtype, device=x.device)
+    pre = torch.empty_like(hidden) if save_pre else hidden.new_empty(0)
+    gemm(x2, w1.t(), hidden, bias=b1, activation="gelu_fast", pre=pre if save_pre else None, allow_tf32=allow_tf32)
+    out = torch.empty((M, w2.shape[0]), dtype=x.dtype, device=x.device)
+    gemm(hidden, w2.t(), out, bias=b2, residual=_as_2d(residual) if residual is not None else None,
+         allow_tf32=allow_tf32)
+    return out.view(*x.shape[:-1], w2.shape[0]), (pre.view(*x.shape[:-1], F) if save_pre else pre)
+
+
+@mlp_fwd.register_fake
+def _(x, w1, b1, w2, b2, residual, save_pre, allow_tf32):
+    torch._check(x.shape[-1] == w1.shape[1] and w2.shape[1] == w1.shape[0], lambda: "mlp: shapes disagree")
+    pre = x.new_empty((*x.shape[:-1], w1.shape[0])) if save_pre else x.new_empty(0)
+    return x.new_empty((*x.shape[:-1], w2.shape[0])), pre
+
+
+@torch.library.custom_op("vivit_kernels::mlp_bwd", mutates_args=())
+def mlp_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    pre: torch.Tensor,
+    has_b1: bool,
+    has_b2: bool,
+    needs_dx: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW1, db1, dW2, db2). The first GEMM, dY @ W2, ends in the gelu_fast derivative: it writes the
+    pre-activation gradient dH = (dY @ W2) * gelu_fast'(pre) and recomputes gelu_fast(pre) for dW2."""
+    g2, x2, pre2 = _as_2d(grad_out), _as_2d(x), _as_2d(pre)
+    dh = torch.empty_like(pre2)
+    act = torch.empty_like(pre2)
+    gemm(g2, w2, dh, dgelu_of=pre2, pre=act, allow_tf32=allow_tf32)
+    dw2, db2 = _weight_grads(g2, act, w2, has_b2, allow_tf32)
+    del act
+    dx = x.new_empty(0)
+    if needs_dx:
+        dx2 = torch.empty_like(x2)
+        gemm(dh, w1, dx2, allow_tf32=allow_tf32)
+        dx = dx2.view(x.shape)
+    dw1, db1 = _weight_grads(dh, x2, w1, has_b1, allow_tf32)
+    return dx, dw1, db1, dw2, db2
+
+
+@mlp_bwd.register_fake
+def _(grad_out, x, w1, w2, pre, has_b1, has_b2, needs_dx, allow_tf32):
+    def bias_like(w, has):
+        return w.new_empty(w.shape[0]) if has else w.new_empty(0)
+
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return dx, torch.empty_like(w1), bias_like(w1, has_b1), torch.empty_like(w2), bias_like(w2, has_b2)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, save_pre, allow_tf32 = inputs
+    # Saved: x (for dW1), the weights, and the FC1 pre-activation (M x intermediate): the derivative needs it
+    # and gelu_fast(pre) for dW2 is recomputed from it in the backward, so the FC1 output is not kept.
+    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.has_b1, ctx.has_b2, ctx.has_residual, ctx.allow_tf32 = b1 is not None, b2 is not None, residual is not None, allow_tf32
+
+
+def _mlp_backward(ctx, grad_out, grad_pre):
+    x, w1, w2, pre = ctx.saved_tensors
+    if pre.numel() == 0:
+        raise RuntimeError("mlp: backward needs the forward run with save_pre=True")
+    dx, dw1, db1, dw2, db2 = mlp_bwd(
+        _unit_last(grad_out), x, w1, w2, pre, ctx.has_b1, ctx.has_b2, ctx.needs_input_grad[0], ctx.allow_tf32
+    )
+    return (dx if ctx.needs_input_grad[0] else None, dw1, db1 if ctx.has_b1 else None, dw2,
+            db2 if ctx.has_b2 else None, grad_out if ctx.has_residual else None, None, None)
+
+
+mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional API and references
+# ------------------------------------------------------------------------------------------------
+def _check(what, x, weights, biases, residual, out_features):
+    if x.dim() < 1:
+        raise ValueError(f"{what}: x must be (..., in_features), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{what} supports float16, bfloat16 and float32, got {x.dtype}")
+    features = x.shape[-1]
+    names = ("weight",) if len(weights) == 1 else ("w1", "w2")
+    for name, w in zip(names, weights):
+        if w.dim() != 2 or w.shape[1] != features:
+            raise ValueError(
+                f"{what}: {name} must be (out_features, {features}) to take {features} input features, got {tuple(w.shape)}"
+            )
+        features = w.shape[0]
+    for t in (*weights, *biases, residual):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{what}: all tensors must be {x.dtype} like x, got a {t.dtype} one")
+    for w, b in zip(weights, biases):
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{what}: bias must be ({w.shape[0]},), got {tuple(b.shape)}")
+    out_shape = (*x.shape[:-1], out_features)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"{what}: residual must be {out_shape}, got {tuple(residual.shape)}")
+    check_launchable(*(t for t in (x, *weights, *biases, residual) if t is not None), what=what)
+
+
+def _tf32(allow_tf32: Optional[bool]) -> bool:
+    return default_allow_tf32() if allow_tf32 is None else bool(allow_tf32)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    allow_tf32: Optional[bool] = None,
+) -> torch.Tensor:
+    """``act(x @ weight^T + bias) + residual`` in one Triton GEMM (forward and backward).
+
+    x: (..., in_features); weight: (out_features, in_features) as in nn.Linear; bias: (out_features,);
+    residual: (..., out_features). ``activation`` "gelu_fast" is fused into the epilogue; another name from
+    transformers' activations runs as a torch op after the GEMM. A residual is fused when there is no
+    activation (with one, it is a torch add). ``allow_tf32`` (float32 only) defaults to
+    torch's matmul setting (``torch.get_float32_matmul_precision() != "highest"``).
+    """
+    _check("linear", x, (weight,), (bias,), residual, weight.shape[0] if weight.dim() == 2 else -1)
+    tf32 = _tf32(allow_tf32)
+    if activation is None:
+        return linear_fwd(x, weight, bias, residual, "none", False, tf32)[0]
+    if activation in KERNEL_ACTIVATIONS:
+        y = linear_fwd(x, weight, bias, None, activation, _needs_grad(x, weight, bias), tf32)[0]
+    else:
+        y = get_activation(activation)(linear_fwd(x, weight, bias, None, "none", False, tf32)[0])
+    return y + residual if residual is not None else y
+
+
+def mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    activation: str = "gelu_fast",
+    residual: Optional[torch.Tensor] = None,
+    allow_tf32: Optional[bool] = None,
+) -> torch.Tensor:
+    """``fc2(act(fc1(x))) + residual``: two Triton GEMMs forward (FC1 + bias -> gelu_fast, FC2 + bias +
+    residual); with gelu_fast the activation derivative is fused into the backward GEMMs. Another activation
+    runs as two ``linear`` calls around a torch activation."""
+    _check("mlp", x, (w1, w2), (b1, b2), residual, w2.shape[0] if w2.dim() == 2 else -1)
+    tf32 = _tf32(allow_tf32)
+    if activation != "gelu_fast":
+        return linear(linear(x, w1, b1, activation, allow_tf32=tf32), w2, b2, residual=residual, allow_tf32=tf32)
+    save_pre = _needs_grad(x, w1, b1, w2, b2, residual)
+    return mlp_fwd(x, w1, b1, w2, b2, residual, save_pre, tf32)[0]
+
+
+def gelu_fast_backward_ref(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """grad * gelu_fast'(pre), in fp32, cast back."""
+    x = pre.float()
+    t = torch.tanh(0.7978845608 * x * (1.0 + 0.044715 * x * x))
+    d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608 * (1.0 + 3.0 * 0.044715 * x * x)
+    return (grad.float() * d).to(grad.dtype)
 
 
 def linear_ref(
@@ -24,3 +529,70 @@ def linear_ref(
     if residual is not None:
         y = y + residual
     return y
+
+
+def mlp_ref(x, w1, b1, w2, b2, activation: str = "gelu_fast", residual=None) -> torch.Tensor:
+    """Eager reference of the MLP: transformers' fc1 -> activation -> fc2, then ``+ residual``."""
+    return linear_ref(linear_ref(x, w1, b1, activation), w2, b2, residual=residual)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases: every config of every (element size, precision) row, for each way the
+# launchers call the kernel: the variant (epilogue flags) and the operand layouts, whose unit strides the
+# JIT specialises to constants exactly as below.
+# ------------------------------------------------------------------------------------------------
+# GEMM sizes that are feature counts (multiples of 16 in ViViT), by role; the remaining one counts tokens.
+_DIVISIBLE = {"fwd": ("N", "K"), "dx": ("N", "K"), "dw": ("M", "N")}
+_UNIT_STRIDES = {
+    # forward: A = x (M, K) row-major, B = W^T (W is (N, K) row-major), C / residual / pre-activation row-major
+    "fwd": ("stride_ak", "stride_bk", "stride_cn", "stride_xn", "stride_rn", "stride_pn"),
+    # dX = dY @ W: A = dY (M, N) row-major, B = W (N, K) row-major; epilogue operands row-major
+    "dx": ("stride_ak", "stride_bn", "stride_cn", "stride_xn", "stride_rn", "stride_pn"),
+    # dW = dY^T @ X: A = dY^T (a column-major view), B = X row-major
+    "dw": ("stride_am", "stride_bn", "stride_cn", "stride_xn", "stride_rn", "stride_pn"),
+}
+
+
+def gemm_launch_variants() -> list[tuple[str, dict]]:
+    """(role, constexpr flags) for every kernel variant ``linear``, ``mlp`` and their backwards launch."""
+    off = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RES=False, SAVE_PRE=False, DGELU=False, ROWSUM_A=False)
+    out = []
+    for has_bias in (False, True):
+        for has_res in (False, True):
+            out.append(("fwd", dict(off, HAS_BIAS=has_bias, HAS_RES=has_res)))
+        for save_pre in (False, True):
+            out.append(("fwd", dict(off, HAS_BIAS=has_bias, ACTIVATION="gelu_fast", SAVE_PRE=save_pre)))
+    out.append(("dx", dict(off)))
+    out.append(("dx", dict(off, DGELU=True)))
+    out.append(("dw", dict(off)))
+    out.append(("dw", dict(off, ROWSUM_A=True)))
+    return out
+
+
+def _variant_label(role: str, v: dict) -> str:
+    parts = [k.lower() for k, val in v.items() if val is True]
+    if v["ACTIVATION"] != "none":
+        parts.append(v["ACTIVATION"])
+    return f"{role}:" + ("+".join(parts) or "plain")
+
+
+def aot_cases():
+    from ..aot import make_case
+
+    types = {"fp16": 2, "bf16": 2, "fp32": 4}
+    strides = ("am", "ak", "bk", "bn", "cm", "cn", "xm", "xn", "rm", "rn", "pm", "pn")
+    cases = []
+    for ty, size in types.items():
+        for precision in (("ieee", "tf32") if size == 4 else ("ieee",)):
+            for role, variant in gemm_launch_variants():
+                unit = _UNIT_STRIDES[role]
+                sig = dict(A=f"*{ty}", B=f"*{ty}", C=f"*{ty}", BIAS=f"*{ty}", AUX=f"*{ty}", RES=f"*{ty}", PRE=f"*{ty}",
+                           ROWSUM=f"*{ty}", M="i32", N="i32", K="i32",
+                           **{f"stride_{n}": "i32" for n in strides if f"stride_{n}" not in unit})
+                for cfg in GEMM_CONFIGS[(size, precision, _kind(variant))]:
+                    tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} {_variant_label(role, variant)} {cfg.label()}"
+                    constexprs = dict(variant, DOT_PRECISION=precision, EMULATE_BF16=False, **cfg.kwargs)
+                    constexprs.update({name: 1 for name in unit})
+                    cases.append(make_case(__name__, _gemm_kernel, "_gemm_kernel", sig, constexprs,
+                                           cfg.num_warps, cfg.num_stages, tag, divisible=_DIVISIBLE[role]))
+    return cases

@@ -1,0 +1,180 @@
+"""Triton GEMM with fused epilogues (linear) and the fused MLP, against their eager references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close, check_against_reference
+from vivit_kernels.ops import linear as lin
+from vivit_kernels.ops.activations import gelu_fast as gelu_fast_ref
+from vivit_kernels.ops.linear import linear, linear_ref, mlp, mlp_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def params(tokens, fan_in, fan_out, batch=2, bias=True, residual=False):
+    x = torch.randn(batch, tokens, fan_in, requires_grad=True)
+    w = (torch.randn(fan_out, fan_in) * fan_in**-0.5).requires_grad_()
+    b = (0.1 * torch.randn(fan_out)).requires_grad_() if bias else None
+    r = torch.randn(batch, tokens, fan_out, requires_grad=True) if residual else None
+    return x, w, b, r
+
+
+# (tokens, in, out): tokens 1 / 17 / 197 / 3137; hidden 32 / 96 / 768; outputs that are not tile multiples
+SHAPES = [(1, 32, 96), (17, 96, 288), (197, 768, 200), (3137, 32, 96), (5, 40, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("epilogue", ["bias", "bias+gelu_fast", "bias+residual", "none"])
+def test_linear(epilogue, shape, dtype):
+    tokens, fan_in, fan_out = shape
+    x, w, b, r = params(tokens, fan_in, fan_out, bias=epilogue != "none", residual="residual" in epilogue)
+    act = "gelu_fast" if "gelu" in epilogue else None
+    check_against_reference(
+        lambda x, w, b, r: linear(x, w, b, act, r), lambda x, w, b, r: linear_ref(x, w, b, act, r),
+        (x, w, b, r), dtype, name=epilogue,
+    )
+
+
+MLP_CASES = [(shape, dtype) for shape in [(17, 32, 200), (197, 96, 384), (1, 40, 100)] for dtype in DTYPES]
+MLP_CASES.append(((3, 768, 3072), torch.bfloat16))  # ViViT-B's MLP (one dtype: the interpreter is slow here)
+
+
+@pytest.mark.parametrize("shape, dtype", MLP_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_mlp(shape, dtype):
+    """fc2(gelu_fast(fc1(x))) + residual; intermediate sizes that are and are not tile multiples."""
+    tokens, hidden, inter = shape
+    x = torch.randn(2, tokens, hidden, requires_grad=True)
+    w1 = (torch.randn(inter, hidden) * hidden**-0.5).requires_grad_()
+    b1 = (0.1 * torch.randn(inter)).requires_grad_()
+    w2 = (torch.randn(hidden, inter) * inter**-0.5).requires_grad_()
+    b2 = (0.1 * torch.randn(hidden)).requires_grad_()
+    r = torch.randn(2, tokens, hidden, requires_grad=True)
+    check_against_reference(
+        lambda *a: mlp(a[0], a[1], a[2], a[3], a[4], residual=a[5]),
+        lambda *a: mlp_ref(a[0], a[1], a[2], a[3], a[4], residual=a[5]),
+        (x, w1, b1, w2, b2, r), dtype, name="mlp",
+    )
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_new"])
+def test_other_activations_run_through_torch(activation):
+    x, w, b, r = params(9, 32, 48, residual=True)
+    check_against_reference(
+        lambda x, w, b, r: linear(x, w, b, activation, r), lambda x, w, b, r: linear_ref(x, w, b, activation, r),
+        (x, w, b, r), torch.float32, name=activation,
+    )
+    w2 = torch.randn(32, 48, requires_grad=True)
+    check_against_reference(
+        lambda x, w, b, w2: mlp(x, w, b, w2, None, activation), lambda x, w, b, w2: mlp_ref(x, w, b, w2, None, activation),
+        (x, w, b, w2), torch.float32, name=f"mlp {activation}",
+    )
+
+
+def test_strided_input_and_no_grad_inputs():
+    """A non-contiguous (but row-collapsible) x, and inputs that need no gradient."""
+    base = torch.randn(2, 7, 64)
+    x = base[:, :, :32]  # row stride 64
+    w, b = torch.randn(48, 32), torch.randn(48)
+    assert_close(linear(x, w, b), linear_ref(x, w, b), 1e-4, name="strided x")
+    w.requires_grad_()
+    y = linear(x, w, b, "gelu_fast")
+    y.sum().backward()
+    wr = w.detach().clone().requires_grad_()
+    linear_ref(x, wr, b, "gelu_fast").sum().backward()
+    assert_close(w.grad, wr.grad, 1e-4, name="dW only")
+
+
+def _shipped_gemm_configs():
+    seen = {}
+    for (size, precision, kind), configs in lin.GEMM_CONFIGS.items():
+        for cfg in configs:
+            seen.setdefault((kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]), cfg)
+    return sorted(seen.items())
+
+
+@pytest.mark.parametrize("key, cfg", _shipped_gemm_configs(), ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else "")
+def test_every_shipped_gemm_tile(key, cfg):
+    """Each shipped tile shape, forced, on sizes that leave partial tiles in M, N and K, in each epilogue
+    kind: forward (+ bias, pre-activation, gelu_fast), residual, the gelu backward, and dW with row sums."""
+    kind = key[0]
+    M, K, N = 2 * cfg.kwargs["BLOCK_M"] + 5, 2 * cfg.kwargs["BLOCK_K"] + 3, cfg.kwargs["BLOCK_N"] + 7
+    a, bmat = torch.randn(M, K), torch.randn(K, N) * K**-0.5
+    bias, res = torch.randn(N), torch.randn(M, N)
+    ab = a @ bmat
+    if kind == "dgelu":
+        h = torch.randn(M, N)
+        out, act = torch.empty(M, N), torch.empty(M, N)
+        lin.gemm(a, bmat, out, dgelu_of=h, pre=act, config=cfg)
+        assert_close(out, lin.gelu_fast_backward_ref(ab, h), 1e-4, name="dgelu")
+        assert_close(act, gelu_fast_ref(h), 1e-5, name="gelu(aux)")
+        return
+    out, pre = torch.empty(M, N), torch.empty(M, N)
+    lin.gemm(a, bmat, out, bias=bias, activation="gelu_fast", pre=pre, config=cfg)
+    assert_close(pre, ab + bias, 1e-4, name="pre-activation")
+    assert_close(out, gelu_fast_ref(ab + bias), 1e-4, name="gelu_fast")
+    lin.gemm(a, bmat, out, bias=bias, residual=res, config=cfg)
+    assert_close(out, ab + bias + res, 1e-4, name="residual")
+    rowsum = torch.empty(M)
+    lin.gemm(a, bmat, out, rowsum=rowsum, config=cfg)
+    assert_close(out, ab, 1e-4, name="plain")
+    assert_close(rowsum, a.sum(1), 1e-4, name="row sums")
+
+
+@pytest.mark.parametrize("kernel_row", sorted(lin.GEMM_CONFIGS), ids=str)
+def test_autotuner_prunes_to_the_row(kernel_row):
+    size, precision, kind = kernel_row
+    tuner = lin._gemm_tuned
+    dtype = torch.float16 if size == 2 else torch.float32
+    pruned = tuner.early_config_prune(tuner.configs, {"A": torch.empty(1, dtype=dtype)}, DOT_PRECISION=precision,
+                                      DGELU=kind == "dgelu")
+    assert len(pruned) == len(lin.GEMM_CONFIGS[kernel_row])
+
+
+def test_opcheck():
+    x, w, b, r = params(5, 32, 48, residual=True)
+    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, r, "none", False, False))
+    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, None, "gelu_fast", True, False))
+    w2 = torch.randn(32, 48, requires_grad=True)
+    torch.library.opcheck(torch.ops.vivit_kernels.mlp_fwd.default, (x, w, b, w2, None, x.detach().clone().requires_grad_(), True, False))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b, _ = params(7, 32, 48)
+    w2 = torch.randn(32, 48, requires_grad=True)
+    wq = (torch.randn(32, 32) * 0.2).requires_grad_()
+    leaves = (x, w, b, w2, wq)
+
+    def block(x, w, b, w2, wq):
+        y = linear(x, wq, None, residual=x)
+        return mlp(y, w, b, w2, None, residual=y).sum()
+
+    eager = block(*leaves)
+    eager.backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*leaves)
+    compiled.backward()
+    assert_close(compiled, eager, 1e-3, name="out")
+    for g, t in zip(grads, leaves):
+        assert_close(t.grad, g, 1e-4, name="grad")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: linear(torch.randn(3, 8), torch.randn(4, 9)), r"weight must be \(out_features, 8\) to take 8 input features, got \(4, 9\)"),
+        (lambda: linear(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5)), r"bias must be \(4,\)"),
+        (lambda: linear(torch.randn(3, 8), torch.randn(4, 8).half()), "must be torch.float32 like x"),
+        (lambda: linear(torch.ones(3, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64)), "supports float16"),
+        (lambda: linear(torch.randn(3, 8), torch.randn(4, 8), residual=torch.randn(3, 5)), r"residual must be \(3, 4\)"),
+        (lambda: mlp(torch.randn(3, 8), torch.randn(16, 8), None, torch.randn(8, 15), None), r"w2 must be \(out_features, 16\)"),
+    ],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
