@@ -42,10 +42,7 @@ def run(benchmark, fn: Callable[[], object], flops: float | None = None, nbytes:
         return result
 
     benchmark.extra_info.update(info, device=device_label())
-    if ON_GPU:
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    else:
-        benchmark.pedantic(timed, rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     stats = getattr(benchmark, "stats", None)
     mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
     if mean:

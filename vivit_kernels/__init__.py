@@ -19,6 +19,8 @@ _EXPORTS = {
     "VivitModelOutput": "model",
     "VivitClassifierOutput": "model",
     "CheckpointError": "checkpoint",
+    "VideoProcessor": "processing",
+    "read_video": "processing",
     "ops": None,
 }
 
@@ -45,3 +47,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import CheckpointError
     from .config import PRESETS, VivitConfig
     from .model import VivitClassifierOutput, VivitForVideoClassification, VivitModel, VivitModelOutput
+    from .processing import VideoProcessor, read_video

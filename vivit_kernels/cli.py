@@ -1,4 +1,4 @@
-"""The ``vivit-kernels`` command line: info | demo (and the commands later modules add).
+"""The ``vivit-kernels`` command line: info | demo | classify | compile-report | bench.
 
 The heavy imports happen inside each command, after the command has configured the environment: on a
 machine without CUDA, ``demo`` turns on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
@@ -45,6 +45,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("backends (attn=...)")
     for name, (ok, why) in backend_status().items():
         print(f"  {name:<8} {'available' if ok else 'unavailable'}: {why}")
+    from .ops import _extension
+
+    print("C++/CUDA extension (video preprocessing, bias + gelu_fast)")
+    for _, line in _extension.status().items():
+        print(f"  {line}")
     return 0
 
 
@@ -97,10 +102,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
         f"{cfg.num_patches + 1} tokens, {n_params / 1e6:.2f} M parameters, {dtype}, {device}"
     )
-    clip = _synthetic_clip(cfg.num_frames, height, width, seed=args.seed)
-    pixel_values = (clip.permute(0, 3, 1, 2).float() / 127.5 - 1.0)[None].repeat(args.batch, 1, 1, 1, 1)
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
-    print(f"input: synthetic clip, pixel_values {tuple(pixel_values.shape)} (batch, frames, channels, H, W)")
+    processor = _processor_for(model, args.model)
+    clip = _synthetic_clip(cfg.num_frames, height * 3 // 2, width * 2, seed=args.seed)  # resized and cropped
+    pixel_values = processor(clip[None].repeat(args.batch, 1, 1, 1, 1), device=device, dtype=dtype)["pixel_values"]
+    print(f"input: synthetic {tuple(clip.shape[1:3])} clip -> VideoProcessor -> pixel_values "
+          f"{tuple(pixel_values.shape)} (batch, frames, channels, H, W)")
 
     status = backend_status()
     results = {}
@@ -110,14 +116,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {name:<7} skipped: {why}")
             continue
         model.set_attn(name)
+        repeats = 1 if _interpreted(name, device) else args.repeats  # the interpreter is slow and not timed
         with torch.no_grad():
             logits = model(pixel_values).logits  # warm-up (compiles kernels on first use)
             _sync(device)
             start = time.perf_counter()
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 logits = model(pixel_values).logits
             _sync(device)
-        ms = (time.perf_counter() - start) * 1e3 / args.repeats
+        ms = (time.perf_counter() - start) * 1e3 / repeats
         results[name] = (logits.float(), ms)
 
     reference = results.get("eager", next(iter(results.values())))[0]
@@ -128,6 +135,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
         note = " (Triton interpreter on CPU: a correctness run, not a speed figure)" if _interpreted(name, device) else ""
         print(f"{name:<8} {ms:>10.2f} {diff:>22.3g}  {cfg.id2label.get(top, top)}{note}")
     print(f"\ntimings are wall-clock on {_device_name(device)}, {args.repeats} repeats after one warm-up")
+    return 0
+
+
+def _processor_for(model, model_dir):
+    """The checkpoint's preprocessor_config.json, else transformers' defaults scaled to the model's size."""
+    from pathlib import Path
+
+    from .processing import VideoProcessor
+
+    if model_dir and (Path(model_dir) / "preprocessor_config.json").is_file():
+        return VideoProcessor.from_pretrained(model_dir)
+    height, width = model.config.image_hw
+    return VideoProcessor() if (height, width) == (224, 224) else VideoProcessor.for_image_size(height, width)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import VivitForVideoClassification
+    from .processing import read_video
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.model:
+        model = VivitForVideoClassification.from_pretrained(args.model, attn=args.attn, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(args.seed)
+        model = VivitForVideoClassification(args.preset, attn=args.attn).to(device=device, dtype=dtype).eval()
+        print(f"model: preset {args.preset!r} with RANDOM weights: the labels below mean nothing (--model DIR)")
+    cfg = model.config
+    processor = _processor_for(model, args.model)
+    if args.crops == 3:
+        processor.spatial_crops = 3
+    start = time.perf_counter()
+    frames = read_video(args.video, num_frames=cfg.num_frames, frame_sample_rate=args.frame_sample_rate,
+                        clips=args.clips, seed=args.seed)
+    decoded = time.perf_counter()
+    if args.clips == 1:
+        frames = frames[None]
+    pixel_values = processor(torch.from_numpy(frames), device=device, dtype=dtype)["pixel_values"]
+    _sync(device)
+    processed = time.perf_counter()
+    with torch.no_grad():
+        logits = model(pixel_values).logits.float()
+    _sync(device)
+    done = time.perf_counter()
+    probs = logits.softmax(-1).mean(0)  # average over clips x crops
+    top = probs.topk(min(args.top_k, probs.numel()))
+    views = pixel_values.shape[0]
+    print(f"{args.video}: {views} view(s) of {cfg.num_frames} frames, {tuple(pixel_values.shape[-2:])} pixels")
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"  {p:7.2%}  {cfg.id2label.get(i, str(i))}")
+    print(f"decode {1e3 * (decoded - start):.0f} ms, preprocess {1e3 * (processed - decoded):.0f} ms "
+          f"({device.type}), forward {1e3 * (done - processed):.0f} ms (attn={model.attn})")
     return 0
 
 
@@ -175,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo, interpreter=True)
+
+    p = sub.add_parser("classify", help="classify a video file: decode, preprocess on the model's device, top-k")
+    p.add_argument("video")
+    p.add_argument("--model", help="checkpoint directory (default: a small random-weight model)")
+    p.add_argument("--preset", default="small", help="model preset when no --model is given")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "triton"])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--clips", type=int, default=1, help="temporal clips (e.g. 4 for multi-view evaluation)")
+    p.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
+    p.add_argument("--frame-sample-rate", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_classify, interpreter=True)
 
     from . import aot
 

@@ -1,17 +1,34 @@
-"""Functional API of vivit_kernels' ops, each with its eager PyTorch reference beside it."""
+"""Functional API of vivit_kernels' ops; each has its eager PyTorch reference (``*_ref``) beside it.
+
+Triton (GPU, or the Triton interpreter on CPU under TRITON_INTERPRET=1): ``flash_attention``, ``linear``,
+``mlp``, ``layer_norm``, ``patch_embed``. C++/CUDA extension (csrc/, with PyTorch fallbacks):
+``preprocess_video``, ``bias_gelu_fast``.
+"""
 
 from .activations import gelu_fast, get_activation
-from .attention import attention_ref, attention_sdpa
-from .layer_norm import layer_norm_ref
-from .linear import linear_ref
-from .patch_embed import patch_embed_ref
+from .attention import attention_ref, attention_sdpa, flash_attention
+from .gelu import bias_gelu_fast, bias_gelu_fast_ref
+from .layer_norm import layer_norm, layer_norm_ref
+from .linear import linear, linear_ref, mlp, mlp_ref
+from .patch_embed import patch_embed, patch_embed_ref
+from .preprocess import preprocess_video, preprocess_video_ref
 
 __all__ = [
     "attention_ref",
     "attention_sdpa",
+    "bias_gelu_fast",
+    "bias_gelu_fast_ref",
+    "flash_attention",
     "gelu_fast",
     "get_activation",
+    "layer_norm",
     "layer_norm_ref",
+    "linear",
     "linear_ref",
+    "mlp",
+    "mlp_ref",
+    "patch_embed",
     "patch_embed_ref",
+    "preprocess_video",
+    "preprocess_video_ref",
 ]

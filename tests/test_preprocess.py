@@ -1,0 +1,181 @@
+"""The fused preprocessing op: C++ CPU implementation vs the PyTorch reference (bit-exact) and vs
+transformers' VivitImageProcessor (the external oracle); bad input; CUDA vs CPU where a GPU exists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vivit_kernels.ops import _extension
+from vivit_kernels.ops.preprocess import preprocess_video, preprocess_video_ref
+from vivit_kernels.processing import VideoProcessor
+
+needs_ext = pytest.mark.skipif(not _extension.available(), reason=f"extension not built: {_extension.error()}")
+
+# landscape, portrait, already 224, smaller than 224, odd sizes
+SIZES = [(360, 640), (640, 360), (224, 224), (120, 160), (333, 517), (257, 255)]
+
+
+def random_video(frames: int, h: int, w: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # smooth content plus noise, like real frames (pure noise is the worst case for resampling differences)
+    base = torch.rand(batch, frames, h // 8 + 1, w // 8 + 1, 3, generator=g)
+    smooth = torch.nn.functional.interpolate(base.flatten(0, 1).permute(0, 3, 1, 2), size=(h, w), mode="bilinear")
+    noise = 0.15 * torch.rand(batch * frames, 3, h, w, generator=g)
+    video = ((smooth + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 1).reshape(batch, frames, h, w, 3)
+
+
+def transformers_pixels(video: torch.Tensor, **kwargs) -> torch.Tensor:
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.VivitImageProcessor(**kwargs)
+    return processor(list(video[0].numpy()), return_tensors="pt")["pixel_values"]
+
+
+@needs_ext
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_transformers(size):
+    video = random_video(4, *size)
+    theirs = transformers_pixels(video)
+    ours = VideoProcessor()(video)["pixel_values"]
+    assert ours.shape == theirs.shape == (1, 4, 3, 224, 224)
+    diff = (ours - theirs).abs()
+    assert diff.max() <= 2 / 127.5, diff.max()
+    assert diff.mean() <= 0.002, diff.mean()
+    # in fact Pillow's fixed-point resampling is reproduced: only float rounding remains
+    assert diff.max() < 1e-5, diff.max()
+
+
+@needs_ext
+@pytest.mark.parametrize("kwargs", [
+    dict(do_normalize=False),
+    dict(size={"height": 200, "width": 300}, crop_size={"height": 160, "width": 240}),
+    dict(do_center_crop=False, size={"shortest_edge": 128}),
+    dict(rescale_factor=1 / 255, offset=False, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+    dict(do_resize=False, crop_size={"height": 100, "width": 100}),
+], ids=["no-normalize", "height-width", "no-crop", "imagenet", "no-resize"])
+def test_processor_options_match_transformers(kwargs):
+    video = random_video(3, 150, 210)
+    theirs = transformers_pixels(video, **kwargs)
+    ours = VideoProcessor(**kwargs)(video)["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", [(360, 640), (97, 131), (512, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cpu_op_equals_reference_exactly(size, dtype):
+    """The C++ op and the PyTorch reference compute the same integers and the same float32 ops."""
+    video = random_video(3, *size, batch=2, seed=1)
+    args = ([256, 300], [10, 20, 200, 240], 1 / 127.5, -1.0, [0.5, 0.4, 0.3], [0.5, 0.6, 0.7], dtype)
+    ours = torch.ops.vivit_kernels.preprocess_video(video, *args)
+    ref = preprocess_video_ref(video, *args)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, ref)
+
+
+@needs_ext
+def test_strided_input():
+    video = random_video(6, 120, 160, batch=2)
+    planar = video.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)  # channel planes, not RGB triples
+    strided = planar[:, ::2, 10:]  # every other frame, a row slice
+    assert not strided.is_contiguous()
+    args = ([100, 150], [5, 5, 90, 140], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, torch.float32)
+    assert torch.equal(torch.ops.vivit_kernels.preprocess_video(strided, *args),
+                       torch.ops.vivit_kernels.preprocess_video(strided.contiguous(), *args))
+
+
+@needs_ext
+def test_opcheck():
+    video = random_video(2, 40, 60)
+    torch.library.opcheck(torch.ops.vivit_kernels.preprocess_video.default,
+                          (video, [30, 45], [2, 3, 24, 32], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, torch.float32))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: torch.zeros(1, 4, 32, 32, 3), "frames must be uint8"),
+        (lambda: torch.zeros(1, 4, 32, 32, 4, dtype=torch.uint8), r"\(batch, frames, height, width, 3\) RGB"),
+        (lambda: torch.zeros(1, 0, 32, 32, 3, dtype=torch.uint8), "the video is empty"),
+    ],
+)
+def test_bad_frames(make, match):
+    with pytest.raises(ValueError, match=match):
+        preprocess_video(make(), [32, 32], [0, 0, 16, 16])
+
+
+def test_frames_smaller_than_crop_is_an_error():
+    processor = VideoProcessor(do_resize=False)
+    with pytest.raises(ValueError, match=r"frames of 100x120 \(after resizing\) are smaller than the 224x224 crop"):
+        processor(torch.zeros(4, 100, 120, 3, dtype=torch.uint8))
+
+
+def test_processor_bad_inputs():
+    with pytest.raises(ValueError, match="uint8 frames"):
+        VideoProcessor()(torch.zeros(4, 64, 64, 3))
+    with pytest.raises(ValueError, match=r"\(frames, height, width, 3\)"):
+        VideoProcessor()(torch.zeros(64, 64, 3, dtype=torch.uint8).unsqueeze(0).unsqueeze(0).unsqueeze(0))
+    with pytest.raises(ValueError, match="bilinear resampling only"):
+        VideoProcessor(resample="bicubic")
+    with pytest.raises(ValueError, match="no video given"):
+        VideoProcessor()([])
+
+
+def test_fallback_without_extension_warns_once_and_matches(monkeypatch):
+    """With the extension absent, the PyTorch fallback gives the same numbers, after one warning."""
+    monkeypatch.setattr(_extension, "_loaded", False)
+    monkeypatch.setattr(_extension, "_error", "ImportError: (simulated)")
+    monkeypatch.setattr(_extension, "_warned", set())
+    video = random_video(2, 90, 120)
+    with pytest.warns(UserWarning, match=r"preprocess_video: the C\+\+/CUDA extension .* not available .* PyTorch fallback"):
+        a = preprocess_video(video, [96, 128], [0, 0, 64, 64])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = preprocess_video(video, [96, 128], [0, 0, 64, 64])  # no second warning
+    assert torch.equal(a, b)
+    assert torch.equal(a, preprocess_video_ref(video, [96, 128], [0, 0, 64, 64], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3))
+
+
+def test_presets_and_from_pretrained(tmp_path):
+    video = random_video(2, 120, 160)
+    original = VideoProcessor.from_preset("vivit-original")(video)["pixel_values"]
+    assert -1.0 <= original.min() and original.max() <= 1.0  # [-1, 1], no second normalisation
+    default = VideoProcessor()(video)["pixel_values"]
+    assert torch.allclose(default, (original - 0.5) / 0.5, atol=1e-6)  # transformers' default: [-3, 1]
+    import json
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(VideoProcessor(crop_size={"height": 96, "width": 96}).to_dict()))
+    loaded = VideoProcessor.from_pretrained(tmp_path)
+    assert loaded(video)["pixel_values"].shape[-2:] == (96, 96)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.VivitImageProcessor.from_pretrained(tmp_path)
+    assert theirs.crop_size == {"height": 96, "width": 96}
+
+
+def test_batching_and_spatial_crops():
+    a, b = random_video(4, 120, 160, seed=1), random_video(4, 90, 200, seed=2)
+    processor = VideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
+    both = processor([a[0].numpy(), b[0]])["pixel_values"]  # numpy and torch, different sizes
+    assert both.shape == (2, 4, 3, 56, 56)
+    assert torch.equal(both[1], processor(b)["pixel_values"][0])
+    three = VideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, spatial_crops=3)(b)["pixel_values"]
+    assert three.shape == (3, 4, 3, 56, 56)
+    assert torch.equal(three[1], processor(b)["pixel_values"][0])  # the middle crop is the center crop
+    assert not torch.equal(three[0], three[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cuda_op_equals_cpu_op(size, dtype):
+    video = random_video(4, *size, batch=2)
+    processor = VideoProcessor()
+    cpu = processor(video, dtype=dtype)["pixel_values"]
+    gpu = processor(video, device="cuda", dtype=dtype)["pixel_values"]
+    assert gpu.is_cuda
+    assert (gpu.cpu().float() - cpu.float()).abs().max() <= 1e-5

@@ -1,0 +1,87 @@
+"""read_video (PyAV) on videos the tests encode, the whole decode -> preprocess -> classify path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vivit_kernels.processing import VideoProcessor, read_video, sample_frame_indices
+from videos import bar_position, frame_pattern, write_video
+
+av = pytest.importorskip("av")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("v") / "clip.mp4", n_frames=60, gop=12)
+
+
+def expected_positions(indices, h=48, w=64):
+    return [bar_position(frame_pattern(int(i), h, w)) for i in indices]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_sampled_frames_are_the_right_frames(video, seed):
+    """The seed example's sampling (a random window), found by seeking, decoded to the right frames."""
+    frames = read_video(video, num_frames=8, frame_sample_rate=3, seed=seed)
+    assert frames.shape == (8, 48, 64, 3) and frames.dtype == np.uint8
+    indices = sample_frame_indices(8, 3, 60, np.random.default_rng(seed))
+    got = [bar_position(f) for f in frames]
+    assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
+
+
+def test_multi_clip_sampling(video):
+    from vivit_kernels.processing import _uniform_clips
+
+    clips = read_video(video, num_frames=4, frame_sample_rate=2, clips=4)
+    assert clips.shape == (4, 4, 48, 64, 3)
+    windows = _uniform_clips(4, 2, 60, 4)
+    assert [w[0] for w in windows] == sorted({w[0] for w in windows})  # four windows, in order, no overlap
+    for clip, indices in zip(clips, windows):
+        got = [bar_position(f) for f in clip]
+        assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
+
+
+def test_short_video_repeats_frames(tmp_path):
+    short = write_video(tmp_path / "short.mp4", n_frames=5)
+    frames = read_video(short, num_frames=8)
+    assert frames.shape == (8, 48, 64, 3)
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda p: p / "missing.mp4", FileNotFoundError, "no video file"),
+    (lambda p: (p / "junk.mp4").write_bytes(b"not a video") and p / "junk.mp4", ValueError, "is not a readable video"),
+])
+def test_unreadable_files(tmp_path, make, exc, match):
+    with pytest.raises(exc, match=match):
+        read_video(make(tmp_path))
+
+
+def test_decode_preprocess_forward(video):
+    import vivit_kernels as vk
+
+    frames = read_video(video, num_frames=8, seed=0)
+    processor = VideoProcessor.for_image_size(32, 32)
+    pixel_values = processor(frames)["pixel_values"]
+    assert pixel_values.shape == (1, 8, 3, 32, 32)
+    model = vk.VivitForVideoClassification(vk.VivitConfig.from_preset("tiny", num_frames=8)).eval()
+    with torch.no_grad():
+        assert model(pixel_values).logits.shape == (1, 10)
+
+
+def test_classify_cli(video, tmp_path):
+    import vivit_kernels as vk
+
+    cfg = vk.VivitConfig.from_preset("tiny", num_frames=8, id2label={i: f"action_{i}" for i in range(10)})
+    vk.VivitForVideoClassification(cfg).save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "classify", video, "--model", str(tmp_path),
+                          "--top-k", "3", "--clips", "2", "--crops", "3"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert "6 view(s) of 8 frames" in out.stdout
+    assert sum("action_" in line for line in out.stdout.splitlines()) == 3
