@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from helpers import assert_close, check_against_reference
-from vivit_kernels.ops import patch_embed as pe
+pe = importlib.import_module("vivit_kernels.ops.patch_embed")  # the module (ops.patch_embed is the function)
 from vivit_kernels.ops.patch_embed import patch_embed, patch_embed_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -251,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_classify, interpreter=True)
 
-    from . import aot
+    from . import aot, bench_report
+
+    p = sub.add_parser("bench", help="measurements, the timed benchmark suite (bench/), and the report")
+    bench_report.add_arguments(p)
+    p.set_defaults(func=bench_report.run_cli)
 
     p = sub.add_parser("compile-report", help="compile every shipped Triton kernel config for sm_80/sm_90 (no GPU needed)")
     aot.add_arguments(p)

@@ -3,6 +3,9 @@
 Triton (GPU, or the Triton interpreter on CPU under TRITON_INTERPRET=1): ``flash_attention``, ``linear``,
 ``mlp``, ``layer_norm``, ``patch_embed``. C++/CUDA extension (csrc/, with PyTorch fallbacks):
 ``preprocess_video``, ``bias_gelu_fast``.
+
+The functions ``linear``, ``layer_norm`` and ``patch_embed`` share their names with the modules that define
+them; import from the modules (``from vivit_kernels.ops.linear import GEMM_CONFIGS``) for the rest.
 """
 
 from .activations import gelu_fast, get_activation

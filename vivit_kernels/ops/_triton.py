@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 try:
     import triton
@@ -111,6 +112,8 @@ def check_launchable(*tensors: torch.Tensor, what: str) -> None:
     if not HAS_TRITON:
         raise RuntimeError(f"{what} needs Triton, which failed to import: {TRITON_IMPORT_ERROR}")
     device = tensors[0].device
+    if device.type == "meta" or isinstance(tensors[0], FakeTensor):
+        return  # shapes only (FakeTensorMode, meta tensors): nothing is launched
     for t in tensors[1:]:
         if t.device != device:
             raise ValueError(f"{what}: all inputs must be on one device, got {device} and {t.device}")

@@ -152,8 +152,8 @@ def layer_norm_bwd(
     cfg = config_for(C)
     rows_per_program = max(BWD_ROWS_PER_PROGRAM, cfg.kwargs["BLOCK_R"])
     programs = max(1, triton.cdiv(M, rows_per_program))
-    dw_partial = torch.zeros((programs, C), dtype=torch.float32, device=x.device)
-    db_partial = torch.zeros((programs, C), dtype=torch.float32, device=x.device)
+    dw_partial = torch.empty((programs, C), dtype=torch.float32, device=x.device)  # every row is written
+    db_partial = torch.empty((programs, C), dtype=torch.float32, device=x.device)
     if M:
         launch(None, _layer_norm_bwd_kernel, lambda m: (programs,),
                (x2, g2, dx, weight, mean, rstd, dw_partial, db_partial, x2.stride(0), g2.stride(0), dx.stride(0), M, C,

@@ -1,0 +1,96 @@
+"""The seed's two tables, for every backend: whole-model inference and training, with peak memory.
+
+GPU: google/vivit-b-16x2-kinetics400's architecture (random weights), inference over 20 batches at batch
+sizes 1, 2, 4, 8 in fp32 / fp16 / bf16, training 100 steps at batch 1 (forward, backward, AdamW step); ours
+(eager, sdpa, triton) and transformers' (eager, sdpa, and torch.compile of sdpa) side by side. CPU: the tiny
+preset, a couple of batches / steps, so the suite runs everywhere (CPU timings, not GPU claims).
+
+    vivit-kernels bench          # runs this with pytest-benchmark and writes the report
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_utils import DEVICE, DTYPES, ON_GPU, run
+from vivit_kernels import VivitConfig, VivitForVideoClassification
+
+CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
+BATCHES = [1, 2, 4, 8] if ON_GPU else [1, 2]
+INFER_ROUNDS = 20 if ON_GPU else 2
+TRAIN_STEPS = 100 if ON_GPU else 2
+PROVIDERS = ["eager", "sdpa", "triton", "transformers-eager", "transformers-sdpa", "transformers-sdpa-compiled"]
+
+
+def _model(provider: str, dtype: torch.dtype) -> torch.nn.Module:
+    cfg = VivitConfig.from_preset(CONFIG)
+    torch.manual_seed(0)
+    if provider.startswith("transformers"):
+        transformers = pytest.importorskip("transformers")
+        hf_cfg = transformers.VivitConfig(**{k: v for k, v in cfg.to_dict().items() if k != "extra"})
+        hf_cfg._attn_implementation = "eager" if provider == "transformers-eager" else "sdpa"
+        model = transformers.VivitForVideoClassification(hf_cfg).to(DEVICE, dtype)
+        if provider.endswith("compiled"):
+            model = torch.compile(model)
+        return model
+    return VivitForVideoClassification(cfg, attn=provider).to(DEVICE, dtype)
+
+
+def _pixels(batch: int, dtype: torch.dtype) -> torch.Tensor:
+    cfg = VivitConfig.from_preset(CONFIG)
+    h, w = cfg.image_hw
+    return torch.randn(batch, cfg.num_frames, 3, h, w, device=DEVICE, dtype=dtype)
+
+
+def _peak_mb(fn) -> float | None:
+    """torch.cuda.max_memory_allocated over one call (GPU only)."""
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"] if ON_GPU else ["fp32"])
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_inference(benchmark, provider, batch, dtype):
+    if provider.endswith("compiled") and not ON_GPU:
+        pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
+    model = _model(provider, DTYPES[dtype]).eval()
+    x = _pixels(batch, DTYPES[dtype])
+
+    def step():
+        with torch.no_grad():
+            return model(pixel_values=x).logits
+
+    step()  # compile / autotune outside the timing
+    peak = _peak_mb(step)
+    run(benchmark, step, rounds=INFER_ROUNDS, warmup=2 if ON_GPU else 0, table="inference", provider=provider,
+        batch=batch, dtype=dtype, num_batches=INFER_ROUNDS, peak_mem_mb=peak, config=CONFIG)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_training(benchmark, provider, dtype):
+    if provider.endswith("compiled") and not ON_GPU:
+        pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
+    model = _model(provider, DTYPES[dtype]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x = _pixels(1, DTYPES[dtype])
+    labels = torch.zeros(1, dtype=torch.long, device=DEVICE)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(pixel_values=x, labels=labels).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    step()
+    peak = _peak_mb(step)
+    run(benchmark, step, rounds=TRAIN_STEPS, warmup=2 if ON_GPU else 0, table="training", provider=provider, batch=1,
+        dtype=dtype, num_training_steps=TRAIN_STEPS, peak_mem_mb=peak, config=CONFIG)

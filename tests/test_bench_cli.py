@@ -1,0 +1,42 @@
+"""`vivit-kernels bench` end to end on this machine's CPU (tiny shapes): measurements, timed suite, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vivit_kernels import bench_report
+
+
+def test_bench_command_writes_the_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = subprocess.run(
+        [sys.executable, "-m", "vivit_kernels", "bench", "--out", str(tmp_path), "--measure-config", "tiny",
+         "--measure-batches", "1", "2", "-k", "test_inference and (eager or triton or sdpa)"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[measure] measuring triton batch 2" in out.stderr  # progress
+    for name in ("measurements.json", "measurements.md", "benchmark.json", "report.md", "inference_latency.png"):
+        assert (tmp_path / name).exists(), name
+    report = (tmp_path / "report.md").read_text()
+    assert "## Inference" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 2 | 2 | fp32 |")]  # num_batches, batch, dtype
+    assert {line.split("|")[4].strip() for line in rows} >= {"eager", "sdpa", "triton", "transformers-eager"}
+    assert "CPU" in report  # says which machine timed it
+    measured = json.loads((tmp_path / "measurements.json").read_text())
+    assert {m["provider"] for m in measured} >= {"triton", "transformers-sdpa"}
+
+
+def test_tables_follow_the_seed_convention():
+    """Speedup and memory saving are base / value - 1, against transformers' eager model."""
+    records = [
+        dict(table="inference", provider="transformers-eager", dtype="fp16", batch=1, mean_s=0.02, peak_mem_mb=700.0, num_batches=20),
+        dict(table="inference", provider="triton", dtype="fp16", batch=1, mean_s=0.01, peak_mem_mb=350.0, num_batches=20),
+    ]
+    table = bench_report.inference_table(records)
+    assert "| 20 | 1 | fp16 | triton | 10.00 | 100.0 | 350.0 | 100.0 |" in table
+    assert "| 20 | 1 | fp16 | transformers-eager | 20.00 | 0.0 | 700.0 | 0.0 |" in table

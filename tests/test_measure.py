@@ -1,0 +1,98 @@
+"""Device-independent measurements (FakeTensorMode counts) and the targets they check, at full ViViT-B size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vivit_kernels as vk
+from vivit_kernels.measure import format_markdown, measure
+from vivit_kernels.ops import _costs
+from vivit_kernels.ops._triton import LAUNCHES
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def vivit_b():
+    """transformers SDPA and eager, and our triton path: ViViT-B, batch 1, bf16."""
+    pytest.importorskip("transformers")
+    return {p: measure(p, "vivit-b-16x2", 1, torch.bfloat16) for p in ("triton", "transformers-sdpa", "transformers-eager")}
+
+
+def test_calibration_matches_transformers_figures(vivit_b):
+    """The method reproduces the figures seen for transformers under FakeTensorMode (eager ~10.3 GiB saved for
+    backward, SDPA ~2.2 GiB; our count excludes parameters)."""
+    assert abs(vivit_b["transformers-eager"].saved_bytes / GIB - 10.3) < 0.3
+    assert abs(vivit_b["transformers-sdpa"].saved_bytes / GIB - 2.2) < 0.1
+
+
+def test_targets_vivit_b_batch1_bf16(vivit_b):
+    ours, sdpa = vivit_b["triton"], vivit_b["transformers-sdpa"]
+    assert ours.saved_bytes <= 0.45 * sdpa.saved_bytes, (ours.saved_bytes / GIB, sdpa.saved_bytes / GIB)
+    assert ours.peak_live_bytes <= 0.5 * sdpa.peak_live_bytes, (ours.peak_live_bytes, sdpa.peak_live_bytes)
+    layers = 12
+    assert ours.launches <= 7 * layers + 1 + 2  # embedding; final LayerNorm + classifier
+    assert ours.flops == sdpa.flops  # the same math
+
+
+def test_saved_bytes_match_the_analytic_count():
+    """What autograd keeps in our triton path, per layer: LayerNorm inputs with fp32 mean / rstd, the QKV input,
+    the fused qkv tensor, the attention output (also the output projection's input) with its fp32 logsumexp,
+    and the MLP input with the FC1 pre-activation."""
+    cfg = vk.VivitConfig.from_preset("vivit-b-16x2")
+    B, elt = 2, 2
+    N, C, F, H = cfg.num_patches + 1, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    act, stats = B * N * C * elt, B * N * 4
+    per_layer = (act + 2 * stats) + act + 3 * act + (act + B * H * N * 4) + (act + 2 * stats) + act + B * N * F * elt
+    pixels = B * cfg.num_frames * 3 * 224 * 224 * elt
+    head = (act + 2 * stats) + act  # final LayerNorm input + stats, its output (the classifier reads row 0 of it)
+    expected = pixels + cfg.num_hidden_layers * per_layer + head
+    got = measure("triton", cfg, B, torch.bfloat16).saved_bytes
+    assert expected <= got <= expected + 4096, (got, expected)  # + the loss's few bytes
+
+
+def test_launch_table_matches_real_launches():
+    """The cost model's launches per call of each op equal what the interpreted kernels really launch."""
+    cfg = vk.VivitConfig.from_preset("tiny")
+    counted = measure("triton", cfg, 2, torch.float32)
+    ours = sum(n for op, n in counted.launches_by_op.items() if op.startswith("vivit_kernels::"))
+    model = vk.VivitForVideoClassification(cfg, attn="triton").eval()
+    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw)
+    before = sum(LAUNCHES.values())
+    with torch.no_grad():
+        model(x)
+    assert sum(LAUNCHES.values()) - before == ours
+
+
+@pytest.mark.parametrize("op, args, triton_launches", [
+    ("vivit_kernels::flash_attn_bwd", None, 3),
+    ("vivit_kernels::mlp_bwd", (None,) * 7 + (True,), 4),
+    ("vivit_kernels::mlp_bwd", (None,) * 7 + (False,), 3),
+    ("vivit_kernels::linear_bwd", (None,) * 4 + (True,), 2),
+])
+def test_backward_launch_entries(op, args, triton_launches):
+    assert _costs.launches(op, args) == triton_launches
+
+
+def test_backward_launches_really_happen():
+    """A training step of the tiny model launches the Triton backward kernels the table says."""
+    cfg = vk.VivitConfig.from_preset("tiny")
+    model = vk.VivitForVideoClassification(cfg, attn="triton")
+    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw)
+    loss = model(x, labels=torch.tensor([1, 2])).loss
+    before = dict(LAUNCHES)
+    loss.backward()
+    delta = {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v != before.get(k, 0)}
+    L = cfg.num_hidden_layers
+    assert delta["_attn_bwd_preprocess_kernel"] == delta["_attn_bwd_dkdv_kernel"] == delta["_attn_bwd_dq_kernel"] == L
+    assert delta["_layer_norm_bwd_kernel"] == 2 * L + 1
+    assert delta["_patch_embed_bwd_dw_kernel"] == 1 and "_patch_embed_bwd_dx_kernel" not in delta  # pixels need no grad
+    # per layer: MLP 4 GEMMs (dH, dW2, dX, dW1), QKV and out-projection 2 each (dX, dW)
+    assert delta["_gemm_kernel"] == 8 * L
+
+
+def test_markdown_table(vivit_b):
+    md = format_markdown(list(vivit_b.values()))
+    assert "| 1 | triton |" in md and "model prediction" in md
+    assert md.count("\n|") == 4  # separator + 3 rows

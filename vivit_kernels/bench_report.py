@@ -1,0 +1,228 @@
+"""``vivit-kernels bench``: device-independent measurements, the pytest-benchmark suite, and the report.
+
+Writes, into the output directory:
+
+- ``measurements.json`` / ``measurements.md``: the counts of vivit_kernels.measure (any machine);
+- ``benchmark.json``: pytest-benchmark's raw results of bench/ (timed on this machine's device);
+- ``report.md``: the seed's two tables (inference and training, per backend, speedup and memory saving
+  against transformers' eager model), the per-op table, and the measurements, each saying which machine
+  measured it;
+- ``inference_latency.png`` / ``inference_memory.png``: latency and peak memory vs batch size per backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["load_benchmarks", "inference_table", "training_table", "ops_table", "write_report", "main"]
+
+
+def load_benchmarks(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(records, machine info) from a pytest-benchmark JSON file; a record is extra_info + mean seconds."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    records = []
+    for b in data.get("benchmarks", []):
+        rec = dict(b.get("extra_info", {}))
+        rec["name"] = b.get("name")
+        rec["mean_s"] = b.get("stats", {}).get("mean")
+        records.append(rec)
+    return records, data.get("machine_info", {})
+
+
+def _baseline(group: list[dict], key: str) -> Optional[dict]:
+    for name in ("transformers-eager", "eager"):
+        for r in group:
+            if r.get(key) == name:
+                return r
+    return None
+
+
+def _pct(base: Optional[float], value: Optional[float]) -> str:
+    """The seed's convention: base / value - 1, in percent (speedup from times, saving from memory)."""
+    if not base or not value:
+        return "-"
+    return f"{100 * (base / value - 1):.1f}"
+
+
+def _mb(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def inference_table(records: list[dict]) -> str:
+    rows = [r for r in records if r.get("table") == "inference" and r.get("mean_s")]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dtype"], r["batch"])].append(r)
+    lines = ["| num_batches | batch_size | dtype | backend | latency per batch (ms) | speedup (%) | peak memory (MB) "
+             "| memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
+    for (dtype, batch), group in sorted(groups.items()):
+        base = _baseline(group, "provider")
+        for r in sorted(group, key=lambda r: r["provider"]):
+            lines.append(
+                f"| {r.get('num_batches', '-')} | {batch} | {dtype} | {r['provider']} | {1e3 * r['mean_s']:.2f} "
+                f"| {_pct(base and base['mean_s'], r['mean_s'])} | {_mb(r.get('peak_mem_mb'))} "
+                f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
+            )
+    return "\n".join(lines)
+
+
+def training_table(records: list[dict]) -> str:
+    rows = [r for r in records if r.get("table") == "training" and r.get("mean_s")]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["dtype"]].append(r)
+    lines = ["| num_training_steps | batch_size | dtype | backend | time per step (ms) | speedup (%) | peak memory (MB) "
+             "| memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
+    for dtype, group in sorted(groups.items()):
+        base = _baseline(group, "provider")
+        for r in sorted(group, key=lambda r: r["provider"]):
+            lines.append(
+                f"| {r.get('num_training_steps', '-')} | {r['batch']} | {dtype} | {r['provider']} | {1e3 * r['mean_s']:.2f} "
+                f"| {_pct(base and base['mean_s'], r['mean_s'])} | {_mb(r.get('peak_mem_mb'))} "
+                f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
+            )
+    return "\n".join(lines)
+
+
+def ops_table(records: list[dict]) -> str:
+    rows = [r for r in records if r.get("mean_s") and r.get("table") not in ("inference", "training")]
+    lines = ["| benchmark | provider | dtype | mode | ms | TFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("op", r["name"].split("[")[0]), r.get("dtype", ""), r.get("mode", ""))):
+        tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
+        gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
+        lines.append(f"| {r['name'].split('[')[0].removeprefix('test_')} | {r.get('provider', '-')} | {r.get('dtype', '-')} "
+                     f"| {r.get('mode', '-')} | {1e3 * r['mean_s']:.3f} | {tflops} | {gbps} |")
+    return "\n".join(lines)
+
+
+def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
+    """Latency and peak memory vs batch size per backend (inference), one line per backend and dtype."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    rows = [r for r in records if r.get("table") == "inference" and r.get("mean_s")]
+    written = []
+    for key, label, scale in (("mean_s", "latency per batch (ms)", 1e3), ("peak_mem_mb", "peak memory (MB)", 1.0)):
+        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in rows:
+            if r.get(key) is not None:
+                series[f"{r['provider']} {r['dtype']}"].append((r["batch"], r[key] * scale))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        values = []
+        for name, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            values += [p[1] for p in points]
+        ax.set_xticks(sorted({r["batch"] for r in rows}))
+        if min(values) > 0 and max(values) / min(values) > 50:
+            ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.set_title(f"ViViT inference: {label}\n{rows[0].get('device', '?')}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out_dir / ("inference_latency.png" if key == "mean_s" else "inference_memory.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(out_dir: Path, benchmark_json: Optional[Path], measurements_md: Optional[str]) -> Path:
+    parts = ["# vivit_kernels benchmark report", ""]
+    if benchmark_json and benchmark_json.exists():
+        records, machine = load_benchmarks(benchmark_json)
+        devices = sorted({r.get("device", "?") for r in records})
+        parts += [f"Timed on: {', '.join(devices)} ({machine.get('cpu', {}).get('brand_raw', '')}, "
+                  f"python {machine.get('python_version', '?')}). Speedup and memory saving are against "
+                  "transformers' eager model, as the seed defines them (base / value - 1).", ""]
+        parts += ["## Inference", "", inference_table(records), "", "## Training", "", training_table(records), "",
+                  "## Per op", "", ops_table(records), ""]
+        for path in write_plots(records, out_dir):
+            parts.append(f"![{path.stem}]({path.name})")
+        parts.append("")
+    if measurements_md:
+        parts += ["## Device-independent measurements (FakeTensorMode counts; exact on any machine)", "",
+                  measurements_md, ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(parts), encoding="utf-8")
+    return report
+
+
+def _bench_dir() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    bench = root / "bench"
+    if not (bench / "bench_utils.py").exists():
+        raise SystemExit(f"no bench/ suite next to the package ({bench}): run from a source checkout")
+    return bench
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="bench_results", help="output directory (default: bench_results)")
+    parser.add_argument("--skip-timing", action="store_true", help="only the device-independent measurements")
+    parser.add_argument("--skip-measure", action="store_true", help="only the timed pytest-benchmark suite")
+    parser.add_argument("-k", dest="select", help="pytest -k expression to select benchmarks")
+    parser.add_argument("--measure-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--measure-config", default="vivit-b-16x2", help="preset for the measurements")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the measurements")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    measurements_md = None
+    if not args.skip_measure:
+        from .measure import format_markdown, measure_all
+
+        dtype = getattr(torch, args.dtype)
+        rows = measure_all(args.measure_config, tuple(args.measure_batches), dtype,
+                           progress=lambda msg: print(f"[measure] {msg}", file=sys.stderr, flush=True))
+        (out / "measurements.json").write_text(json.dumps([r.to_json() for r in rows], indent=1), encoding="utf-8")
+        measurements_md = (f"`vivit-kernels bench --skip-timing --measure-config {args.measure_config} --dtype "
+                           f"{args.dtype}`, {args.measure_config}, {args.dtype}:\n\n" + format_markdown(rows))
+        (out / "measurements.md").write_text(measurements_md + "\n", encoding="utf-8")
+        print(measurements_md)
+    benchmark_json = None
+    if not args.skip_timing:
+        benchmark_json = out / "benchmark.json"
+        cmd = [sys.executable, "-m", "pytest", str(_bench_dir()), "-p", "no:cacheprovider", "--benchmark-enable",
+               f"--benchmark-json={benchmark_json}", "-v", "--benchmark-columns=mean,stddev,rounds"]
+        if args.select:
+            cmd += ["-k", args.select]
+        print("[bench] " + " ".join(cmd), file=sys.stderr, flush=True)
+        code = subprocess.call(cmd)
+        if code not in (0, 5):
+            print(f"[bench] pytest exited with {code}", file=sys.stderr)
+            return code
+    report = write_report(out, benchmark_json, measurements_md)
+    print(f"[bench] report: {report}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vivit-kernels bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Device-independent measurements: exact on any machine because they count, not time.
+
+The model runs under ``FakeTensorMode`` (shapes and dtypes only, no memory, no math), at full ViViT-B size
+if wanted, and we count:
+
+- ``saved_bytes``: bytes saved for backward by one training forward (``saved_tensors_hooks``), activations
+  only (parameters excluded; storages shared by several saved tensors counted once);
+- ``peak_live_bytes``: the peak of bytes held by live tensors during an inference forward, activations only
+  (what an allocator would need beyond weights and input), including the temporaries our ops allocate inside
+  (``ops/_costs.py``);
+- ``launches``: kernel launches per inference forward: every ATen op that computes (views and allocations
+  excluded) counts one, each of our ops counts the kernels it launches;
+- ``flops``: matmul FLOPs of the forward (``torch.utils.flop_counter``'s formulas; ours registered beside);
+- ``hbm_bytes``: the minimum bytes each op must move (read every input once, write every output once), summed;
+- ``roofline_ms``: per op max(FLOPs / peak FLOP/s, bytes / bandwidth), summed, for an A100 and an H100.
+  A MODEL PREDICTION from datasheet peaks, not a measurement.
+
+The same is measured for transformers' own ViViT (eager and SDPA attention) as the competitor rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from .config import VivitConfig
+
+__all__ = ["GPUS", "Measurement", "measure", "measure_all", "format_markdown", "NO_LAUNCH_ATEN", "PROVIDERS"]
+
+# Datasheet peaks (dense), for the roofline prediction only.
+GPUS: dict[str, dict[str, float]] = {
+    "A100-SXM4-80GB": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12, "bandwidth": 2.039e12},
+    "H100-SXM5-80GB": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "bandwidth": 3.35e12},
+}
+
+# ATen ops that only create views or allocate memory: no kernel launch.
+NO_LAUNCH_ATEN = frozenset({
+    "view", "_unsafe_view", "unbind", "select", "slice", "t", "transpose", "permute", "expand", "as_strided",
+    "detach", "alias", "squeeze", "unsqueeze", "split", "split_with_sizes", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided", "reshape", "_reshape_alias", "lift_fresh", "unflatten",
+    "flatten", "chunk", "narrow", "view_as", "expand_as", "_to_copy_meta",
+})
+
+PROVIDERS = ("eager", "sdpa", "triton", "transformers-eager", "transformers-sdpa")
+# SDPA kernels torch's FLOP counter has no formula for (the CPU ones a fake-tensor run on the CPU dispatches to)
+_SDPA_WITHOUT_FORMULA = frozenset({"_scaled_dot_product_flash_attention_for_cpu"})
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass
+class Measurement:
+    provider: str
+    batch: int
+    dtype: str
+    tokens: int
+    layers: int
+    saved_bytes: int = 0
+    peak_live_bytes: int = 0
+    launches: int = 0
+    flops: int = 0
+    hbm_bytes: int = 0
+    roofline_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    launches_by_op: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracking
+# ------------------------------------------------------------------------------------------------
+def _tensors(obj) -> list[torch.Tensor]:
+    out = []
+    torch.utils._pytree.tree_map_(lambda x: out.append(x) if isinstance(x, torch.Tensor) else None, obj)
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _CostTracker(TorchDispatchMode):
+    """Launches, FLOPs, bytes moved, roofline, and live activation bytes over time, per dispatched op."""
+
+    def __init__(self, dtype: torch.dtype, preexisting: set[int]):
+        super().__init__()
+        self.dtype_name = _DTYPE_NAMES[dtype]
+        self.preexisting = preexisting  # parameters and inputs: not activations
+        self.live: dict[int, int] = {}
+        self.live_total = 0
+        self.peak = 0
+        self.launches = 0
+        self.launches_by_op: collections.Counter = collections.Counter()
+        self.flops = 0
+        self.bytes = 0
+        self.roofline_s = {gpu: 0.0 for gpu in GPUS}
+
+    def _free(self, key: int) -> None:
+        size = self.live.pop(key, None)
+        if size is not None:
+            self.live_total -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from .ops import _costs
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.__name__.split(".")[0]
+        op = f"{func.namespace}::{name}"
+        if func.namespace == "vivit_kernels":
+            n_launch = _costs.launches(op, args)
+            transient = _costs.transient_bytes(op, args)
+        else:
+            n_launch = 0 if (func.namespace != "aten" or name in NO_LAUNCH_ATEN) else 1
+            transient = 0
+        self.launches += n_launch
+        if n_launch:
+            self.launches_by_op[op] += n_launch
+        # memory: new output storages become live; the op's temporaries count at this moment only
+        for t in _tensors(out):
+            key = _storage_key(t)
+            if key not in self.live and key not in self.preexisting:
+                size = t.untyped_storage().nbytes()
+                self.live[key] = size
+                self.live_total += size
+                weakref.finalize(t.untyped_storage(), self._free, key)
+        self.peak = max(self.peak, self.live_total + transient)
+        # work
+        if n_launch:
+            packet = func.overloadpacket
+            if packet in flop_registry:
+                flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            elif name in _SDPA_WITHOUT_FORMULA:  # (B, H, N, D) q and k: QK^T and PV
+                q, k = args[0], args[1]
+                flops = 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+            else:
+                flops = 0
+            seen, moved = set(), 0
+            for t in _tensors((args, kwargs, out)):
+                key = _storage_key(t)
+                if key not in seen:
+                    seen.add(key)
+                    moved += t.numel() * t.element_size()
+            moved += 2 * transient  # written, then read back
+            self.flops += flops
+            self.bytes += moved
+            precision = self.dtype_name if self.dtype_name != "fp32" else (
+                "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32")
+            for gpu, spec in GPUS.items():
+                self.roofline_s[gpu] += max(flops / spec[precision], moved / spec["bandwidth"])
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build(provider: str, config: VivitConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """A classification model (random weights, created under the caller's FakeTensorMode)."""
+    with _default_dtype(dtype):
+        if provider.startswith("transformers-"):
+            import transformers
+
+            hf_config = transformers.VivitConfig(**{k: v for k, v in config.to_dict().items() if k != "extra"})
+            hf_config._attn_implementation = provider.split("-", 1)[1]
+            model = transformers.VivitForVideoClassification(hf_config)
+        else:
+            from .model import VivitForVideoClassification
+
+            model = VivitForVideoClassification(config, attn=provider)
+    return model
+
+
+def measure(provider: str, config: VivitConfig | str = "vivit-b-16x2", batch: int = 1,
+            dtype: torch.dtype = torch.bfloat16) -> Measurement:
+    """All device-independent measurements of one provider at one batch size (see the module docstring)."""
+    config = VivitConfig.from_preset(config) if isinstance(config, str) else config
+    result = Measurement(provider, batch, _DTYPE_NAMES[dtype], config.num_patches + 1, config.num_hidden_layers)
+    h, w = config.image_hw
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        model = _build(provider, config, dtype)
+        params = {_storage_key(p) for p in model.parameters()}
+        pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w, dtype=dtype)
+        labels = torch.zeros(batch, dtype=torch.long)
+
+        # training forward: what autograd keeps for the backward
+        model.train()
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor):
+            key = _storage_key(t)
+            if key not in params:
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            model(pixel_values, labels=labels)
+        result.saved_bytes = sum(saved.values())
+
+        # inference forward: launches, FLOPs, bytes, peak live activations
+        model.eval()
+        tracker = _CostTracker(dtype, params | {_storage_key(pixel_values)})
+        with torch.no_grad(), tracker:
+            out = model(pixel_values)
+            del out
+    result.peak_live_bytes = tracker.peak
+    result.launches = tracker.launches
+    result.launches_by_op = dict(tracker.launches_by_op)
+    result.flops = tracker.flops
+    result.hbm_bytes = tracker.bytes
+    result.roofline_ms = {gpu: 1e3 * s for gpu, s in tracker.roofline_s.items()}
+    return result
+
+
+def measure_all(config: VivitConfig | str = "vivit-b-16x2", batches=(1, 2, 4, 8), dtype: torch.dtype = torch.bfloat16,
+                providers=PROVIDERS, progress: Optional[Callable[[str], None]] = None) -> list[Measurement]:
+    rows = []
+    for batch in batches:
+        for provider in providers:
+            if provider.startswith("transformers-") and not _has_transformers():
+                continue
+            if progress:
+                progress(f"measuring {provider} batch {batch}")
+            rows.append(measure(provider, config, batch, dtype))
+    return rows
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def format_markdown(rows: list[Measurement], baseline: str = "transformers-sdpa") -> str:
+    """One table: per batch and provider, the counts and their ratio to ``baseline`` at the same batch."""
+    base = {(r.batch, r.dtype): r for r in rows if r.provider == baseline}
+    gpus = list(GPUS)
+    head = ("| batch | provider | saved for backward (GiB) | x | inference peak live (GiB) | x | launches / forward "
+            "| GFLOP / forward | min HBM GB / forward | " + " | ".join(f"roofline {g.split('-')[0]} ms*" for g in gpus) + " |")
+    lines = [head, "|" + "---|" * (9 + len(gpus))]
+    for r in rows:
+        b = base.get((r.batch, r.dtype))
+        ratio = (lambda a, c: f"{a / c:.2f}" if b and c else "-")
+        lines.append(
+            f"| {r.batch} | {r.provider} | {r.saved_bytes / 2**30:.2f} | {ratio(r.saved_bytes, b.saved_bytes if b else 0)} "
+            f"| {r.peak_live_bytes / 2**30:.2f} | {ratio(r.peak_live_bytes, b.peak_live_bytes if b else 0)} "
+            f"| {r.launches} | {r.flops / 1e9:.0f} | {r.hbm_bytes / 1e9:.1f} | "
+            + " | ".join(f"{r.roofline_ms[g]:.2f}" for g in gpus) + " |"
+        )
+    lines.append("")
+    lines.append(f"x: ratio to {baseline} at the same batch. *roofline: a model prediction from datasheet peaks "
+                 "(per op max(FLOPs / peak, bytes / bandwidth), summed), not a measurement.")
+    return "\n".join(lines)
