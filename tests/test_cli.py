@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

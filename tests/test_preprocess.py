@@ -3,7 +3,6 @@ transformers' VivitImageProcessor (the external oracle); bad input; CUDA vs CPU 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

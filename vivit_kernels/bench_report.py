@@ -56,40 +56,32 @@ def _mb(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def inference_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("table") == "inference" and r.get("mean_s")]
+def _seed_table(records: list[dict], table: str, count_key: str, count_label: str, time_label: str) -> str:
+    """The seed's layout: per dtype and batch, each backend's time and peak memory, and the speedup and memory
+    saving against transformers' eager model."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["dtype"], r["batch"])].append(r)
-    lines = ["| num_batches | batch_size | dtype | backend | latency per batch (ms) | speedup (%) | peak memory (MB) "
+    for r in records:
+        if r.get("table") == table and r.get("mean_s"):
+            groups[(r["dtype"], r["batch"])].append(r)
+    lines = [f"| {count_label} | batch_size | dtype | backend | {time_label} (ms) | speedup (%) | peak memory (MB) "
              "| memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
     for (dtype, batch), group in sorted(groups.items()):
         base = _baseline(group, "provider")
         for r in sorted(group, key=lambda r: r["provider"]):
             lines.append(
-                f"| {r.get('num_batches', '-')} | {batch} | {dtype} | {r['provider']} | {1e3 * r['mean_s']:.2f} "
+                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {r['provider']} | {1e3 * r['mean_s']:.2f} "
                 f"| {_pct(base and base['mean_s'], r['mean_s'])} | {_mb(r.get('peak_mem_mb'))} "
                 f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
             )
     return "\n".join(lines)
+
+
+def inference_table(records: list[dict]) -> str:
+    return _seed_table(records, "inference", "num_batches", "num_batches", "latency per batch")
 
 
 def training_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("table") == "training" and r.get("mean_s")]
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["dtype"]].append(r)
-    lines = ["| num_training_steps | batch_size | dtype | backend | time per step (ms) | speedup (%) | peak memory (MB) "
-             "| memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
-    for dtype, group in sorted(groups.items()):
-        base = _baseline(group, "provider")
-        for r in sorted(group, key=lambda r: r["provider"]):
-            lines.append(
-                f"| {r.get('num_training_steps', '-')} | {r['batch']} | {dtype} | {r['provider']} | {1e3 * r['mean_s']:.2f} "
-                f"| {_pct(base and base['mean_s'], r['mean_s'])} | {_mb(r.get('peak_mem_mb'))} "
-                f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
-            )
-    return "\n".join(lines)
+    return _seed_table(records, "training", "num_training_steps", "num_training_steps", "time per step")
 
 
 def ops_table(records: list[dict]) -> str:

@@ -58,6 +58,11 @@ class KernelConfig:
         return triton.Config(self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+def tile_configs(*rows: tuple[int, int, int, int, int]) -> list[KernelConfig]:
+    """GEMM-style configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) rows, grouped 8 row tiles at a time."""
+    return [KernelConfig.make(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in rows]
+
+
 # Kernel launches by kernel name (incremented on every launch; tests count launches per layer with it).
 LAUNCHES: collections.Counter = collections.Counter()
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from ._triton import (
     HAS_TRITON,
-    INTERPRET,
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,

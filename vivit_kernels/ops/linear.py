@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 from ._triton import (
     HAS_TRITON,
-    INTERPRET,
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,
     default_allow_tf32,
     emulate_bf16,
     launch,
+    tile_configs,
     tl,
     triton,
 )
@@ -45,21 +45,17 @@ __all__ = ["linear", "mlp", "linear_ref", "mlp_ref", "GEMM_CONFIGS", "KERNEL_ACT
 KERNEL_ACTIVATIONS = ("gelu_fast",)
 
 
-def _cfgs(*rows: tuple[int, int, int, int, int]) -> list[KernelConfig]:
-    return [KernelConfig.make(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in rows]
-
-
 # Shipped configs by (element size, dot precision, epilogue kind). Each compiles for sm_80 and sm_90 in every
 # variant of its kind without spills and within shared memory (tests/test_aot.py). The gelu-backward
 # epilogue ("dgelu") holds two more tiles in registers at the end, so it gets smaller tiles / more warps.
 GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
-    (2, "ieee", "main"): _cfgs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
-    (2, "ieee", "dgelu"): _cfgs((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)),
-    (4, "tf32", "main"): _cfgs((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)),
-    (4, "tf32", "dgelu"): _cfgs((128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
+    (2, "ieee", "main"): tile_configs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
+    (2, "ieee", "dgelu"): tile_configs((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)),
+    (4, "tf32", "main"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)),
+    (4, "tf32", "dgelu"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
     # fp32 with IEEE products runs on FMA units: small tiles.
-    (4, "ieee", "main"): _cfgs((64, 64, 16, 4, 2), (64, 64, 32, 8, 2)),
-    (4, "ieee", "dgelu"): _cfgs((64, 64, 32, 8, 2), (32, 64, 32, 4, 2)),
+    (4, "ieee", "main"): tile_configs((64, 64, 16, 4, 2), (64, 64, 32, 8, 2)),
+    (4, "ieee", "dgelu"): tile_configs((64, 64, 32, 8, 2), (32, 64, 32, 4, 2)),
 }
 INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
@@ -72,7 +68,7 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 # Kernels
 # ------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from ._triton import autotuned, to_dot_operand, to_output
+    from ._triton import autotuned, to_output
 
     @triton.jit
     def _tanh(x):
@@ -241,12 +237,20 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _weight_grads(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, has_bias: bool, allow_tf32: bool):
-    """dW = g^T @ x and db = column sums of g, in one GEMM (db from the row sums of g^T)."""
+def _linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, needs_dx: bool,
+                  allow_tf32: bool):
+    """(dx, dW, db) of x @ W^T + b from the (M, out) gradient g2 of that output: dx = g @ W when needed, and
+    dW = g^T @ x with db, the column sums of g, from the same GEMM (the row sums of g^T)."""
+    x2 = _as_2d(x)
+    dx = x.new_empty(0)
+    if needs_dx:
+        dx2 = torch.empty_like(x2)
+        gemm(g2, weight, dx2, allow_tf32=allow_tf32)
+        dx = dx2.view(x.shape)
     dw = torch.empty_like(weight)
     db = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else weight.new_empty(0)
     gemm(g2.t(), x2, dw, rowsum=db if has_bias else None, allow_tf32=allow_tf32)
-    return dw, db
+    return dx, dw, db
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -289,14 +293,7 @@ def linear_bwd(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, needs_dx: bool, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW, db) of x @ W^T + b from the gradient of that output (dx / db empty when not needed)."""
-    g2, x2 = _as_2d(grad), _as_2d(x)
-    dx = x.new_empty(0)
-    if needs_dx:
-        dx2 = torch.empty_like(x2)
-        gemm(g2, weight, dx2, allow_tf32=allow_tf32)
-        dx = dx2.view(x.shape)
-    dw, db = _weight_grads(g2, x2, weight, has_bias, allow_tf32)
-    return dx, dw, db
+    return _linear_grads(_as_2d(grad), x, weight, has_bias, needs_dx, allow_tf32)
 
 
 @linear_bwd.register_fake
@@ -377,18 +374,13 @@ def mlp_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW1, db1, dW2, db2). The first GEMM, dY @ W2, ends in the gelu_fast derivative: it writes the
     pre-activation gradient dH = (dY @ W2) * gelu_fast'(pre) and recomputes gelu_fast(pre) for dW2."""
-    g2, x2, pre2 = _as_2d(grad_out), _as_2d(x), _as_2d(pre)
+    g2, pre2 = _as_2d(grad_out), _as_2d(pre)
     dh = torch.empty_like(pre2)
     act = torch.empty_like(pre2)
     gemm(g2, w2, dh, dgelu_of=pre2, pre=act, allow_tf32=allow_tf32)
-    dw2, db2 = _weight_grads(g2, act, w2, has_b2, allow_tf32)
+    _, dw2, db2 = _linear_grads(g2, act, w2, has_b2, False, allow_tf32)
     del act
-    dx = x.new_empty(0)
-    if needs_dx:
-        dx2 = torch.empty_like(x2)
-        gemm(dh, w1, dx2, allow_tf32=allow_tf32)
-        dx = dx2.view(x.shape)
-    dw1, db1 = _weight_grads(dh, x2, w1, has_b1, allow_tf32)
+    dx, dw1, db1 = _linear_grads(dh, x, w1, has_b1, needs_dx, allow_tf32)
     return dx, dw1, db1, dw2, db2
 
 

@@ -29,6 +29,7 @@ from ._triton import (
     default_allow_tf32,
     emulate_bf16,
     launch,
+    tile_configs,
     tl,
     triton,
 )
@@ -36,28 +37,24 @@ from ._triton import (
 __all__ = ["patch_embed", "patch_embed_ref", "PATCH_CONFIGS"]
 
 
-def _cfgs(*rows: tuple[int, int, int, int, int]) -> list[KernelConfig]:
-    return [KernelConfig.make(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in rows]
-
-
 # Shipped configs per kernel by (element size, dot precision); each compiles for sm_80 and sm_90 without
 # spills and within shared memory (tests/test_aot.py). The dX kernel's scattered store keeps a 2-D tile of
 # pixel addresses live, so it gets more warps per tile.
 PATCH_CONFIGS: dict[str, dict[tuple[int, str], list[KernelConfig]]] = {
     "fwd": {
-        (2, "ieee"): _cfgs((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3)),
-        (4, "tf32"): _cfgs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
-        (4, "ieee"): _cfgs((64, 64, 16, 8, 2), (32, 32, 32, 4, 2)),
+        (2, "ieee"): tile_configs((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3)),
+        (4, "tf32"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
+        (4, "ieee"): tile_configs((64, 64, 16, 8, 2), (32, 32, 32, 4, 2)),
     },
     "dw": {
-        (2, "ieee"): _cfgs((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3)),
-        (4, "tf32"): _cfgs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
-        (4, "ieee"): _cfgs((64, 64, 16, 8, 2), (64, 32, 16, 4, 2)),
+        (2, "ieee"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3)),
+        (4, "tf32"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
+        (4, "ieee"): tile_configs((64, 64, 16, 8, 2), (64, 32, 16, 4, 2)),
     },
     "dx": {
-        (2, "ieee"): _cfgs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 64, 4, 3)),
-        (4, "tf32"): _cfgs((64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
-        (4, "ieee"): _cfgs((64, 64, 16, 8, 2), (32, 32, 32, 4, 2)),
+        (2, "ieee"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 64, 4, 3)),
+        (4, "tf32"): tile_configs((64, 64, 32, 8, 3), (64, 128, 32, 8, 3)),
+        (4, "ieee"): tile_configs((64, 64, 16, 8, 2), (32, 32, 32, 4, 2)),
     },
 }
 INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
