@@ -243,3 +243,37 @@ def test_whole_forward_launches():
         triton_launches, aten_launches, names = count_launches(lambda: tri.eval()(x))
     assert triton_launches == 1 + 7 * cfg.num_hidden_layers + 1
     assert aten_launches <= 3, names  # the pooler: addmm + tanh (+ nothing else)
+
+
+def test_gradient_checkpointing_same_gradients():
+    cfg, _, tri = make_pair("tiny")
+    x, labels = inputs(cfg)
+    tri.train()
+    tri(x, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in tri.named_parameters()}
+    tri.zero_grad()
+    tri.gradient_checkpointing_enable()
+    tri(x, labels=labels).loss.backward()
+    for n, p in tri.named_parameters():
+        assert_close(p.grad, plain[n], 1e-6, name=n)
+
+
+def test_cpu_without_interpreter_is_a_clear_model_error():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, vivit_kernels as vk\n"
+        "m = vk.VivitModel('tiny', attn='triton')\n"
+        "try:\n"
+        "    m(torch.randn(1, 4, 3, 32, 32))\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if torch.cuda.is_available():
+        pytest.skip("targets GPU-less machines")
+    assert "ERR attn='triton' runs Triton kernels, which need a CUDA device" in out.stdout, out.stdout + out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and "attn='sdpa'" in out.stdout

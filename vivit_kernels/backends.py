@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -37,6 +37,8 @@ class Backend:
     patch_embed: Callable
     # False when ``attention`` cannot apply attention dropout itself (the layer then uses the eager path).
     attention_dropout: bool = True
+    # Raises a clear error when the backend cannot run on these inputs here (None: anything goes).
+    check_inputs: Optional[Callable[[torch.Tensor], None]] = None
 
 
 def _eager_attention(q, k, v, softmax_scale, dropout_p):
@@ -52,7 +54,12 @@ EAGER = Backend("eager", _eager_attention, linear_ref, mlp_ref, layer_norm_ref, 
 SDPA = Backend("sdpa", attention_sdpa, linear_ref, mlp_ref, layer_norm_ref, patch_embed_ref)
 # Every hot op through our Triton kernels (no in-kernel attention dropout: the layer uses eager attention
 # for those calls).
-TRITON = Backend("triton", _flash_attention, linear, mlp, layer_norm, patch_embed, attention_dropout=False)
+def _check_triton_inputs(pixel_values: torch.Tensor) -> None:
+    _triton.check_launchable(pixel_values, what="attn='triton'")
+
+
+TRITON = Backend("triton", _flash_attention, linear, mlp, layer_norm, patch_embed, attention_dropout=False,
+                 check_inputs=_check_triton_inputs)
 
 BACKEND_NAMES = ("eager", "sdpa", "triton")
 

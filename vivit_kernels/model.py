@@ -396,6 +396,8 @@ class VivitModel(_VivitBase):
     ):
         pixel_values = self._check_pixel_values(pixel_values, interpolate_pos_encoding)
         backend = self.backend
+        if backend.check_inputs is not None:
+            backend.check_inputs(pixel_values)
         head_masks = self._expand_head_mask(head_mask)
         output_attentions = bool(output_attentions)
 
