@@ -72,3 +72,13 @@ def check_against_reference(ours, ref, inputs, dtype, grad_seed: int = 1, fp32_a
     for i, (g, rg, lg) in enumerate(zip(grads, ref_grads, low_grads)):
         if rg is not None:
             assert_within_rule(g, rg, lg, 3.0, eps=1e-4 * max(1.0, rg.abs().max().item()), name=f"{name} grad[{i}]")
+
+
+def run_without_interpreter(code: str):
+    """Run ``code`` in a fresh Python without TRITON_INTERPRET (as on a CPU machine outside the test suite)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

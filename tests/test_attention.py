@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import assert_close, assert_within_rule
+from helpers import assert_close, assert_within_rule, run_without_interpreter
 from vivit_kernels.ops import attention as attn_mod
 from vivit_kernels.ops.attention import attention_ref, flash_attention
 
@@ -201,8 +197,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
         "except RuntimeError as e:\n"
         "    print('ERR', e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_without_interpreter(code)
     if torch.cuda.is_available():
         pytest.skip("with a GPU present CPU tensors still error, but this test targets GPU-less machines")
     assert "ERR" in out.stdout, out.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from helpers import assert_close
+from helpers import assert_close, run_without_interpreter
 
 TINY_CONFIGS = {
     "tiny": dict(),
@@ -259,10 +259,6 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_cpu_without_interpreter_is_a_clear_model_error():
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch, vivit_kernels as vk\n"
         "m = vk.VivitModel('tiny', attn='triton')\n"
@@ -271,8 +267,7 @@ def test_cpu_without_interpreter_is_a_clear_model_error():
         "except RuntimeError as e:\n"
         "    print('ERR', e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_without_interpreter(code)
     if torch.cuda.is_available():
         pytest.skip("targets GPU-less machines")
     assert "ERR attn='triton' runs Triton kernels, which need a CUDA device" in out.stdout, out.stdout + out.stderr
