@@ -7,7 +7,7 @@ import torch
 
 from helpers import assert_close, assert_within_rule, run_without_interpreter
 from vivit_kernels.ops import attention as attn_mod
-from vivit_kernels.ops.attention import attention_ref, flash_attention
+from vivit_kernels.ops.attention import attention_ref, flash_attention, flash_attention_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -234,3 +234,32 @@ def test_autotuner_benchmarks_only_the_matching_table_row(kernel, table):
         got = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned)
         want = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in row)
         assert got == want, (block_d, size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 197, 3, 64), (1, 17, 5, 80)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_qkv_op(shape, dtype):
+    """flash_attention_qkv: same values as flash_attention, and its backward is one dqkv tensor."""
+    B, N, H, D = shape
+    qkv = fused_qkv(B, N, H, D, dtype)
+    grad = torch.randn(B, N, H, D)
+    out, dqkv = run_all(qkv, grad, lambda q, k, v: flash_attention_qkv(torch.stack((q, k, v), 2)))
+    sep, dsep = run_all(qkv, grad, flash_attention)
+    assert torch.equal(out, sep) and torch.equal(dqkv, dsep)
+    check(B, N, H, D, dtype, fn=lambda q, k, v: flash_attention_qkv(torch.stack((q, k, v), 2)))
+    leaf = qkv.detach().clone().requires_grad_()
+    out = flash_attention_qkv(leaf)
+    assert "flash_attn_qkv_fwd" in out.grad_fn.name()
+    assert out.grad_fn.next_functions[0][0].variable is leaf  # no unbind / stack between the op and the leaf
+    out.backward(grad.to(dtype))
+    assert leaf.grad.shape == (B, N, 3, H, D)
+
+
+def test_fused_qkv_opcheck_and_errors():
+    qkv = torch.randn(2, 19, 3, 2, 32, requires_grad=True)
+    torch.library.opcheck(torch.ops.vivit_kernels.flash_attn_qkv_fwd.default, (qkv, 0.2, False))
+    out, lse = torch.ops.vivit_kernels.flash_attn_qkv_fwd(qkv.detach(), 0.2, False)
+    torch.library.opcheck(torch.ops.vivit_kernels.flash_attn_qkv_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, 0.2, False))
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, tokens, 3, heads, head_dim\)"):
+        flash_attention_qkv(torch.randn(2, 19, 2, 2, 32))

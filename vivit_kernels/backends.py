@@ -7,7 +7,8 @@ signatures are the same for every entry:
 - ``layer_norm(x, weight, bias, eps) -> x.shape``
 - ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
 - ``mlp(x, w1, b1, w2, b2, activation, residual=None) -> fc2(act(fc1(x))) + residual``
-- ``attention(q, k, v, softmax_scale, dropout_p) -> (B, N, H, D)`` for q/k/v shaped (B, N, H, D)
+- ``attention(qkv, softmax_scale, dropout_p) -> (B, N, H, D)`` for the fused projection output qkv shaped
+  (B, N, 3, H, D), i.e. q, k, v = qkv.unbind(2)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .ops import _triton
-from .ops.attention import attention_ref, attention_sdpa, flash_attention
+from .ops.attention import attention_ref, attention_sdpa, flash_attention_qkv
 from .ops.layer_norm import layer_norm, layer_norm_ref
 from .ops.linear import linear, linear_ref, mlp, mlp_ref
 from .ops.patch_embed import patch_embed, patch_embed_ref
@@ -41,17 +42,21 @@ class Backend:
     check_inputs: Optional[Callable[[torch.Tensor], None]] = None
 
 
-def _eager_attention(q, k, v, softmax_scale, dropout_p):
-    return attention_ref(q, k, v, softmax_scale, dropout_p)
+def _eager_attention(qkv, softmax_scale, dropout_p):
+    return attention_ref(*qkv.unbind(2), softmax_scale, dropout_p)
 
 
-def _flash_attention(q, k, v, softmax_scale, dropout_p):
+def _sdpa_attention(qkv, softmax_scale, dropout_p):
+    return attention_sdpa(*qkv.unbind(2), softmax_scale, dropout_p)
+
+
+def _flash_attention(qkv, softmax_scale, dropout_p):
     # float32 follows torch's matmul precision setting, like the GEMMs (IEEE products unless TF32 is allowed)
-    return flash_attention(q, k, v, softmax_scale, allow_tf32=_triton.default_allow_tf32())
+    return flash_attention_qkv(qkv, softmax_scale, allow_tf32=_triton.default_allow_tf32())
 
 
 EAGER = Backend("eager", _eager_attention, linear_ref, mlp_ref, layer_norm_ref, patch_embed_ref)
-SDPA = Backend("sdpa", attention_sdpa, linear_ref, mlp_ref, layer_norm_ref, patch_embed_ref)
+SDPA = Backend("sdpa", _sdpa_attention, linear_ref, mlp_ref, layer_norm_ref, patch_embed_ref)
 # Every hot op through our Triton kernels (no in-kernel attention dropout: the layer uses eager attention
 # for those calls).
 def _check_triton_inputs(pixel_values: torch.Tensor) -> None:

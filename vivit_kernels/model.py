@@ -160,8 +160,7 @@ class VivitAttention(nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the attention context (B, N, hidden), before o_proj, and the probabilities if asked."""
         batch, tokens, hidden = x.shape
-        qkv = backend.linear(x, self.qkv.weight, self.qkv.bias)
-        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+        qkv = backend.linear(x, self.qkv.weight, self.qkv.bias).view(batch, tokens, 3, self.num_heads, self.head_dim)
         dropout_p = self.dropout_prob if self.training else 0.0
         needs_eager = output_attentions or head_mask is not None or (dropout_p > 0 and not backend.attention_dropout)
         if needs_eager:
@@ -170,9 +169,9 @@ class VivitAttention(nn.Module):
                     f"attn={backend.name!r} cannot return attention probabilities, apply head_mask or attention "
                     "dropout; falling back to eager attention for those calls"
                 )
-            context, probs = attention_ref(q, k, v, self.scaling, dropout_p, head_mask, return_probs=True)
+            context, probs = attention_ref(*qkv.unbind(2), self.scaling, dropout_p, head_mask, return_probs=True)
         else:
-            context, probs = backend.attention(q, k, v, self.scaling, dropout_p), None
+            context, probs = backend.attention(qkv, self.scaling, dropout_p), None
         return context.reshape(batch, tokens, hidden), probs
 
 

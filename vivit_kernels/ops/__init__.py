@@ -9,7 +9,7 @@ them; import from the modules (``from vivit_kernels.ops.linear import GEMM_CONFI
 """
 
 from .activations import gelu_fast, get_activation
-from .attention import attention_ref, attention_sdpa, flash_attention
+from .attention import attention_ref, attention_sdpa, flash_attention, flash_attention_qkv
 from .gelu import bias_gelu_fast, bias_gelu_fast_ref
 from .layer_norm import layer_norm, layer_norm_ref
 from .linear import linear, linear_ref, mlp, mlp_ref
@@ -22,6 +22,7 @@ __all__ = [
     "bias_gelu_fast",
     "bias_gelu_fast_ref",
     "flash_attention",
+    "flash_attention_qkv",
     "gelu_fast",
     "get_activation",
     "layer_norm",

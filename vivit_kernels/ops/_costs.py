@@ -40,6 +40,18 @@ def _(do_shape, q_shape, *args, **kwargs) -> int:
     return 10 * B * H * N * N * D
 
 
+@register_flop_formula(torch.ops.vivit_kernels.flash_attn_qkv_fwd)
+def _(qkv_shape, *args, **kwargs) -> int:
+    B, N, _, H, D = qkv_shape
+    return 4 * B * H * N * N * D
+
+
+@register_flop_formula(torch.ops.vivit_kernels.flash_attn_qkv_bwd)
+def _(do_shape, qkv_shape, *args, **kwargs) -> int:
+    B, N, _, H, D = qkv_shape
+    return 10 * B * H * N * N * D
+
+
 @register_flop_formula(torch.ops.vivit_kernels.linear_fwd)
 def _(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * _rows(x_shape) * w_shape[0] * w_shape[1]
@@ -82,6 +94,8 @@ def _flag(index: int, yes: int, no: int) -> Callable:
 LAUNCHES: dict[str, Callable[[tuple], int] | int] = {
     "vivit_kernels::flash_attn_fwd": 1,
     "vivit_kernels::flash_attn_bwd": 3,  # delta, dK/dV, dQ
+    "vivit_kernels::flash_attn_qkv_fwd": 1,
+    "vivit_kernels::flash_attn_qkv_bwd": 3,
     "vivit_kernels::linear_fwd": 1,
     "vivit_kernels::linear_bwd": _flag(4, 2, 1),  # dW (+ db) and, when needed, dX
     "vivit_kernels::mlp_fwd": 2,  # FC1 + gelu, FC2 + residual
@@ -114,8 +128,7 @@ def _mlp_bwd_transient(args) -> int:
 
 
 def _flash_bwd_transient(args) -> int:
-    q = args[1]
-    B, N, H, _ = q.shape
+    B, N, H, _ = args[0].shape  # the output gradient
     return B * H * N * 4  # delta = rowsum(dO * O), fp32
 
 
@@ -123,6 +136,7 @@ TRANSIENT_BYTES: dict[str, Callable[[tuple], int]] = {
     "vivit_kernels::mlp_fwd": _mlp_fwd_transient,
     "vivit_kernels::mlp_bwd": _mlp_bwd_transient,
     "vivit_kernels::flash_attn_bwd": _flash_bwd_transient,
+    "vivit_kernels::flash_attn_qkv_bwd": _flash_bwd_transient,
 }
 
 

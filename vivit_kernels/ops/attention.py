@@ -8,7 +8,8 @@
   Every N >= 1 works: the last query and key tiles are masked. head_dim up to 128 is padded to a power of two.
 - ``flash_attn_fwd`` / ``flash_attn_bwd``: ``torch.library`` custom ops (with fake implementations and
   autograd), so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see through them.
-- ``flash_attention(q, k, v, softmax_scale=None)``: the functional API.
+- ``flash_attention(q, k, v, softmax_scale=None)``: the functional API; ``flash_attention_qkv(qkv)`` the same on
+  a fused (B, N, 3, H, D) projection output, with one dqkv gradient (``flash_attn_qkv_fwd`` / ``_bwd``).
 - ``attention_ref``: the eager PyTorch reference (transformers' eager attention, op for op);
   ``attention_sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
 """
@@ -32,7 +33,7 @@ from ._triton import (
     triton,
 )
 
-__all__ = ["flash_attention", "attention_ref", "attention_sdpa", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "attention_sdpa", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
@@ -407,7 +408,9 @@ def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig |
 def _bwd(
     do, q, k, v, out, lse, softmax_scale: float, allow_tf32: bool,
     dkdv_config: KernelConfig | None = None, dq_config: KernelConfig | None = None,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
+    """(dq, dk, dv), written into ``grads`` (e.g. the three slices of one dqkv tensor) when given."""
     B, N, H, D = q.shape
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
     _check_extent(do, q, k, v, out)
@@ -417,7 +420,7 @@ def _bwd(
         None, _attn_bwd_preprocess_kernel, "BLOCK_M", B, H, N,
         (out, do, delta, *_strides(out), *_strides(do), N, H), dict(HEAD_DIM=D, BLOCK_D=block_d), PREPROCESS_CONFIG,
     )
-    dq, dk, dv = (torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = grads if grads is not None else (torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
     meta = dict(
         HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
         EMULATE_BF16=emulate_bf16(q.dtype),
@@ -513,6 +516,68 @@ def flash_attention(
     if not math.isfinite(softmax_scale):
         raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
     return flash_attn_fwd(q, k, v, float(softmax_scale), bool(allow_tf32))[0]
+
+
+# The same attention on the fused (B, N, 3, H, D) projection output: the backward writes dq, dk and dv into
+# one dqkv tensor (the three slices the forward read), so autograd has no separate gradients to stack.
+@torch.library.custom_op("vivit_kernels::flash_attn_qkv_fwd", mutates_args=())
+def flash_attn_qkv_fwd(qkv: torch.Tensor, softmax_scale: float, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, N, H, D), logsumexp (B, H, N) fp32) for q, k, v = qkv.unbind(2)."""
+    return _fwd(*qkv.unbind(2), softmax_scale, allow_tf32)
+
+
+@flash_attn_qkv_fwd.register_fake
+def _(qkv, softmax_scale, allow_tf32):
+    B, N, three, H, D = qkv.shape
+    torch._check(three == 3, lambda: "qkv must be (B, N, 3, H, D)")
+    return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vivit_kernels::flash_attn_qkv_bwd", mutates_args=())
+def flash_attn_qkv_bwd(
+    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
+    allow_tf32: bool,
+) -> torch.Tensor:
+    """dqkv (B, N, 3, H, D): dq, dk, dv written straight into its three slices."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _bwd(grad_out, *qkv.unbind(2), out, lse, softmax_scale, allow_tf32, grads=dqkv.unbind(2))
+    return dqkv
+
+
+@flash_attn_qkv_bwd.register_fake
+def _(grad_out, qkv, out, lse, softmax_scale, allow_tf32):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, softmax_scale, allow_tf32 = inputs
+    out, lse = output
+    # Saved for backward: the qkv tensor (not a copy), the output and the fp32 row logsumexp.
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.softmax_scale, ctx.allow_tf32 = softmax_scale, allow_tf32
+
+
+def _qkv_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return flash_attn_qkv_bwd(grad_out, qkv, out, lse, ctx.softmax_scale, ctx.allow_tf32), None, None
+
+
+flash_attn_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool = False) -> torch.Tensor:
+    """:func:`flash_attention` of ``q, k, v = qkv.unbind(2)`` for a fused projection output qkv (B, N, 3, H, D);
+    its backward returns one dqkv tensor instead of three gradients that autograd would stack into one."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"flash_attention_qkv: qkv must be (batch, tokens, 3, heads, head_dim), got {shape}")
+    q, k, v = qkv.unbind(2)
+    _check_inputs(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = qkv.shape[-1] ** -0.5
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"flash_attention_qkv: softmax_scale must be finite, got {softmax_scale}")
+    return flash_attn_qkv_fwd(qkv, float(softmax_scale), bool(allow_tf32))[0]
 
 
 def attention_ref(
