@@ -3,13 +3,22 @@ times through pytest-benchmark and stores derived figures (TFLOP/s, GB/s) in ``e
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# The test device, decided once by the root conftest.py (CUDA when present, else the CPU).
+DEVICE = torch.device(os.environ.get("VIVIT_KERNELS_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+ON_GPU = DEVICE.type == "cuda"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def params(names, ours) -> list:
+    """pytest parameters for provider ``names``; those in ``ours`` run Triton kernels (marked ``triton``)."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.triton) if n in ours else n for n in names]
 
 
 def sync() -> None:

@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, attention_flops, run
+from bench_utils import DEVICE, DTYPES, ON_GPU, attention_flops, params, run
 from vivit_kernels.ops.attention import attention_ref, flash_attention
 
 SHAPES = [(1, 12, 3137, 64), (8, 12, 3137, 64)] if ON_GPU else [(1, 2, 65, 32)]
@@ -40,7 +40,7 @@ PROVIDERS = {"vivit_kernels": flash_attention, "eager": attention_ref, **{f"sdpa
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-N{}-D{}".format(*s))
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("provider", params(PROVIDERS, ours={"vivit_kernels"}))
 def test_attention(benchmark, provider, shape, dtype, mode):
     B, H, N, D = shape
     qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=DTYPES[dtype], requires_grad=mode != "fwd")

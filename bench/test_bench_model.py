@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, run
+from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
 from vivit_kernels import VivitConfig, VivitForVideoClassification
 
 CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
@@ -56,7 +56,7 @@ def _peak_mb(fn) -> float | None:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"] if ON_GPU else ["fp32"])
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", params(PROVIDERS, ours={"triton"}))
 def test_inference(benchmark, provider, batch, dtype):
     if provider.endswith("compiled") and not ON_GPU:
         pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
@@ -74,7 +74,7 @@ def test_inference(benchmark, provider, batch, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", params(PROVIDERS, ours={"triton"}))
 def test_training(benchmark, provider, dtype):
     if provider.endswith("compiled") and not ON_GPU:
         pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, run
+from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
 from vivit_kernels.ops import bias_gelu_fast, layer_norm, layer_norm_ref, linear, mlp, mlp_ref, patch_embed, patch_embed_ref
 
 B, N, C, FF = (8, 3137, 768, 3072) if ON_GPU else (1, 65, 64, 256)
@@ -44,7 +44,7 @@ MLP_PROVIDERS = {
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", list(MLP_PROVIDERS))
+@pytest.mark.parametrize("provider", params(MLP_PROVIDERS, ours={"vivit_kernels (fused)"}))
 def test_mlp(benchmark, provider, dtype, mode):
     dt = DTYPES[dtype]
     grad = mode != "fwd"
@@ -68,7 +68,7 @@ def test_mlp(benchmark, provider, dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", ["vivit_kernels", "torch"])
+@pytest.mark.parametrize("provider", params(["vivit_kernels", "torch"], ours={"vivit_kernels"}))
 def test_layer_norm(benchmark, provider, dtype):
     dt = DTYPES[dtype]
     x = torch.randn(B, N, C, device=DEVICE, dtype=dt)
@@ -81,7 +81,7 @@ def test_layer_norm(benchmark, provider, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", ["vivit_kernels", "torch"])
+@pytest.mark.parametrize("provider", params(["vivit_kernels", "torch"], ours={"vivit_kernels"}))
 def test_patch_embed(benchmark, provider, dtype):
     dt = DTYPES[dtype]
     t, p, q = TUBE
@@ -98,7 +98,7 @@ def test_patch_embed(benchmark, provider, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", ["vivit_kernels", "torch"])
+@pytest.mark.parametrize("provider", params(["vivit_kernels", "torch"], ours={"vivit_kernels"}))
 def test_qkv_projection(benchmark, provider, dtype):
     dt = DTYPES[dtype]
     x = torch.randn(B, N, C, device=DEVICE, dtype=dt)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_utils import ON_GPU, run
+from bench_utils import run
 from vivit_kernels.processing import VideoProcessor
 
 FRAMES, HEIGHT, WIDTH = 32, 360, 640
@@ -36,7 +36,7 @@ def test_ours_cpu(benchmark, video):
         device_kind="cpu")
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.cuda
 def test_ours_cuda(benchmark, video):
     processor = VideoProcessor()
     on_gpu = video.cuda()

@@ -1,8 +1,18 @@
-"""Shared test helpers: verbose comparisons and the flash-attention tolerance rule."""
+"""Shared test helpers: the test device, verbose comparisons and the flash-attention tolerance rule.
+
+The same helpers and tolerances serve the CPU run (Triton interpreter) and a CUDA run (compiled kernels): tests
+build inputs on the CPU from seeded generators and move them to the test device, so both runs see the same
+numbers.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Decided once, by the root conftest.py (CUDA when present, else the CPU with the Triton interpreter).
+DEVICE = torch.device(os.environ.get("VIVIT_KERNELS_TEST_DEVICE", "cpu"))
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = "") -> None:
@@ -51,7 +61,7 @@ def check_against_reference(ours, ref, inputs, dtype, grad_seed: int = 1, fp32_a
         leaves = [t.detach().to(cast).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                   for t in inputs]
         out = fn(*leaves)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             out.backward(g)
         grads = [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]

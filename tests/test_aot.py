@@ -4,6 +4,7 @@ register spills and within the architecture's shared memory. Runs on the CPU (no
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 
@@ -16,7 +17,8 @@ pe_mod = importlib.import_module("vivit_kernels.ops.patch_embed")  # the module 
 
 @pytest.fixture(scope="module")
 def results():
-    return aot.run(aot.collect_cases(), archs=(80, 90), jobs=2, progress=False)
+    # one compile process per core (2 here; a GPU server has many more), at most 16
+    return aot.run(aot.collect_cases(), archs=(80, 90), jobs=max(2, min(16, os.cpu_count() or 2)), progress=False)
 
 
 def test_every_shipped_config_passes_the_gate(results):

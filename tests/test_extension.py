@@ -87,6 +87,14 @@ def test_installed_extension_carries_sm80_and_sm90_kernels(tmp_path):
     out = subprocess.run([cuobjdump, "--list-elf", str(lib)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "sm_80" in out.stdout and "sm_90" in out.stdout, out.stdout
+    # PTX of the newest architecture, so a GPU newer than sm_90 can JIT-compile the kernels
+    ptx = subprocess.run([cuobjdump, "--list-ptx", str(lib)], capture_output=True, text=True, timeout=300)
+    assert ptx.returncode == 0, ptx.stderr
+    assert sorted(re.findall(r"(\w+)\.sm_(\d+)\.ptx", ptx.stdout)) == [("gelu", "90"), ("preprocess", "90")], ptx.stdout
+    # an older GPU without an image gets an error naming what the build holds and the variable to rebuild with
+    binary = lib.read_bytes()
+    assert b"has no kernel image for this GPU" in binary and b"8.0/9.0+PTX" in binary
+    assert b"VIVIT_KERNELS_CUDA_ARCHS" in binary
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(lib)], capture_output=True, text=True, timeout=300)
     for kernel in ("preprocess_video_kernel", "bias_gelu_fast_kernel", "bias_gelu_fast_backward_kernel"):
         assert kernel in usage.stdout
@@ -133,6 +141,18 @@ def test_build_switches():
     if NVCC is not None:
         kind, sources = _setup_extensions({"VIVIT_KERNELS_SKIP_CUDA_BUILD": "0"})
         assert sorted(Path(s).name for s in sources if s.endswith(".cu")) == ["gelu.cu", "preprocess.cu"]
+
+
+def test_arch_list_adds_ptx_for_the_newest_architecture():
+    import runpy
+
+    arch_list = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_probe")["cuda_arch_list"]
+    assert arch_list("8.0;9.0") == "8.0;9.0+PTX"
+    assert arch_list("9.0,8.0") == "9.0+PTX;8.0"
+    assert arch_list("8.6") == "8.6+PTX"
+    assert arch_list("8.0;9.0+PTX") == "8.0;9.0+PTX"  # given explicitly: kept
+    with pytest.raises(ValueError, match="VIVIT_KERNELS_CUDA_ARCHS is empty"):
+        arch_list(" ; ")
 
 
 def test_setup_does_not_probe_the_gpu():

@@ -1,11 +1,11 @@
-"""bias_gelu_fast (C++/CUDA extension) against gelu_fast(x + bias), forward and backward."""
+"""bias_gelu_fast (C++/CUDA extension) against gelu_fast(x + bias), forward and backward, on the test device."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers import check_against_reference
+from helpers import DEVICE, check_against_reference
 from vivit_kernels.ops import _extension
 from vivit_kernels.ops.gelu import bias_gelu_fast, bias_gelu_fast_ref
 
@@ -16,20 +16,21 @@ needs_ext = pytest.mark.skipif(not _extension.available(), reason=f"extension no
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(3, 64), (17, 96), (2, 197, 3072)], ids=str)
 def test_bias_gelu_fast(shape, dtype):
-    x = torch.randn(*shape, requires_grad=True)
-    b = (0.5 * torch.randn(shape[-1])).requires_grad_()
+    x = torch.randn(*shape).to(DEVICE).requires_grad_()
+    b = (0.5 * torch.randn(shape[-1])).to(DEVICE).requires_grad_()
     check_against_reference(bias_gelu_fast, bias_gelu_fast_ref, (x, b), dtype, name="bias_gelu_fast")
 
 
 @needs_ext
 def test_runs_the_extension_op():
-    x, b = torch.randn(4, 8), torch.randn(8)
+    x, b = torch.randn(4, 8, device=DEVICE), torch.randn(8, device=DEVICE)
     assert torch.equal(bias_gelu_fast(x, b), torch.ops.vivit_kernels.bias_gelu_fast(x, b))
 
 
 @needs_ext
 def test_opcheck():
-    x, b = torch.randn(5, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    b = torch.randn(16, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.vivit_kernels.bias_gelu_fast.default, (x, b))
 
 
@@ -47,8 +48,8 @@ def test_cuda_equals_cpu(dtype):
     b = torch.randn(3072).to(dtype)
     g = torch.randn(64, 3072).to(dtype)
     cpu = torch.ops.vivit_kernels.bias_gelu_fast(x, b)
-    gpu = torch.ops.vivit_kernels.bias_gelu_fast(x.cuda(), b.cuda())
+    gpu = torch.ops.vivit_kernels.bias_gelu_fast(x.to(DEVICE), b.to(DEVICE))
     assert (gpu.cpu().float() - cpu.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
     dcpu = torch.ops.vivit_kernels.bias_gelu_fast_backward(g, x, b)
-    dgpu = torch.ops.vivit_kernels.bias_gelu_fast_backward(g.cuda(), x.cuda(), b.cuda())
+    dgpu = torch.ops.vivit_kernels.bias_gelu_fast_backward(g.to(DEVICE), x.to(DEVICE), b.to(DEVICE))
     assert (dgpu.cpu().float() - dcpu.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,4 +1,4 @@
-"""Triton LayerNorm against F.layer_norm, forward and every gradient."""
+"""Triton LayerNorm against F.layer_norm, forward and every gradient, on the test device."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import importlib
 import pytest
 import torch
 
-from helpers import check_against_reference
+from helpers import DEVICE, check_against_reference
 ln_mod = importlib.import_module("vivit_kernels.ops.layer_norm")  # the module (ops.layer_norm is the function)
 from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
+
+pytestmark = pytest.mark.triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def inputs(rows, features, batch=2):
-    x = (torch.randn(batch, rows, features) * 2 + 0.5).requires_grad_()
-    w = (1 + 0.1 * torch.randn(features)).requires_grad_()
-    b = (0.1 * torch.randn(features)).requires_grad_()
+    x = (torch.randn(batch, rows, features) * 2 + 0.5).to(DEVICE).requires_grad_()
+    w = (1 + 0.1 * torch.randn(features)).to(DEVICE).requires_grad_()
+    b = (0.1 * torch.randn(features)).to(DEVICE).requires_grad_()
     return x, w, b
 
 
@@ -44,8 +46,8 @@ def test_every_shipped_config(block_c, monkeypatch):
 
 
 def test_eps_is_used():
-    x = 0.01 * torch.randn(1, 4, 8)  # variance ~1e-4: eps 1e-2 changes the result, 1e-6 barely
-    w, b = torch.ones(8), torch.zeros(8)
+    x = 0.01 * torch.randn(1, 4, 8, device=DEVICE)  # variance ~1e-4: eps 1e-2 changes the result, 1e-6 barely
+    w, b = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
     small, large = layer_norm(x, w, b, 1e-6), layer_norm(x, w, b, 1e-2)
     assert (small - large).abs().max() > 0.5
     assert torch.allclose(small, layer_norm_ref(x, w, b, 1e-6), atol=1e-4)
@@ -58,6 +60,11 @@ def test_opcheck():
 
 
 def test_bad_inputs():
+    with torch.device(DEVICE):
+        _bad_inputs()
+
+
+def _bad_inputs():
     with pytest.raises(ValueError, match=r"weight must be \(8,\), got \(7,\)"):
         layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8), 1e-6)
     with pytest.raises(ValueError, match="at most 8192 features"):

@@ -1,4 +1,5 @@
-"""Triton GEMM with fused epilogues (linear) and the fused MLP, against their eager references."""
+"""Triton GEMM with fused epilogues (linear) and the fused MLP, against their eager references, on the test
+device."""
 
 from __future__ import annotations
 
@@ -7,19 +8,26 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, check_against_reference
+from helpers import DEVICE, assert_close, check_against_reference
 lin = importlib.import_module("vivit_kernels.ops.linear")  # the module (ops.linear is the function)
 from vivit_kernels.ops.activations import gelu_fast as gelu_fast_ref
 from vivit_kernels.ops.linear import linear, linear_ref, mlp, mlp_ref
 
+pytestmark = pytest.mark.triton
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A CPU-generated tensor as a leaf on the test device."""
+    return t.to(DEVICE).requires_grad_()
+
+
 def params(tokens, fan_in, fan_out, batch=2, bias=True, residual=False):
-    x = torch.randn(batch, tokens, fan_in, requires_grad=True)
-    w = (torch.randn(fan_out, fan_in) * fan_in**-0.5).requires_grad_()
-    b = (0.1 * torch.randn(fan_out)).requires_grad_() if bias else None
-    r = torch.randn(batch, tokens, fan_out, requires_grad=True) if residual else None
+    x = leaf(torch.randn(batch, tokens, fan_in))
+    w = leaf(torch.randn(fan_out, fan_in) * fan_in**-0.5)
+    b = leaf(0.1 * torch.randn(fan_out)) if bias else None
+    r = leaf(torch.randn(batch, tokens, fan_out)) if residual else None
     return x, w, b, r
 
 
@@ -48,12 +56,12 @@ MLP_CASES.append(((3, 768, 3072), torch.bfloat16))  # ViViT-B's MLP (one dtype: 
 def test_mlp(shape, dtype):
     """fc2(gelu_fast(fc1(x))) + residual; intermediate sizes that are and are not tile multiples."""
     tokens, hidden, inter = shape
-    x = torch.randn(2, tokens, hidden, requires_grad=True)
-    w1 = (torch.randn(inter, hidden) * hidden**-0.5).requires_grad_()
-    b1 = (0.1 * torch.randn(inter)).requires_grad_()
-    w2 = (torch.randn(hidden, inter) * inter**-0.5).requires_grad_()
-    b2 = (0.1 * torch.randn(hidden)).requires_grad_()
-    r = torch.randn(2, tokens, hidden, requires_grad=True)
+    x = leaf(torch.randn(2, tokens, hidden))
+    w1 = leaf(torch.randn(inter, hidden) * hidden**-0.5)
+    b1 = leaf(0.1 * torch.randn(inter))
+    w2 = leaf(torch.randn(hidden, inter) * inter**-0.5)
+    b2 = leaf(0.1 * torch.randn(hidden))
+    r = leaf(torch.randn(2, tokens, hidden))
     check_against_reference(
         lambda *a: mlp(a[0], a[1], a[2], a[3], a[4], residual=a[5]),
         lambda *a: mlp_ref(a[0], a[1], a[2], a[3], a[4], residual=a[5]),
@@ -68,7 +76,7 @@ def test_other_activations_run_through_torch(activation):
         lambda x, w, b, r: linear(x, w, b, activation, r), lambda x, w, b, r: linear_ref(x, w, b, activation, r),
         (x, w, b, r), torch.float32, name=activation,
     )
-    w2 = torch.randn(32, 48, requires_grad=True)
+    w2 = leaf(torch.randn(32, 48))
     check_against_reference(
         lambda x, w, b, w2: mlp(x, w, b, w2, None, activation), lambda x, w, b, w2: mlp_ref(x, w, b, w2, None, activation),
         (x, w, b, w2), torch.float32, name=f"mlp {activation}",
@@ -77,9 +85,9 @@ def test_other_activations_run_through_torch(activation):
 
 def test_strided_input_and_no_grad_inputs():
     """A non-contiguous (but row-collapsible) x, and inputs that need no gradient."""
-    base = torch.randn(2, 7, 64)
+    base = torch.randn(2, 7, 64, device=DEVICE)
     x = base[:, :, :32]  # row stride 64
-    w, b = torch.randn(48, 32), torch.randn(48)
+    w, b = torch.randn(48, 32, device=DEVICE), torch.randn(48, device=DEVICE)
     assert_close(linear(x, w, b), linear_ref(x, w, b), 1e-4, name="strided x")
     w.requires_grad_()
     y = linear(x, w, b, "gelu_fast")
@@ -103,28 +111,29 @@ def test_every_shipped_gemm_tile(key, cfg):
     kind: forward (+ bias, pre-activation, gelu_fast), residual, the gelu backward, and dW with row sums."""
     kind = key[0]
     M, K, N = 2 * cfg.kwargs["BLOCK_M"] + 5, 2 * cfg.kwargs["BLOCK_K"] + 3, cfg.kwargs["BLOCK_N"] + 7
-    a, bmat = torch.randn(M, K), torch.randn(K, N) * K**-0.5
-    bias, res = torch.randn(N), torch.randn(M, N)
+    a, bmat = torch.randn(M, K, device=DEVICE), torch.randn(K, N, device=DEVICE) * K**-0.5
+    bias, res = torch.randn(N, device=DEVICE), torch.randn(M, N, device=DEVICE)
     ab = a @ bmat
     if kind == "dgelu":
-        h = torch.randn(M, N)
-        out, act = torch.empty(M, N), torch.empty(M, N)
+        h = torch.randn(M, N, device=DEVICE)
+        out, act = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
         lin.gemm(a, bmat, out, dgelu_of=h, pre=act, config=cfg)
         assert_close(out, lin.gelu_fast_backward_ref(ab, h), 1e-4, name="dgelu")
         assert_close(act, gelu_fast_ref(h), 1e-5, name="gelu(aux)")
         return
-    out, pre = torch.empty(M, N), torch.empty(M, N)
+    out, pre = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
     lin.gemm(a, bmat, out, bias=bias, activation="gelu_fast", pre=pre, config=cfg)
     assert_close(pre, ab + bias, 1e-4, name="pre-activation")
     assert_close(out, gelu_fast_ref(ab + bias), 1e-4, name="gelu_fast")
     lin.gemm(a, bmat, out, bias=bias, residual=res, config=cfg)
     assert_close(out, ab + bias + res, 1e-4, name="residual")
-    rowsum = torch.empty(M)
+    rowsum = torch.empty(M, device=DEVICE)
     lin.gemm(a, bmat, out, rowsum=rowsum, config=cfg)
     assert_close(out, ab, 1e-4, name="plain")
     assert_close(rowsum, a.sum(1), 1e-4, name="row sums")
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("kernel_row", sorted(lin.GEMM_CONFIGS), ids=str)
 def test_autotuner_prunes_to_the_row(kernel_row):
     size, precision, kind = kernel_row
@@ -139,15 +148,15 @@ def test_opcheck():
     x, w, b, r = params(5, 32, 48, residual=True)
     torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, r, "none", False, False))
     torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, None, "gelu_fast", True, False))
-    w2 = torch.randn(32, 48, requires_grad=True)
+    w2 = leaf(torch.randn(32, 48))
     torch.library.opcheck(torch.ops.vivit_kernels.mlp_fwd.default, (x, w, b, w2, None, x.detach().clone().requires_grad_(), True, False))
 
 
 def test_compile_fullgraph():
     torch._dynamo.reset()
     x, w, b, _ = params(7, 32, 48)
-    w2 = torch.randn(32, 48, requires_grad=True)
-    wq = (torch.randn(32, 32) * 0.2).requires_grad_()
+    w2 = leaf(torch.randn(32, 48))
+    wq = leaf(torch.randn(32, 32) * 0.2)
     leaves = (x, w, b, w2, wq)
 
     def block(x, w, b, w2, wq):
@@ -178,5 +187,5 @@ def test_compile_fullgraph():
     ],
 )
 def test_bad_inputs(call, match):
-    with pytest.raises(ValueError, match=match):
+    with torch.device(DEVICE), pytest.raises(ValueError, match=match):
         call()

@@ -1,4 +1,7 @@
-"""Device-independent measurements (FakeTensorMode counts) and the targets they check, at full ViViT-B size."""
+"""Device-independent measurements (FakeTensorMode counts) and the targets they check, at full ViViT-B size.
+
+The counts run on fake tensors (shapes only, on no real device); the tests that check them against real launches
+run the kernels on the test device."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import pytest
 import torch
 
 import vivit_kernels as vk
+from helpers import DEVICE
 from vivit_kernels.measure import format_markdown, measure
 from vivit_kernels.ops import _costs
 from vivit_kernels.ops._triton import LAUNCHES
@@ -52,13 +56,14 @@ def test_saved_bytes_match_the_analytic_count():
     assert expected <= got <= expected + 4096, (got, expected)  # + the loss's few bytes
 
 
+@pytest.mark.triton
 def test_launch_table_matches_real_launches():
     """The cost model's launches per call of each op equal what the interpreted kernels really launch."""
     cfg = vk.VivitConfig.from_preset("tiny")
     counted = measure("triton", cfg, 2, torch.float32)
     ours = sum(n for op, n in counted.launches_by_op.items() if op.startswith("vivit_kernels::"))
-    model = vk.VivitForVideoClassification(cfg, attn="triton").eval()
-    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw)
+    model = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE).eval()
+    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw, device=DEVICE)
     before = sum(LAUNCHES.values())
     with torch.no_grad():
         model(x)
@@ -75,12 +80,13 @@ def test_backward_launch_entries(op, args, triton_launches):
     assert _costs.launches(op, args) == triton_launches
 
 
+@pytest.mark.triton
 def test_backward_launches_really_happen():
     """A training step of the tiny model launches the Triton backward kernels the table says."""
     cfg = vk.VivitConfig.from_preset("tiny")
-    model = vk.VivitForVideoClassification(cfg, attn="triton")
-    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw)
-    loss = model(x, labels=torch.tensor([1, 2])).loss
+    model = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE)
+    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw, device=DEVICE)
+    loss = model(x, labels=torch.tensor([1, 2], device=DEVICE)).loss
     before = dict(LAUNCHES)
     loss.backward()
     delta = {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v != before.get(k, 0)}

@@ -1,4 +1,4 @@
-"""The model with attn="triton" (Triton kernels, interpreted on CPU) against attn="eager"."""
+"""The model with attn="triton" (Triton kernels on the test device) against attn="eager"."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from helpers import assert_close, run_without_interpreter
+from helpers import DEVICE, assert_close, run_without_interpreter
+
+pytestmark = pytest.mark.triton
 
 TINY_CONFIGS = {
     "tiny": dict(),
@@ -26,12 +28,13 @@ def make_pair(name: str, head: bool = True):
             p.add_(0.2 * torch.randn_like(p))
     triton_model = cls(cfg, attn="triton")
     triton_model.load_state_dict(eager.state_dict())
-    return cfg, eager, triton_model
+    return cfg, eager.to(DEVICE), triton_model.to(DEVICE)
 
 
 def inputs(cfg, batch=2):
     h, w = cfg.image_hw
-    return torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w), torch.randint(0, cfg.num_labels, (batch,))
+    x = torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w)
+    return x.to(DEVICE), torch.randint(0, cfg.num_labels, (batch,)).to(DEVICE)
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -57,8 +60,8 @@ def test_attentions_and_head_mask_fall_back_to_eager_with_one_warning():
 
     model_module._warned.clear()
     with pytest.warns(UserWarning, match="falling back to eager"):
-        out_t = tri(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5]))
-    out_e = eager(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5]))
+        out_t = tri(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5], device=DEVICE))
+    out_e = eager(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5], device=DEVICE))
     assert_close(out_t.last_hidden_state, out_e.last_hidden_state, 1e-5, name="last_hidden_state")
     for a, b in zip(out_t.attentions, out_e.attentions):
         assert_close(a, b, 1e-5, name="attentions")
@@ -66,7 +69,7 @@ def test_attentions_and_head_mask_fall_back_to_eager_with_one_warning():
 
 def test_attention_dropout_uses_eager_path_in_training():
     cfg = vk.VivitConfig.from_preset("tiny", attention_probs_dropout_prob=0.5)
-    model = vk.VivitModel(cfg, attn="triton").train()
+    model = vk.VivitModel(cfg, attn="triton").to(DEVICE).train()
     from vivit_kernels import model as model_module
 
     model_module._warned.clear()
@@ -113,11 +116,11 @@ def test_transformers_attention_interface():
     config = transformers.VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 16, 16], hidden_size=64,
                                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
     torch.manual_seed(0)
-    model = transformers.VivitModel(config).eval()
+    model = transformers.VivitModel(config).to(DEVICE).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    x = torch.randn(2, 4, 3, 32, 32)
+    x = torch.randn(2, 4, 3, 32, 32, device=DEVICE)
     model.set_attn_implementation("eager")
     ref = model(x).last_hidden_state
     name = register_transformers_attention()
@@ -160,7 +163,7 @@ def test_training_steps_match_eager():
 
 def test_interpolated_positions_match_eager():
     cfg, eager, tri = make_pair("tiny")
-    x = torch.randn(2, 6, 3, 48, 64)
+    x = torch.randn(2, 6, 3, 48, 64, device=DEVICE)
     a = tri(x, interpolate_pos_encoding=True).logits
     b = eager(x, interpolate_pos_encoding=True).logits
     assert_close(a, b, 1e-4, name="logits")
@@ -177,6 +180,7 @@ def test_variants_match_eager(overrides):
             p.add_(0.2 * torch.randn_like(p))
     tri = vk.VivitForVideoClassification(cfg, attn="triton")
     tri.load_state_dict(eager.state_dict())
+    eager, tri = eager.to(DEVICE), tri.to(DEVICE)
     x, labels = inputs(cfg)
     out_e, out_t = eager(x, labels=labels), tri(x, labels=labels)
     assert_close(out_t.logits, out_e.logits, 1e-4, name="logits")
@@ -222,7 +226,7 @@ def test_at_most_seven_launches_per_layer():
     cfg, _, tri = make_pair("tiny", head=False)
     tri.eval()
     layer = tri.layers[0]
-    x = torch.randn(2, 9, cfg.hidden_size)
+    x = torch.randn(2, 9, cfg.hidden_size, device=DEVICE)
     with torch.no_grad():
         triton_launches, aten_launches, names = count_launches(lambda: layer(x, tri.backend))
     assert triton_launches + aten_launches <= 7, (triton_launches, names)
@@ -258,6 +262,7 @@ def test_gradient_checkpointing_same_gradients():
         assert_close(p.grad, plain[n], 1e-6, name=n)
 
 
+@pytest.mark.cpu_only
 def test_cpu_without_interpreter_is_a_clear_model_error():
     code = (
         "import torch, vivit_kernels as vk\n"

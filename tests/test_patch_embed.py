@@ -1,4 +1,5 @@
-"""Triton implicit-GEMM tubelet embedding against Conv3d + flatten + cat + add, forward and gradients."""
+"""Triton implicit-GEMM tubelet embedding against Conv3d + flatten + cat + add, forward and gradients, on the
+test device."""
 
 from __future__ import annotations
 
@@ -7,21 +8,23 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, check_against_reference
+from helpers import DEVICE, assert_close, check_against_reference
 pe = importlib.import_module("vivit_kernels.ops.patch_embed")  # the module (ops.patch_embed is the function)
 from vivit_kernels.ops.patch_embed import patch_embed, patch_embed_ref
+
+pytestmark = pytest.mark.triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def inputs(B, T, C, H, W, tubelet, D, bias=True, pixel_grad=True):
     t, p, q = tubelet
-    x = torch.randn(B, T, C, H, W, requires_grad=pixel_grad)
-    w = (torch.randn(D, C, t, p, q) * (C * t * p * q) ** -0.5).requires_grad_()
-    b = (0.1 * torch.randn(D)).requires_grad_() if bias else None
+    x = torch.randn(B, T, C, H, W).to(DEVICE).requires_grad_(pixel_grad)
+    w = (torch.randn(D, C, t, p, q) * (C * t * p * q) ** -0.5).to(DEVICE).requires_grad_()
+    b = (0.1 * torch.randn(D)).to(DEVICE).requires_grad_() if bias else None
     n = (T // t) * (H // p) * (W // q)
-    cls = torch.randn(1, 1, D, requires_grad=True)
-    pos = torch.randn(1, n + 1, D, requires_grad=True)
+    cls = torch.randn(1, 1, D).to(DEVICE).requires_grad_()
+    pos = torch.randn(1, n + 1, D).to(DEVICE).requires_grad_()
     return x, w, b, cls, pos
 
 
@@ -49,7 +52,8 @@ def test_vivit_b_sized_tubelets():
 def test_strided_pixels_read_in_place():
     """A channels-last-in-memory clip, a frame-strided view, and a batch slice: no copies needed."""
     x, w, b, cls, pos = (t.detach() for t in inputs(2, 8, 3, 32, 32, (2, 16, 16), 32, pixel_grad=False))
-    views = [x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), torch.randn(2, 16, 3, 32, 32)[:, ::2], x[1:]]
+    views = [x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), torch.randn(2, 16, 3, 32, 32, device=DEVICE)[:, ::2],
+             x[1:]]
     for v in views:
         assert not v.is_contiguous() or v.data_ptr() != x.data_ptr()
         assert_close(patch_embed(v, w, b, cls, pos), patch_embed_ref(v, w, b, cls, pos), 1e-4, name="strided")

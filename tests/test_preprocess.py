@@ -1,11 +1,13 @@
-"""The fused preprocessing op: C++ CPU implementation vs the PyTorch reference (bit-exact) and vs
-transformers' VivitImageProcessor (the external oracle); bad input; CUDA vs CPU where a GPU exists."""
+"""The fused preprocessing op on the test device vs transformers' VivitImageProcessor (the external oracle, on
+the CPU); the C++ CPU implementation vs the PyTorch reference (bit-exact); bad input; CUDA vs CPU where a GPU
+exists."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from helpers import DEVICE
 from vivit_kernels.ops import _extension
 from vivit_kernels.ops.preprocess import preprocess_video, preprocess_video_ref
 from vivit_kernels.processing import VideoProcessor
@@ -37,7 +39,7 @@ def transformers_pixels(video: torch.Tensor, **kwargs) -> torch.Tensor:
 def test_matches_transformers(size):
     video = random_video(4, *size)
     theirs = transformers_pixels(video)
-    ours = VideoProcessor()(video)["pixel_values"]
+    ours = VideoProcessor()(video, device=DEVICE)["pixel_values"].cpu()
     assert ours.shape == theirs.shape == (1, 4, 3, 224, 224)
     diff = (ours - theirs).abs()
     assert diff.max() <= 2 / 127.5, diff.max()
@@ -57,16 +59,18 @@ def test_matches_transformers(size):
 def test_processor_options_match_transformers(kwargs):
     video = random_video(3, 150, 210)
     theirs = transformers_pixels(video, **kwargs)
-    ours = VideoProcessor(**kwargs)(video)["pixel_values"]
+    ours = VideoProcessor(**kwargs)(video, device=DEVICE)["pixel_values"].cpu()
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max() < 1e-5
 
 
 @needs_ext
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("size", [(360, 640), (97, 131), (512, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cpu_op_equals_reference_exactly(size, dtype):
-    """The C++ op and the PyTorch reference compute the same integers and the same float32 ops."""
+    """The C++ CPU op (on purpose: the CUDA op is checked against it in test_cuda_op_equals_cpu_op) and the
+    PyTorch reference compute the same integers and the same float32 ops."""
     video = random_video(3, *size, batch=2, seed=1)
     args = ([256, 300], [10, 20, 200, 240], 1 / 127.5, -1.0, [0.5, 0.4, 0.3], [0.5, 0.6, 0.7], dtype)
     ours = torch.ops.vivit_kernels.preprocess_video(video, *args)
@@ -77,7 +81,7 @@ def test_cpu_op_equals_reference_exactly(size, dtype):
 
 @needs_ext
 def test_strided_input():
-    video = random_video(6, 120, 160, batch=2)
+    video = random_video(6, 120, 160, batch=2).to(DEVICE)
     planar = video.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)  # channel planes, not RGB triples
     strided = planar[:, ::2, 10:]  # every other frame, a row slice
     assert not strided.is_contiguous()
@@ -88,7 +92,7 @@ def test_strided_input():
 
 @needs_ext
 def test_opcheck():
-    video = random_video(2, 40, 60)
+    video = random_video(2, 40, 60).to(DEVICE)
     torch.library.opcheck(torch.ops.vivit_kernels.preprocess_video.default,
                           (video, [30, 45], [2, 3, 24, 32], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, torch.float32))
 
@@ -103,7 +107,7 @@ def test_opcheck():
 )
 def test_bad_frames(make, match):
     with pytest.raises(ValueError, match=match):
-        preprocess_video(make(), [32, 32], [0, 0, 16, 16])
+        preprocess_video(make().to(DEVICE), [32, 32], [0, 0, 16, 16])
 
 
 def test_frames_smaller_than_crop_is_an_error():
@@ -128,7 +132,7 @@ def test_fallback_without_extension_warns_once_and_matches(monkeypatch):
     monkeypatch.setattr(_extension, "_loaded", False)
     monkeypatch.setattr(_extension, "_error", "ImportError: (simulated)")
     monkeypatch.setattr(_extension, "_warned", set())
-    video = random_video(2, 90, 120)
+    video = random_video(2, 90, 120).to(DEVICE)
     with pytest.warns(UserWarning, match=r"preprocess_video: the C\+\+/CUDA extension .* not available .* PyTorch fallback"):
         a = preprocess_video(video, [96, 128], [0, 0, 64, 64])
     import warnings
@@ -159,12 +163,13 @@ def test_presets_and_from_pretrained(tmp_path):
 def test_batching_and_spatial_crops():
     a, b = random_video(4, 120, 160, seed=1), random_video(4, 90, 200, seed=2)
     processor = VideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
-    both = processor([a[0].numpy(), b[0]])["pixel_values"]  # numpy and torch, different sizes
-    assert both.shape == (2, 4, 3, 56, 56)
-    assert torch.equal(both[1], processor(b)["pixel_values"][0])
-    three = VideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, spatial_crops=3)(b)["pixel_values"]
+    both = processor([a[0].numpy(), b[0]], device=DEVICE)["pixel_values"]  # numpy and torch, different sizes
+    assert both.shape == (2, 4, 3, 56, 56) and both.device.type == DEVICE.type
+    assert torch.equal(both[1], processor(b, device=DEVICE)["pixel_values"][0])
+    three = VideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, spatial_crops=3)(
+        b, device=DEVICE)["pixel_values"]
     assert three.shape == (3, 4, 3, 56, 56)
-    assert torch.equal(three[1], processor(b)["pixel_values"][0])  # the middle crop is the center crop
+    assert torch.equal(three[1], processor(b, device=DEVICE)["pixel_values"][0])  # the middle crop is the center crop
     assert not torch.equal(three[0], three[2])
 
 
@@ -174,7 +179,7 @@ def test_batching_and_spatial_crops():
 def test_cuda_op_equals_cpu_op(size, dtype):
     video = random_video(4, *size, batch=2)
     processor = VideoProcessor()
-    cpu = processor(video, dtype=dtype)["pixel_values"]
-    gpu = processor(video, device="cuda", dtype=dtype)["pixel_values"]
+    cpu = processor(video, device="cpu", dtype=dtype)["pixel_values"]
+    gpu = processor(video, device=DEVICE, dtype=dtype)["pixel_values"]
     assert gpu.is_cuda
     assert (gpu.cpu().float() - cpu.float()).abs().max() <= 1e-5

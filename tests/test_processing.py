@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import DEVICE
 from vivit_kernels.processing import VideoProcessor, read_video, sample_frame_indices
 from videos import bar_position, frame_pattern, write_video
 
@@ -65,11 +66,11 @@ def test_unreadable_files(tmp_path, make, exc, match):
 def test_decode_preprocess_forward(video):
     import vivit_kernels as vk
 
-    frames = read_video(video, num_frames=8, seed=0)
+    frames = read_video(video, num_frames=8, seed=0)  # decoding (PyAV) is CPU work; the rest runs on the test device
     processor = VideoProcessor.for_image_size(32, 32)
-    pixel_values = processor(frames)["pixel_values"]
+    pixel_values = processor(frames, device=DEVICE)["pixel_values"]
     assert pixel_values.shape == (1, 8, 3, 32, 32)
-    model = vk.VivitForVideoClassification(vk.VivitConfig.from_preset("tiny", num_frames=8)).eval()
+    model = vk.VivitForVideoClassification(vk.VivitConfig.from_preset("tiny", num_frames=8)).to(DEVICE).eval()
     with torch.no_grad():
         assert model(pixel_values).logits.shape == (1, 10)
 

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../gelu_op.h"
+#include "arch_check.h"
 #include "kernels.cuh"
 
 namespace vivit_kernels {
@@ -22,6 +23,7 @@ at::Tensor bias_gelu_fast_cuda(const at::Tensor& x_in, const at::Tensor& bias_in
   check_bias_gelu(x_in, bias_in, "bias_gelu_fast");
   TORCH_CHECK(x_in.is_cuda(), "bias_gelu_fast_cuda: x must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_kernel_image(bias_gelu_fast_kernel<float>, "bias_gelu_fast", x_in.get_device());
   const at::Tensor x = x_in.contiguous(), bias = bias_in.contiguous();
   at::Tensor out = at::empty_like(x);
   const int64_t n = x.numel(), width = x.size(-1);
@@ -49,6 +51,7 @@ at::Tensor bias_gelu_fast_backward_cuda(const at::Tensor& grad_in, const at::Ten
   TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
               "bias_gelu_fast_backward: grad must match x in shape and dtype");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_kernel_image(bias_gelu_fast_backward_kernel<float>, "bias_gelu_fast_backward", x_in.get_device());
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), bias = bias_in.contiguous();
   at::Tensor dx = at::empty_like(x);
   const int64_t n = x.numel(), width = x.size(-1);

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../preprocess_op.h"
+#include "arch_check.h"
 #include "kernels.cuh"
 
 namespace vivit_kernels {
@@ -17,6 +18,7 @@ at::Tensor preprocess_video_cuda(const at::Tensor& frames, at::IntArrayRef resiz
   TORCH_CHECK(frames.is_cuda(), "preprocess_video_cuda: frames must be on a CUDA device");
   const PreprocessParams p = make_preprocess_params(frames, resize_hw, crop_box, scale, offset, mean, std, dtype);
   const c10::cuda::CUDAGuard guard(frames.device());
+  check_kernel_image(preprocess_video_kernel<float>, "preprocess_video", frames.get_device());
   at::Tensor out = empty_output(frames, p, dtype);
   const int64_t total = out.numel();
   const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8));

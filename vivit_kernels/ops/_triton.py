@@ -65,11 +65,43 @@ def tile_configs(*rows: tuple[int, int, int, int, int]) -> list[KernelConfig]:
 
 # Kernel launches by kernel name (incremented on every launch; tests count launches per layer with it).
 LAUNCHES: collections.Counter = collections.Counter()
+# Called as hook(kernel_name, args) before every launch (the test suite records the devices of the tensors).
+LAUNCH_HOOKS: list[Callable[[str, tuple], None]] = []
 
 
 def config_key(c) -> tuple:
     """Identity of a KernelConfig or triton.Config: its meta-parameters, warps and stages."""
     return (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+
+
+class _Benchmarker:
+    """The timing function Triton's autotuner calls as ``fn(kernel_call, quantiles)``: Triton's own benchmarker
+    for the active driver (CUDA events on a GPU) unless one is installed with :func:`autotune_timer` (tests
+    inject a fake timer to run the autotuner's host path under the interpreter)."""
+
+    timer: Callable | None = None
+
+    def __call__(self, kernel_call, quantiles):
+        if self.timer is not None:
+            return self.timer(kernel_call, quantiles)
+        from triton.runtime import driver
+
+        return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+BENCHMARKER = _Benchmarker()
+
+
+@contextlib.contextmanager
+def autotune_timer(timer: Callable):
+    """Within this block, autotuned launches run through Triton's autotuner even under the interpreter, timed
+    by ``timer(kernel_call, quantiles) -> [median, p20, p80]`` (milliseconds)."""
+    previous = BENCHMARKER.timer
+    BENCHMARKER.timer = timer
+    try:
+        yield
+    finally:
+        BENCHMARKER.timer = previous
 
 
 def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: list[str]):
@@ -82,18 +114,25 @@ def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: l
         wanted = {config_key(c) for c in table[row_of(named_args, kwargs)]}
         return [c for c in all_configs if config_key(c) in wanted]
 
-    return triton.autotune(configs=list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune})(
-        kernel
-    )
+    return triton.autotune(configs=list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune},
+                           do_bench=BENCHMARKER)(kernel)
+
+
+def kernel_name(fn) -> str:
+    return getattr(fn, "__name__", None) or fn.fn.__name__
 
 
 def launch(tuned, plain, grid: Callable[[dict], tuple], args: tuple, meta: dict, config: KernelConfig | None,
            interpreter_config: KernelConfig | None = None) -> None:
     """Launch ``plain`` with a fixed config (a test's choice, or ``interpreter_config`` under the
-    interpreter), or through the autotuner ``tuned`` on a GPU. ``grid(meta_params)`` gives the grid."""
-    LAUNCHES[getattr(plain, "__name__", None) or plain.fn.__name__] += 1
+    interpreter), or through the autotuner ``tuned`` (on a GPU; under the interpreter only inside
+    :func:`autotune_timer`). ``grid(meta_params)`` gives the grid."""
+    name = kernel_name(plain)
+    LAUNCHES[name] += 1
+    for hook in LAUNCH_HOOKS:
+        hook(name, args)
     with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
-        if config is None and tuned is not None and not INTERPRET:
+        if config is None and tuned is not None and (not INTERPRET or BENCHMARKER.timer is not None):
             tuned[grid](*args, **meta)
             return
         config = config or interpreter_config

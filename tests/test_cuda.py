@@ -1,0 +1,396 @@
+"""CUDA-only tests: what a GPU user's ``python -m pytest`` adds to the suite that runs everywhere.
+
+ViViT-B shapes (3137 tokens, hidden 768, 12 heads of 64, intermediate 3072) for every op forward and every input
+gradient, in fp32 / fp16 / bf16 at batch 1 and 8; every shipped kernel config forced once in its own dtype; the
+autotuned launch; the whole model against eager at ViViT-B in bf16; inductor; CUDA-graph capture and replay; one
+timed benchmark. The same helpers and tolerance rule as the CPU tests (tests/helpers.py): fp32 paths strict,
+fp16 / bf16 within 2x PyTorch's own same-dtype error (3x for gradients).
+
+These are skipped on machines without a GPU (our CI). They are written to be right by construction: every
+comparison goes through the helpers the CPU suite proves on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import pytest
+import torch
+
+from helpers import DEVICE, assert_close, assert_within_rule, check_against_reference
+from vivit_kernels.ops import _triton
+from vivit_kernels.ops import attention as attn_mod
+from vivit_kernels.ops.attention import attention_ref, flash_attention_qkv
+from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
+
+lin = importlib.import_module("vivit_kernels.ops.linear")
+pe = importlib.import_module("vivit_kernels.ops.patch_embed")
+ln = importlib.import_module("vivit_kernels.ops.layer_norm")
+
+# VIVIT_KERNELS_DRY_RUN_CUDA_TESTS=1 runs this file on the CPU test device (Triton interpreter) at small sizes, to
+# check the tests themselves where no GPU exists: `VIVIT_KERNELS_DRY_RUN_CUDA_TESTS=1 pytest tests/test_cuda.py`.
+# The CUDA-only mechanisms (CUDA graphs, CUDA-event timing) are skipped then; the model tests use small presets.
+DRY_RUN = os.environ.get("VIVIT_KERNELS_DRY_RUN_CUDA_TESTS") == "1"
+cuda_only = pytest.mark.cuda
+pytestmark = [pytest.mark.triton] if DRY_RUN else [pytest.mark.cuda, pytest.mark.triton]
+
+TOKENS, HIDDEN, HEADS, HEAD_DIM, INTER = (3137, 768, 12, 64, 3072) if not DRY_RUN else (67, 64, 2, 32, 96)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BATCHES = [1, 8] if not DRY_RUN else [1, 2]
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE).requires_grad_()
+
+
+# ------------------------------------------------------------------------------------------------
+# Every op at ViViT-B shapes, forward and every input gradient
+# ------------------------------------------------------------------------------------------------
+def _attention_by_slices(qkv: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype):
+    """Eager reference output and dqkv in ``dtype``, one batch element at a time (the N x N probabilities of a
+    whole ViViT-B batch in fp32 would need tens of GB)."""
+    outs, grads = [], []
+    for b in range(qkv.shape[0]):
+        x = qkv[b : b + 1].detach().to(dtype).requires_grad_()
+        out = attention_ref(*x.unbind(2))
+        out.backward(grad[b : b + 1].to(dtype))
+        outs.append(out.detach())
+        grads.append(x.grad)
+    return torch.cat(outs), torch.cat(grads)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_vivit_b(batch, dtype):
+    qkv = torch.randn(batch, TOKENS, 3, HEADS, HEAD_DIM, device=DEVICE)
+    grad = torch.randn(batch, TOKENS, HEADS, HEAD_DIM, device=DEVICE)
+    x = qkv.to(dtype).requires_grad_()
+    out = flash_attention_qkv(x)
+    out.backward(grad.to(dtype))
+    ref, dref = _attention_by_slices(qkv, grad, torch.float32)
+    if dtype == torch.float32:
+        assert_close(out, ref, 1e-4, name="out")
+        assert_close(x.grad, dref, 1e-4 * max(1.0, dref.abs().max().item()), name="dqkv")
+        return
+    low, dlow = _attention_by_slices(qkv, grad, dtype)
+    assert_within_rule(out, ref, low, 2.0, name="out")
+    assert_within_rule(x.grad, dref, dlow, 3.0, eps=1e-4 * max(1.0, dref.abs().max().item()), name="dqkv")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("role", ["qkv", "o_proj+residual", "fc1+gelu_fast"])
+def test_linear_vivit_b(role, batch, dtype):
+    fan_out = {"qkv": 3 * HIDDEN, "o_proj+residual": HIDDEN, "fc1+gelu_fast": INTER}[role]
+    x = leaf(torch.randn(batch, TOKENS, HIDDEN))
+    w = leaf(torch.randn(fan_out, HIDDEN) * HIDDEN**-0.5)
+    b = leaf(0.1 * torch.randn(fan_out))
+    r = leaf(torch.randn(batch, TOKENS, fan_out)) if "residual" in role else None
+    act = "gelu_fast" if "gelu" in role else None
+    check_against_reference(lambda x, w, b, r: lin.linear(x, w, b, act, r), lambda x, w, b, r: lin.linear_ref(x, w, b, act, r),
+                            (x, w, b, r), dtype, name=role)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mlp_vivit_b(batch, dtype):
+    args = (leaf(torch.randn(batch, TOKENS, HIDDEN)), leaf(torch.randn(INTER, HIDDEN) * HIDDEN**-0.5),
+            leaf(0.1 * torch.randn(INTER)), leaf(torch.randn(HIDDEN, INTER) * INTER**-0.5), leaf(0.1 * torch.randn(HIDDEN)),
+            leaf(torch.randn(batch, TOKENS, HIDDEN)))
+    check_against_reference(lambda *a: lin.mlp(*a[:5], residual=a[5]), lambda *a: lin.mlp_ref(*a[:5], residual=a[5]),
+                            args, dtype, name="mlp")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_vivit_b(batch, dtype):
+    args = (leaf(torch.randn(batch, TOKENS, HIDDEN) * 2 + 0.5), leaf(1 + 0.1 * torch.randn(HIDDEN)),
+            leaf(0.1 * torch.randn(HIDDEN)))
+    check_against_reference(lambda x, w, b: layer_norm(x, w, b, 1e-6), lambda x, w, b: layer_norm_ref(x, w, b, 1e-6),
+                            args, dtype, name="layer_norm")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_patch_embed_vivit_b(batch, dtype):
+    K = 3 * 2 * 16 * 16
+    frames, size = (32, 224) if not DRY_RUN else (4, 32)
+    args = (leaf(torch.randn(batch, frames, 3, size, size)), leaf(torch.randn(HIDDEN, 3, 2, 16, 16) * K**-0.5),
+            leaf(0.1 * torch.randn(HIDDEN)), leaf(torch.randn(1, 1, HIDDEN)),
+            leaf(torch.randn(1, 1 + (frames // 2) * (size // 16) ** 2, HIDDEN)))
+    check_against_reference(pe.patch_embed, pe.patch_embed_ref, args, dtype, name="patch_embed")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every shipped config, forced once, in the dtype of its table row
+# ------------------------------------------------------------------------------------------------
+def _dtype_for(size: int, precision: str = "ieee") -> tuple[torch.dtype, bool]:
+    """(dtype, allow_tf32) of a table row: 2-byte rows are checked in bf16, 4-byte rows in fp32."""
+    return (torch.bfloat16, False) if size == 2 else (torch.float32, precision == "tf32")
+
+
+def _rows(tables):
+    for table_name, table in tables.items():
+        for row, configs in table.items():
+            for cfg in configs:
+                yield pytest.param(table_name, row, cfg, id=f"{table_name}-{row}-{cfg.label().replace(' ', '_')}")
+
+
+def _tf32_reference(fn, *args):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return fn(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _check_rule(ours, inputs32, ref_fn, dtype, tf32, name, factor=2.0):
+    """ours (computed in dtype) vs ref_fn in fp32, held to factor x torch's own error in dtype (or in TF32)."""
+    ref = ref_fn(*inputs32)
+    if dtype == torch.float32 and not tf32:
+        assert_close(ours, ref, 1e-4 * max(1.0, ref.abs().max().item()), name=name)
+        return
+    if tf32:
+        torch_low = _tf32_reference(ref_fn, *inputs32)
+    else:
+        torch_low = ref_fn(*(t.to(dtype) if t.is_floating_point() else t for t in inputs32))
+    assert_within_rule(ours, ref, torch_low, factor, eps=1e-4 * max(1.0, ref.abs().max().item()), name=name)
+
+
+ATTN_TABLES = {"fwd": attn_mod.FWD_CONFIGS, "dkdv": attn_mod.DKDV_CONFIGS, "dq": attn_mod.DQ_CONFIGS}
+
+
+@pytest.mark.parametrize("table, row, cfg", list(_rows(ATTN_TABLES)))
+def test_attention_config_forced(table, row, cfg):
+    block_d, size = row
+    head_dim = {32: 32, 64: 64, 128: 80}[block_d]
+    N = 3 * max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) + 5
+    dtype = torch.bfloat16 if size == 2 else torch.float32
+    qkv = torch.randn(2, N, 3, 3, head_dim, device=DEVICE)
+    do = torch.randn(2, N, 3, head_dim, device=DEVICE)
+    x = qkv.to(dtype)
+    scale = head_dim**-0.5
+    out, lse = attn_mod._fwd(*x.unbind(2), scale, False, config=cfg if table == "fwd" else None)
+    dq, dk, dv = attn_mod._bwd(do.to(dtype), *x.unbind(2), out, lse, scale, False,
+                               dkdv_config=cfg if table == "dkdv" else None, dq_config=cfg if table == "dq" else None)
+
+    def ref(qkv, do):
+        leaf_ = qkv.detach().requires_grad_()
+        o = attention_ref(*leaf_.unbind(2))
+        o.backward(do)
+        return torch.cat([o.detach()[:, :, None], leaf_.grad], dim=2)  # (B, N, 4, H, D): out, dq, dk, dv
+
+    ours = torch.cat([out[:, :, None], dq[:, :, None], dk[:, :, None], dv[:, :, None]], dim=2)
+    _check_rule(ours, (qkv, do), ref, dtype, False, f"attention {table} {cfg.label()}", factor=3.0)
+
+
+@pytest.mark.parametrize("table, row, cfg", list(_rows({"gemm": lin.GEMM_CONFIGS})))
+def test_gemm_config_forced(table, row, cfg):
+    size, precision, kind = row
+    dtype, tf32 = _dtype_for(size, precision)
+    M, K, N = 3 * cfg.kwargs["BLOCK_M"] + 5, 4 * cfg.kwargs["BLOCK_K"] + 16, 2 * cfg.kwargs["BLOCK_N"] + 16
+    a32, b32 = torch.randn(M, K, device=DEVICE), torch.randn(K, N, device=DEVICE) * K**-0.5
+    a, b = a32.to(dtype), b32.to(dtype)
+    out = torch.empty(M, N, device=DEVICE, dtype=dtype)
+    if kind == "dgelu":
+        h32 = torch.randn(M, N, device=DEVICE)
+        act = torch.empty_like(out)
+        lin.gemm(a, b, out, dgelu_of=h32.to(dtype), pre=act, allow_tf32=tf32, config=cfg)
+        _check_rule(out, (a32, b32, h32), lambda a, b, h: lin.gelu_fast_backward_ref(a @ b, h), dtype, tf32, "dgelu")
+        return
+    bias32 = torch.randn(N, device=DEVICE)
+    pre = torch.empty_like(out)
+    lin.gemm(a, b, out, bias=bias32.to(dtype), activation="gelu_fast", pre=pre, allow_tf32=tf32, config=cfg)
+    from vivit_kernels.ops.activations import gelu_fast
+
+    _check_rule(out, (a32, b32, bias32), lambda a, b, c: gelu_fast(a @ b + c), dtype, tf32, "gelu_fast")
+    rowsum = torch.empty(M, device=DEVICE, dtype=dtype)
+    lin.gemm(a, b, out, rowsum=rowsum, allow_tf32=tf32, config=cfg)
+    _check_rule(out, (a32, b32), lambda a, b: a @ b, dtype, tf32, "plain")
+    _check_rule(rowsum, (a32,), lambda a: a.sum(1), dtype, False, "row sums")
+
+
+@pytest.mark.parametrize("table, row, cfg", list(_rows(pe.PATCH_CONFIGS)))
+def test_patch_embed_config_forced(table, row, cfg):
+    size, precision = row
+    dtype, tf32 = _dtype_for(size, precision)
+    D = 2 * cfg.kwargs["BLOCK_N"] + 32
+    x32 = torch.randn(3, 8, 3, 64, 80, device=DEVICE)
+    w32 = torch.randn(D, 3, 2, 16, 16, device=DEVICE) * 1536**-0.5
+    b32, cls32 = torch.randn(D, device=DEVICE), torch.randn(1, 1, D, device=DEVICE)
+    pos32 = torch.randn(1, 1 + 4 * 4 * 5, D, device=DEVICE)
+    g32 = torch.randn(3, 1 + 4 * 4 * 5, D, device=DEVICE)
+    cast = [t.to(dtype) for t in (x32, w32, b32, cls32, pos32)]
+    out = pe._forward(*cast, tf32, config=cfg if table == "fwd" else None)
+    dx, dw, db, _, _ = pe._backward_impl(g32.to(dtype), cast[0], cast[1], True, True, tf32,
+                                         dw_config=cfg if table == "dw" else None, dx_config=cfg if table == "dx" else None)
+
+    def ref(x, w, b, c, p, g):
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        o = pe.patch_embed_ref(*leaves, c, p)
+        o.backward(g)
+        return torch.cat([o.detach().flatten(), *(t.grad.flatten() for t in leaves)])
+
+    ours = torch.cat([out.flatten(), dx.flatten(), dw.flatten(), db.flatten()])
+    _check_rule(ours, (x32, w32, b32, cls32, pos32, g32), ref, dtype, tf32, f"patch_embed {table}", factor=3.0)
+
+
+@pytest.mark.parametrize("block_c", sorted(ln.LN_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_config(block_c, dtype):
+    """Each shipped LayerNorm config (chosen by width, not autotuned) at a width that selects it."""
+    features = block_c // 2 + 3 if block_c > 64 else 33
+    args = (leaf(torch.randn(2, 300, features)), leaf(1 + 0.1 * torch.randn(features)), leaf(0.1 * torch.randn(features)))
+    check_against_reference(lambda x, w, b: layer_norm(x, w, b, 1e-5), lambda x, w, b: layer_norm_ref(x, w, b, 1e-5),
+                            args, dtype, name=f"BLOCK_C={block_c}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The autotuned launch itself
+# ------------------------------------------------------------------------------------------------
+def _wall_clock_timer(kernel_call, quantiles):
+    import time
+
+    start = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms, ms, ms]
+
+
+def test_autotuned_launches_pick_a_shipped_config():
+    """Real autotuning (CUDA events): each tuner times its row and keeps one of its configs."""
+    for tuner in (lin._gemm_tuned, attn_mod._attn_fwd_tuned, attn_mod._attn_bwd_dkdv_tuned, attn_mod._attn_bwd_dq_tuned):
+        tuner.cache.clear()
+    x = leaf(torch.randn(2, 197, HIDDEN).to(torch.bfloat16))
+    w = leaf((torch.randn(3 * HIDDEN, HIDDEN) * HIDDEN**-0.5).to(torch.bfloat16))
+    # on a GPU Triton's own benchmarker (CUDA events); in a dry run on the CPU, wall-clock time of the interpreter
+    with _triton.autotune_timer(_wall_clock_timer) if DRY_RUN else contextlib.nullcontext():
+        qkv = lin.linear(x, w).view(2, 197, 3, HEADS, HEAD_DIM)
+        out = flash_attention_qkv(qkv)
+        out.float().sum().backward()
+    assert _triton.config_key(lin._gemm_tuned.best_config) in {_triton.config_key(c) for c in lin.GEMM_CONFIGS[(2, "ieee", "main")]}
+    for tuner, table in ((attn_mod._attn_fwd_tuned, attn_mod.FWD_CONFIGS), (attn_mod._attn_bwd_dkdv_tuned, attn_mod.DKDV_CONFIGS),
+                         (attn_mod._attn_bwd_dq_tuned, attn_mod.DQ_CONFIGS)):
+        assert len(tuner.cache) == 1
+        assert _triton.config_key(tuner.best_config) in {_triton.config_key(c) for c in table[(attn_mod.block_d_for(HEAD_DIM), 2)]}
+        assert getattr(tuner, "configs_timings", None), "the autotuner timed nothing"
+    ref = attention_ref(*qkv.detach().float().unbind(2))
+    low = attention_ref(*qkv.detach().unbind(2))
+    assert_within_rule(out, ref, low, 2.0, name="tuned attention")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole model
+# ------------------------------------------------------------------------------------------------
+def _vivit_b_pair():
+    import vivit_kernels as vk
+
+    cfg = vk.VivitConfig.from_preset("vivit-b-16x2" if not DRY_RUN else "tiny")
+    torch.manual_seed(0)
+    eager = vk.VivitForVideoClassification(cfg, attn="eager")
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    tri = vk.VivitForVideoClassification(cfg, attn="triton")
+    tri.load_state_dict(eager.state_dict())
+    return cfg, eager.to(DEVICE), tri.to(DEVICE)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_vivit_b_triton_matches_eager_bf16_batch2():
+    cfg, eager, tri = _vivit_b_pair()
+    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw, device=DEVICE)
+    labels = torch.tensor([3, 7], device=DEVICE)
+    ref = eager(x, labels=labels)  # the fp32 reference (eager attention: about 30 GB at this size)
+    ref.loss.backward()
+    ref_logits = ref.logits.detach()
+    ref_grads = _grads(eager)
+    eager.zero_grad()
+    eager.to(torch.bfloat16)
+    tri.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    low = eager(xb, labels=labels)
+    low.loss.backward()
+    ours = tri(xb, labels=labels)
+    ours.loss.backward()
+    assert_within_rule(ours.logits, ref_logits, low.logits, 2.0, name="logits")
+    low_grads, our_grads = _grads(eager), _grads(tri)
+    assert set(our_grads) == set(ref_grads)
+    for n, g in ref_grads.items():
+        assert_within_rule(our_grads[n], g, low_grads[n], 3.0, eps=1e-4 * max(1.0, g.abs().max().item()), name=n)
+
+
+def _tiny_pair():
+    import vivit_kernels as vk
+
+    cfg = vk.VivitConfig.from_preset("small" if not DRY_RUN else "tiny")
+    torch.manual_seed(0)
+    eager = vk.VivitForVideoClassification(cfg, attn="eager").to(DEVICE).eval()
+    tri = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE).eval()
+    tri.load_state_dict(eager.state_dict())
+    h, w = cfg.image_hw
+    return eager, tri, torch.randn(2, cfg.num_frames, 3, h, w, device=DEVICE)
+
+
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    eager, tri, x = _tiny_pair()
+    compiled = torch.compile(tri, fullgraph=True)  # inductor
+    with torch.no_grad():
+        assert_close(compiled(x).logits, eager(x).logits, 1e-3, name="inductor logits")
+    tri.train()
+    xg = x.clone().requires_grad_()
+    compiled(xg).logits.sum().backward()
+    xe = x.clone().requires_grad_()
+    eager.train()(xe).logits.sum().backward()
+    assert_close(xg.grad, xe.grad, 1e-3, name="inductor input grad")
+
+
+@cuda_only
+def test_cuda_graph_capture_and_replay():
+    eager, tri, x = _tiny_pair()
+    static_x = x.clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile and autotune outside the capture
+                tri(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = tri(static_x).logits
+        for seed in (1, 2):
+            new = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+            static_x.copy_(new)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert_close(static_out, eager(new).logits, 1e-3, name=f"replay {seed}")
+
+
+# ------------------------------------------------------------------------------------------------
+# One timed benchmark
+# ------------------------------------------------------------------------------------------------
+@cuda_only
+def test_timed_attention_benchmark():
+    """ViViT-B attention forward, batch 8, bf16, timed with CUDA events after warm-up; reports TFLOP/s."""
+    qkv = torch.randn(8, TOKENS, 3, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            flash_attention_qkv(qkv)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            flash_attention_qkv(qkv)
+        end.record()
+        torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / 10
+    tflops = 4 * 8 * HEADS * TOKENS * TOKENS * HEAD_DIM / (ms * 1e-3) / 1e12
+    print(f"flash attention ViViT-B batch 8 bf16: {ms:.3f} ms, {tflops:.1f} TFLOP/s on {torch.cuda.get_device_name()}")
+    assert 0 < ms < 1000
