@@ -2,7 +2,8 @@
 
 GPU: google/vivit-b-16x2-kinetics400's architecture (random weights), inference over 20 batches at batch
 sizes 1, 2, 4, 8 in fp32 / fp16 / bf16, training 100 steps at batch 1 (forward, backward, AdamW step); ours
-(eager, sdpa, triton) and transformers' (eager, sdpa, and torch.compile of sdpa) side by side. CPU: the tiny
+(triton: our kernels behind transformers' modules) and transformers' (eager, sdpa, and torch.compile of sdpa;
+what our attn="eager" / "sdpa" run) side by side. CPU: the tiny
 preset, a couple of batches / steps, so the suite runs everywhere (CPU timings, not GPU claims).
 
     vivit-kernels bench          # runs this with pytest-benchmark and writes the report
@@ -15,20 +16,22 @@ import torch
 
 from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
 from vivit_kernels import VivitConfig, VivitForVideoClassification
+from vivit_kernels.model import image_hw
 
 CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
 BATCHES = [1, 2, 4, 8] if ON_GPU else [1, 2]
 INFER_ROUNDS = 20 if ON_GPU else 2
 TRAIN_STEPS = 100 if ON_GPU else 2
-PROVIDERS = ["eager", "sdpa", "triton", "transformers-eager", "transformers-sdpa", "transformers-sdpa-compiled"]
+PROVIDERS = ["triton", "transformers-eager", "transformers-sdpa", "transformers-sdpa-compiled"]
 
 
 def _model(provider: str, dtype: torch.dtype) -> torch.nn.Module:
     cfg = VivitConfig.from_preset(CONFIG)
     torch.manual_seed(0)
     if provider.startswith("transformers"):
-        transformers = pytest.importorskip("transformers")
-        hf_cfg = transformers.VivitConfig(**{k: v for k, v in cfg.to_dict().items() if k != "extra"})
+        import transformers
+
+        hf_cfg = transformers.VivitConfig(**cfg.to_dict())
         hf_cfg._attn_implementation = "eager" if provider == "transformers-eager" else "sdpa"
         model = transformers.VivitForVideoClassification(hf_cfg).to(DEVICE, dtype)
         if provider.endswith("compiled"):
@@ -39,7 +42,7 @@ def _model(provider: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def _pixels(batch: int, dtype: torch.dtype) -> torch.Tensor:
     cfg = VivitConfig.from_preset(CONFIG)
-    h, w = cfg.image_hw
+    h, w = image_hw(cfg)
     return torch.randn(batch, cfg.num_frames, 3, h, w, device=DEVICE, dtype=dtype)
 
 

@@ -1,2 +1,13 @@
 """tests/: the test device, the Triton interpreter switch, markers and the launch-device check live in the
-repository's root conftest.py (shared with bench/)."""
+repository's root conftest.py (shared with bench/).
+
+On a GPU the suite launches each case's first shipped kernel config instead of autotuning every call
+(VIVIT_KERNELS_AUTOTUNE=0): every shipped config is tested on its own (tests/test_cuda.py, the *_config tests),
+and the autotuned launch by tests/test_autotune.py and tests/test_cuda.py. That keeps a cold run on one GPU to a
+few minutes of kernel compilation instead of compiling and timing every config of every test shape. Set
+VIVIT_KERNELS_AUTOTUNE=1 to autotune everywhere.
+"""
+
+import os
+
+os.environ.setdefault("VIVIT_KERNELS_AUTOTUNE", "0")

@@ -12,13 +12,13 @@ comparison goes through the helpers the CPU suite proves on every run.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
 import pytest
 import torch
 
+import vivit_kernels as vk
 from helpers import DEVICE, assert_close, assert_within_rule, check_against_reference
 from vivit_kernels.ops import _triton
 from vivit_kernels.ops import attention as attn_mod
@@ -91,6 +91,16 @@ def test_linear_vivit_b(role, batch, dtype):
     act = "gelu_fast" if "gelu" in role else None
     check_against_reference(lambda x, w, b, r: lin.linear(x, w, b, act, r), lambda x, w, b, r: lin.linear_ref(x, w, b, act, r),
                             (x, w, b, r), dtype, name=role)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qkv_projection_vivit_b(batch, dtype):
+    """The model's QKV projection: one GEMM reading the three (768, 768) weights in place."""
+    args = [leaf(torch.randn(batch, TOKENS, HIDDEN))]
+    for _ in range(3):
+        args += [leaf(torch.randn(HIDDEN, HIDDEN) * HIDDEN**-0.5), leaf(0.1 * torch.randn(HIDDEN))]
+    check_against_reference(lin.qkv_projection, lin.qkv_projection_ref, tuple(args), dtype, name="qkv_projection")
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -202,6 +212,21 @@ def test_gemm_config_forced(table, row, cfg):
         _check_rule(out, (a32, b32, h32), lambda a, b, h: lin.gelu_fast_backward_ref(a @ b, h), dtype, tf32, "dgelu")
         return
     bias32 = torch.randn(N, device=DEVICE)
+    if kind == "grouped":  # the QKV projection (three B side by side) and its dX (three K segments)
+        more32 = [torch.randn(K, N, device=DEVICE) * K**-0.5 for _ in range(2)]
+        biases32 = [torch.randn(N, device=DEVICE) for _ in range(2)]
+        out3 = torch.empty(M, 3 * N, device=DEVICE, dtype=dtype)
+        lin.gemm(a, b, out3, bias=bias32.to(dtype), groups="n", more_b=tuple(t.to(dtype) for t in more32),
+                 more_bias=tuple(t.to(dtype) for t in biases32), allow_tf32=tf32, config=cfg)
+        _check_rule(out3, (a32, b32, *more32, bias32, *biases32),
+                    lambda a, b0, b1, b2, c0, c1, c2: torch.cat([a @ b0 + c0, a @ b1 + c1, a @ b2 + c2], 1),
+                    dtype, tf32, "n groups")
+        a3_32 = torch.randn(M, 3 * K, device=DEVICE)
+        lin.gemm(a3_32.to(dtype), b, out, groups="k", more_b=tuple(t.to(dtype) for t in more32), allow_tf32=tf32,
+                 config=cfg)
+        _check_rule(out, (a3_32, b32, *more32), lambda a, b0, b1, b2: a @ torch.cat([b0, b1, b2]), dtype, tf32,
+                    "k segments")
+        return
     pre = torch.empty_like(out)
     lin.gemm(a, b, out, bias=bias32.to(dtype), activation="gelu_fast", pre=pre, allow_tf32=tf32, config=cfg)
     from vivit_kernels.ops.activations import gelu_fast
@@ -267,7 +292,7 @@ def test_autotuned_launches_pick_a_shipped_config():
     x = leaf(torch.randn(2, 197, HIDDEN).to(torch.bfloat16))
     w = leaf((torch.randn(3 * HIDDEN, HIDDEN) * HIDDEN**-0.5).to(torch.bfloat16))
     # on a GPU Triton's own benchmarker (CUDA events); in a dry run on the CPU, wall-clock time of the interpreter
-    with _triton.autotune_timer(_wall_clock_timer) if DRY_RUN else contextlib.nullcontext():
+    with _triton.autotuning(_wall_clock_timer if DRY_RUN else None):
         qkv = lin.linear(x, w).view(2, 197, 3, HEADS, HEAD_DIM)
         out = flash_attention_qkv(qkv)
         out.float().sum().backward()
@@ -286,8 +311,6 @@ def test_autotuned_launches_pick_a_shipped_config():
 # The whole model
 # ------------------------------------------------------------------------------------------------
 def _vivit_b_pair():
-    import vivit_kernels as vk
-
     cfg = vk.VivitConfig.from_preset("vivit-b-16x2" if not DRY_RUN else "tiny")
     torch.manual_seed(0)
     eager = vk.VivitForVideoClassification(cfg, attn="eager")
@@ -305,7 +328,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 def test_vivit_b_triton_matches_eager_bf16_batch2():
     cfg, eager, tri = _vivit_b_pair()
-    x = torch.randn(2, cfg.num_frames, 3, *cfg.image_hw, device=DEVICE)
+    x = torch.randn(2, cfg.num_frames, 3, *vk.model.image_hw(cfg), device=DEVICE)
     labels = torch.tensor([3, 7], device=DEVICE)
     ref = eager(x, labels=labels)  # the fp32 reference (eager attention: about 30 GB at this size)
     ref.loss.backward()
@@ -327,14 +350,12 @@ def test_vivit_b_triton_matches_eager_bf16_batch2():
 
 
 def _tiny_pair():
-    import vivit_kernels as vk
-
     cfg = vk.VivitConfig.from_preset("small" if not DRY_RUN else "tiny")
     torch.manual_seed(0)
     eager = vk.VivitForVideoClassification(cfg, attn="eager").to(DEVICE).eval()
     tri = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE).eval()
     tri.load_state_dict(eager.state_dict())
-    h, w = cfg.image_hw
+    h, w = vk.model.image_hw(cfg)
     return eager, tri, torch.randn(2, cfg.num_frames, 3, h, w, device=DEVICE)
 
 

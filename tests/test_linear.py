@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, assert_close, check_against_reference
+from vivit_kernels.ops import _triton
 lin = importlib.import_module("vivit_kernels.ops.linear")  # the module (ops.linear is the function)
 from vivit_kernels.ops.activations import gelu_fast as gelu_fast_ref
 from vivit_kernels.ops.linear import linear, linear_ref, mlp, mlp_ref
@@ -69,6 +70,31 @@ def test_mlp(shape, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, bias", [((17, 64), True), ((197, 96), True), ((5, 40), False), ((1, 768), True)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_qkv_projection(shape, bias, dtype):
+    """Three projections in one GEMM reading the three weights in place; every input's gradient (dx over the
+    three weights in one GEMM)."""
+    tokens, hidden = shape
+    ws = [leaf(torch.randn(hidden, hidden) * hidden**-0.5) for _ in range(3)]
+    bs = [leaf(0.1 * torch.randn(hidden)) if bias else None for _ in range(3)]
+    x = leaf(torch.randn(2, tokens, hidden))
+    args = (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2])
+    check_against_reference(lin.qkv_projection, lin.qkv_projection_ref, args, dtype, name="qkv")
+
+
+def test_qkv_projection_opcheck_and_errors():
+    x = leaf(torch.randn(2, 5, 32))
+    ws = [leaf(torch.randn(32, 32)) for _ in range(3)]
+    bs = [leaf(torch.randn(32)) for _ in range(3)]
+    torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default, (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False))
+    with pytest.raises(ValueError, match="give all three biases or none"):
+        lin.qkv_projection(x, ws[0], bs[0], ws[1], None, ws[2], bs[2])
+    with pytest.raises(ValueError, match=r"wk is \(16, 32\), wq is \(32, 32\)"):
+        lin.qkv_projection(x, ws[0], None, ws[1][:16], None, ws[2], None)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_new"])
 def test_other_activations_run_through_torch(activation):
     x, w, b, r = params(9, 32, 48, residual=True)
@@ -121,6 +147,17 @@ def test_every_shipped_gemm_tile(key, cfg):
         assert_close(out, lin.gelu_fast_backward_ref(ab, h), 1e-4, name="dgelu")
         assert_close(act, gelu_fast_ref(h), 1e-5, name="gelu(aux)")
         return
+    if kind == "grouped":  # the QKV projection (three B matrices side by side) and its dX (three K segments)
+        b1, b2 = torch.randn(2, K, N, device=DEVICE) * K**-0.5
+        bias1, bias2 = torch.randn(2, N, device=DEVICE)
+        out3 = torch.empty(M, 3 * N, device=DEVICE)
+        lin.gemm(a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg)
+        assert_close(out3, torch.cat([ab + bias, a @ b1 + bias1, a @ b2 + bias2], 1), 1e-4, name="n groups")
+        a3 = torch.randn(M, 3 * K, device=DEVICE)
+        out = torch.empty(M, N, device=DEVICE)
+        lin.gemm(a3, bmat, out, groups="k", more_b=(b1, b2), config=cfg)
+        assert_close(out, a3 @ torch.cat([bmat, b1, b2]), 1e-4, name="k segments")
+        return
     out, pre = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
     lin.gemm(a, bmat, out, bias=bias, activation="gelu_fast", pre=pre, config=cfg)
     assert_close(pre, ab + bias, 1e-4, name="pre-activation")
@@ -140,8 +177,8 @@ def test_autotuner_prunes_to_the_row(kernel_row):
     tuner = lin._gemm_tuned
     dtype = torch.float16 if size == 2 else torch.float32
     pruned = tuner.early_config_prune(tuner.configs, {"A": torch.empty(1, dtype=dtype)}, DOT_PRECISION=precision,
-                                      DGELU=kind == "dgelu")
-    assert len(pruned) == len(lin.GEMM_CONFIGS[kernel_row])
+                                      DGELU=kind == "dgelu", N_GROUPS=3 if kind == "grouped" else 1, K_GROUPS=1)
+    assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, lin.GEMM_CONFIGS[kernel_row]))
 
 
 def test_opcheck():

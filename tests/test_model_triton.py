@@ -1,12 +1,17 @@
-"""The model with attn="triton" (Triton kernels on the test device) against attn="eager"."""
+"""The model with attn="triton" (our kernels behind transformers' modules, on the test device) against
+attn="eager"; what is fused and what falls back to a module's own forward."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from torch import nn
 
 import vivit_kernels as vk
 from helpers import DEVICE, assert_close, run_without_interpreter
+from vivit_kernels import model as model_module
 
 pytestmark = pytest.mark.triton
 
@@ -18,23 +23,36 @@ TINY_CONFIGS = {
 }
 
 
-def make_pair(name: str, head: bool = True):
-    cfg = vk.VivitConfig.from_preset("tiny", **TINY_CONFIGS[name])
-    cls = vk.VivitForVideoClassification if head else vk.VivitModel
-    torch.manual_seed(0)
-    eager = cls(cfg, attn="eager")
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in eager.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+        for p in model.parameters():
+            p.add_((0.2 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
+    return model
+
+
+def make_pair(name: str = "tiny", head: bool = True, **overrides):
+    cfg = vk.VivitConfig.from_preset("tiny", **{**TINY_CONFIGS[name], **overrides})
+    cls = vk.VivitForVideoClassification if head else vk.VivitModel
+    eager = randomize(cls(cfg, attn="eager"))
     triton_model = cls(cfg, attn="triton")
     triton_model.load_state_dict(eager.state_dict())
     return cfg, eager.to(DEVICE), triton_model.to(DEVICE)
 
 
 def inputs(cfg, batch=2):
-    h, w = cfg.image_hw
-    x = torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w)
-    return x.to(DEVICE), torch.randint(0, cfg.num_labels, (batch,)).to(DEVICE)
+    h, w = vk.model.image_hw(cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w, generator=g)
+    return x.to(DEVICE), torch.randint(0, cfg.num_labels, (batch,), generator=g).to(DEVICE)
+
+
+def assert_same_grads(a: nn.Module, b: nn.Module, atol: float = 1e-4) -> None:
+    grads = dict(a.named_parameters())
+    for n, p in b.named_parameters():
+        assert (grads[n].grad is None) == (p.grad is None), n
+        if p.grad is not None:
+            assert_close(grads[n].grad, p.grad, atol, rtol=1e-4, name=f"grad {n}")
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -48,55 +66,60 @@ def test_outputs_and_every_gradient_match_eager(name):
         assert_close(a, b, 1e-4, name=f"hidden_states[{i}]")
     out_e.loss.backward()
     out_t.loss.backward()
-    grads_t = dict(tri.named_parameters())
-    for n, p in eager.named_parameters():
-        assert_close(grads_t[n].grad, p.grad, 1e-4, rtol=1e-4, name=f"grad {n}")
+    assert_same_grads(tri, eager)
 
 
-def test_attentions_and_head_mask_fall_back_to_eager_with_one_warning():
-    cfg, eager, tri = make_pair("tiny", head=False)
+@pytest.mark.parametrize("overrides", [dict(qkv_bias=False), dict(hidden_act="gelu"), dict(hidden_act="quick_gelu")],
+                         ids=str)
+def test_variants_match_eager(overrides):
+    cfg, eager, tri = make_pair(**overrides)
+    x, labels = inputs(cfg)
+    out_e, out_t = eager(x, labels=labels), tri(x, labels=labels)
+    assert_close(out_t.logits, out_e.logits, 1e-4, name="logits")
+    out_e.loss.backward()
+    out_t.loss.backward()
+    assert_same_grads(tri, eager)
+
+
+def test_attentions_and_head_mask_use_eager_attention_with_one_log_line(caplog):
+    cfg, eager, tri = make_pair(head=False)
     x, _ = inputs(cfg)
-    from vivit_kernels import model as model_module
-
-    model_module._warned.clear()
-    with pytest.warns(UserWarning, match="falling back to eager"):
-        out_t = tri(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5], device=DEVICE))
-    out_e = eager(x, output_attentions=True, head_mask=torch.tensor([1.0, 0.0, 1.0, 0.5], device=DEVICE))
+    model_module._logged.clear()
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.5], device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="vivit_kernels"):
+        out_t = tri(x, output_attentions=True, head_mask=mask)
+        tri(x, output_attentions=True, head_mask=mask)
+    out_e = eager(x, output_attentions=True, head_mask=mask)
     assert_close(out_t.last_hidden_state, out_e.last_hidden_state, 1e-5, name="last_hidden_state")
     for a, b in zip(out_t.attentions, out_e.attentions):
         assert_close(a, b, 1e-5, name="attentions")
+    lines = [r.message for r in caplog.records if "eager attention" in r.message]
+    assert len(lines) == 1 and "head_mask" in lines[0], lines
 
 
-def test_attention_dropout_uses_eager_path_in_training():
+def test_attention_dropout_uses_eager_attention_in_training():
     cfg = vk.VivitConfig.from_preset("tiny", attention_probs_dropout_prob=0.5)
     model = vk.VivitModel(cfg, attn="triton").to(DEVICE).train()
-    from vivit_kernels import model as model_module
-
-    model_module._warned.clear()
     x, _ = inputs(cfg)
-    with pytest.warns(UserWarning, match="attention dropout"):
-        a = model(x).last_hidden_state
-    b = model(x).last_hidden_state
-    assert not torch.allclose(a, b)  # dropout really applied
+    assert not torch.allclose(model(x).last_hidden_state, model(x).last_hidden_state)  # dropout really applied
     model.eval()
     assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_model(dtype):
-    cfg, eager, tri = make_pair("tiny")
+    cfg, eager, tri = make_pair()
     x, _ = inputs(cfg)
     ref = eager(x).logits
     low_eager = eager.to(dtype)(x).logits.float()
     low_triton = tri.to(dtype)(x).logits.float()
-    err_ours = (low_triton - ref).abs().max().item()
-    err_torch = (low_eager - ref).abs().max().item()
+    err_ours, err_torch = (low_triton - ref).abs().max().item(), (low_eager - ref).abs().max().item()
     assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)
 
 
 def test_compile_fullgraph_triton_model():
     torch._dynamo.reset()
-    cfg, eager, tri = make_pair("tiny")
+    cfg, eager, tri = make_pair()
     x, labels = inputs(cfg)
     compiled = torch.compile(tri, fullgraph=True, backend="aot_eager")
     out = compiled(x, labels=labels)
@@ -104,46 +127,12 @@ def test_compile_fullgraph_triton_model():
     ref = eager(x, labels=labels)
     ref.loss.backward()
     assert_close(out.logits, ref.logits, 1e-4, name="logits")
-    grads = dict(tri.named_parameters())
-    for n, p in eager.named_parameters():
-        assert_close(grads[n].grad, p.grad, 1e-4, rtol=1e-4, name=n)
-
-
-def test_transformers_attention_interface():
-    transformers = pytest.importorskip("transformers")
-    from vivit_kernels.integrations import register_transformers_attention
-
-    config = transformers.VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 16, 16], hidden_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
-    torch.manual_seed(0)
-    model = transformers.VivitModel(config).to(DEVICE).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    x = torch.randn(2, 4, 3, 32, 32, device=DEVICE)
-    model.set_attn_implementation("eager")
-    ref = model(x).last_hidden_state
-    name = register_transformers_attention()
-    model.set_attn_implementation(name)
-    assert model.config._attn_implementation == "vivit_kernels"
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from vivit_kernels.integrations import transformers_attention_forward
-
-    assert ALL_ATTENTION_FUNCTIONS["vivit_kernels"] is transformers_attention_forward
-    x2 = x.clone().requires_grad_()
-    out = model(x2).last_hidden_state
-    assert_close(out, ref, 1e-4, name="last_hidden_state")
-    out.sum().backward()
-    model.set_attn_implementation("eager")
-    x3 = x.clone().requires_grad_()
-    model(x3).last_hidden_state.sum().backward()
-    assert_close(x2.grad, x3.grad, 1e-4, name="input grad")
+    assert_same_grads(tri, eager)
 
 
 def test_training_steps_match_eager():
     """A few AdamW steps on a synthetic batch: the losses of the two backends stay together."""
-    cfg, eager, tri = make_pair("tiny")
+    cfg, eager, tri = make_pair()
     x, labels = inputs(cfg, batch=3)
     losses = {}
     for name, model in (("eager", eager), ("triton", tri)):
@@ -162,35 +151,41 @@ def test_training_steps_match_eager():
 
 
 def test_interpolated_positions_match_eager():
-    cfg, eager, tri = make_pair("tiny")
+    cfg, eager, tri = make_pair()
     x = torch.randn(2, 6, 3, 48, 64, device=DEVICE)
-    a = tri(x, interpolate_pos_encoding=True).logits
-    b = eager(x, interpolate_pos_encoding=True).logits
-    assert_close(a, b, 1e-4, name="logits")
+    assert_close(tri(x, interpolate_pos_encoding=True).logits, eager(x, interpolate_pos_encoding=True).logits, 1e-4,
+                 name="logits")
 
 
-@pytest.mark.parametrize("overrides", [dict(qkv_bias=False), dict(hidden_act="gelu"), dict(hidden_act="quick_gelu")],
-                         ids=str)
-def test_variants_match_eager(overrides):
-    cfg = vk.VivitConfig.from_preset("tiny", **overrides)
-    torch.manual_seed(1)
-    eager = vk.VivitForVideoClassification(cfg)
-    with torch.no_grad():
-        for p in eager.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    tri = vk.VivitForVideoClassification(cfg, attn="triton")
-    tri.load_state_dict(eager.state_dict())
-    eager, tri = eager.to(DEVICE), tri.to(DEVICE)
-    x, labels = inputs(cfg)
-    out_e, out_t = eager(x, labels=labels), tri(x, labels=labels)
-    assert_close(out_t.logits, out_e.logits, 1e-4, name="logits")
-    out_e.loss.backward()
-    out_t.loss.backward()
-    grads = dict(tri.named_parameters())
-    for n, p in eager.named_parameters():
-        assert_close(grads[n].grad, p.grad, 1e-4, rtol=1e-4, name=n)
+def test_transformers_attention_interface():
+    import transformers
+
+    from vivit_kernels.integrations import register_transformers_attention, transformers_attention_forward
+
+    config = transformers.VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 16, 16], hidden_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
+    model = randomize(transformers.VivitModel(config)).to(DEVICE).eval()
+    x = torch.randn(2, 4, 3, 32, 32, device=DEVICE)
+    model.set_attn_implementation("eager")
+    ref = model(x).last_hidden_state
+    name = register_transformers_attention()
+    model.set_attn_implementation(name)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["vivit_kernels"] is transformers_attention_forward
+    x2 = x.clone().requires_grad_()
+    out = model(x2).last_hidden_state
+    assert_close(out, ref, 1e-4, name="last_hidden_state")
+    out.sum().backward()
+    model.set_attn_implementation("eager")
+    x3 = x.clone().requires_grad_()
+    model(x3).last_hidden_state.sum().backward()
+    assert_close(x2.grad, x3.grad, 1e-4, name="input grad")
 
 
+# ------------------------------------------------------------------------------------------------
+# kernels behind the modules: what is fused, what runs its own forward
+# ------------------------------------------------------------------------------------------------
 # ATen ops that only create views or allocate: no kernel launch.
 _NO_LAUNCH = {
     "view", "_unsafe_view", "unbind", "select", "slice", "t", "transpose", "permute", "expand", "as_strided",
@@ -209,9 +204,8 @@ def count_launches(fn):
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ns = func.namespace
             name = func.__name__.split(".")[0]
-            if ns == "aten" and name not in _NO_LAUNCH:
+            if func.namespace == "aten" and name not in _NO_LAUNCH:
                 aten.append(name)
             return func(*args, **(kwargs or {}))
 
@@ -221,45 +215,126 @@ def count_launches(fn):
     return sum(LAUNCHES.values()) - before, len(aten), aten
 
 
-def test_at_most_seven_launches_per_layer():
-    """LayerNorm, QKV GEMM, attention, out-proj GEMM + residual, LayerNorm, FC1 + gelu, FC2 + residual."""
-    cfg, _, tri = make_pair("tiny", head=False)
-    tri.eval()
-    layer = tri.layers[0]
+def test_seven_launches_per_layer():
+    """LayerNorm, QKV GEMM (three weights read in place), attention, out-proj GEMM + residual, LayerNorm,
+    FC1 + gelu, FC2 + residual."""
+    cfg, eager, tri = make_pair(head=False)
+    layer = tri.eval().layers[0]
     x = torch.randn(2, 9, cfg.hidden_size, device=DEVICE)
     with torch.no_grad():
-        triton_launches, aten_launches, names = count_launches(lambda: layer(x, tri.backend))
-    assert triton_launches + aten_launches <= 7, (triton_launches, names)
-    assert aten_launches == 0, names
-    # the eager layer, for comparison, runs a long chain of separate ops
-    from vivit_kernels.backends import get_backend
-
+        triton_launches, aten_launches, names = count_launches(lambda: layer(x))
+    assert triton_launches == 7 and aten_launches == 0, (triton_launches, names)
     with torch.no_grad():
-        _, eager_ops, _ = count_launches(lambda: layer(x, get_backend("eager")))
+        _, eager_ops, _ = count_launches(lambda: eager.eval().layers[0](x))
     assert eager_ops > 7
 
 
 def test_whole_forward_launches():
-    """Embedding (1) + 7 per layer + final LayerNorm (1) + pooler (dense, tanh, and the [CLS] slice)."""
-    cfg, _, tri = make_pair("tiny", head=False)
+    """Embedding (1) + 7 per layer + final LayerNorm (1), and the pooler's dense + tanh in torch."""
+    cfg, _, tri = make_pair(head=False)
     x, _ = inputs(cfg)
     with torch.no_grad():
         triton_launches, aten_launches, names = count_launches(lambda: tri.eval()(x))
     assert triton_launches == 1 + 7 * cfg.num_hidden_layers + 1
-    assert aten_launches <= 3, names  # the pooler: addmm + tanh (+ nothing else)
+    assert aten_launches <= 3, names
 
 
-def test_gradient_checkpointing_same_gradients():
-    cfg, _, tri = make_pair("tiny")
+class Zeros(nn.Module):
+    """A replacement module transformers' ViViT does not know."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+class Wrapped(nn.Module):
+    """A LoRA-like wrapper: the plain linear inside, plus its own low-rank term."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.down = nn.Linear(base.in_features, 2, bias=False)
+        self.up = nn.Linear(2, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("where", ["attention.q_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"])
+@pytest.mark.parametrize("kind", ["replaced", "wrapped"])
+def test_replaced_or_wrapped_modules_run_their_own_forward(where, kind, caplog):
+    cfg, eager, tri = make_pair()
     x, labels = inputs(cfg)
-    tri.train()
-    tri(x, labels=labels).loss.backward()
-    plain = {n: p.grad.clone() for n, p in tri.named_parameters()}
-    tri.zero_grad()
-    tri.gradient_checkpointing_enable()
-    tri(x, labels=labels).loss.backward()
-    for n, p in tri.named_parameters():
-        assert_close(p.grad, plain[n], 1e-6, name=n)
+    for model in (eager, tri):
+        for layer in model.vivit.layers:
+            parent_name, child = where.split(".")
+            parent = getattr(layer, parent_name)
+            old = getattr(parent, child)
+            torch.manual_seed(5)
+            new = Zeros(old.out_features) if kind == "replaced" else Wrapped(old)
+            setattr(parent, child, new.to(DEVICE))
+    model_module._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="vivit_kernels"):
+        out_t = tri(x, labels=labels)
+    out_e = eager(x, labels=labels)
+    assert_close(out_t.logits, out_e.logits, 1e-4, name="logits")  # the replacement took effect in both
+    out_t.loss.backward()
+    out_e.loss.backward()
+    assert_same_grads(tri, eager)
+    logged = [r.message for r in caplog.records if where in r.message]
+    assert len(logged) == 1 and f"vivit.layers.*.{where}" in logged[0] and "runs its own forward" in logged[0], logged
+
+
+def test_forward_hooks_fire_and_count():
+    cfg, eager, tri = make_pair()
+    x, _ = inputs(cfg)
+    calls = {"eager": 0, "triton": 0}
+    for name, model in (("eager", eager), ("triton", tri)):
+        for layer in model.vivit.layers:
+            def hook(module, args, output, name=name):
+                calls[name] += 1
+                return output * 0.5  # a hook that changes the output must change the result
+            layer.attention.k_proj.register_forward_hook(hook)
+            layer.mlp.fc2.register_forward_hook(hook)
+    out_t, out_e = tri(x).logits, eager(x).logits
+    assert calls["triton"] == calls["eager"] == 2 * cfg.num_hidden_layers
+    assert_close(out_t, out_e, 1e-4, name="hooked logits")
+
+
+def test_modules_without_hooks_again_fuse():
+    """transformers' output-capturing hooks stay installed after output_hidden_states: they must not disable the
+    fused path afterwards."""
+    cfg, _, tri = make_pair(head=False)
+    x, _ = inputs(cfg)
+    tri.eval()
+    with torch.no_grad():
+        tri(x, output_hidden_states=True, output_attentions=True)
+        triton_launches, aten_launches, names = count_launches(lambda: tri(x))
+    assert triton_launches == 1 + 7 * cfg.num_hidden_layers + 1, names
+
+
+def test_apply_vivit_kernels_to_a_transformers_model():
+    import transformers
+
+    config = transformers.VivitConfig(**vk.VivitConfig.from_preset("tiny").to_dict())
+    hf = randomize(transformers.VivitForVideoClassification(config)).to(DEVICE).eval()
+    x, _ = inputs(config)
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert vk.apply_vivit_kernels(hf, attn="triton") is hf
+        assert type(hf.vivit.layers[0]).__name__ == "KernelVivitLayer"
+        launches, _, _ = count_launches(lambda: hf(x))
+        assert launches == 1 + 7 * config.num_hidden_layers + 1
+        assert_close(hf(x).logits, ref, 1e-4, name="logits")
+        vk.apply_vivit_kernels(hf, attn="eager")
+        assert type(hf.vivit.layers[0]) is transformers.models.vivit.modeling_vivit.VivitLayer
+        assert_close(hf(x).logits, ref, 1e-5, name="back to eager")
+    with pytest.raises(ValueError, match="no transformers VivitModel inside"):
+        vk.apply_vivit_kernels(nn.Linear(2, 2))
 
 
 @pytest.mark.cpu_only

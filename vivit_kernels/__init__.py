@@ -1,4 +1,4 @@
-"""vivit_kernels: a faster, leaner drop-in ViViT for NVIDIA GPUs, with its own Triton and CUDA kernels.
+"""vivit_kernels: ViViT for NVIDIA GPUs with our own Triton and CUDA kernels behind transformers' modules.
 
 Names are imported on first use, so ``import vivit_kernels`` is cheap and the command line can configure
 Triton (e.g. its interpreter on machines without a GPU) before any kernel is defined.
@@ -9,16 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
-    "VivitConfig": "config",
-    "PRESETS": "config",
+    "VivitConfig": "model",
+    "PRESETS": "model",
     "VivitModel": "model",
     "VivitForVideoClassification": "model",
-    "VivitModelOutput": "model",
-    "VivitClassifierOutput": "model",
-    "CheckpointError": "checkpoint",
+    "apply_vivit_kernels": "model",
+    "CheckpointError": "model",
     "VideoProcessor": "processing",
     "read_video": "processing",
     "ops": None,
@@ -44,7 +43,5 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import ops
-    from .checkpoint import CheckpointError
-    from .config import PRESETS, VivitConfig
-    from .model import VivitClassifierOutput, VivitForVideoClassification, VivitModel, VivitModelOutput
+    from .model import PRESETS, CheckpointError, VivitConfig, VivitForVideoClassification, VivitModel, apply_vivit_kernels
     from .processing import VideoProcessor, read_video

@@ -80,13 +80,13 @@ def _synthetic_clip(frames: int, height: int, width: int, seed: int = 0):
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .backends import BACKEND_NAMES, backend_status
-    from .model import VivitForVideoClassification
+    from .backends import ATTN_CHOICES, backend_status
+    from .model import VivitForVideoClassification, image_hw, num_tokens
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if args.model:
-        model = VivitForVideoClassification.from_pretrained(args.model, dtype=dtype, device=device)
+        model = VivitForVideoClassification.from_pretrained(args.model, dtype=dtype).to(device).eval()
         print(f"model: {args.model} ({type(model).__name__})")
     else:
         torch.manual_seed(args.seed)
@@ -97,10 +97,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    height, width = cfg.image_hw
+    height, width = image_hw(cfg)
     print(
         f"  {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
-        f"{cfg.num_patches + 1} tokens, {n_params / 1e6:.2f} M parameters, {dtype}, {device}"
+        f"{num_tokens(cfg)} tokens, {n_params / 1e6:.2f} M parameters, {dtype}, {device}"
     )
     processor = _processor_for(model, args.model)
     clip = _synthetic_clip(cfg.num_frames, height * 3 // 2, width * 2, seed=args.seed)  # resized and cropped
@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     status = backend_status()
     results = {}
-    for name in BACKEND_NAMES:
+    for name in ATTN_CHOICES:
         ok, why = status[name]
         if not ok:
             print(f"  {name:<7} skipped: {why}")
@@ -142,11 +142,12 @@ def _processor_for(model, model_dir):
     """The checkpoint's preprocessor_config.json, else transformers' defaults scaled to the model's size."""
     from pathlib import Path
 
+    from .model import image_hw
     from .processing import VideoProcessor
 
     if model_dir and (Path(model_dir) / "preprocessor_config.json").is_file():
         return VideoProcessor.from_pretrained(model_dir)
-    height, width = model.config.image_hw
+    height, width = image_hw(model.config)
     return VideoProcessor() if (height, width) == (224, 224) else VideoProcessor.for_image_size(height, width)
 
 
@@ -159,7 +160,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if args.model:
-        model = VivitForVideoClassification.from_pretrained(args.model, attn=args.attn, dtype=dtype, device=device)
+        model = VivitForVideoClassification.from_pretrained(args.model, attn=args.attn, dtype=dtype).to(device).eval()
     else:
         torch.manual_seed(args.seed)
         model = VivitForVideoClassification(args.preset, attn=args.attn).to(device=device, dtype=dtype).eval()

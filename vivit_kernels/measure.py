@@ -32,7 +32,6 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .config import VivitConfig
 
 __all__ = ["GPUS", "Measurement", "measure", "measure_all", "format_markdown", "NO_LAUNCH_ATEN", "PROVIDERS"]
 
@@ -50,7 +49,8 @@ NO_LAUNCH_ATEN = frozenset({
     "flatten", "chunk", "narrow", "view_as", "expand_as", "_to_copy_meta",
 })
 
-PROVIDERS = ("eager", "sdpa", "triton", "transformers-eager", "transformers-sdpa")
+# ours ("triton") and transformers' own attention implementations (what attn="eager" / "sdpa" run)
+PROVIDERS = ("triton", "transformers-eager", "transformers-sdpa")
 # SDPA kernels torch's FLOP counter has no formula for (the CPU ones a fake-tensor run on the CPU dispatches to)
 _SDPA_WITHOUT_FORMULA = frozenset({"_scaled_dot_product_flash_attention_for_cpu"})
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -173,28 +173,29 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _build(provider: str, config: VivitConfig, dtype: torch.dtype) -> torch.nn.Module:
+def _build(provider: str, config, dtype: torch.dtype) -> torch.nn.Module:
     """A classification model (random weights, created under the caller's FakeTensorMode)."""
+    import copy
+
+    import transformers
+
+    from .model import VivitForVideoClassification
+
     with _default_dtype(dtype):
         if provider.startswith("transformers-"):
-            import transformers
-
-            hf_config = transformers.VivitConfig(**{k: v for k, v in config.to_dict().items() if k != "extra"})
+            hf_config = transformers.VivitConfig(**copy.deepcopy(config).to_dict())
             hf_config._attn_implementation = provider.split("-", 1)[1]
-            model = transformers.VivitForVideoClassification(hf_config)
-        else:
-            from .model import VivitForVideoClassification
-
-            model = VivitForVideoClassification(config, attn=provider)
-    return model
+            return transformers.VivitForVideoClassification(hf_config)
+        return VivitForVideoClassification(copy.deepcopy(config), attn=provider)
 
 
-def measure(provider: str, config: VivitConfig | str = "vivit-b-16x2", batch: int = 1,
-            dtype: torch.dtype = torch.bfloat16) -> Measurement:
+def measure(provider: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> Measurement:
     """All device-independent measurements of one provider at one batch size (see the module docstring)."""
+    from .model import VivitConfig, image_hw, num_tokens
+
     config = VivitConfig.from_preset(config) if isinstance(config, str) else config
-    result = Measurement(provider, batch, _DTYPE_NAMES[dtype], config.num_patches + 1, config.num_hidden_layers)
-    h, w = config.image_hw
+    result = Measurement(provider, batch, _DTYPE_NAMES[dtype], num_tokens(config), config.num_hidden_layers)
+    h, w = image_hw(config)
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = _build(provider, config, dtype)
         params = {_storage_key(p) for p in model.parameters()}
@@ -230,26 +231,15 @@ def measure(provider: str, config: VivitConfig | str = "vivit-b-16x2", batch: in
     return result
 
 
-def measure_all(config: VivitConfig | str = "vivit-b-16x2", batches=(1, 2, 4, 8), dtype: torch.dtype = torch.bfloat16,
+def measure_all(config="vivit-b-16x2", batches=(1, 2, 4, 8), dtype: torch.dtype = torch.bfloat16,
                 providers=PROVIDERS, progress: Optional[Callable[[str], None]] = None) -> list[Measurement]:
     rows = []
     for batch in batches:
         for provider in providers:
-            if provider.startswith("transformers-") and not _has_transformers():
-                continue
             if progress:
                 progress(f"measuring {provider} batch {batch}")
             rows.append(measure(provider, config, batch, dtype))
     return rows
-
-
-def _has_transformers() -> bool:
-    try:
-        import transformers  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
 
 
 def format_markdown(rows: list[Measurement], baseline: str = "transformers-sdpa") -> str:

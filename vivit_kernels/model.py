@@ -1,504 +1,650 @@
-"""ViViT (Arnab et al. 2021, unfactorised "model 1"), as transformers' ``VivitModel`` computes it.
+"""ViViT as transformers' own model, with vivit_kernels' kernels behind its modules.
 
-Module and state_dict names are transformers 5.x's (``vivit.layers.N.attention.q_proj`` ...), so the model
-is a drop-in replacement. Internally the attention keeps one fused ``qkv`` projection (one GEMM instead of
-three); state_dict hooks split it on save and fuse it on load, and transformers 4.x names
-(``vivit.encoder.layer.N.attention.attention.query`` ...) are accepted on load as well.
+``VivitModel`` and ``VivitForVideoClassification`` are transformers' classes (``PreTrainedModel``: the same
+module tree, state dict, config, loading, saving, output classes, gradient checkpointing) with:
 
-Every layer calls the functions of one :class:`~vivit_kernels.backends.Backend` ("eager", "sdpa", "triton");
-nothing backend-specific lives in the layers.
+- ``attn``: "eager" or "sdpa" (transformers' own attention), "triton" (our kernels behind the modules) or "auto"
+  (per op, the fastest implementation measured on this GPU); ``set_attn`` changes it;
+- ``head_mask`` (keyword-only): the seed's argument, with transformers 4.x's meaning (5.x removed it);
+- ``interpolate_pos_encoding`` over the (T', h, w) tubelet grid (transformers reads the ViViT table as one square
+  2-D grid), and inputs that are not tubelet multiples, whose remainder is dropped as Conv3d drops it.
+
+``apply_vivit_kernels(model, attn)`` does the same to a ViViT model transformers loaded (possibly wrapped by
+PEFT): it swaps the classes of the embeddings, attention, layer and LayerNorm modules for subclasses whose
+``forward`` runs our kernels. Parameters, buffers and state-dict names do not change. A layer fuses work across
+modules (the three projections in one GEMM, the residual into the output projection, the MLP into two GEMMs)
+only where the modules are the plain ones it knows (nn.Linear, nn.LayerNorm, nn.Conv3d, transformers' ViViT
+modules) without hooks; a wrapped or replaced module (a LoRA layer, a quantized linear, a hooked module) runs
+its own forward, the rest stays on our kernels, and one log line says what fell back and why.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.nn.modules import module as _module_state
+from transformers.activations import FastGELUActivation
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.models.vivit import configuration_vivit as hf_config
+from transformers.models.vivit import modeling_vivit as hf
 
-from .backends import Backend, get_backend
-from .checkpoint import PretrainedMixin, convert_v4_keys
-from .config import VivitConfig
-from .ops.activations import get_activation
+from .backends import ATTN_CHOICES, Backend, get_backend
 from .ops.attention import attention_ref
 
-__all__ = [
-    "VivitModel",
-    "VivitForVideoClassification",
-    "VivitModelOutput",
-    "VivitClassifierOutput",
-]
+__all__ = ["VivitConfig", "VivitModel", "VivitForVideoClassification", "apply_vivit_kernels", "PRESETS",
+           "CheckpointError", "image_hw", "num_tokens"]
+
+logger = logging.getLogger("vivit_kernels")
 
 
 # --------------------------------------------------------------------------------------------------
-# Outputs: attribute access, and transformers' ModelOutput behaviour for indexing and to_tuple()
-# (fields that are None are skipped).
+# Config: transformers' VivitConfig, plus named presets
 # --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _ModelOutput:
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(self.to_tuple())
+PRESETS: dict[str, dict[str, Any]] = {
+    # google/vivit-b-16x2-kinetics400: transformers' defaults with the 400 Kinetics classes
+    "vivit-b-16x2": {"num_labels": 400},
+    # ViViT-L/16x2 (factorised-free): 24 layers of 1024, 16 heads
+    "vivit-l-16x2": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                     "intermediate_size": 4096, "num_labels": 400},
+    # the demo's model: ViViT-B's head size (64), 4 x 4 x 4 tubelets + CLS on 8 frames of 64x64
+    "small": {"image_size": 64, "num_frames": 8, "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3,
+              "intermediate_size": 768, "num_labels": 400},
+    # small enough for CPU tests: 2 x 2 x 2 tubelets + CLS = 9 tokens
+    "tiny": {"image_size": 32, "num_frames": 4, "tubelet_size": [2, 16, 16], "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": 128, "num_labels": 10},
+}
 
 
-@dataclasses.dataclass
-class VivitModelOutput(_ModelOutput):
-    last_hidden_state: Optional[torch.Tensor] = None
-    pooler_output: Optional[torch.Tensor] = None
-    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
-    attentions: Optional[tuple[torch.Tensor, ...]] = None
+class VivitConfig(hf_config.VivitConfig):
+    """transformers' ``VivitConfig`` (same fields, defaults and config.json), with named presets."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "VivitConfig":
+        """A preset ("vivit-b-16x2", "vivit-l-16x2", "small", "tiny") with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
 
 
-@dataclasses.dataclass
-class VivitClassifierOutput(_ModelOutput):
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
-    attentions: Optional[tuple[torch.Tensor, ...]] = None
+def image_hw(config) -> tuple[int, int]:
+    """(height, width) of the frames a ViViT config was built for."""
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-_warned: set[str] = set()
+def num_tokens(config) -> int:
+    """Tokens per clip: the tubelet grid of the configured input, plus [CLS]."""
+    t, p, q = config.tubelet_size
+    h, w = image_hw(config)
+    return (config.num_frames // t) * (h // p) * (w // q) + 1
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-# --------------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------------
-class VivitTubeletEmbeddings(nn.Module):
-    """Holds the Conv3d tubelet projection (weight (hidden, C, t, p, q)); the computation is the backend's."""
-
-    def __init__(self, config: VivitConfig):
-        super().__init__()
-        self.projection = nn.Conv3d(
-            config.num_channels, config.hidden_size, kernel_size=config.tubelet_size, stride=config.tubelet_size
-        )
-
-
-class VivitEmbeddings(nn.Module):
-    def __init__(self, config: VivitConfig):
-        super().__init__()
-        self.config = config
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embeddings = VivitTubeletEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def position_table(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """The position table for a (T', h, w) tubelet grid, shaped (1, 1 + T'*h*w, hidden).
-
-        The table is returned unchanged when the grid is the configured one. Otherwise its patch part is
-        read as the (T0', h0, w0) grid it was trained on, resized bicubically in space (align_corners=False,
-        each frame slice separately) and linearly in time, and the [CLS] entry is kept.
-        """
-        table = self.position_embeddings
-        t0, h0, w0 = self.config.patch_grid
-        t, h, w = grid
-        if (t, h, w) == (t0, h0, w0):
-            return table
-        dim = table.shape[-1]
-        g = table[:, 1:].float().reshape(t0, h0, w0, dim).permute(0, 3, 1, 2)  # (t0, D, h0, w0)
-        if (h, w) != (h0, w0):
-            g = F.interpolate(g, size=(h, w), mode="bicubic", align_corners=False)
-        if t != t0:
-            g = g.permute(1, 2, 3, 0).reshape(1, dim * h * w, t0)
-            g = F.interpolate(g, size=t, mode="linear", align_corners=False)
-            g = g.reshape(dim, h, w, t).permute(3, 0, 1, 2)
-        patch = g.permute(0, 2, 3, 1).reshape(1, t * h * w, dim).to(table.dtype)
-        return torch.cat((table[:, :1], patch), dim=1)
-
-    def forward(self, pixel_values: torch.Tensor, backend: Backend, interpolate_pos_encoding: bool) -> torch.Tensor:
-        t, p, q = self.config.tubelet_size
-        _, frames, _, height, width = pixel_values.shape
-        grid = (frames // t, height // p, width // q)
-        pos = self.position_table(grid) if interpolate_pos_encoding else self.position_embeddings
-        proj = self.patch_embeddings.projection
-        embeddings = backend.patch_embed(pixel_values, proj.weight, proj.bias, self.cls_token, pos)
-        return self.dropout(embeddings)
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoder
-# --------------------------------------------------------------------------------------------------
-class VivitAttention(nn.Module):
-    """Self-attention with one fused [Wq; Wk; Wv] projection; q_proj/k_proj/v_proj in the state_dict."""
-
-    def __init__(self, config: VivitConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.dropout_prob = config.attention_probs_dropout_prob
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
-        self.register_state_dict_post_hook(_split_qkv)
-        self.register_load_state_dict_pre_hook(_fuse_qkv)
-
-    def forward(
-        self, x: torch.Tensor, backend: Backend, head_mask: Optional[torch.Tensor], output_attentions: bool
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the attention context (B, N, hidden), before o_proj, and the probabilities if asked."""
-        batch, tokens, hidden = x.shape
-        qkv = backend.linear(x, self.qkv.weight, self.qkv.bias).view(batch, tokens, 3, self.num_heads, self.head_dim)
-        dropout_p = self.dropout_prob if self.training else 0.0
-        needs_eager = output_attentions or head_mask is not None or (dropout_p > 0 and not backend.attention_dropout)
-        if needs_eager:
-            if backend.name != "eager":
-                _warn_once(
-                    f"attn={backend.name!r} cannot return attention probabilities, apply head_mask or attention "
-                    "dropout; falling back to eager attention for those calls"
-                )
-            context, probs = attention_ref(*qkv.unbind(2), self.scaling, dropout_p, head_mask, return_probs=True)
-        else:
-            context, probs = backend.attention(qkv, self.scaling, dropout_p), None
-        return context.reshape(batch, tokens, hidden), probs
-
-
-def _split_qkv(module: VivitAttention, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    for suffix in ("weight", "bias"):
-        fused = state_dict.pop(prefix + "qkv." + suffix, None)
-        if fused is not None:
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3, dim=0)):
-                state_dict[f"{prefix}{name}.{suffix}"] = part
-
-
-def _fuse_qkv(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    for suffix in ("weight", "bias"):
-        names = [f"{prefix}{n}.{suffix}" for n in ("q_proj", "k_proj", "v_proj")]
-        if all(n in state_dict for n in names):
-            state_dict[f"{prefix}qkv.{suffix}"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
-
-
-class VivitMLP(nn.Module):
-    def __init__(self, config: VivitConfig):
-        super().__init__()
-        self.activation = config.hidden_act
-        get_activation(self.activation)  # fail at construction, not at the first forward
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-
-class VivitLayer(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, config: VivitConfig):
-        super().__init__()
-        self.eps = config.layer_norm_eps
-        self.attention = VivitAttention(config)
-        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = VivitMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def _project_add(self, backend: Backend, x: torch.Tensor, proj: nn.Linear, residual: torch.Tensor):
-        """residual + dropout(proj(x)); the residual is fused into the projection when dropout is off."""
-        if self.training and self.dropout.p > 0:
-            return self.dropout(backend.linear(x, proj.weight, proj.bias)) + residual
-        return backend.linear(x, proj.weight, proj.bias, residual=residual)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        backend: Backend,
-        head_mask: Optional[torch.Tensor] = None,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        ln = self.layernorm_before
-        h = backend.layer_norm(x, ln.weight, ln.bias, self.eps)
-        context, probs = self.attention(h, backend, head_mask, output_attentions)
-        x = self._project_add(backend, context, self.attention.o_proj, x)
-
-        ln = self.layernorm_after
-        h = backend.layer_norm(x, ln.weight, ln.bias, self.eps)
-        fc1, fc2, act = self.mlp.fc1, self.mlp.fc2, self.mlp.activation
-        if self.training and self.dropout.p > 0:
-            return self.dropout(backend.mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act)) + x, probs
-        return backend.mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual=x), probs
-
-
-class VivitPooler(nn.Module):
-    def __init__(self, config: VivitConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.pooler_output_size)
-        self.activation = get_activation(config.pooler_act)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(hidden_states[:, 0]))
-
-
-# --------------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------------
-class _VivitBase(PretrainedMixin, nn.Module):
-    config: VivitConfig
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """transformers' initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv3d)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, VivitEmbeddings):
-            nn.init.zeros_(module.cls_token)
-            nn.init.zeros_(module.position_embeddings)
-
-    def init_weights(self) -> None:
-        with torch.no_grad():
-            self.apply(self._init_weights)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-
-def _resolve_config(config: VivitConfig | str | None) -> VivitConfig:
+def _resolve_config(config) -> hf_config.VivitConfig:
     if config is None:
         return VivitConfig()
     if isinstance(config, str):
         return VivitConfig.from_preset(config)
-    if not isinstance(config, VivitConfig):
-        raise TypeError(f"config must be a VivitConfig or a preset name, got {type(config).__name__}")
+    if not isinstance(config, hf_config.VivitConfig):
+        raise TypeError(f"config must be a VivitConfig or a preset name ({', '.join(PRESETS)}), got {type(config).__name__}")
     return config
 
 
-class VivitModel(_VivitBase):
-    """The ViViT encoder: tubelet embeddings, ``num_hidden_layers`` blocks, final LayerNorm, optional pooler.
+# --------------------------------------------------------------------------------------------------
+# What may be fused: plain modules without hooks
+# --------------------------------------------------------------------------------------------------
+_logged: set[str] = set()
 
-    Args:
-        config: a :class:`VivitConfig`, a preset name ("vivit-b-16x2", "tiny", ...) or None for the defaults.
-        add_pooling_layer: add the [CLS] dense + tanh pooler (``pooler_output``).
-        attn: "eager", "sdpa" or "triton"; change it later with :meth:`set_attn`.
-    """
 
-    def __init__(self, config: VivitConfig | str | None = None, add_pooling_layer: bool = True, attn: str = "eager"):
-        super().__init__()
-        self.config = _resolve_config(config)
-        self.embeddings = VivitEmbeddings(self.config)
-        self.layers = nn.ModuleList([VivitLayer(self.config) for _ in range(self.config.num_hidden_layers)])
-        self.layernorm = nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
-        self.pooler = VivitPooler(self.config) if add_pooling_layer else None
-        self.gradient_checkpointing = False
-        self.register_load_state_dict_pre_hook(_accept_v4_keys)
-        self.set_attn(attn)
-        self.init_weights()
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.warning(message)
 
-    # -- configuration -----------------------------------------------------------------------------
-    def set_attn(self, attn: str) -> "VivitModel":
-        """Choose the backend ("eager", "sdpa", "triton") for every following forward."""
-        self.backend = get_backend(attn)
-        return self
+
+def _is_capture_hook(hook) -> bool:
+    """transformers' output-capturing hooks (hidden states, attentions) stay installed once used and do
+    nothing unless outputs are being collected; they do not make a module 'hooked'."""
+    return getattr(hook, "__name__", "") == "output_capturing_hook"
+
+
+def _hooks(module: nn.Module) -> bool:
+    """Whether calling around ``module`` (instead of calling it) would skip hooks someone relies on."""
+    if module._forward_pre_hooks or any(not _is_capture_hook(h) for h in module._forward_hooks.values()):
+        return True
+    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
+
+
+def _collecting_attentions() -> bool:
+    """Whether transformers is collecting attention probabilities in this forward (output_attentions)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - another transformers layout: be safe, treat as collecting
+        return True
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _why_not_plain(module: nn.Module, kind: type, x: torch.Tensor) -> Optional[str]:
+    """None when ``module`` is exactly ``kind`` (or our kernel subclass of it), has no hooks and matches x's
+    dtype and device; otherwise why not."""
+    if not (type(module) is kind or type(module) in _KERNEL_CLASSES.get(kind, ())):
+        return f"is a {type(module).__module__}.{type(module).__qualname__}, not a plain {kind.__name__}"
+    if _hooks(module):
+        return "has forward hooks"
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dtype != x.dtype or weight.device != x.device:
+        return f"holds {None if weight is None else weight.dtype} weights for {x.dtype} inputs (autocast or a dtype mix)"
+    return None
+
+
+def _plain(module: nn.Module, kind: type, x: torch.Tensor, where: str) -> bool:
+    """Whether ``module`` (at ``where`` in the model) may be computed around instead of called; logs once why not."""
+    why = _why_not_plain(module, kind, x)
+    if why is not None:
+        where = re.sub(r"\.layers\.\d+\.", ".layers.*.", where)  # one line for that module of every layer
+        _log_once(f"{where}:{why}", f"vivit_kernels: {where} {why}: it runs its own forward; the rest of the layer "
+                                    "stays on vivit_kernels' kernels")
+    return why is None
+
+
+def _name(module: nn.Module, child: str) -> str:
+    return f"{getattr(module, '_vivit_name', type(module).__name__)}.{child}"
+
+
+def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, activation_fn=None,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + activation_fn(module(x))`` for a linear submodule: one GEMM with the bias, gelu_fast and the
+    residual in its epilogue when it is a plain nn.Linear (another activation runs after it in torch), else the
+    module's own forward followed by the activation and the residual."""
+    fused_gelu = isinstance(activation_fn, FastGELUActivation)
+    if _plain(module, nn.Linear, x, where):
+        if activation_fn is None or fused_gelu:
+            return backend.linear(x, module.weight, module.bias, "gelu_fast" if fused_gelu else None, residual)
+        y = activation_fn(backend.linear(x, module.weight, module.bias))
+    else:
+        y = module(x)
+        if activation_fn is not None:
+            y = activation_fn(y)
+    return y if residual is None else y + residual
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules: transformers' ViViT modules with a kernel forward (same parameters and names)
+# --------------------------------------------------------------------------------------------------
+class KernelLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that runs the backend's LayerNorm kernel (same parameters; eps and affine as configured)."""
+
+    _vivit_backend: Backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.bias is None or len(self.normalized_shape) != 1 or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        return self._vivit_backend.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class KernelVivitEmbeddings(hf.VivitEmbeddings):
+    """transformers' embeddings with clear input errors, the (T', h, w) position interpolation, Conv3d's handling
+    of sizes that are not tubelet multiples, and (with a kernel backend) the fused patch-embedding kernel."""
+
+    _vivit_backend: Optional[Backend] = None
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        pixel_values = self._checked(pixel_values, interpolate_pos_encoding)
+        batch, frames, _, height, width = pixel_values.shape
+        t, p, q = self._tubelet
+        pos = self.position_table((frames // t, height // p, width // q)) if interpolate_pos_encoding else self.position_embeddings
+        backend = self._vivit_backend
+        tubelets, proj = self.patch_embeddings, self.patch_embeddings.projection
+        if backend is not None and self._fusable(tubelets, proj, pixel_values):
+            embeddings = backend.patch_embed(pixel_values, proj.weight, proj.bias, self.cls_token, pos)
+        else:
+            embeddings = torch.cat((self.cls_token.expand(batch, -1, -1), tubelets(pixel_values)), dim=1) + pos
+        return self.dropout(embeddings)
 
     @property
-    def attn(self) -> str:
-        return self.backend.name
+    def _tubelet(self) -> tuple[int, int, int]:
+        return tuple(self.patch_embeddings.projection.kernel_size)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer in the backward pass instead of keeping its activations (training only)."""
-        self.gradient_checkpointing = True
+    def _fusable(self, tubelets: nn.Module, proj: nn.Module, x: torch.Tensor) -> bool:
+        if type(tubelets) is not hf.VivitTubeletEmbeddings or _hooks(tubelets):
+            _log_once("patch_embeddings", "vivit_kernels: the patch embeddings module is replaced or hooked: it runs "
+                                          "its own forward")
+            return False
+        if not _plain(proj, nn.Conv3d, x, _name(self, "patch_embeddings.projection")):
+            return False
+        return (tuple(proj.stride) == tuple(proj.kernel_size) and proj.padding in ((0, 0, 0), "valid")
+                and tuple(proj.dilation) == (1, 1, 1) and proj.groups == 1 and proj.padding_mode == "zeros")
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
-    # -- input checks ------------------------------------------------------------------------------
-    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
-        cfg = self.config
+    def _checked(self, pixel_values, interpolate_pos_encoding: bool) -> torch.Tensor:
+        """Errors that say what was expected and what was given; the input cast to the model's dtype."""
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if pixel_values.dim() != 5:
-            raise ValueError(
-                "pixel_values must be 5-D (batch, frames, channels, height, width), "
-                f"got shape {tuple(pixel_values.shape)}"
-            )
+            raise ValueError("pixel_values must be 5-D (batch, frames, channels, height, width), "
+                             f"got shape {tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
         _, frames, channels, height, width = pixel_values.shape
-        if channels != cfg.num_channels:
+        expected_channels = self.patch_embeddings.projection.in_channels
+        if channels != expected_channels:
             raise ValueError(
-                f"pixel_values has {channels} channels in dim 2, expected num_channels={cfg.num_channels} "
-                f"(layout is (batch, frames, channels, height, width); got shape {tuple(pixel_values.shape)})"
-            )
-        t, p, q = cfg.tubelet_size
+                f"pixel_values has {channels} channels in dim 2, expected num_channels={expected_channels} "
+                f"(layout is (batch, frames, channels, height, width); got shape {tuple(pixel_values.shape)})")
+        t, p, q = self._tubelet
         if interpolate_pos_encoding:
-            if frames % t or height % p or width % q or frames < t or height < p or width < q:
-                raise ValueError(
-                    f"with interpolate_pos_encoding, frames/height/width must be positive multiples of the "
-                    f"tubelet size {cfg.tubelet_size}, got {frames}x{height}x{width}"
-                )
+            if frames < t or height < p or width < q:
+                raise ValueError(f"pixel_values of {frames} frames of {height}x{width} is smaller than one tubelet "
+                                 f"({t} frames of {p}x{q})")
         else:
-            if (height, width) != cfg.image_hw:
-                raise ValueError(
-                    f"input image size ({height}*{width}) doesn't match the model ({cfg.image_hw[0]}*"
-                    f"{cfg.image_hw[1]}); pass interpolate_pos_encoding=True to run at another size"
-                )
-            if frames != cfg.num_frames:
-                raise ValueError(
-                    f"input has {frames} frames, the model expects num_frames={cfg.num_frames}; pass "
-                    "interpolate_pos_encoding=True to run on another number of frames"
-                )
-        if pixel_values.device != self.device:
-            raise ValueError(f"pixel_values is on {pixel_values.device}, the model is on {self.device}")
-        return pixel_values.to(self.dtype)
+            h0, w0 = self.image_size
+            if (height, width) != (h0, w0):
+                raise ValueError(f"input image size ({height}*{width}) doesn't match the model ({h0}*{w0}); pass "
+                                 "interpolate_pos_encoding=True to run at another size")
+            t0 = (self.position_embeddings.shape[1] - 1) // ((h0 // p) * (w0 // q))
+            if frames // t != t0:
+                raise ValueError(f"input has {frames} frames, the model expects num_frames={t0 * t}; pass "
+                                 "interpolate_pos_encoding=True to run on another number of frames")
+        weight = self.patch_embeddings.projection.weight
+        if pixel_values.device != weight.device and weight.device.type != "meta":
+            raise ValueError(f"pixel_values is on {pixel_values.device}, the model is on {weight.device}")
+        if self._vivit_backend is not None:
+            if self._vivit_backend.check_inputs is not None:
+                self._vivit_backend.check_inputs(pixel_values)
+            if torch.is_autocast_enabled(pixel_values.device.type):
+                _log_once("autocast", "vivit_kernels: autocast is on, but our kernels compute in the model's own dtype "
+                                      f"({weight.dtype}); cast the model (model.to(torch.bfloat16)) for bf16 kernels")
+        return pixel_values.to(weight.dtype)
 
-    def _expand_head_mask(self, head_mask: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-        """(H,) or (layers, H) -> one (1, H, 1, 1) mask per layer, in the model's dtype (transformers' rule)."""
-        layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
-        if head_mask is None:
-            return [None] * layers
-        head_mask = torch.as_tensor(head_mask, device=self.device)
-        if head_mask.dim() == 1 and head_mask.shape[0] == heads:
-            head_mask = head_mask.expand(layers, heads)
-        if tuple(head_mask.shape) != (layers, heads):
-            raise ValueError(
-                f"head_mask must be shaped (num_heads,)=({heads},) or (num_hidden_layers, num_heads)="
-                f"({layers}, {heads}), got {tuple(head_mask.shape)}"
-            )
-        return list(head_mask.to(self.dtype).view(layers, 1, heads, 1, 1).unbind(0))
+    def position_table(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The position table for a (T', h, w) tubelet grid, (1, 1 + T'*h*w, hidden).
 
-    # -- forward -----------------------------------------------------------------------------------
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        head_mask: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: Optional[bool] = None,
-    ):
-        pixel_values = self._check_pixel_values(pixel_values, interpolate_pos_encoding)
-        backend = self.backend
-        if backend.check_inputs is not None:
-            backend.check_inputs(pixel_values)
-        head_masks = self._expand_head_mask(head_mask)
-        output_attentions = bool(output_attentions)
-
-        hidden_states = self.embeddings(pixel_values, backend, interpolate_pos_encoding)
-        all_hidden: list[torch.Tensor] = [hidden_states] if output_hidden_states else []
-        all_attentions: list[torch.Tensor] = []
-        for layer, layer_head_mask in zip(self.layers, head_masks):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states, probs = checkpoint(
-                    layer, hidden_states, backend, layer_head_mask, output_attentions, use_reentrant=False
-                )
-            else:
-                hidden_states, probs = layer(hidden_states, backend, layer_head_mask, output_attentions)
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(probs)
-
-        ln = self.layernorm
-        sequence_output = backend.layer_norm(hidden_states, ln.weight, ln.bias, self.config.layer_norm_eps)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        out = VivitModelOutput(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
-        return out if return_dict is None or return_dict else out.to_tuple()
+        Unchanged for the configured grid. Otherwise its patch part is read as the (T0', h0, w0) grid it was
+        trained on, resized bicubically in space (each frame slice, align_corners=False) and linearly in time; the
+        [CLS] entry is kept.
+        """
+        table = self.position_embeddings
+        t, p, q = self._tubelet
+        h0, w0 = self.image_size[0] // p, self.image_size[1] // q
+        t0 = (table.shape[1] - 1) // (h0 * w0)
+        t1, h1, w1 = grid
+        if (t1, h1, w1) == (t0, h0, w0):
+            return table
+        dim = table.shape[-1]
+        g = table[:, 1:].float().reshape(t0, h0, w0, dim).permute(0, 3, 1, 2)  # (t0, D, h0, w0)
+        if (h1, w1) != (h0, w0):
+            g = F.interpolate(g, size=(h1, w1), mode="bicubic", align_corners=False)
+        if t1 != t0:
+            g = g.permute(1, 2, 3, 0).reshape(1, dim * h1 * w1, t0)
+            g = F.interpolate(g, size=t1, mode="linear", align_corners=False)
+            g = g.reshape(dim, h1, w1, t1).permute(3, 0, 1, 2)
+        patch = g.permute(0, 2, 3, 1).reshape(1, t1 * h1 * w1, dim).to(table.dtype)
+        return torch.cat((table[:, :1], patch), dim=1)
 
 
-def _accept_v4_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    convert_v4_keys(state_dict, prefix)
+class KernelVivitAttention(hf.VivitAttention):
+    """transformers' attention, plus ``head_mask`` and attention probabilities from any backend, and (with a
+    kernel backend) the three projections in one GEMM that reads the three weights in place and flash attention."""
+
+    _vivit_backend: Optional[Backend] = None
+    _vivit_layer_index: int = 0
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                head_mask: Optional[torch.Tensor] = None, **kwargs):
+        layer_mask = None if head_mask is None else head_mask[self._vivit_layer_index]
+        probabilities = _collecting_attentions() and self.config._attn_implementation != "eager"
+        if self._vivit_backend is None and layer_mask is None and not probabilities:
+            return super().forward(hidden_states, attention_mask, **kwargs)  # transformers', unchanged
+        return self.attend(hidden_states, attention_mask, layer_mask)
+
+    def attend(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               head_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None):
+        """(o_proj(attention(h)) + residual, probabilities or None)."""
+        backend = self._vivit_backend
+        batch, tokens, _ = h.shape
+        heads, head_dim = self.num_attention_heads, self.head_dim
+        shape = (batch, tokens, heads, head_dim)
+        q_, k_, v_ = self.q_proj, self.k_proj, self.v_proj
+        fused = backend is not None and all(_plain(m, nn.Linear, h, _name(self, n))
+                                            for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj")))
+        fused = fused and (q_.bias is None) == (k_.bias is None) == (v_.bias is None)
+        if fused:
+            qkv = backend.qkv(h, q_.weight, q_.bias, k_.weight, k_.bias, v_.weight, v_.bias).view(batch, tokens, 3, heads, head_dim)
+            q, k, v = qkv.unbind(2)
+        else:
+            q, k, v = (self._project(name, h).view(shape) for name in ("q_proj", "k_proj", "v_proj"))
+        dropout = self.attention_dropout if self.training else 0.0
+        why = ("head_mask" if head_mask is not None else "output_attentions" if _collecting_attentions()
+               else "an attention mask" if attention_mask is not None else "attention dropout" if dropout > 0 else None)
+        if backend is None or why is not None:
+            if backend is not None:
+                _log_once(f"eager:{why}", f"vivit_kernels: attention with {why} runs eager attention (the flash kernel "
+                                          "returns no probabilities and applies no mask or dropout)")
+            context, probs = attention_ref(q, k, v, self.scaling, dropout, head_mask, attention_mask, return_probs=True)
+        else:
+            context = backend.attention_qkv(qkv, self.scaling) if fused else backend.attention(q, k, v, self.scaling)
+            probs = None
+        context = context.reshape(batch, tokens, heads * head_dim)
+        if backend is None:
+            out = self.o_proj(context)
+            return (out if residual is None else out + residual), probs
+        return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), probs
+
+    def _project(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        if self._vivit_backend is None:
+            return getattr(self, name)(h)
+        return _linear(self._vivit_backend, getattr(self, name), _name(self, name), h)
 
 
-class VivitForVideoClassification(_VivitBase):
-    """ViViT with a linear classifier on the final [CLS] state (400 Kinetics classes for the hub model)."""
+class KernelVivitLayer(hf.VivitLayer):
+    """transformers' pre-norm block on our kernels: LayerNorm, QKV GEMM, flash attention, output projection with
+    the residual in its epilogue, LayerNorm, and the MLP in two GEMMs (bias + gelu_fast, bias + residual):
+    7 launches when the modules are plain."""
 
-    def __init__(self, config: VivitConfig | str | None = None, attn: str = "eager"):
-        super().__init__()
-        self.config = _resolve_config(config)
-        self.num_labels = self.config.num_labels
-        self.vivit = VivitModel(self.config, add_pooling_layer=False, attn=attn)
-        self.classifier = (
-            nn.Linear(self.config.hidden_size, self.num_labels) if self.num_labels > 0 else nn.Identity()
-        )
-        self.init_weights()
+    _vivit_backend: Backend
 
-    def set_attn(self, attn: str) -> "VivitForVideoClassification":
-        self.vivit.set_attn(attn)
-        return self
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        if kwargs.pop(_UNMASKED, False):
+            attention_mask = None  # the all-visible mask transformers materialises while exporting (no padding)
+        backend = self._vivit_backend
+        fuse_residual = not (self.training and self.dropout.p > 0)
+        residual = hidden_states
+        h = self.layernorm_before(hidden_states)
+        attention = self.attention
+        if isinstance(attention, KernelVivitAttention) and not _hooks(attention) and fuse_residual \
+                and not _collecting_attentions():
+            head_mask = kwargs.get("head_mask")
+            layer_mask = None if head_mask is None else head_mask[attention._vivit_layer_index]
+            x, _ = attention.attend(h, attention_mask, layer_mask, residual=residual)
+        else:
+            out, _ = attention(h, attention_mask, **kwargs)
+            x = self.dropout(out) + residual
+        return self._mlp(backend, self.layernorm_after(x), x, fuse_residual)
+
+    def _mlp(self, backend: Backend, h: torch.Tensor, residual: torch.Tensor, fuse_residual: bool) -> torch.Tensor:
+        mlp = self.mlp
+        if type(mlp) is not hf.VivitMLP or _hooks(mlp):
+            _log_once("mlp", "vivit_kernels: the MLP module is replaced or hooked: it runs its own forward")
+            return self.dropout(mlp(h)) + residual
+        gelu = isinstance(mlp.activation_fn, FastGELUActivation)
+        res = residual if fuse_residual else None
+        fc1, fc2 = _name(self, "mlp.fc1"), _name(self, "mlp.fc2")
+        if gelu and _plain(mlp.fc1, nn.Linear, h, fc1) and _plain(mlp.fc2, nn.Linear, h, fc2):
+            out = backend.mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, "gelu_fast", res)
+        else:
+            hidden = _linear(backend, mlp.fc1, fc1, h, activation_fn=mlp.activation_fn)
+            out = _linear(backend, mlp.fc2, fc2, hidden, residual=res)
+        return out if fuse_residual else self.dropout(out) + residual
+
+
+# Passed down by our forwards when the caller gave no attention mask: videos have no padding, so the layers may
+# ignore the all-visible mask transformers builds anyway while torch.export traces (and keep flash attention).
+_UNMASKED = "_vivit_unmasked"
+# Our subclasses of each plain class, which count as that class when deciding what may be fused.
+_KERNEL_CLASSES: dict[type, tuple[type, ...]] = {nn.LayerNorm: (KernelLayerNorm,)}
+_SWAPS = {hf.VivitEmbeddings: KernelVivitEmbeddings, hf.VivitAttention: KernelVivitAttention,
+          hf.VivitLayer: KernelVivitLayer, nn.LayerNorm: KernelLayerNorm}
+_ALWAYS = (hf.VivitEmbeddings, hf.VivitAttention)  # swapped for every backend (input checks, head_mask, positions)
+_dynamic: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, base: type, to_kernel: bool) -> None:
+    """Give ``module`` our kernel subclass of ``base`` (or back the class it had)."""
+    current = type(module)
+    kernel = _SWAPS[base]
+    if to_kernel:
+        if issubclass(current, kernel):
+            return
+        if current is base:
+            module.__class__ = kernel
+            return
+        # a subclass someone else made (e.g. FSDP2's FSDP<Layer>): our forward on top of it
+        key = (current, kernel)
+        if key not in _dynamic:
+            _dynamic[key] = type(f"Kernel{current.__name__}", (kernel, current), {"__module__": __name__})
+        module.__class__ = _dynamic[key]
+        return
+    if current is kernel:
+        module.__class__ = base
+    elif issubclass(current, kernel):
+        module.__class__ = next(c for c in current.__mro__[1:] if issubclass(c, base) and not issubclass(c, kernel))
+
+
+def _vivit_bases(model: nn.Module) -> list[hf.VivitModel]:
+    return [m for m in model.modules() if isinstance(m, hf.VivitModel)]
+
+
+def apply_vivit_kernels(model: nn.Module, attn: str = "triton") -> nn.Module:
+    """Switch a transformers ViViT model (``VivitModel`` / ``VivitForVideoClassification``, loaded by transformers
+    or ours, possibly wrapped by PEFT) to ``attn`` in place, and return it.
+
+    "triton" / "auto" put our kernels behind its modules; "eager" / "sdpa" give transformers' attention back
+    (keeping our input checks, head_mask and position interpolation). Parameters and state dict are untouched.
+    """
+    bases = _vivit_bases(model)
+    if not bases:
+        raise ValueError(f"apply_vivit_kernels: no transformers VivitModel inside this {type(model).__name__}")
+    backend = get_backend(attn)
+    if attn not in (None, "eager", "sdpa") and backend is None:  # Triton missing: get_backend warned
+        attn = "sdpa"
+    for base in bases:
+        if attn in ("eager", "sdpa"):
+            base.set_attn_implementation(attn)
+        base._vivit_attn = attn or base.config._attn_implementation
+        prefix = {id(m): n for n, m in model.named_modules()}.get(id(base), "")
+        for index, layer in enumerate(base.layers):
+            for module in layer.modules():
+                if isinstance(module, hf.VivitAttention):
+                    module._vivit_layer_index = index
+        for name, module in base.named_modules():
+            for cls in _SWAPS:
+                if isinstance(module, cls) and not (cls is nn.LayerNorm and type(module) not in (nn.LayerNorm, KernelLayerNorm)):
+                    _swap_class(module, cls, backend is not None or cls in _ALWAYS)
+                    if isinstance(module, _SWAPS[cls]):
+                        module._vivit_backend = backend
+                        module._vivit_name = f"{prefix}.{name}".strip(".") if name else prefix or type(base).__name__
+    return model
+
+
+def _attn_of(model: nn.Module) -> str:
+    bases = _vivit_bases(model)
+    return getattr(bases[0], "_vivit_attn", bases[0].config._attn_implementation) if bases else "eager"
+
+
+def _expand_head_mask(config, head_mask, device, dtype) -> Optional[torch.Tensor]:
+    """(H,) or (layers, H) -> (layers, 1, H, 1, 1), transformers 4.x's rule; None stays None."""
+    if head_mask is None:
+        return None
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_mask = torch.as_tensor(head_mask, device=device)
+    if head_mask.dim() == 1 and head_mask.shape[0] == heads:
+        head_mask = head_mask.expand(layers, heads)
+    if tuple(head_mask.shape) != (layers, heads):
+        raise ValueError(f"head_mask must be shaped (num_heads,)=({heads},) or (num_hidden_layers, num_heads)="
+                         f"({layers}, {heads}), got {tuple(head_mask.shape)}")
+    return head_mask.to(dtype).view(layers, 1, heads, 1, 1)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read: names the file and what is wrong with it."""
+
+
+def _local_dir(path) -> Optional[Path]:
+    """``path`` as a local checkpoint directory, None when it names a hub repository; an error when it is
+    plainly meant as a local path (absolute, ./, ../, ~) that does not exist (instead of asking the hub)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    text = os.fspath(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{text} is a file; from_pretrained takes a checkpoint directory (config.json + weights)")
+    if os.path.isabs(text) or text.startswith((".", "~")) or isinstance(path, os.PathLike):
+        raise FileNotFoundError(f"no checkpoint directory {text} (hub downloads are not attempted for local paths)")
+    return None
+
+
+def _check_local_checkpoint(directory: Path) -> None:
+    """Errors that name the file, before transformers reads it: config.json that is not a JSON object, weights
+    that are not safetensors or a weights-only (plain tensors) pickle."""
+    config = directory / "config.json"
+    if config.is_file():
+        try:
+            content = json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+        if not isinstance(content, dict):
+            raise CheckpointError(f"{config} must hold a JSON object of config fields, got a {type(content).__name__}")
+    for weights in sorted(directory.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - every way a file can fail to be safetensors
+            raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None
+    for weights in sorted(directory.glob("pytorch_model*.bin")):
+        try:
+            torch.load(str(weights), map_location="meta", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001
+            # torch's message suggests weights_only=False: never offered here; keep only what it found
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            reason = f"it references {found.group(1)}" if found else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            raise CheckpointError(
+                f"{weights} is not a weights-only checkpoint of plain tensors and is refused ({reason}): loading it "
+                "could run code stored in the file. Convert a file you trust to safetensors.") from None
+
+
+def _replace_into(tmp: Path, directory: Path) -> None:
+    """Move every file of ``tmp`` into ``directory`` (each an atomic rename), and drop weight files of an older
+    save that the new one does not have (e.g. shards)."""
+    new = {f.name for f in tmp.iterdir()}
+    for f in tmp.iterdir():
+        os.replace(f, directory / f.name)
+    for old in directory.iterdir():
+        stale = old.name not in new and old.is_file() and (
+            old.name.startswith(("model-", "pytorch_model-")) or old.name.endswith(".index.json")
+            or old.name in ("model.safetensors", "pytorch_model.bin"))
+        if stale:
+            old.unlink()
+
+
+class _AttnMixin:
+    """``attn``, ``set_attn``, ``from_pretrained(..., attn=...)`` and an atomic ``save_pretrained``."""
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Not custom modeling: the module tree, parameters and checkpoints are transformers' own ViViT, so its
+        checkpoint conversions (the hub's 4.x key names) apply to our classes as to its own."""
+        return False
 
     @property
     def attn(self) -> str:
-        return self.vivit.attn
+        """The backend every forward uses: "eager", "sdpa", "triton" or "auto"."""
+        return _attn_of(self)
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.vivit.gradient_checkpointing_enable()
+    def set_attn(self, attn: Optional[str]):
+        """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward."""
+        apply_vivit_kernels(self, attn)
+        return self
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.vivit.gradient_checkpointing_disable()
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: Optional[str] = None, **kwargs):
+        """transformers' ``from_pretrained`` (every argument of it: dtype, device_map, revision, ...), then
+        ``set_attn(attn)``. A local directory is checked first, so errors name the file that is wrong."""
+        directory = _local_dir(pretrained_model_name_or_path)
+        if directory is not None:
+            _check_local_checkpoint(directory)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as e:
+            if directory is not None and type(e).__name__ == "StrictDataclassFieldValidationError":
+                raise CheckpointError(f"{directory / 'config.json'}: {' '.join(str(e).split())}") from None
+            raise
+        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True gives (model, info)
+        loaded.set_attn(attn)
+        return model
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        head_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: Optional[bool] = None,
-    ):
-        outputs = self.vivit(
-            pixel_values,
-            head_mask=head_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-        )
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """transformers' ``save_pretrained``, written into a temporary directory beside ``save_directory`` and
+        renamed into place file by file: an interrupted save never leaves a truncated file.
+
+        Weights are saved under the model's own (transformers 5.x) names by default: transformers 5.24 writes the
+        hub's 4.x names, which its Trainer cannot resume from (it reloads checkpoints with a plain
+        ``load_state_dict``). ``save_original_format=True`` writes the 4.x names, for transformers 4.x readers.
+        """
+        kwargs["save_original_format"] = save_original_format
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            result = super().save_pretrained(tmp, *args, **kwargs)
+            _replace_into(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
+
+
+class VivitModel(_AttnMixin, hf.VivitModel):
+    """transformers' ``VivitModel`` with ``attn`` (see the module docstring).
+
+    Args:
+        config: a VivitConfig, a preset name ("vivit-b-16x2", "tiny", ...) or None for the defaults.
+        add_pooling_layer: add the [CLS] dense + tanh pooler (``pooler_output``).
+        attn: "eager", "sdpa", "triton" or "auto"; None keeps transformers' attention implementation.
+    """
+
+    config_class = VivitConfig
+
+    def __init__(self, config=None, add_pooling_layer: bool = True, attn: Optional[str] = None):
+        super().__init__(_resolve_config(config), add_pooling_layer)
+        self.set_attn(attn)
+
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, interpolate_pos_encoding: bool = False,
+                attention_mask: Optional[torch.Tensor] = None, *, head_mask: Optional[torch.Tensor] = None, **kwargs):
+        """transformers' forward; ``head_mask`` (num_heads,) or (num_hidden_layers, num_heads) multiplies each
+        layer's attention probabilities (transformers 4.x's meaning), with eager attention for that call."""
+        if head_mask is not None:
+            kwargs["head_mask"] = _expand_head_mask(self.config, head_mask, self.device, self.dtype)
+        if attention_mask is None:
+            kwargs[_UNMASKED] = True
+        return super().forward(pixel_values, interpolate_pos_encoding, attention_mask, **kwargs)
+
+
+class VivitForVideoClassification(_AttnMixin, hf.VivitForVideoClassification):
+    """transformers' ``VivitForVideoClassification`` with ``attn`` (see the module docstring)."""
+
+    config_class = VivitConfig
+
+    def __init__(self, config=None, attn: Optional[str] = None):
+        super().__init__(_resolve_config(config))
+        self.set_attn(attn)
+
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                interpolate_pos_encoding: bool = False, *, head_mask: Optional[torch.Tensor] = None, **kwargs):
+        """transformers' forward (``labels`` second, as in transformers 5); ``head_mask`` as in VivitModel.
+
+        Written out (ten lines) instead of calling transformers' because transformers 5.24's forward fails with
+        ``config.return_dict=False``: its base model then returns a tuple the head reads as an output object."""
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if head_mask is not None:
+            kwargs["head_mask"] = _expand_head_mask(self.config, head_mask, self.device, self.dtype)
+        if kwargs.get("attention_mask") is None:
+            kwargs[_UNMASKED] = True
+        outputs = self.vivit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
-        loss = self._loss(logits, labels) if labels is not None else None
-        out = VivitClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return out if return_dict is None or return_dict else out.to_tuple()
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """transformers' rule: MSE for one label, cross-entropy for integer labels, else multi-label BCE."""
-        problem_type = self.config.problem_type
-        if problem_type is None:
-            if self.num_labels == 1:
-                problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem_type = "single_label_classification"
-            else:
-                problem_type = "multi_label_classification"
-        labels = labels.to(logits.device)
-        if problem_type == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
-            return F.mse_loss(logits.float(), labels.float())
-        if problem_type == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
-        if problem_type == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        raise ValueError(f"unknown problem_type {problem_type!r}")
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                    attentions=outputs.attentions)
+        return out if return_dict else out.to_tuple()

@@ -12,7 +12,7 @@ from .activations import gelu_fast, get_activation
 from .attention import attention_ref, attention_sdpa, flash_attention, flash_attention_qkv
 from .gelu import bias_gelu_fast, bias_gelu_fast_ref
 from .layer_norm import layer_norm, layer_norm_ref
-from .linear import linear, linear_ref, mlp, mlp_ref
+from .linear import linear, linear_ref, mlp, mlp_ref, qkv_projection, qkv_projection_ref
 from .patch_embed import patch_embed, patch_embed_ref
 from .preprocess import preprocess_video, preprocess_video_ref
 
@@ -35,4 +35,6 @@ __all__ = [
     "patch_embed_ref",
     "preprocess_video",
     "preprocess_video_ref",
+    "qkv_projection",
+    "qkv_projection_ref",
 ]

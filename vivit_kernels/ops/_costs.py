@@ -62,6 +62,16 @@ def _(grad_shape, x_shape, w_shape, has_bias, needs_dx, *args, **kwargs) -> int:
     return (2 if needs_dx else 1) * 2 * _rows(x_shape) * w_shape[0] * w_shape[1]
 
 
+@register_flop_formula(torch.ops.vivit_kernels.qkv_fwd)
+def _(x_shape, wq_shape, *args, **kwargs) -> int:
+    return 3 * 2 * _rows(x_shape) * wq_shape[0] * wq_shape[1]
+
+
+@register_flop_formula(torch.ops.vivit_kernels.qkv_bwd)
+def _(grad_shape, x_shape, wq_shape, wk_shape, wv_shape, has_bias, needs_dx, *args, **kwargs) -> int:
+    return (2 if needs_dx else 1) * 3 * 2 * _rows(x_shape) * wq_shape[0] * wq_shape[1]
+
+
 @register_flop_formula(torch.ops.vivit_kernels.mlp_fwd)
 def _(x_shape, w1_shape, b1_shape, w2_shape, *args, **kwargs) -> int:
     return 2 * 2 * _rows(x_shape) * w1_shape[0] * w1_shape[1]
@@ -98,6 +108,8 @@ LAUNCHES: dict[str, Callable[[tuple], int] | int] = {
     "vivit_kernels::flash_attn_qkv_bwd": 3,
     "vivit_kernels::linear_fwd": 1,
     "vivit_kernels::linear_bwd": _flag(4, 2, 1),  # dW (+ db) and, when needed, dX
+    "vivit_kernels::qkv_fwd": 1,
+    "vivit_kernels::qkv_bwd": _flag(6, 4, 3),  # dWq, dWk, dWv (+ their db) and, when needed, dX
     "vivit_kernels::mlp_fwd": 2,  # FC1 + gelu, FC2 + residual
     "vivit_kernels::mlp_bwd": _flag(7, 4, 3),  # dH (+ gelu), dW2, dW1, and dX when needed
     "vivit_kernels::layer_norm_fwd": 1,

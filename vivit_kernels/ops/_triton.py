@@ -76,10 +76,12 @@ def config_key(c) -> tuple:
 
 class _Benchmarker:
     """The timing function Triton's autotuner calls as ``fn(kernel_call, quantiles)``: Triton's own benchmarker
-    for the active driver (CUDA events on a GPU) unless one is installed with :func:`autotune_timer` (tests
-    inject a fake timer to run the autotuner's host path under the interpreter)."""
+    for the active driver (CUDA events on a GPU) unless one is installed with :func:`autotuning` (tests inject a
+    fake timer to run the autotuner's host path under the interpreter)."""
 
     timer: Callable | None = None
+    # None: autotune on a GPU unless VIVIT_KERNELS_AUTOTUNE=0; True inside autotuning() (also under the interpreter)
+    forced: bool | None = None
 
     def __call__(self, kernel_call, quantiles):
         if self.timer is not None:
@@ -90,18 +92,28 @@ class _Benchmarker:
 
 
 BENCHMARKER = _Benchmarker()
+# VIVIT_KERNELS_AUTOTUNE=0: launch the first shipped config of each case instead of timing them all (the test
+# suite does this, and tests every shipped config on its own); read when a kernel launches.
+AUTOTUNE_ENV = "VIVIT_KERNELS_AUTOTUNE"
 
 
 @contextlib.contextmanager
-def autotune_timer(timer: Callable):
-    """Within this block, autotuned launches run through Triton's autotuner even under the interpreter, timed
-    by ``timer(kernel_call, quantiles) -> [median, p20, p80]`` (milliseconds)."""
-    previous = BENCHMARKER.timer
-    BENCHMARKER.timer = timer
+def autotuning(timer: Callable | None = None):
+    """Within this block autotuned launches run through Triton's autotuner, also under the interpreter and with
+    VIVIT_KERNELS_AUTOTUNE=0, timed by ``timer(kernel_call, quantiles) -> [median, p20, p80]`` (milliseconds;
+    None: Triton's benchmarker)."""
+    previous = BENCHMARKER.timer, BENCHMARKER.forced
+    BENCHMARKER.timer, BENCHMARKER.forced = timer, True
     try:
         yield
     finally:
-        BENCHMARKER.timer = previous
+        BENCHMARKER.timer, BENCHMARKER.forced = previous
+
+
+def _autotune_now() -> bool:
+    if BENCHMARKER.forced:
+        return True
+    return not INTERPRET and os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
 def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: list[str]):
@@ -114,8 +126,10 @@ def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: l
         wanted = {config_key(c) for c in table[row_of(named_args, kwargs)]}
         return [c for c in all_configs if config_key(c) in wanted]
 
-    return triton.autotune(configs=list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune},
-                           do_bench=BENCHMARKER)(kernel)
+    tuner = triton.autotune(configs=list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune},
+                            do_bench=BENCHMARKER)(kernel)
+    tuner.vivit_first_config = lambda args, meta: table[row_of(dict(zip(tuner.arg_names, args)), meta)][0]
+    return tuner
 
 
 def kernel_name(fn) -> str:
@@ -125,16 +139,19 @@ def kernel_name(fn) -> str:
 def launch(tuned, plain, grid: Callable[[dict], tuple], args: tuple, meta: dict, config: KernelConfig | None,
            interpreter_config: KernelConfig | None = None) -> None:
     """Launch ``plain`` with a fixed config (a test's choice, or ``interpreter_config`` under the
-    interpreter), or through the autotuner ``tuned`` (on a GPU; under the interpreter only inside
-    :func:`autotune_timer`). ``grid(meta_params)`` gives the grid."""
+    interpreter), or through the autotuner ``tuned`` (on a GPU unless VIVIT_KERNELS_AUTOTUNE=0; always inside
+    :func:`autotuning`). ``grid(meta_params)`` gives the grid."""
     name = kernel_name(plain)
     LAUNCHES[name] += 1
     for hook in LAUNCH_HOOKS:
         hook(name, args)
     with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
-        if config is None and tuned is not None and (not INTERPRET or BENCHMARKER.timer is not None):
-            tuned[grid](*args, **meta)
-            return
+        if config is None and tuned is not None:
+            if _autotune_now():
+                tuned[grid](*args, **meta)
+                return
+            if not INTERPRET:  # VIVIT_KERNELS_AUTOTUNE=0 on a GPU: the case's first shipped config
+                config = tuned.vivit_first_config(args, meta)
         config = config or interpreter_config
         plain[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                    num_stages=config.num_stages)

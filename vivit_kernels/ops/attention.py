@@ -587,18 +587,22 @@ def attention_ref(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     head_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     return_probs: bool = False,
 ):
-    """softmax(q k^T * scale) v, computed the way transformers' eager ViViT attention computes it.
+    """softmax(q k^T * scale + attention_mask) v, computed the way transformers' eager ViViT attention does.
 
-    q, k, v: (B, N, H, D). head_mask: broadcastable to (B, H, N, N) (e.g. (1, H, 1, 1)); it multiplies the
-    attention probabilities after dropout, as transformers 4.x did. Returns the output (B, N, H, D), and with
-    ``return_probs`` also the probabilities (B, H, N, N) after dropout and head mask.
+    q, k, v: (B, N, H, D). attention_mask: additive, broadcastable to (B, H, N, N). head_mask: broadcastable to
+    (B, H, N, N) (e.g. (1, H, 1, 1)); it multiplies the attention probabilities after dropout, as transformers
+    4.x did. Returns the output (B, N, H, D), and with ``return_probs`` also the probabilities (B, H, N, N)
+    after dropout and head mask.
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scores = torch.matmul(q, k.transpose(2, 3)) * softmax_scale
+    if attention_mask is not None:
+        scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)

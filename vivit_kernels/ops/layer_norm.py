@@ -125,14 +125,15 @@ def layer_norm_fwd(
     """(y, mean, rstd); mean and rstd are fp32, one per row."""
     x2 = _rows(x)
     M, C = x2.shape
-    y = torch.empty((M, C), dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # not a view of a 2-D buffer (FSDP2 warns on views)
+    y2 = y.view(M, C)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         launch(None, _layer_norm_fwd_kernel, lambda m: (triton.cdiv(M, m["BLOCK_R"]),),
-               (x2, y, weight, bias, mean, rstd, x2.stride(0), y.stride(0), M, C, eps),
+               (x2, y2, weight, bias, mean, rstd, x2.stride(0), y2.stride(0), M, C, eps),
                dict(EMULATE_BF16=emulate_bf16(x.dtype)), config_for(C))
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 @layer_norm_fwd.register_fake

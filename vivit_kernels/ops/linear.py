@@ -39,7 +39,8 @@ from ._triton import (
 )
 from .activations import get_activation
 
-__all__ = ["linear", "mlp", "linear_ref", "mlp_ref", "GEMM_CONFIGS", "KERNEL_ACTIVATIONS"]
+__all__ = ["linear", "mlp", "qkv_projection", "linear_ref", "mlp_ref", "qkv_projection_ref", "GEMM_CONFIGS",
+           "KERNEL_ACTIVATIONS"]
 
 # Activations fused into the GEMM epilogue; any other is applied by torch after the kernel.
 KERNEL_ACTIVATIONS = ("gelu_fast",)
@@ -56,6 +57,11 @@ GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
     # fp32 with IEEE products runs on FMA units: small tiles.
     (4, "ieee", "main"): tile_configs((64, 64, 16, 4, 2), (64, 64, 32, 8, 2)),
     (4, "ieee", "dgelu"): tile_configs((64, 64, 32, 8, 2), (32, 64, 32, 4, 2)),
+    # the grouped GEMMs of the QKV projection (three weights; dX over three K segments) select pointers per
+    # group / unroll the K loop per segment, which costs registers: the 4-byte rows drop the tiles that spill
+    (2, "ieee", "grouped"): tile_configs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
+    (4, "tf32", "grouped"): tile_configs((128, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
+    (4, "ieee", "grouped"): tile_configs((64, 64, 16, 4, 2)),
 }
 INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
@@ -96,16 +102,28 @@ if HAS_TRITON:
         RES,  # (M, N) added after the activation (HAS_RES)
         PRE,  # (M, N) receives the pre-activation (SAVE_PRE), or gelu_fast(AUX) (DGELU)
         ROWSUM,  # (M,) receives the sum over K of A's rows (ROWSUM_A)
+        B1, B2,  # the second and third (K, N) B matrix of a grouped GEMM (N_GROUPS or K_GROUPS = 3), B's strides
+        BIAS1, BIAS2,  # the second and third bias (N_GROUPS = 3)
         M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
-        DGELU: tl.constexpr, ROWSUM_A: tl.constexpr,
+        DGELU: tl.constexpr, ROWSUM_A: tl.constexpr, N_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
-        # grouped program order: GROUP_M row tiles share each column tile of B while it is in L2
+        """C = epilogue(A @ B). N_GROUPS = 3: C (M, 3N) = [A @ B + BIAS, A @ B1 + BIAS1, A @ B2 + BIAS2] (the QKV
+        projection reading three weights in place). K_GROUPS = 3: A is (M, 3K) and C = A[:, :K] @ B +
+        A[:, K:2K] @ B1 + A[:, 2K:] @ B2 (its input gradient)."""
         pid = tl.program_id(0)
+        if N_GROUPS > 1:
+            # the groups of one output tile are neighbouring programs: they read the same A tile from L2
+            group = pid % N_GROUPS
+            pid = pid // N_GROUPS
+            B = tl.where(group == 0, B, tl.where(group == 1, B1, B2))
+            BIAS = tl.where(group == 0, BIAS, tl.where(group == 1, BIAS1, BIAS2))
+            C += (group * N).to(tl.int64) * stride_cn
+        # grouped program order: GROUP_M row tiles share each column tile of B while it is in L2
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         width = GROUP_M * num_n
@@ -124,23 +142,28 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + ln
         m_mask = offs_m < M
         n_mask = offs_n < N
-        a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + offs_k[None, :] * stride_ak)
-        b_ptrs = B + col0 * stride_bn + (offs_k[:, None] * stride_bk + ln[None, :] * stride_bn)
-
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            k_mask = offs_k < K - k
-            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if ROWSUM_A:
-                rowsum += tl.sum(a.to(tl.float32), 1)
-            if EMULATE_BF16:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        for segment in tl.static_range(K_GROUPS):
+            b_base = B
+            if segment == 1:
+                b_base = B1
+            if segment == 2:
+                b_base = B2
+            a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + (segment * K + offs_k)[None, :] * stride_ak)
+            b_ptrs = b_base + col0 * stride_bn + (offs_k[:, None] * stride_bk + ln[None, :] * stride_bn)
+            for k in range(0, K, BLOCK_K):
+                k_mask = offs_k < K - k
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if ROWSUM_A:
+                    rowsum += tl.sum(a.to(tl.float32), 1)
+                if EMULATE_BF16:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
 
         mask = m_mask[:, None] & n_mask[None, :]
         c_ptrs = C + row0 * stride_cm + col0 * stride_cn + (lm[:, None] * stride_cm + ln[None, :] * stride_cn)
@@ -170,12 +193,15 @@ if HAS_TRITON:
 
     _gemm_tuned = autotuned(
         _gemm_kernel, GEMM_CONFIGS, _row,
-        ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RES", "SAVE_PRE", "DGELU", "ROWSUM_A", "DOT_PRECISION"],
+        ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RES", "SAVE_PRE", "DGELU", "ROWSUM_A", "N_GROUPS", "K_GROUPS",
+         "DOT_PRECISION"],
     )
 
 
 def _kind(flags: dict) -> str:
-    return "dgelu" if flags["DGELU"] else "main"
+    if flags["DGELU"]:
+        return "dgelu"
+    return "grouped" if flags.get("N_GROUPS", 1) > 1 or flags.get("K_GROUPS", 1) > 1 else "main"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +219,9 @@ def gemm(
     rowsum: Optional[torch.Tensor] = None,
     allow_tf32: bool = False,
     config: Optional[KernelConfig] = None,
+    groups: Optional[str] = None,
+    more_b: tuple[torch.Tensor, ...] = (),
+    more_bias: tuple[Optional[torch.Tensor], ...] = (),
 ) -> torch.Tensor:
     """out (M, N) = epilogue(a @ b) for 2-D strided a (M, K), b (K, N).
 
@@ -200,9 +229,24 @@ def gemm(
     (M, N): multiply by gelu_fast'(dgelu_of) and store gelu_fast(dgelu_of) into ``pre``; ``+ residual``.
     ``rowsum`` (M,) receives the row sums of ``a``. An activation and a residual do not combine in one
     launch (the model never needs both; it keeps the kernel's register budget for the common variants).
+
+    Grouped GEMMs over ``b`` and the two (K, N) matrices ``more_b`` (read in place, no concatenation):
+    ``groups="n"``: out (M, 3N) = [a @ b + bias, a @ more_b[0] + more_bias[0], a @ more_b[1] + more_bias[1]];
+    ``groups="k"``: a is (M, 3K) and out = a[:, :K] @ b + a[:, K:2K] @ more_b[0] + a[:, 2K:] @ more_b[1].
     """
-    M, K = a.shape
-    N = b.shape[1]
+    M = a.shape[0]
+    K, N = b.shape
+    n_groups = 3 if groups == "n" else 1
+    k_groups = 3 if groups == "k" else 1
+    if groups is not None:
+        if groups not in ("n", "k") or len(more_b) != 2:
+            raise ValueError("gemm: groups is 'n' or 'k' with two more B matrices")
+        if any(t.shape != b.shape or t.stride() != b.stride() for t in more_b):
+            raise ValueError("gemm: grouped B matrices must share one shape and strides")
+        if activation is not None or residual is not None or dgelu_of is not None or pre is not None or rowsum is not None:
+            raise ValueError("gemm: grouped GEMMs take a bias only")
+    if a.shape[1] != k_groups * K:
+        raise ValueError(f"gemm: a has {a.shape[1]} columns, b {K} rows (x {k_groups} groups)")
     if activation is not None and residual is not None:
         raise ValueError("gemm: an activation and a residual do not combine in one launch")
     if M == 0 or N == 0:
@@ -212,9 +256,12 @@ def gemm(
     x = dgelu_of if dgelu_of is not None else out
     r = residual if residual is not None else out
     p = pre if pre is not None else out
+    b1, b2 = more_b if more_b else (b, b)
+    bias0 = bias if bias is not None else out
+    bias1, bias2 = (t if t is not None else bias0 for t in more_bias) if more_bias else (bias0, bias0)
     args = (
         a, b, out,
-        bias if bias is not None else out, x, r, p, rowsum if rowsum is not None else out,
+        bias0, x, r, p, rowsum if rowsum is not None else out, b1, b2, bias1, bias2,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), p.stride(0), p.stride(1),
@@ -222,11 +269,12 @@ def gemm(
     meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RES=residual is not None,
         SAVE_PRE=pre is not None and dgelu_of is None, DGELU=dgelu_of is not None, ROWSUM_A=rowsum is not None,
+        N_GROUPS=n_groups, K_GROUPS=k_groups,
         DOT_PRECISION=_dot_precision(a.dtype, allow_tf32), EMULATE_BF16=emulate_bf16(a.dtype),
     )
 
     def grid(m):
-        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]) * n_groups,)
 
     launch(_gemm_tuned, _gemm_kernel, grid, args, meta, config, INTERPRETER_CONFIG)
     return out
@@ -272,13 +320,13 @@ def linear_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(act(x @ W^T + b) + residual, the pre-activation if save_pre else an empty tensor)."""
     x2 = _as_2d(x)
-    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    # outputs allocated in their final shape (not views of 2-D buffers: a module returning a view trips FSDP2)
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
     pre = torch.empty_like(out) if save_pre else out.new_empty(0)
-    gemm(x2, weight.t(), out, bias=bias, activation=None if activation == "none" else activation,
-         residual=_as_2d(residual) if residual is not None else None, pre=pre if save_pre else None,
+    gemm(x2, weight.t(), _as_2d(out), bias=bias, activation=None if activation == "none" else activation,
+         residual=_as_2d(residual) if residual is not None else None, pre=_as_2d(pre) if save_pre else None,
          allow_tf32=allow_tf32)
-    shape = (*x.shape[:-1], weight.shape[0])
-    return out.view(shape), (pre.view(shape) if save_pre else pre)
+    return out, pre
 
 
 @linear_fwd.register_fake
@@ -328,6 +376,84 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ------------------------------------------------------------------------------------------------
+# qkv: [x @ Wq^T + bq, x @ Wk^T + bk, x @ Wv^T + bv], one GEMM reading the three weights in place
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vivit_kernels::qkv_fwd", mutates_args=())
+def qkv_fwd(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    bq: Optional[torch.Tensor],
+    wk: torch.Tensor,
+    bk: Optional[torch.Tensor],
+    wv: torch.Tensor,
+    bv: Optional[torch.Tensor],
+    allow_tf32: bool,
+) -> torch.Tensor:
+    """(..., 3 * out_features): the three projections side by side, i.e. (..., 3, heads, head_dim) viewed."""
+    x2 = _as_2d(x)
+    out = torch.empty((*x.shape[:-1], 3 * wq.shape[0]), dtype=x.dtype, device=x.device)
+    gemm(x2, wq.t(), _as_2d(out), bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
+         more_bias=(bk, bv))
+    return out
+
+
+@qkv_fwd.register_fake
+def _(x, wq, bq, wk, bk, wv, bv, allow_tf32):
+    torch._check(x.shape[-1] == wq.shape[1], lambda: "x and wq disagree on in_features")
+    return x.new_empty((*x.shape[:-1], 3 * wq.shape[0]))
+
+
+@torch.library.custom_op("vivit_kernels::qkv_bwd", mutates_args=())
+def qkv_bwd(
+    grad: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, has_bias: bool,
+    needs_dx: bool, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dWq, dbq, dWk, dbk, dWv, dbv): dx = dq Wq + dk Wk + dv Wv in one GEMM (three K segments), then each
+    weight gradient with its bias gradient (dx / biases empty when not needed)."""
+    g2, x2 = _as_2d(grad), _as_2d(x)
+    n = wq.shape[0]
+    dx = x.new_empty(0)
+    if needs_dx:
+        dx2 = torch.empty_like(x2)
+        gemm(g2, wq, dx2, allow_tf32=allow_tf32, groups="k", more_b=(wk, wv))
+        dx = dx2.view(x.shape)
+    grads = []
+    for i, w in enumerate((wq, wk, wv)):
+        dw = torch.empty_like(w)
+        db = torch.empty(n, dtype=w.dtype, device=w.device) if has_bias else w.new_empty(0)
+        gemm(g2[:, i * n:(i + 1) * n].t(), x2, dw, rowsum=db if has_bias else None, allow_tf32=allow_tf32)
+        grads += [dw, db]
+    return (dx, *grads)
+
+
+@qkv_bwd.register_fake
+def _(grad, x, wq, wk, wv, has_bias, needs_dx, allow_tf32):
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    out = [dx]
+    for w in (wq, wk, wv):
+        out += [torch.empty_like(w), w.new_empty(w.shape[0]) if has_bias else w.new_empty(0)]
+    return tuple(out)
+
+
+def _qkv_setup(ctx, inputs, output):
+    x, wq, bq, wk, bk, wv, bv, allow_tf32 = inputs
+    # Saved: x (for the weight gradients) and the three weights (for dx); views, no copies.
+    ctx.save_for_backward(x, wq, wk, wv)
+    ctx.has_bias, ctx.allow_tf32 = bq is not None, allow_tf32
+
+
+def _qkv_backward(ctx, grad):
+    x, wq, wk, wv = ctx.saved_tensors
+    dx, dwq, dbq, dwk, dbk, dwv, dbv = qkv_bwd(_unit_last(grad), x, wq, wk, wv, ctx.has_bias, ctx.needs_input_grad[0],
+                                               ctx.allow_tf32)
+    b = (lambda t: t) if ctx.has_bias else (lambda t: None)
+    return dx if ctx.needs_input_grad[0] else None, dwq, b(dbq), dwk, b(dbk), dwv, b(dbv), None
+
+
+qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+# ------------------------------------------------------------------------------------------------
 # mlp: fc2(gelu_fast(fc1(x))) + residual, the transformer MLP as one op
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vivit_kernels::mlp_fwd", mutates_args=())
@@ -345,12 +471,13 @@ def mlp_fwd(
     x2 = _as_2d(x)
     M, F = x2.shape[0], w1.shape[0]
     hidden = torch.empty((M, F), dtype=x.dtype, device=x.device)
-    pre = torch.empty_like(hidden) if save_pre else hidden.new_empty(0)
-    gemm(x2, w1.t(), hidden, bias=b1, activation="gelu_fast", pre=pre if save_pre else None, allow_tf32=allow_tf32)
-    out = torch.empty((M, w2.shape[0]), dtype=x.dtype, device=x.device)
-    gemm(hidden, w2.t(), out, bias=b2, residual=_as_2d(residual) if residual is not None else None,
+    pre = torch.empty((*x.shape[:-1], F), dtype=x.dtype, device=x.device) if save_pre else hidden.new_empty(0)
+    gemm(x2, w1.t(), hidden, bias=b1, activation="gelu_fast", pre=_as_2d(pre) if save_pre else None,
          allow_tf32=allow_tf32)
-    return out.view(*x.shape[:-1], w2.shape[0]), (pre.view(*x.shape[:-1], F) if save_pre else pre)
+    out = torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
+    gemm(hidden, w2.t(), _as_2d(out), bias=b2, residual=_as_2d(residual) if residual is not None else None,
+         allow_tf32=allow_tf32)
+    return out, pre
 
 
 @mlp_fwd.register_fake
@@ -451,6 +578,36 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def qkv_projection(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    bq: Optional[torch.Tensor],
+    wk: torch.Tensor,
+    bk: Optional[torch.Tensor],
+    wv: torch.Tensor,
+    bv: Optional[torch.Tensor],
+    allow_tf32: Optional[bool] = None,
+) -> torch.Tensor:
+    """``cat([x @ wq^T + bq, x @ wk^T + bk, x @ wv^T + bv], -1)`` in one Triton GEMM whose programs read the three
+    nn.Linear weights where they are (no fused parameter, no concatenation). x: (..., in); w*: (out, in); b*:
+    (out,) or all None. Returns (..., 3 * out): view it as (..., 3, heads, head_dim) for attention."""
+    for name, w in (("wk", wk), ("wv", wv)):
+        if w.shape != wq.shape:
+            raise ValueError(f"qkv_projection: {name} is {tuple(w.shape)}, wq is {tuple(wq.shape)}; they must match")
+    if not ((bq is None) == (bk is None) == (bv is None)):
+        raise ValueError("qkv_projection: give all three biases or none")
+    _check("qkv_projection", x, (wq,), (bq,), None, wq.shape[0] if wq.dim() == 2 else -1)
+    for t in (wk, bk, wv, bv):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"qkv_projection: all tensors must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
+    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, _tf32(allow_tf32))
+
+
+def qkv_projection_ref(x, wq, bq, wk, bk, wv, bv) -> torch.Tensor:
+    """Eager reference: the three nn.Linear projections, concatenated along the last dimension."""
+    return torch.cat([F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)], dim=-1)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -546,15 +703,19 @@ _UNIT_STRIDES = {
 
 
 def gemm_launch_variants() -> list[tuple[str, dict]]:
-    """(role, constexpr flags) for every kernel variant ``linear``, ``mlp`` and their backwards launch."""
-    off = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RES=False, SAVE_PRE=False, DGELU=False, ROWSUM_A=False)
+    """(role, constexpr flags) for every kernel variant ``linear``, ``qkv_projection``, ``mlp`` and their
+    backwards launch."""
+    off = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RES=False, SAVE_PRE=False, DGELU=False, ROWSUM_A=False,
+               N_GROUPS=1, K_GROUPS=1)
     out = []
     for has_bias in (False, True):
         for has_res in (False, True):
             out.append(("fwd", dict(off, HAS_BIAS=has_bias, HAS_RES=has_res)))
         for save_pre in (False, True):
             out.append(("fwd", dict(off, HAS_BIAS=has_bias, ACTIVATION="gelu_fast", SAVE_PRE=save_pre)))
+        out.append(("fwd", dict(off, HAS_BIAS=has_bias, N_GROUPS=3)))
     out.append(("dx", dict(off)))
+    out.append(("dx", dict(off, K_GROUPS=3)))
     out.append(("dx", dict(off, DGELU=True)))
     out.append(("dw", dict(off)))
     out.append(("dw", dict(off, ROWSUM_A=True)))
@@ -565,6 +726,7 @@ def _variant_label(role: str, v: dict) -> str:
     parts = [k.lower() for k, val in v.items() if val is True]
     if v["ACTIVATION"] != "none":
         parts.append(v["ACTIVATION"])
+    parts += [f"{k.lower()}={v[k]}" for k in ("N_GROUPS", "K_GROUPS") if v[k] > 1]
     return f"{role}:" + ("+".join(parts) or "plain")
 
 
@@ -579,7 +741,7 @@ def aot_cases():
             for role, variant in gemm_launch_variants():
                 unit = _UNIT_STRIDES[role]
                 sig = dict(A=f"*{ty}", B=f"*{ty}", C=f"*{ty}", BIAS=f"*{ty}", AUX=f"*{ty}", RES=f"*{ty}", PRE=f"*{ty}",
-                           ROWSUM=f"*{ty}", M="i32", N="i32", K="i32",
+                           ROWSUM=f"*{ty}", B1=f"*{ty}", B2=f"*{ty}", BIAS1=f"*{ty}", BIAS2=f"*{ty}", M="i32", N="i32", K="i32",
                            **{f"stride_{n}": "i32" for n in strides if f"stride_{n}" not in unit})
                 for cfg in GEMM_CONFIGS[(size, precision, _kind(variant))]:
                     tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} {_variant_label(role, variant)} {cfg.label()}"
