@@ -44,6 +44,10 @@ def pytest_configure(config):
     requested = config.getoption("--device") or os.environ.get(DEVICE_ENV, "auto")
     device = _decide_device(requested)
     os.environ[DEVICE_ENV] = device  # read by tests/helpers.py, bench/bench_utils.py and subprocesses
+    # attn="auto" choices go to a cache file of the session, not the user's (unless the caller chose one)
+    import tempfile
+
+    os.environ.setdefault("VIVIT_KERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="vivit_kernels_providers_"))
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs (test modules import later)
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (runs only when the test device is CUDA)")

@@ -2,7 +2,8 @@
 
 GPU: google/vivit-b-16x2-kinetics400's architecture (random weights), inference over 20 batches at batch
 sizes 1, 2, 4, 8 in fp32 / fp16 / bf16, training 100 steps at batch 1 (forward, backward, AdamW step); ours
-(triton: our kernels behind transformers' modules) and transformers' (eager, sdpa, and torch.compile of sdpa;
+(triton: our kernels behind transformers' modules; auto: per op the fastest of ours / cuBLAS / cuDNN / SDPA
+measured on this GPU) and transformers' (eager, sdpa, and torch.compile of sdpa;
 what our attn="eager" / "sdpa" run) side by side. CPU: the tiny
 preset, a couple of batches / steps, so the suite runs everywhere (CPU timings, not GPU claims).
 
@@ -22,7 +23,7 @@ CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
 BATCHES = [1, 2, 4, 8] if ON_GPU else [1, 2]
 INFER_ROUNDS = 20 if ON_GPU else 2
 TRAIN_STEPS = 100 if ON_GPU else 2
-PROVIDERS = ["triton", "transformers-eager", "transformers-sdpa", "transformers-sdpa-compiled"]
+PROVIDERS = ["triton", "auto", "transformers-eager", "transformers-sdpa", "transformers-sdpa-compiled"]
 
 
 def _model(provider: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -1,63 +1,65 @@
-"""Per-op microbenchmarks at ViViT-B shapes (B=8, N=3137, hidden 768, intermediate 3072; tiny shapes on the
-CPU), ours against the torch equivalents, in ms and TFLOP/s or GB/s. FLOP and byte formulas are below.
+"""Per-op benchmarks at ViViT-B shapes (B=8, N=3137, hidden 768, intermediate 3072; tiny shapes on the CPU): every
+implementation attn="auto" chooses between (vivit_kernels.providers.CANDIDATES: ours in Triton, cuBLAS / cuDNN
+through torch, the extension's bias + gelu_fast), the "auto" dispatcher itself, and torch's plain separate ops,
+in one run; ms and TFLOP/s or GB/s (formulas below).
 
-- MLP: ours (2 fused GEMMs) vs cuBLAS + separate bias-gelu + cuBLAS + add, and vs cuBLAS + our CUDA
-  bias_gelu_fast (the extension's alternative epilogue)
-- LayerNorm: ours vs F.layer_norm (GB/s: read x, write y)
-- patch embedding: ours (implicit GEMM + epilogue) vs Conv3d + flatten + cat + add
-- QKV projection: ours vs F.linear
+    pytest bench/test_bench_ops.py --benchmark-enable
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
-from vivit_kernels.ops import bias_gelu_fast, layer_norm, layer_norm_ref, linear, mlp, mlp_ref, patch_embed, patch_embed_ref
+from bench_utils import DEVICE, DTYPES, ON_GPU, run
+from vivit_kernels import providers
+from vivit_kernels.backends import auto_backend
+from vivit_kernels.ops import layer_norm_ref, mlp_ref, patch_embed_ref, qkv_projection_ref
 
 B, N, C, FF = (8, 3137, 768, 3072) if ON_GPU else (1, 65, 64, 256)
 T, HW, TUBE = (32, 224, (2, 16, 16)) if ON_GPU else (4, 32, (2, 16, 16))
 ROUNDS = 20 if ON_GPU else 1
+AUTO = auto_backend()
+
+
+def _providers(op: str, reference) -> list:
+    """pytest params: the registered candidates (ours marked triton), "auto", and torch's separate ops where they
+    are not already a candidate."""
+    out = [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in providers.CANDIDATES[op]]
+    return out + ["auto"] + (["torch-separate-ops"] if reference is not None else [])
+
+
+def _fn(op: str, provider: str, reference):
+    if provider == "auto":
+        return getattr(AUTO, op)
+    if provider == "torch-separate-ops":
+        return reference
+    fn, check = providers.CANDIDATES[op][provider]
+    why = check(DEVICE)
+    if why:
+        pytest.skip(f"{op}/{provider} on {DEVICE.type}: {why}")
+    return fn
 
 
 def mlp_flops() -> float:
     return 2 * 2 * B * N * C * FF  # two GEMMs: 2 * M * N * K each
 
 
-def _cublas_separate_gelu(x, w1, b1, w2, b2, r):
-    return F.linear(F.gelu(F.linear(x, w1) + b1, approximate="tanh"), w2, b2) + r
-
-
-def _cublas_ext_gelu(x, w1, b1, w2, b2, r):
-    return F.linear(bias_gelu_fast(F.linear(x, w1), b1), w2, b2) + r
-
-
-MLP_PROVIDERS = {
-    "vivit_kernels (fused)": lambda x, w1, b1, w2, b2, r: mlp(x, w1, b1, w2, b2, residual=r),
-    "torch (cuBLAS + separate ops)": lambda x, w1, b1, w2, b2, r: mlp_ref(x, w1, b1, w2, b2, residual=r),
-    "cuBLAS + bias+gelu (torch, tanh)": _cublas_separate_gelu,
-    "cuBLAS + bias_gelu_fast (our CUDA op)": _cublas_ext_gelu,
-}
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", params(MLP_PROVIDERS, ours={"vivit_kernels (fused)"}))
+@pytest.mark.parametrize("provider", _providers("mlp", mlp_ref))
 def test_mlp(benchmark, provider, dtype, mode):
-    dt = DTYPES[dtype]
-    grad = mode != "fwd"
+    dt, grad = DTYPES[dtype], mode != "fwd"
     x = torch.randn(B, N, C, device=DEVICE, dtype=dt, requires_grad=grad)
     w1 = (torch.randn(FF, C, device=DEVICE) * C**-0.5).to(dt).requires_grad_(grad)
     b1 = torch.zeros(FF, device=DEVICE, dtype=dt, requires_grad=grad)
     w2 = (torch.randn(C, FF, device=DEVICE) * FF**-0.5).to(dt).requires_grad_(grad)
     b2 = torch.zeros(C, device=DEVICE, dtype=dt, requires_grad=grad)
     r = torch.randn(B, N, C, device=DEVICE, dtype=dt)
-    fn = MLP_PROVIDERS[provider]
+    fn = _fn("mlp", provider, mlp_ref)
 
     def step():
-        out = fn(x, w1, b1, w2, b2, r)
+        out = fn(x, w1, b1, w2, b2, "gelu_fast", r)
         if grad:
             out.sum().backward()
         return out
@@ -68,12 +70,12 @@ def test_mlp(benchmark, provider, dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", params(["vivit_kernels", "torch"], ours={"vivit_kernels"}))
+@pytest.mark.parametrize("provider", _providers("layer_norm", None))
 def test_layer_norm(benchmark, provider, dtype):
     dt = DTYPES[dtype]
     x = torch.randn(B, N, C, device=DEVICE, dtype=dt)
     w, b = torch.ones(C, device=DEVICE, dtype=dt), torch.zeros(C, device=DEVICE, dtype=dt)
-    fn = layer_norm if provider == "vivit_kernels" else layer_norm_ref
+    fn = _fn("layer_norm", provider, layer_norm_ref)
     nbytes = 2 * x.numel() * x.element_size()  # read x, write y
     with torch.no_grad():
         run(benchmark, lambda: fn(x, w, b, 1e-6), nbytes=nbytes, rounds=ROUNDS, provider=provider, dtype=dtype,
@@ -81,7 +83,7 @@ def test_layer_norm(benchmark, provider, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", params(["vivit_kernels", "torch"], ours={"vivit_kernels"}))
+@pytest.mark.parametrize("provider", _providers("patch_embed", None))
 def test_patch_embed(benchmark, provider, dtype):
     dt = DTYPES[dtype]
     t, p, q = TUBE
@@ -90,7 +92,7 @@ def test_patch_embed(benchmark, provider, dtype):
     bias, cls = torch.zeros(C, device=DEVICE, dtype=dt), torch.zeros(1, 1, C, device=DEVICE, dtype=dt)
     n = (T // t) * (HW // p) * (HW // q)
     pos = torch.zeros(1, n + 1, C, device=DEVICE, dtype=dt)
-    fn = patch_embed if provider == "vivit_kernels" else patch_embed_ref
+    fn = _fn("patch_embed", provider, patch_embed_ref)
     flops = 2 * B * n * C * 3 * t * p * q
     with torch.no_grad():
         run(benchmark, lambda: fn(x, w, bias, cls, pos), flops=flops, rounds=ROUNDS, provider=provider, dtype=dtype,
@@ -98,12 +100,16 @@ def test_patch_embed(benchmark, provider, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", params(["vivit_kernels", "torch"], ours={"vivit_kernels"}))
+@pytest.mark.parametrize("provider", _providers("qkv", qkv_projection_ref))
 def test_qkv_projection(benchmark, provider, dtype):
+    """The three projections: one GEMM reading three weights (ours), one cuBLAS GEMM on the weights concatenated
+    per call, or three separate GEMMs and a concatenation (torch's separate ops)."""
     dt = DTYPES[dtype]
     x = torch.randn(B, N, C, device=DEVICE, dtype=dt)
-    w, b = (torch.randn(3 * C, C, device=DEVICE) * C**-0.5).to(dt), torch.zeros(3 * C, device=DEVICE, dtype=dt)
-    fn = linear if provider == "vivit_kernels" else F.linear
+    args = [x]
+    for _ in range(3):
+        args += [(torch.randn(C, C, device=DEVICE) * C**-0.5).to(dt), torch.zeros(C, device=DEVICE, dtype=dt)]
+    fn = _fn("qkv", provider, qkv_projection_ref)
     with torch.no_grad():
-        run(benchmark, lambda: fn(x, w, b), flops=2 * B * N * C * 3 * C, rounds=ROUNDS, provider=provider, dtype=dtype,
+        run(benchmark, lambda: fn(*args), flops=2 * B * N * C * 3 * C, rounds=ROUNDS, provider=provider, dtype=dtype,
             op="qkv")

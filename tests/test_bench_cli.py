@@ -15,7 +15,7 @@ def test_bench_command_writes_the_report(tmp_path):
     pytest.importorskip("matplotlib")
     out = subprocess.run(
         [sys.executable, "-m", "vivit_kernels", "bench", "--out", str(tmp_path), "--measure-config", "tiny",
-         "--measure-batches", "1", "2", "-k", "test_inference and (eager or triton or sdpa)"],
+         "--measure-batches", "1", "2", "-k", "test_inference and (eager or triton or sdpa or auto)"],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -25,7 +25,9 @@ def test_bench_command_writes_the_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Inference" in report
     rows = [line for line in report.splitlines() if line.startswith("| 2 | 2 | fp32 |")]  # num_batches, batch, dtype
-    assert {line.split("|")[4].strip() for line in rows} >= {"triton", "transformers-eager", "transformers-sdpa"}
+    assert {line.split("|")[4].strip() for line in rows} >= {"triton", "auto", "transformers-eager", "transformers-sdpa"}
+    providers_section = report.split('## Providers chosen by attn="auto"')[1].split("\n## ")[0]
+    assert "| op | shapes | mode |" in providers_section and "| mlp |" in providers_section  # what auto chose
     assert "CPU" in report  # says which machine timed it
     measured = json.loads((tmp_path / "measurements.json").read_text())
     assert {m["provider"] for m in measured} >= {"triton", "transformers-sdpa"}

@@ -26,9 +26,9 @@ def test_demo_runs_every_available_backend():
     out = run("demo", "--preset", "tiny", "--repeats", "1")
     assert out.returncode == 0, out.stderr
     assert "RANDOM weights" in out.stdout
-    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()[:1] in (["eager"], ["sdpa"], ["triton"])}
-    assert set(rows) == {"eager", "sdpa", "triton"}, out.stdout  # triton in the interpreter here
-    for name in ("sdpa", "triton"):
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()[:1] in (["eager"], ["sdpa"], ["triton"], ["auto"])}
+    assert set(rows) == {"eager", "sdpa", "triton", "auto"}, out.stdout  # triton in the interpreter here
+    for name in ("sdpa", "triton", "auto"):
         assert float(rows[name].split()[2]) < 1e-4, out.stdout
     assert "not a speed figure" in rows["triton"]
 

@@ -1,7 +1,9 @@
 """Backends: a table from a name to the functions a ViViT layer calls when our kernels run behind its modules.
 
 ``attn`` names a backend: "eager" and "sdpa" are transformers' own attention implementations (the model's
-modules run their own forward; no table); "triton" is the table below, every hot op through our Triton kernels.
+modules run their own forward; no table); "triton" is the table below, every hot op through our Triton kernels;
+"auto" asks the provider registry (``providers.py``) which implementation to run for each call's shapes on this
+GPU (ours, cuBLAS / cuDNN / SDPA through torch), measured there.
 The model never branches on the name; it calls the functions of one :class:`Backend`, whose signatures are:
 
 - ``layer_norm(x, weight, bias, eps) -> x.shape``
@@ -29,7 +31,7 @@ from .ops.patch_embed import patch_embed
 
 __all__ = ["ATTN_CHOICES", "Backend", "backend_status", "get_backend"]
 
-ATTN_CHOICES = ("eager", "sdpa", "triton")
+ATTN_CHOICES = ("eager", "sdpa", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,41 @@ TRITON = Backend("triton", layer_norm, qkv_projection, linear, mlp, _flash, _fla
                  check_inputs=_check_triton_inputs)
 
 
-def get_backend(attn: Optional[str]) -> Optional[Backend]:
-    """The table for ``attn`` ("triton"), or None for transformers' own attention ("eager", "sdpa", None).
+def auto_backend(pins: Optional[dict[str, str]] = None) -> Backend:
+    """A table whose every function asks ``providers.choose`` for this call's provider, with ``pins`` (op ->
+    provider, over VIVIT_KERNELS_PROVIDERS) fixed."""
+    from . import providers
+
+    pinned = {**providers.pins_from_env(), **providers.parse_pins(pins)}
+
+    def dispatch(op: str) -> Callable:
+        def call(*args):
+            return providers.CANDIDATES[op][providers.choose(op, args, pinned)][0](*args)
+
+        call.__name__ = f"auto_{op}"
+        return call
+
+    fns = {op: dispatch(op) for op in providers.OPS}
+
+    def linear_call(x, w, b, activation=None, residual=None):  # one key whatever the defaults given
+        return fns["linear"](x, w, b, activation, residual)
+
+    def mlp_call(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
+        return fns["mlp"](x, w1, b1, w2, b2, activation, residual)
+
+    return Backend("auto", fns["layer_norm"], fns["qkv"], linear_call, mlp_call, fns["attention"], fns["attention_qkv"],
+                   fns["patch_embed"])
+
+
+def get_backend(attn: Optional[str], pins: Optional[dict[str, str]] = None) -> Optional[Backend]:
+    """The table for ``attn`` ("triton", "auto"), or None for transformers' own attention ("eager", "sdpa", None).
     Without Triton, "triton" warns once and gives None (the model then uses "sdpa")."""
     if attn is not None and attn not in ATTN_CHOICES:
         raise ValueError(f"unknown attn {attn!r}; expected one of {', '.join(ATTN_CHOICES)}")
+    if pins and attn != "auto":
+        raise ValueError("pins choose providers for attn='auto'")
+    if attn == "auto":
+        return auto_backend(pins)
     if attn == "triton":
         if not _triton.HAS_TRITON:
             warnings.warn(f"attn='triton' needs Triton, which failed to import ({_triton.TRITON_IMPORT_ERROR}); using "
@@ -83,6 +115,8 @@ def backend_status() -> dict[str, tuple[bool, str]]:
         "eager": (True, "transformers' modules, eager attention"),
         "sdpa": (True, "transformers' modules, torch.nn.functional.scaled_dot_product_attention"),
         "triton": _triton_status(),
+        "auto": (True, "per op and shape, the fastest of ours / cuBLAS / cuDNN / SDPA measured on this device "
+                       "(on the CPU: torch's implementations, the interpreter is no speed candidate)"),
     }
 
 

@@ -149,12 +149,29 @@ def write_report(out_dir: Path, benchmark_json: Optional[Path], measurements_md:
         for path in write_plots(records, out_dir):
             parts.append(f"![{path.stem}]({path.name})")
         parts.append("")
+        parts += providers_section()
     if measurements_md:
         parts += ["## Device-independent measurements (FakeTensorMode counts; exact on any machine)", "",
                   measurements_md, ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(parts), encoding="utf-8")
     return report
+
+
+def providers_section() -> list[str]:
+    """What attn="auto" chose on this device (the provider cache), with each candidate's median time."""
+    import torch
+
+    from . import providers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = providers.cached_rows(device)
+    if not rows:
+        return ["## Providers chosen by attn=\"auto\"", "", f"No choices stored for {device} in "
+                f"{providers.cache_path()} (run `vivit-kernels tune`).", ""]
+    return ["## Providers chosen by attn=\"auto\"", "",
+            f"From {providers.cache_path()} (median ms of each candidate as measured when the choice was made):", "",
+            providers.format_tuning(rows), ""]
 
 
 def _bench_dir() -> Path:
@@ -201,7 +218,10 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.select:
             cmd += ["-k", args.select]
         print("[bench] " + " ".join(cmd), file=sys.stderr, flush=True)
-        code = subprocess.call(cmd)
+        from .providers import CACHE_ENV, cache_path
+
+        # the suite's attn="auto" rows use (and fill) the user's provider cache, which the report then shows
+        code = subprocess.call(cmd, env={**os.environ, CACHE_ENV: str(cache_path().parent)})
         if code not in (0, 5):
             print(f"[bench] pytest exited with {code}", file=sys.stderr)
             return code

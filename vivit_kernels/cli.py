@@ -1,4 +1,4 @@
-"""The ``vivit-kernels`` command line: info | demo | classify | compile-report | bench.
+"""The ``vivit-kernels`` command line: info | demo | classify | tune | compile-report | bench.
 
 The heavy imports happen inside each command, after the command has configured the environment: on a
 machine without CUDA, ``demo`` turns on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -50,7 +51,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("C++/CUDA extension (video preprocessing, bias + gelu_fast)")
     for _, line in _extension.status().items():
         print(f"  {line}")
+    _print_provider_cache()
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import providers
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    if device.type == "cpu":
+        print("tuning on the CPU: the candidates are torch's implementations (the Triton interpreter is no speed "
+              "candidate); the choices that matter are made on a GPU", file=sys.stderr)
+    rows = providers.tune_model(args.config, args.batch, dtype, device, modes, progress=True)
+    print(providers.format_tuning(rows))
+    print(f"\n{len(rows)} choices stored in {providers.cache_path()} for {providers._device_id(str(device))}")
+    return 0
+
+
+def _print_provider_cache() -> None:
+    from . import providers
+
+    path = providers.cache_path()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entries = providers.load_cache()
+    state = "missing" if not path.exists() else ("unreadable: " + str(caught[0].message) if caught else f"{len(entries)} entries")
+    print(f"attn='auto' choices: {path} ({state})")
+    import re
+
+    for key, entry in sorted(entries.items()):
+        call, _, rest = key.partition(" | ")
+        op, mode = call.split("(", 1)[0], call.rsplit(" ", 1)[-1]
+        first = re.search(r"\[([\d, ]*)\]", call)
+        shape = "x".join(first.group(1).split(", ")) if first else "-"
+        print(f"  {op:<14} {mode:<6} {shape:<20} -> {entry['choice']:<14} ({rest.split(' | ')[0]})")
 
 
 def _package_version() -> str:
@@ -251,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-sample-rate", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_classify, interpreter=True)
+
+    p = sub.add_parser("tune", help="measure the attn='auto' providers of a model ahead of time and store the choices")
+    p.add_argument("--config", default="vivit-b-16x2", help="model preset (default: vivit-b-16x2)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--mode", default="both", choices=["both", "infer", "train"],
+                   help="inference calls, training calls (forward + backward timed), or both")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.set_defaults(func=cmd_tune)
 
     from . import aot, bench_report
 

@@ -423,17 +423,19 @@ def _vivit_bases(model: nn.Module) -> list[hf.VivitModel]:
     return [m for m in model.modules() if isinstance(m, hf.VivitModel)]
 
 
-def apply_vivit_kernels(model: nn.Module, attn: str = "triton") -> nn.Module:
+def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[dict[str, str]] = None) -> nn.Module:
     """Switch a transformers ViViT model (``VivitModel`` / ``VivitForVideoClassification``, loaded by transformers
     or ours, possibly wrapped by PEFT) to ``attn`` in place, and return it.
 
-    "triton" / "auto" put our kernels behind its modules; "eager" / "sdpa" give transformers' attention back
-    (keeping our input checks, head_mask and position interpolation). Parameters and state dict are untouched.
+    "triton" / "auto" put our kernels behind its modules ("auto": per op and shape the fastest implementation
+    measured on this GPU; ``pins`` fixes some, e.g. {"attention_qkv": "sdpa-flash"}); "eager" / "sdpa" give
+    transformers' attention back (keeping our input checks, head_mask and position interpolation). Parameters
+    and state dict are untouched.
     """
     bases = _vivit_bases(model)
     if not bases:
         raise ValueError(f"apply_vivit_kernels: no transformers VivitModel inside this {type(model).__name__}")
-    backend = get_backend(attn)
+    backend = get_backend(attn, pins)
     if attn not in (None, "eager", "sdpa") and backend is None:  # Triton missing: get_backend warned
         attn = "sdpa"
     for base in bases:
@@ -553,9 +555,10 @@ class _AttnMixin:
         """The backend every forward uses: "eager", "sdpa", "triton" or "auto"."""
         return _attn_of(self)
 
-    def set_attn(self, attn: Optional[str]):
-        """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward."""
-        apply_vivit_kernels(self, attn)
+    def set_attn(self, attn: Optional[str], pins: Optional[dict[str, str]] = None):
+        """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward; with "auto",
+        ``pins`` fixes the provider of some ops (see ``vivit_kernels.providers``)."""
+        apply_vivit_kernels(self, attn, pins)
         return self
 
     @classmethod

@@ -1,0 +1,313 @@
+"""attn="auto": every candidate implementation of every op equals the reference; the selection (with an injected
+timer) picks the fastest, keeps it in memory and in a cache file that survives a restart and shrugs off bad
+files and concurrent writers; never measures while torch.compile traces; an auto model equals eager."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+
+import vivit_kernels as vk
+from helpers import DEVICE, assert_close, check_against_reference
+from vivit_kernels import providers
+from vivit_kernels.ops.attention import attention_ref
+from vivit_kernels.ops.layer_norm import layer_norm_ref
+from vivit_kernels.ops.linear import linear_ref, mlp_ref, qkv_projection_ref
+from vivit_kernels.ops.patch_embed import patch_embed_ref
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Each test its own cache file and empty memory."""
+    monkeypatch.setenv(providers.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(providers.PINS_ENV, raising=False)
+    providers.forget()
+    providers._logged.clear()
+    yield
+    providers.forget()
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE).requires_grad_()
+
+
+def _inputs(op: str):
+    """(arguments, eager reference) of each op at small awkward shapes."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return leaf(torch.randn(*shape, generator=g) * scale)
+
+    if op == "layer_norm":
+        return (r(2, 17, 48), r(48), r(48), 1e-6), layer_norm_ref
+    if op == "qkv":
+        return (r(2, 17, 32), r(32, 32, scale=0.2), r(32), r(32, 32, scale=0.2), r(32), r(32, 32, scale=0.2), r(32)), \
+            qkv_projection_ref
+    if op == "linear":
+        return (r(2, 17, 32), r(48, 32, scale=0.2), r(48), "gelu_fast", None), linear_ref
+    if op == "mlp":
+        return (r(2, 17, 32), r(64, 32, scale=0.2), r(64), r(32, 64, scale=0.2), r(32), "gelu_fast", r(2, 17, 32)), mlp_ref
+    if op == "attention_qkv":
+        return (r(2, 19, 3, 2, 32), 32**-0.5), lambda qkv, s: attention_ref(*qkv.unbind(2), s)
+    if op == "attention":
+        return (r(2, 19, 2, 32), r(2, 19, 2, 32), r(2, 19, 2, 32), 32**-0.5), attention_ref
+    if op == "patch_embed":
+        return (r(2, 4, 3, 32, 32), r(16, 3, 2, 16, 16, scale=0.05), r(16), r(1, 1, 16), r(1, 9, 16)), patch_embed_ref
+    raise KeyError(op)
+
+
+def _cases():
+    for op, candidates in providers.CANDIDATES.items():
+        for name in candidates:
+            marks = [pytest.mark.triton] if name == "triton" else []
+            yield pytest.param(op, name, marks=marks, id=f"{op}-{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op, name", list(_cases()))
+def test_every_candidate_equals_the_reference(op, name, dtype):
+    fn, check = providers.CANDIDATES[op][name]
+    why = check(DEVICE)
+    if why is not None:
+        pytest.skip(f"{op}/{name} cannot run on {DEVICE.type}: {why}")
+    args, ref = _inputs(op)
+    check_against_reference(fn, ref, args, dtype, name=f"{op}/{name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# selection with an injected timer
+# ------------------------------------------------------------------------------------------------
+class FakeTimer:
+    """Times candidates by name from a table (ms); counts the calls."""
+
+    def __init__(self, op: str, times: dict[str, float]):
+        self.by_fn = {providers.CANDIDATES[op][n][0]: t for n, t in times.items()}
+        self.calls = 0
+
+    def __call__(self, fn, args, training, device):
+        self.calls += 1
+        return self.by_fn.get(fn, 5.0)
+
+
+def _x(shape=(2, 9, 48), dtype=torch.float32):
+    return (torch.randn(*shape, device=DEVICE, dtype=dtype), torch.ones(shape[-1], device=DEVICE, dtype=dtype),
+            torch.zeros(shape[-1], device=DEVICE, dtype=dtype), 1e-6)
+
+
+@pytest.mark.triton
+def test_picks_the_fastest_and_breaks_ties_in_candidate_order():
+    with providers.timer(FakeTimer("layer_norm", {"triton": 3.0, "torch": 1.0})):
+        assert providers.choose("layer_norm", _x(), {}) == "torch"
+    providers.forget()
+    with providers.timer(FakeTimer("layer_norm", {"triton": 2.0, "torch": 2.0})):
+        assert providers.choose("layer_norm", _x((3, 9, 48)), {}) == "triton"  # a tie: ours, the first candidate
+
+
+def test_keys_separate_shapes_dtypes_grad_modes_devices_and_versions(monkeypatch):
+    timer = FakeTimer("layer_norm", {"torch": 1.0})
+    with providers.timer(timer):
+        providers.choose("layer_norm", _x(), {})
+        providers.choose("layer_norm", _x(), {})
+        assert timer.calls == len(providers.available("layer_norm", DEVICE))  # the same key: measured once
+        n = timer.calls
+        providers.choose("layer_norm", _x((2, 10, 48)), {})  # another shape
+        providers.choose("layer_norm", _x(dtype=torch.bfloat16), {})  # another dtype
+        x, w, b, eps = _x()
+        providers.choose("layer_norm", (x.requires_grad_(), w, b, eps), {})  # training: forward + backward timed
+        assert timer.calls == 4 * n
+    described = tuple(providers._describe(a) for a in _x())
+    base = providers.make_key("layer_norm", described, False, "cpu")
+    assert providers.make_key("layer_norm", described, False, "meta") != base  # another device
+    monkeypatch.setattr(providers, "_versions", lambda: "torch=0 triton=0 vivit_kernels=0")
+    assert providers.make_key("layer_norm", described, False, "cpu") != base  # other versions
+
+
+def test_the_cache_file_survives_a_restart():
+    with providers.timer(FakeTimer("layer_norm", {"torch": 1.0, "triton": 9.0})):
+        first = providers.choose("layer_norm", _x(), {})
+    entries = providers.load_cache()
+    assert len(entries) == 1 and next(iter(entries.values()))["choice"] == first
+    providers.forget()  # a new process: memory empty, the file stays
+    never = FakeTimer("layer_norm", {})
+    with providers.timer(never):
+        assert providers.choose("layer_norm", _x(), {}) == first
+    assert never.calls == 0
+
+
+@pytest.mark.parametrize("content", ['{"format": "vivit_kernels-providers", "version": 1, "entries": {"layer_no',
+                                     "\x00\x01garbage", '{"some": "other tool"}', "[1, 2, 3]",
+                                     '{"format": "vivit_kernels-providers", "version": 1, "entries": '
+                                     '{"layer_norm(x) infer | cpu | v": {"choice": "rm -rf"}}}'],
+                         ids=["truncated", "garbled", "foreign", "list", "unknown-provider"])
+def test_bad_cache_files_are_ignored_with_a_warning(content):
+    path = providers.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="ignoring the provider cache"):
+        assert providers.load_cache() == {}
+    timer = FakeTimer("layer_norm", {"torch": 1.0})
+    with providers.timer(timer), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert providers.choose("layer_norm", _x(), {}) == "torch"  # measured, not trusted
+    assert timer.calls > 0
+    assert len(providers.load_cache()) == 1  # and the file is valid again
+
+
+def _write_entries(cache_dir: str, worker: int, n: int) -> None:
+    import os
+
+    os.environ[providers.CACHE_ENV] = cache_dir
+    for i in range(n):
+        providers._store(f"layer_norm(w{worker}-{i}) infer | cpu | v", providers.Timing({"torch": 1.0}, "torch"))
+
+
+def test_concurrent_writers_leave_a_valid_file_with_every_entry(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_entries, args=(str(tmp_path / "shared"), w, 15)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    data = json.loads((tmp_path / "shared" / "providers.json").read_text())
+    assert len(data["entries"]) == 45
+
+
+def test_pins_from_the_environment_and_by_argument(monkeypatch):
+    monkeypatch.setenv(providers.PINS_ENV, "layer_norm=torch, attention_qkv=sdpa-flash")
+    assert providers.pins_from_env() == {"layer_norm": "torch", "attention_qkv": "sdpa-flash"}
+    timer = FakeTimer("layer_norm", {"triton": 0.1})
+    with providers.timer(timer):
+        assert providers.choose("layer_norm", _x(), providers.pins_from_env()) == "torch"
+    assert timer.calls == 0
+    with pytest.raises(ValueError, match="unknown provider 'cudnn' for layer_norm"):
+        providers.parse_pins("layer_norm=cudnn")
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        providers.parse_pins({"softmax": "torch"})
+    with pytest.raises(ValueError, match="pins choose providers for attn='auto'"):
+        vk.VivitModel("tiny", attn="triton").set_attn("triton", pins={"layer_norm": "torch"})
+
+
+# ------------------------------------------------------------------------------------------------
+# the auto model
+# ------------------------------------------------------------------------------------------------
+def _pair():
+    cfg = vk.VivitConfig.from_preset("tiny")
+    eager = vk.VivitForVideoClassification(cfg, attn="eager")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    auto = vk.VivitForVideoClassification(cfg, attn="auto")
+    auto.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 4, 3, 32, 32, generator=g)
+    return eager.to(DEVICE), auto.to(DEVICE), x.to(DEVICE), torch.tensor([1, 3], device=DEVICE)
+
+
+class Favour:
+    """A timer that makes one named provider the fastest for every op that has it (others by order)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.calls = 0
+
+    def __call__(self, fn, args, training, device):
+        self.calls += 1
+        names = {c[0]: n for op in providers.CANDIDATES.values() for n, c in op.items()}
+        return 1.0 if names.get(fn) == self.name else 2.0
+
+
+@pytest.mark.parametrize("favour", [pytest.param("triton", marks=pytest.mark.triton), "cublas", "torch", "sdpa-flash"])
+def test_auto_model_equals_eager(favour):
+    eager, auto, x, labels = _pair()
+    with providers.timer(Favour(favour)):
+        out_a = auto(x, labels=labels)
+    out_e = eager(x, labels=labels)
+    assert_close(out_a.logits, out_e.logits, 1e-4, name="logits")
+    out_a.loss.backward()
+    out_e.loss.backward()
+    grads = dict(auto.named_parameters())
+    for n, p in eager.named_parameters():
+        assert_close(grads[n].grad, p.grad, 1e-4, rtol=1e-4, name=n)
+    chosen = {e["choice"] for e in providers.load_cache().values()}
+    if favour != "triton" or DEVICE.type == "cuda" or providers._triton.INTERPRET:
+        assert favour in chosen, chosen
+
+
+def test_no_measurement_while_torch_compile_traces(caplog):
+    torch._dynamo.reset()
+    eager, auto, x, _ = _pair()
+    auto.eval()
+    timer = Favour("torch")
+    with providers.timer(timer), caplog.at_level(logging.WARNING, logger="vivit_kernels"):
+        compiled = torch.compile(auto, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            out = compiled(x).logits
+    assert timer.calls == 0, "measured while tracing"
+    assert any("while torch.compile traces" in r.message for r in caplog.records)
+    with torch.no_grad():
+        assert_close(out, eager.eval()(x).logits, 1e-4, name="compiled auto")
+    # once measured outside, a new trace uses the measured choices
+    torch._dynamo.reset()
+    with providers.timer(timer), torch.no_grad():
+        auto(x)
+        measured = timer.calls
+        assert measured > 0
+        out = torch.compile(auto, fullgraph=True, backend="aot_eager")(x).logits
+    assert timer.calls == measured
+    assert_close(out, eager(x).logits, 1e-4, name="compiled auto, measured")
+
+
+@pytest.mark.cuda
+def test_no_measurement_during_cuda_graph_capture():
+    eager, auto, x, _ = _pair()
+    auto.eval()
+    timer = Favour("cublas")
+    with providers.timer(timer), torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph):
+                out = auto(x).logits
+        assert timer.calls == 0
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, eager.eval()(x).logits, 1e-3, name="captured auto")
+
+
+@pytest.mark.cpu_only
+def test_tune_command_fills_the_cache_and_info_shows_it(tmp_path):
+    """`vivit-kernels tune` on this machine's CPU (torch's candidates; CPU on purpose: the command's host path) and
+    `vivit-kernels info`: the table, the stored choices, and what a model then uses without measuring."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, providers.CACHE_ENV: str(tmp_path / "tuned"), "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "tune", "--config", "tiny", "--batch", "2",
+                          "--dtype", "float32", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| op | shapes | mode |") and table[0].endswith("| choice |")
+    assert {line.split("|")[1].strip() for line in table[1:]} == {"patch_embed", "layer_norm", "qkv", "attention_qkv",
+                                                                  "linear", "mlp"}
+    assert "12 choices stored in" in out.stdout
+    data = json.loads((tmp_path / "tuned" / "providers.json").read_text())
+    assert len(data["entries"]) == 12
+    info = subprocess.run([sys.executable, "-m", "vivit_kernels", "info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert "(12 entries)" in info.stdout and "attention_qkv  infer" in info.stdout, info.stdout
+    # a model at the tuned shapes now runs on the stored choices, measuring nothing
+    code = ("import torch, vivit_kernels as vk\n"
+            "from vivit_kernels import providers\n"
+            "def never(*a):\n    raise AssertionError('measured')\n"
+            "with providers.timer(never), torch.no_grad():\n"
+            "    vk.VivitForVideoClassification('tiny', attn='auto').eval()(torch.randn(2, 4, 3, 32, 32))\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
