@@ -27,27 +27,81 @@ def test_every_shipped_config_passes_the_gate(results):
 
 
 def test_gate_covers_every_attention_config(results):
-    """Each table entry x dtype x head_dim x arch is compiled (fp32 twice: IEEE and TF32 products)."""
+    """Each table row's entries x dtype x head_dim, on the architecture whose row it is (fp32 twice: IEEE and
+    TF32 products), and the delta pre-processing kernel on both."""
     n_dims = len(attn_mod.AOT_HEAD_DIMS)
     expected = 0
     for head_dim in attn_mod.AOT_HEAD_DIMS:
         block_d = attn_mod.block_d_for(head_dim)
         for size, n_dtypes in ((2, 2), (4, 2)):  # fp16 + bf16; fp32 ieee + fp32 tf32
-            for table in (attn_mod.FWD_CONFIGS, attn_mod.DKDV_CONFIGS, attn_mod.DQ_CONFIGS):
-                expected += len(table[(block_d, size)]) * n_dtypes
-    expected += 3 * n_dims  # the delta pre-processing kernel, per dtype and head_dim
-    got = [r for r in results if r.case.name.startswith("attn")]
-    assert len(got) == 2 * expected
+            for table in (attn_mod.FWD_ROWS, attn_mod.DKDV_ROWS, attn_mod.DQ_ROWS):
+                for arch in (80, 90):
+                    # sm_90's 2-byte forward twice: through tensor descriptors and through pointers
+                    variants = 2 if table is attn_mod.FWD_ROWS and arch == 90 and size == 2 else 1
+                    expected += len(table[(block_d, size, arch)]) * n_dtypes * variants
+    expected += 2 * 3 * n_dims  # the delta pre-processing kernel, per arch, dtype and head_dim
+    assert len([r for r in results if r.case.name.startswith("attn")]) == expected
 
 
 def test_gate_covers_every_gemm_config(results):
-    """Each GEMM table entry in every launch variant of its kind, per dtype (fp32: IEEE and TF32)."""
+    """Each GEMM table entry in every launch variant of its kind, per dtype (fp32: IEEE and TF32): the pointer
+    kernel on sm_80 and sm_90, the tensor-descriptor kernel on sm_90."""
     variants = lin_mod.gemm_launch_variants()
-    expected = 0
-    for (size, precision, kind), configs in lin_mod.GEMM_CONFIGS.items():
-        n_variants = sum(1 for _, v in variants if lin_mod._kind(v) == kind)
-        expected += len(configs) * n_variants * (2 if size == 2 else 1)  # fp16 and bf16 share the 2-byte rows
-    assert len([r for r in results if r.case.name == "gemm"]) == 2 * expected
+    for name, table, n_archs in (("gemm", lin_mod.GEMM_CONFIGS, 2), ("gemm_tma", lin_mod.TMA_CONFIGS, 1)):
+        expected = 0
+        for (size, precision, kind), configs in table.items():
+            n_variants = sum(1 for _, v in variants if lin_mod._kind(v) == kind)
+            expected += len(configs) * n_variants * (2 if size == 2 else 1)  # fp16 and bf16 share the 2-byte rows
+        assert len([r for r in results if r.case.name == name]) == n_archs * expected, name
+
+
+def test_sm90_fp16_bf16_configs_use_wgmma_and_gemms_use_tma(results):
+    """On sm_90 every fp16 / bf16 config of every matrix-multiplying kernel issues wgmma (not Ampere's mma.sync),
+    and every shipped GEMM config of the sm_90 kernel, and the attention forward's tensor-descriptor variant, load
+    their tiles through TMA."""
+    for r in results:
+        if r.arch != 90 or not r.case.label.startswith(("fp16", "bf16")) or r.case.name == "attn_bwd_preprocess" \
+                or r.case.name.startswith("layer_norm"):
+            continue
+        assert r.mma == "wgmma", (r.case.name, r.case.label, r.mma)
+        if r.case.name == "gemm_tma" or (r.case.name == "attn_fwd" and " tma " in r.case.label):
+            assert r.loads == "TMA", (r.case.name, r.case.label, r.loads)
+
+
+def _best(results, name: str, role: str) -> float:
+    rows = [r.work for r in results if r.arch == 90 and r.case.name == name and r.case.label.startswith("bf16")
+            and f" {role}:" in f" {r.case.label}" and r.work is not None]
+    assert rows, (name, role)
+    return min(rows)
+
+
+def test_static_targets_on_sm90_bf16(results):
+    """The hot-loop targets (SASS instructions, a proxy for speed): each GEMM variant's best shipped config, forward
+    <= 50 per MFLOP, dX (with the gelu_fast backward) and dW <= 70; attention forward <= 7.5 per score element."""
+    labels = {r.case.label.split(" ")[1] for r in results if r.case.name == "gemm_tma"}
+    for variant in sorted(labels):
+        role = variant.split(":")[0]
+        best = min(r.work for r in results if r.arch == 90 and r.case.name == "gemm_tma" and r.work is not None
+                   and r.case.label.startswith("bf16 ") and r.case.label.split(" ")[1] == variant)
+        assert best <= (50 if role == "fwd" else 70), (variant, best)
+    for variant in ("bf16 d=64 tma ", "bf16 d=64 BLOCK"):  # the sm_90 default (TMA) and the pointer fallback
+        attention = [r.work for r in results if r.arch == 90 and r.case.name == "attn_fwd"
+                     and r.case.label.startswith(variant)]
+        assert attention and min(attention) <= 7.5, (variant, attention)
+
+
+def test_vivit_b_weight_gradients_fill_132_sms():
+    """Every ViViT-B weight-gradient GEMM (K = 8 x 3137 tokens, or one clip's 3137) splits over K until output
+    tiles x K ranges give at least one full wave on 132 SMs."""
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for table in (lin_mod.GEMM_CONFIGS, lin_mod.TMA_CONFIGS)
+               for (size, _, kind), row in table.items() if size == 2 and kind == "main" for c in row}
+    for tokens in (3137, 8 * 3137):
+        for out_f, in_f in ((768, 768), (3072, 768), (768, 3072)):  # q/k/v/o projections, FC1, FC2
+            n_splits, k_split = lin_mod._splits(out_f, in_f, tokens, 132)
+            assert k_split % 64 == 0 and (n_splits - 1) * k_split < tokens <= n_splits * k_split
+            for bm, bn in configs:
+                programs = -(-out_f // bm) * -(-in_f // bn) * n_splits
+                assert programs >= 132, (out_f, in_f, tokens, bm, bn, programs)
 
 
 def test_gate_covers_layer_norm_and_patch_embed(results):
@@ -100,3 +154,27 @@ def test_compile_report_cli(tmp_path):
     assert "attn_bwd_preprocess" in out.stdout and "0 failing" in out.stdout
     rows = json.loads((tmp_path / "r.json").read_text())
     assert len(rows) == 3 * len(attn_mod.AOT_HEAD_DIMS) and all(r["ok"] for r in rows)
+
+
+def test_reference_rows_compile_and_ours_keep_up():
+    """The tutorial-like reference kernels compile through the same harness, with the instruction kinds their
+    designs imply; our best sm_90 bf16 forward GEMM stays within 10% of the best reference matmul's hot-loop count
+    and our TMA attention forward within 25% of the reference attention's (a static proxy, counted the same way)."""
+    refs = aot.run(aot.collect_cases("ref_", references=True), archs=(80, 90), jobs=2, progress=False)
+    assert refs and all(r.ok for r in refs), "\n" + aot.format_table([r for r in refs if not r.ok])
+    for r in refs:
+        if r.arch == 90:
+            assert r.mma == "wgmma", (r.case.label, r.mma)
+        if "TMA" in r.case.label:
+            assert r.loads == "TMA", (r.case.label, r.loads)
+    ours = aot.run([c for c in aot.collect_cases() if (c.name == "gemm_tma" and c.label.startswith("bf16 fwd:plain "))
+                    or (c.name == "attn_fwd" and c.label.startswith("bf16 d=64 tma "))], archs=(90,), jobs=2,
+                   progress=False)
+
+    def best(rows, name):
+        work = [r.work for r in rows if r.arch == 90 and r.case.name == name and r.work is not None]
+        assert work, name
+        return min(work)
+
+    assert best(ours, "gemm_tma") <= 1.1 * best(refs, "ref_matmul_tma_persistent")
+    assert best(ours, "attn_fwd") <= 1.25 * best(refs, "ref_attention_fwd")

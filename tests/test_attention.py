@@ -105,9 +105,9 @@ def test_softmax_scale_and_tf32_flag():
 def _shipped_tiles():
     """Every distinct (kernel, BLOCK_D, BLOCK_M, BLOCK_N) the autotuner may pick on a GPU."""
     seen = {}
-    tables = (("fwd", attn_mod.FWD_CONFIGS), ("dkdv", attn_mod.DKDV_CONFIGS), ("dq", attn_mod.DQ_CONFIGS))
+    tables = (("fwd", attn_mod.FWD_ROWS), ("dkdv", attn_mod.DKDV_ROWS), ("dq", attn_mod.DQ_ROWS))
     for table_name, table in tables:
-        for (block_d, size), configs in table.items():
+        for (block_d, size, arch), configs in table.items():  # sm_80's rows and sm_90's
             for cfg in configs:
                 seen[(table_name, block_d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])] = cfg
     return sorted(seen.items())
@@ -235,18 +235,27 @@ def test_cuda_matches_reference(shape, dtype):
         assert_within_rule(dqkv, dref, dlow, 3.0, name="dqkv")
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("kernel, table", [
-    ("_attn_fwd_tuned", "FWD_CONFIGS"), ("_attn_bwd_dkdv_tuned", "DKDV_CONFIGS"), ("_attn_bwd_dq_tuned", "DQ_CONFIGS"),
+    ("_attn_fwd_tuned", "FWD_ROWS"), ("_attn_bwd_dkdv_tuned", "DKDV_ROWS"), ("_attn_bwd_dq_tuned", "DQ_ROWS"),
 ])
-def test_autotuner_benchmarks_only_the_matching_table_row(kernel, table):
-    """On a GPU the autotuner times only the shipped configs of the call's (BLOCK_D, element size) row."""
+def test_autotuner_benchmarks_only_the_matching_table_row(kernel, table, monkeypatch):
+    """On a GPU the autotuner times only the shipped configs of the call's (BLOCK_D, element size, architecture)
+    row; the architecture is the device's, read at launch (here made each in turn)."""
     tuner, rows = getattr(attn_mod, kernel), getattr(attn_mod, table)
-    for (block_d, size), row in rows.items():
+    for (block_d, size, arch), row in rows.items():
+        monkeypatch.setattr(attn_mod, "arch_of", lambda device, arch=arch: arch)
         dtype = torch.float16 if size == 2 else torch.float32
         pruned = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
         got = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned)
         want = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in row)
-        assert got == want, (block_d, size)
+        assert got == want, (block_d, size, arch)
+    assert attn_mod.arch_of.__name__ == "<lambda>"  # (the real one reads the device's compute capability)
+
+
+def test_grid_bucket_separates_batch_sizes():
+    assert attn_mod.grid_bucket(1, 12, 3137) != attn_mod.grid_bucket(8, 12, 3137)
+    assert attn_mod.grid_bucket(8, 12, 3137) == 8192  # 8 * 12 * 50 programs at 64-row tiles -> 4800 -> 8192
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -276,3 +285,77 @@ def test_fused_qkv_opcheck_and_errors():
                           (torch.randn_like(out), qkv.detach(), out, lse, 0.2, False))
     with pytest.raises(ValueError, match=r"qkv must be \(batch, tokens, 3, heads, head_dim\)"):
         flash_attention_qkv(torch.randn(2, 19, 2, 2, 32, device=DEVICE))
+
+
+def _record_tma(monkeypatch) -> list[bool]:
+    """The USE_TMA value of every forward launch from now on."""
+    seen, launch = [], attn_mod._launch
+
+    def recording(tuned, plain, *rest):
+        if plain is attn_mod._attn_fwd_kernel:
+            seen.append(rest[-2]["USE_TMA"])  # (..., args, meta, config)
+        return launch(tuned, plain, *rest)
+
+    monkeypatch.setattr(attn_mod, "_launch", recording)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 77, 2, 64), (1, 130, 3, 80), (1, 33, 1, 32)], ids=lambda s: "x".join(map(str, s)))
+def test_forward_through_tensor_descriptors(shape, dtype, monkeypatch):
+    """The sm_90 forward (its default for fp16 / bf16 when strides allow), forced: q, k, v are strided slices of the
+    fused (B, N, 3, H, D) tensor, the descriptors zero-fill rows past N and columns past head_dim (80 -> 128), the
+    output is stored through a descriptor; forward and backward against the reference."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90 or newer; this GPU runs the pointer forward")
+    monkeypatch.setattr(attn_mod, "FORCED_TMA", True)
+    seen = _record_tma(monkeypatch)
+    check(*shape, dtype)
+    assert seen and all(seen)
+
+
+@pytest.mark.cuda
+def test_cuda_forward_picks_tensor_descriptors_where_it_can(monkeypatch):
+    """On sm_90+ the bf16 forward of the fused layout goes through TMA; a base that is not 16-byte aligned does not."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90 or newer")
+    seen = _record_tma(monkeypatch)
+    qkv = torch.randn(1, 197, 3, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    flash_attention(*qkv.unbind(2))
+    odd = torch.randn(1 * 197 * 3 * 2 * 64 + 1, device=DEVICE, dtype=torch.bfloat16)[1:].view(1, 197, 3, 2, 64)
+    flash_attention(*odd.unbind(2))
+    assert seen == [True, False]
+
+
+def test_tma_allocator_is_set_per_thread(monkeypatch):
+    """Triton keeps its allocator per context: a thread that never set one (autograd's CUDA backward threads)
+    gets torch's before a tensor-descriptor launch; a thread whose user set their own keeps it."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from vivit_kernels.ops import _triton
+
+    monkeypatch.setattr(_triton, "INTERPRET", False)  # under the interpreter descriptors need no scratch memory
+    results = {}
+
+    def fresh():
+        results["before"] = _allocation._allocator.get()
+        _triton.ensure_tma_allocator()
+        results["after"] = _allocation._allocator.get()
+
+    def users_own():
+        mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)  # noqa: E731
+        import triton
+
+        triton.set_allocator(mine)
+        _triton.ensure_tma_allocator()
+        results["kept"] = _allocation._allocator.get() is mine
+
+    for target in (fresh, users_own):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert isinstance(results["before"], _allocation.NullAllocator)
+    assert not isinstance(results["after"], _allocation.NullAllocator)
+    assert results["kept"]

@@ -170,12 +170,25 @@ def _check_rule(ours, inputs32, ref_fn, dtype, tf32, name, factor=2.0):
     assert_within_rule(ours, ref, torch_low, factor, eps=1e-4 * max(1.0, ref.abs().max().item()), name=name)
 
 
-ATTN_TABLES = {"fwd": attn_mod.FWD_CONFIGS, "dkdv": attn_mod.DKDV_CONFIGS, "dq": attn_mod.DQ_CONFIGS}
+ARCH = attn_mod.arch_of(DEVICE)  # the rows this GPU launches (sm_90's differ from sm_80's)
+ATTN_TABLES = {name: {key[:2]: row for key, row in rows.items() if key[2] == ARCH}
+               for name, rows in (("fwd", attn_mod.FWD_ROWS), ("dkdv", attn_mod.DKDV_ROWS), ("dq", attn_mod.DQ_ROWS))}
 
 
-@pytest.mark.parametrize("table, row, cfg", list(_rows(ATTN_TABLES)))
-def test_attention_config_forced(table, row, cfg):
+def _attention_cases():
+    """This GPU's rows; sm_90's 2-byte forward configs twice: through tensor descriptors (its default) and through
+    pointers (layouts TMA cannot read)."""
+    for param in _rows(ATTN_TABLES):
+        table, row, cfg = param.values
+        yield pytest.param(table, row, cfg, False, id=param.id)
+        if table == "fwd" and row[1] == 2 and ARCH >= 90:
+            yield pytest.param(table, row, cfg, True, id=f"{param.id}-tma")
+
+
+@pytest.mark.parametrize("table, row, cfg, tma", list(_attention_cases()))
+def test_attention_config_forced(table, row, cfg, tma, monkeypatch):
     block_d, size = row
+    monkeypatch.setattr(attn_mod, "FORCED_TMA", tma)
     head_dim = {32: 32, 64: 64, 128: 80}[block_d]
     N = 3 * max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) + 5
     dtype = torch.bfloat16 if size == 2 else torch.float32
@@ -197,8 +210,12 @@ def test_attention_config_forced(table, row, cfg):
     _check_rule(ours, (qkv, do), ref, dtype, False, f"attention {table} {cfg.label()}", factor=3.0)
 
 
-@pytest.mark.parametrize("table, row, cfg", list(_rows({"gemm": lin.GEMM_CONFIGS})))
+@pytest.mark.parametrize("table, row, cfg", list(_rows({"pointer": lin.GEMM_CONFIGS, "tma": lin.TMA_CONFIGS})))
 def test_gemm_config_forced(table, row, cfg):
+    """Each config of both GEMM kernels (the tensor-descriptor one on sm_90 only) in its row's dtype."""
+    if table == "tma" and ARCH != 90:
+        pytest.skip("the tensor-descriptor GEMM is sm_90's")
+    path = "tma" if table == "tma" else "pointer"
     size, precision, kind = row
     dtype, tf32 = _dtype_for(size, precision)
     M, K, N = 3 * cfg.kwargs["BLOCK_M"] + 5, 4 * cfg.kwargs["BLOCK_K"] + 16, 2 * cfg.kwargs["BLOCK_N"] + 16
@@ -208,7 +225,7 @@ def test_gemm_config_forced(table, row, cfg):
     if kind == "dgelu":
         h32 = torch.randn(M, N, device=DEVICE)
         act = torch.empty_like(out)
-        lin.gemm(a, b, out, dgelu_of=h32.to(dtype), pre=act, allow_tf32=tf32, config=cfg)
+        lin.gemm(a, b, out, dgelu_of=h32.to(dtype), pre=act, allow_tf32=tf32, config=cfg, path=path)
         _check_rule(out, (a32, b32, h32), lambda a, b, h: lin.gelu_fast_backward_ref(a @ b, h), dtype, tf32, "dgelu")
         return
     bias32 = torch.randn(N, device=DEVICE)
@@ -217,25 +234,26 @@ def test_gemm_config_forced(table, row, cfg):
         biases32 = [torch.randn(N, device=DEVICE) for _ in range(2)]
         out3 = torch.empty(M, 3 * N, device=DEVICE, dtype=dtype)
         lin.gemm(a, b, out3, bias=bias32.to(dtype), groups="n", more_b=tuple(t.to(dtype) for t in more32),
-                 more_bias=tuple(t.to(dtype) for t in biases32), allow_tf32=tf32, config=cfg)
+                 more_bias=tuple(t.to(dtype) for t in biases32), allow_tf32=tf32, config=cfg, path=path)
         _check_rule(out3, (a32, b32, *more32, bias32, *biases32),
                     lambda a, b0, b1, b2, c0, c1, c2: torch.cat([a @ b0 + c0, a @ b1 + c1, a @ b2 + c2], 1),
                     dtype, tf32, "n groups")
         a3_32 = torch.randn(M, 3 * K, device=DEVICE)
         lin.gemm(a3_32.to(dtype), b, out, groups="k", more_b=tuple(t.to(dtype) for t in more32), allow_tf32=tf32,
-                 config=cfg)
+                 config=cfg, path=path)
         _check_rule(out, (a3_32, b32, *more32), lambda a, b0, b1, b2: a @ torch.cat([b0, b1, b2]), dtype, tf32,
                     "k segments")
         return
     pre = torch.empty_like(out)
-    lin.gemm(a, b, out, bias=bias32.to(dtype), activation="gelu_fast", pre=pre, allow_tf32=tf32, config=cfg)
+    lin.gemm(a, b, out, bias=bias32.to(dtype), activation="gelu_fast", pre=pre, allow_tf32=tf32, config=cfg, path=path)
     from vivit_kernels.ops.activations import gelu_fast
 
     _check_rule(out, (a32, b32, bias32), lambda a, b, c: gelu_fast(a @ b + c), dtype, tf32, "gelu_fast")
-    rowsum = torch.empty(M, device=DEVICE, dtype=dtype)
-    lin.gemm(a, b, out, rowsum=rowsum, allow_tf32=tf32, config=cfg)
-    _check_rule(out, (a32, b32), lambda a, b: a @ b, dtype, tf32, "plain")
-    _check_rule(rowsum, (a32,), lambda a: a.sum(1), dtype, False, "row sums")
+    tokens = 4 * 512 + 37  # the weight gradient: A read transposed, K split in ranges summed in order
+    dy32, x32 = torch.randn(tokens, M, device=DEVICE), torch.randn(tokens, N, device=DEVICE)
+    dw = torch.empty(M, N, device=DEVICE, dtype=dtype)
+    lin.gemm(dy32.to(dtype).t(), x32.to(dtype), dw, split_k=True, allow_tf32=tf32, config=cfg, path=path, sms=1000)
+    _check_rule(dw, (dy32, x32), lambda d, x: d.t() @ x, dtype, tf32, "dW split over K")
 
 
 @pytest.mark.parametrize("table, row, cfg", list(_rows(pe.PATCH_CONFIGS)))

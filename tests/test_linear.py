@@ -95,6 +95,33 @@ def test_qkv_projection_opcheck_and_errors():
         lin.qkv_projection(x, ws[0], None, ws[1][:16], None, ws[2], None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["linear+residual", "linear+gelu_fast", "mlp", "qkv"])
+def test_ops_on_the_tma_path(op, dtype, monkeypatch):
+    """The ops, forward and every gradient (dX, dW split over K, db), with every GEMM on the sm_90
+    tensor-descriptor kernel (on sm_90 the default where the layout allows; here forced, in the interpreter)."""
+    _tma_here("tma")
+    monkeypatch.setattr(lin, "FORCED_PATH", "tma")
+    tokens, hidden = 700, 64  # 1400 rows: the weight gradients split over K
+    x = leaf(torch.randn(2, tokens, hidden))
+    w1, b1 = leaf(torch.randn(96, hidden) * hidden**-0.5), leaf(0.1 * torch.randn(96))
+    w2, b2 = leaf(torch.randn(hidden, 96) * 96**-0.5), leaf(0.1 * torch.randn(hidden))
+    r = leaf(torch.randn(2, tokens, 96))
+    if op == "linear+residual":
+        fn, ref, args = (lambda x, w, b, r: linear(x, w, b, None, r)), (lambda x, w, b, r: linear_ref(x, w, b, None, r)), (x, w1, b1, r)
+    elif op == "linear+gelu_fast":
+        fn, ref, args = (lambda x, w, b: linear(x, w, b, "gelu_fast")), (lambda x, w, b: linear_ref(x, w, b, "gelu_fast")), (x, w1, b1)
+    elif op == "mlp":
+        fn = lambda x, w1, b1, w2, b2: mlp(x, w1, b1, w2, b2, residual=x)  # noqa: E731
+        ref = lambda x, w1, b1, w2, b2: mlp_ref(x, w1, b1, w2, b2, residual=x)  # noqa: E731
+        args = (x, w1, b1, w2, b2)
+    else:
+        ws = [leaf(torch.randn(hidden, hidden) * hidden**-0.5) for _ in range(3)]
+        bs = [leaf(0.1 * torch.randn(hidden)) for _ in range(3)]
+        fn, ref, args = lin.qkv_projection, lin.qkv_projection_ref, (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2])
+    check_against_reference(fn, ref, args, dtype, name=f"{op} (tma)")
+
+
 @pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_new"])
 def test_other_activations_run_through_torch(activation):
     x, w, b, r = params(9, 32, 48, residual=True)
@@ -124,26 +151,36 @@ def test_strided_input_and_no_grad_inputs():
 
 
 def _shipped_gemm_configs():
+    """Every distinct (kernel path, epilogue kind, tile) a GPU may launch: the pointer kernel's and the sm_90
+    tensor-descriptor kernel's (the interpreter runs tensor descriptors too)."""
     seen = {}
-    for (size, precision, kind), configs in lin.GEMM_CONFIGS.items():
-        for cfg in configs:
-            seen.setdefault((kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]), cfg)
+    for path, table in (("pointer", lin.GEMM_CONFIGS), ("tma", lin.TMA_CONFIGS)):
+        for (size, precision, kind), configs in table.items():
+            for cfg in configs:
+                seen.setdefault((path, kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]), cfg)
     return sorted(seen.items())
+
+
+def _tma_here(path: str) -> None:
+    if path == "tma" and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the tensor-descriptor kernel is sm_90's; this GPU runs the pointer kernel")
 
 
 @pytest.mark.parametrize("key, cfg", _shipped_gemm_configs(), ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else "")
 def test_every_shipped_gemm_tile(key, cfg):
-    """Each shipped tile shape, forced, on sizes that leave partial tiles in M, N and K, in each epilogue
-    kind: forward (+ bias, pre-activation, gelu_fast), residual, the gelu backward, and dW with row sums."""
-    kind = key[0]
-    M, K, N = 2 * cfg.kwargs["BLOCK_M"] + 5, 2 * cfg.kwargs["BLOCK_K"] + 3, cfg.kwargs["BLOCK_N"] + 7
+    """Each shipped tile shape of both kernels, forced, on sizes that leave partial tiles in M, N and K, in each
+    epilogue kind: forward (+ bias, pre-activation, gelu_fast), residual, the gelu backward, the grouped QKV
+    GEMMs, and the weight gradient split over K (A read transposed)."""
+    path, kind = key[0], key[1]
+    _tma_here(path)
+    M, K, N = 2 * cfg.kwargs["BLOCK_M"] + 5, 2 * cfg.kwargs["BLOCK_K"] + 16, cfg.kwargs["BLOCK_N"] + 16
     a, bmat = torch.randn(M, K, device=DEVICE), torch.randn(K, N, device=DEVICE) * K**-0.5
     bias, res = torch.randn(N, device=DEVICE), torch.randn(M, N, device=DEVICE)
     ab = a @ bmat
     if kind == "dgelu":
         h = torch.randn(M, N, device=DEVICE)
         out, act = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
-        lin.gemm(a, bmat, out, dgelu_of=h, pre=act, config=cfg)
+        lin.gemm(a, bmat, out, dgelu_of=h, pre=act, config=cfg, path=path)
         assert_close(out, lin.gelu_fast_backward_ref(ab, h), 1e-4, name="dgelu")
         assert_close(act, gelu_fast_ref(h), 1e-5, name="gelu(aux)")
         return
@@ -151,23 +188,26 @@ def test_every_shipped_gemm_tile(key, cfg):
         b1, b2 = torch.randn(2, K, N, device=DEVICE) * K**-0.5
         bias1, bias2 = torch.randn(2, N, device=DEVICE)
         out3 = torch.empty(M, 3 * N, device=DEVICE)
-        lin.gemm(a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg)
+        lin.gemm(a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg, path=path)
         assert_close(out3, torch.cat([ab + bias, a @ b1 + bias1, a @ b2 + bias2], 1), 1e-4, name="n groups")
         a3 = torch.randn(M, 3 * K, device=DEVICE)
         out = torch.empty(M, N, device=DEVICE)
-        lin.gemm(a3, bmat, out, groups="k", more_b=(b1, b2), config=cfg)
+        lin.gemm(a3, bmat, out, groups="k", more_b=(b1, b2), config=cfg, path=path)
         assert_close(out, a3 @ torch.cat([bmat, b1, b2]), 1e-4, name="k segments")
         return
+    w = (torch.randn(N, K, device=DEVICE) * K**-0.5)  # the forward reads an nn.Linear weight as it is (B = W^T)
     out, pre = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
-    lin.gemm(a, bmat, out, bias=bias, activation="gelu_fast", pre=pre, config=cfg)
-    assert_close(pre, ab + bias, 1e-4, name="pre-activation")
-    assert_close(out, gelu_fast_ref(ab + bias), 1e-4, name="gelu_fast")
-    lin.gemm(a, bmat, out, bias=bias, residual=res, config=cfg)
+    lin.gemm(a, w.t(), out, bias=bias, activation="gelu_fast", pre=pre, config=cfg, path=path)
+    assert_close(pre, a @ w.t() + bias, 1e-4, name="pre-activation")
+    assert_close(out, gelu_fast_ref(a @ w.t() + bias), 1e-4, name="gelu_fast")
+    lin.gemm(a, bmat, out, bias=bias, residual=res, config=cfg, path=path)
     assert_close(out, ab + bias + res, 1e-4, name="residual")
-    rowsum = torch.empty(M, device=DEVICE)
-    lin.gemm(a, bmat, out, rowsum=rowsum, config=cfg)
-    assert_close(out, ab, 1e-4, name="plain")
-    assert_close(rowsum, a.sum(1), 1e-4, name="row sums")
+    tokens = 3 * 512 + 37  # a weight gradient: dY^T @ X with K = tokens, split in ranges of at least 512 rows
+    dy, x = torch.randn(tokens, N, device=DEVICE), torch.randn(tokens, K, device=DEVICE)
+    dw = torch.empty(N, K, device=DEVICE)
+    lin.gemm(dy.t(), x, dw, split_k=True, config=cfg, path=path, sms=1000)
+    assert lin._splits(N, K, tokens, 1000)[0] >= 2  # the split path really runs
+    assert_close(dw, dy.t() @ x, 1e-4 * tokens**0.5, name="dW split over K")
 
 
 @pytest.mark.cpu_only
@@ -176,9 +216,13 @@ def test_autotuner_prunes_to_the_row(kernel_row):
     size, precision, kind = kernel_row
     tuner = lin._gemm_tuned
     dtype = torch.float16 if size == 2 else torch.float32
-    pruned = tuner.early_config_prune(tuner.configs, {"A": torch.empty(1, dtype=dtype)}, DOT_PRECISION=precision,
-                                      DGELU=kind == "dgelu", N_GROUPS=3 if kind == "grouped" else 1, K_GROUPS=1)
+    flags = dict(DOT_PRECISION=precision, DGELU=kind == "dgelu", N_GROUPS=3 if kind == "grouped" else 1, K_GROUPS=1)
+    pruned = tuner.early_config_prune(tuner.configs, {"A": torch.empty(1, dtype=dtype)}, **flags)
     assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, lin.GEMM_CONFIGS[kernel_row]))
+    if kernel_row in lin.TMA_CONFIGS:
+        tma = lin._gemm_tma_tuned
+        pruned = tma.early_config_prune(tma.configs, {"A": torch.empty(1, dtype=dtype)}, **flags)
+        assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, lin.TMA_CONFIGS[kernel_row]))
 
 
 def test_opcheck():

@@ -38,13 +38,14 @@ ARCHS: dict[int, dict[str, int]] = {
     90: dict(smem_block=227 * 1024, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, blocks_sm=32),
 }
 
-# Modules whose ``aot_cases()`` list the shipped kernels.
+# Modules whose ``aot_cases()`` list the shipped kernels, and the reference rows (tutorial-like kernels).
 KERNEL_MODULES = (
     "vivit_kernels.ops.attention",
     "vivit_kernels.ops.linear",
     "vivit_kernels.ops.layer_norm",
     "vivit_kernels.ops.patch_embed",
 )
+REFERENCE_MODULES = ("vivit_kernels.aot_reference",)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class AotCase:
     num_stages: int
     label: str  # human description: dtype, head_dim, tile sizes
     divisible: tuple[str, ...] = ()  # arguments assumed 16-divisible (pointers, strides), as the JIT specialises
+    archs: tuple[int, ...] = (80, 90)  # the architectures that launch it (the TMA kernels: sm_90 only)
 
     @property
     def name(self) -> str:
@@ -78,6 +80,14 @@ class AotResult:
     seconds: float = 0.0
     error: str = ""
     problems: list[str] = field(default_factory=list)
+    # read from the SASS (a proxy for speed, not speed): the MMA instruction kind ("wgmma", "mma.sync", "FMA"),
+    # whether tiles load through TMA ("TMA") or cp.async ("cp.async"), and the hot loop (the innermost loop
+    # holding the MMAs): its instructions per warp, and those per MFLOP (GEMMs) or per score element (attention)
+    mma: str | None = None
+    loads: str | None = None
+    loop_instructions: int | None = None
+    work: float | None = None
+    work_unit: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -87,7 +97,7 @@ class AotResult:
 
 
 def make_case(module: str, fn, kernel: str, types: dict[str, str], constexprs: dict[str, Any], num_warps: int,
-              num_stages: int, label: str, divisible: tuple[str, ...] = ()) -> AotCase:
+              num_stages: int, label: str, divisible: tuple[str, ...] = (), archs: tuple[int, ...] = (80, 90)) -> AotCase:
     """Build a case from a kernel's argument names: ``types`` gives every runtime argument's type, and every
     other argument must be in ``constexprs``.
 
@@ -109,12 +119,12 @@ def make_case(module: str, fn, kernel: str, types: dict[str, str], constexprs: d
         if t.startswith("*") or (t != "constexpr" and (n.startswith("stride") or n in divisible))
     )
     return AotCase(module, kernel, tuple(signature), tuple(sorted(constexprs.items())), num_warps, num_stages,
-                   label, marked)
+                   label, marked, tuple(archs))
 
 
-def collect_cases(kernel_filter: str | None = None) -> list[AotCase]:
+def collect_cases(kernel_filter: str | None = None, references: bool = False) -> list[AotCase]:
     cases: list[AotCase] = []
-    for module_name in KERNEL_MODULES:
+    for module_name in KERNEL_MODULES + (REFERENCE_MODULES if references else ()):
         module = importlib.import_module(module_name)
         if hasattr(module, "aot_cases"):
             cases.extend(module.aot_cases())
@@ -170,12 +180,82 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
         result.registers = int(regs.group(1)) if regs else 0
         result.spill_stores, result.spill_loads = (int(spills.group(1)), int(spills.group(2))) if spills else (0, 0)
         result.occupancy = occupancy(arch, result.registers, result.shared, case.num_warps)
+        analyse_sass(result, disassemble(compiled.asm["cubin"]))
     except Exception as e:  # noqa: BLE001 - a failure to compile is a result, reported in the table
         result.error = f"{type(e).__name__}: {str(e).strip()[:400]}"
     result.seconds = time.perf_counter() - start
     result.problems = problems(result)
     result.ok = not result.problems
     return result
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS of a cubin, by the nvdisasm bundled with Triton."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    nvdisasm = os.path.join(os.path.dirname(nvidia.__file__), "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {out.stderr.strip()[-300:]}")
+    return out.stdout
+
+
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_MMA = re.compile(r"\b(HGMMA|HMMA|FFMA)\b")
+
+
+def hot_loop(sass: str) -> tuple[str, list[str]]:
+    """(MMA kind, the instructions of the innermost loop holding the kernel's matrix multiplies). A loop is a
+    backward branch to a label; the MMA kind is wgmma (HGMMA) over mma.sync (HMMA) over FMA (FFMA)."""
+    instructions: list[str] = []
+    labels: dict[str, int] = {}
+    loops: list[tuple[int, int]] = []
+    for line in sass.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        branch = _BRANCH.search(m.group(1))
+        if branch and branch.group(1) in labels and labels[branch.group(1)] <= len(instructions):
+            loops.append((labels[branch.group(1)], len(instructions)))
+        instructions.append(m.group(1))
+    kinds = [k for k in ("HGMMA", "HMMA") if any(k in i for i in instructions)] or ["FFMA"]
+    kind = kinds[0]
+
+    def holds(loop):
+        return any(re.search(rf"\b{kind}\b", i) for i in instructions[loop[0]: loop[1] + 1])
+
+    candidates = [loop for loop in loops if holds(loop)]
+    if not candidates:
+        return {"HGMMA": "wgmma", "HMMA": "mma.sync", "FFMA": "FMA"}[kind], []
+    start, end = min(candidates, key=lambda loop: loop[1] - loop[0])
+    return {"HGMMA": "wgmma", "HMMA": "mma.sync", "FFMA": "FMA"}[kind], instructions[start: end + 1]
+
+
+def analyse_sass(result: "AotResult", sass: str) -> None:
+    """Fill the SASS fields of ``result``: MMA kind, load path, hot-loop size and work per instruction."""
+    case = result.case
+    result.mma, body = hot_loop(sass)
+    result.loads = "TMA" if "UTMALDG" in sass else ("cp.async" if "LDGSTS" in sass else "ld.global")
+    result.loop_instructions = len(body) or None
+    meta = dict(case.constexprs)
+    bm, bn, bk = meta.get("BLOCK_M"), meta.get("BLOCK_N"), meta.get("BLOCK_K")
+    if not body or bm is None or bn is None:
+        return
+    if "attn" in case.name or "attention" in case.name:
+        # score elements per thread per iteration: BLOCK_M x BLOCK_N scores over warps x 32 threads
+        result.work, result.work_unit = len(body) / (bm * bn / (case.num_warps * 32)), "instr/score"
+    elif bk is not None:
+        # per MFLOP of the tile's MMA: warp instructions issued per SM sub-partition (4 per SM)
+        result.work, result.work_unit = len(body) * (case.num_warps / 4) / (2 * bm * bn * bk / 1e6), "instr/MFLOP"
 
 
 def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> float:
@@ -212,7 +292,7 @@ def _compile_star(args: tuple[AotCase, int]) -> AotResult:
 
 def run(cases: list[AotCase], archs: tuple[int, ...] = (80, 90), jobs: int = 2, progress: bool = True) -> list[AotResult]:
     """Compile every case for every arch in ``jobs`` worker processes (spawned without TRITON_INTERPRET)."""
-    work = [(c, a) for c in cases for a in archs]
+    work = [(c, a) for c in cases for a in archs if a in c.archs]
     saved = os.environ.pop("TRITON_INTERPRET", None)  # spawned workers inherit the environment
     try:
         ctx = multiprocessing.get_context("spawn")
@@ -231,16 +311,20 @@ def run(cases: list[AotCase], archs: tuple[int, ...] = (80, 90), jobs: int = 2, 
 
 
 def format_table(results: list[AotResult]) -> str:
-    header = f"{'kernel':<18} {'config':<52} {'arch':<6} {'regs':>4} {'spill B':>8} {'smem KB':>8} {'occ':>5}  status"
+    header = (f"{'kernel':<18} {'config':<52} {'arch':<6} {'regs':>4} {'spill B':>8} {'smem KB':>8} {'occ':>5} "
+              f"{'mma':<8} {'loads':<9} {'loop':>5} {'per work':>9} {'unit':<11}  status")
     lines = [header, "-" * len(header)]
     for r in results:
         spill = "-" if r.spill_stores is None else str(r.spill_stores + r.spill_loads)
         smem = "-" if r.shared is None else f"{r.shared / 1024:.1f}"
         occ = "-" if r.occupancy is None else f"{r.occupancy:.0%}"
         regs = "-" if r.registers is None else str(r.registers)
+        loop = "-" if r.loop_instructions is None else str(r.loop_instructions)
+        work = "-" if r.work is None else f"{r.work:.1f}"
         config = r.case.label
         status = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
-        lines.append(f"{r.case.name:<18} {config:<52} sm_{r.arch:<3} {regs:>4} {spill:>8} {smem:>8} {occ:>5}  {status}")
+        lines.append(f"{r.case.name:<18} {config:<52} sm_{r.arch:<3} {regs:>4} {spill:>8} {smem:>8} {occ:>5} "
+                     f"{r.mma or '-':<8} {r.loads or '-':<9} {loop:>5} {work:>9} {r.work_unit or '-':<11}  {status}")
     n_bad = sum(not r.ok for r in results)
     lines.append(f"{len(results)} compilations, {n_bad} failing")
     return "\n".join(lines)
@@ -257,15 +341,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--quiet", action="store_true", help="no progress line (it is shown only on a terminal anyway)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave out the reference rows (tutorial-like kernels compiled the same way)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    cases = collect_cases(args.kernel)
+    cases = collect_cases(args.kernel, references=not args.no_reference)
     if not cases:
-        print("no kernels matched", file=sys.stderr)
+        names = sorted({c.name for c in collect_cases(references=not args.no_reference)})
+        print(f"no kernel name contains {args.kernel!r}; the kernels are: {', '.join(names)}", file=sys.stderr)
         return 2
-    results = run(cases, tuple(args.arch), args.jobs, progress=not args.quiet)
+    results = run(cases, tuple(args.arch), args.jobs, progress=not args.quiet and sys.stderr.isatty())
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

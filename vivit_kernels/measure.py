@@ -35,7 +35,7 @@ from torch.utils.flop_counter import flop_registry
 
 __all__ = ["GPUS", "Measurement", "measure", "measure_all", "format_markdown", "NO_LAUNCH_ATEN", "PROVIDERS"]
 
-# Datasheet peaks (dense), for the roofline prediction only.
+# Datasheet peaks (dense), for the roofline floor only.
 GPUS: dict[str, dict[str, float]] = {
     "A100-SXM4-80GB": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12, "bandwidth": 2.039e12},
     "H100-SXM5-80GB": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "bandwidth": 3.35e12},
@@ -259,6 +259,7 @@ def format_markdown(rows: list[Measurement], baseline: str = "transformers-sdpa"
             + " | ".join(f"{r.roofline_ms[g]:.2f}" for g in gpus) + " |"
         )
     lines.append("")
-    lines.append(f"x: ratio to {baseline} at the same batch. *roofline: a model prediction from datasheet peaks "
-                 "(per op max(FLOPs / peak, bytes / bandwidth), summed), not a measurement.")
+    lines.append(f"x: ratio to {baseline} at the same batch. *roofline: a floor, not a prediction: per op "
+                 "max(FLOPs / peak, bytes / bandwidth) from datasheet peaks, summed over this provider's ops; they "
+                 "cannot run faster on that GPU. Not a measurement.")
     return "\n".join(lines)

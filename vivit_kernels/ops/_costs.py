@@ -107,7 +107,9 @@ LAUNCHES: dict[str, Callable[[tuple], int] | int] = {
     "vivit_kernels::flash_attn_qkv_fwd": 1,
     "vivit_kernels::flash_attn_qkv_bwd": 3,
     "vivit_kernels::linear_fwd": 1,
-    "vivit_kernels::linear_bwd": _flag(4, 2, 1),  # dW (+ db) and, when needed, dX
+    # backward entries count the Triton GEMMs (dW, and dX when needed); where a weight gradient splits over K a
+    # summing kernel follows, and a bias gradient is one torch reduction
+    "vivit_kernels::linear_bwd": _flag(4, 2, 1),  # dW and, when needed, dX
     "vivit_kernels::qkv_fwd": 1,
     "vivit_kernels::qkv_bwd": _flag(6, 4, 3),  # dWq, dWk, dWv (+ their db) and, when needed, dX
     "vivit_kernels::mlp_fwd": 2,  # FC1 + gelu, FC2 + residual

@@ -132,6 +132,41 @@ def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: l
     return tuner
 
 
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: launches run in device_guard
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need scratch memory from Triton's allocator. Triton keeps the allocator in
+    a context variable, so a thread that never set one (autograd runs CUDA backwards on its own device threads)
+    has none: before each tensor-descriptor launch, give the current context torch's caching allocator unless
+    it already has an allocator (the user's own is kept)."""
+    if INTERPRET:
+        return
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # a Triton without this layout: set ours each time (cheap)
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can read these tensors: on a Hopper (or newer) GPU, unit inner stride, a 16-byte aligned
+    base, and 16-byte aligned strides in every other dimension (the kernels add batch / head offsets to the
+    base, so those strides count too)."""
+    for t in tensors:
+        if INTERPRET or t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((t.stride(d) * t.element_size()) % 16 for d in range(t.dim() - 1)):
+            return False
+    return True
+
+
 def kernel_name(fn) -> str:
     return getattr(fn, "__name__", None) or fn.fn.__name__
 
@@ -204,6 +239,15 @@ def emulate_bf16(dtype: torch.dtype) -> bool:
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def grouped_tile_order(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of linear tile index ``tile`` in grouped order: GROUP_M row tiles take each column
+        tile in turn, so a column tile of B is reused from L2 while it is there."""
+        width = GROUP_M * num_n
+        first_m = (tile // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % width) % size_m, (tile % width) // size_m
 
     @triton.jit
     def round_to_bf16(x):

@@ -27,8 +27,10 @@ from ._triton import (
     KernelConfig,
     check_launchable,
     emulate_bf16,
+    ensure_tma_allocator,
     launch,
     next_pow2,
+    tma_compatible,
     tl,
     triton,
 )
@@ -50,12 +52,12 @@ def _cfgs(*rows: tuple[int, int, int, int]) -> list[KernelConfig]:
 
 FWD_CONFIGS: dict[tuple[int, int], list[KernelConfig]] = {
     (32, 2): _cfgs((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)),
-    (64, 2): _cfgs((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)),
+    (64, 2): _cfgs((128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3)),
     (128, 2): _cfgs((128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)),
     # fp32 with IEEE products runs on FMA units, whose dot layouts need far more registers: small tiles.
     (32, 4): _cfgs((64, 32, 8, 3), (32, 32, 4, 2), (16, 64, 4, 2)),
     (64, 4): _cfgs((64, 32, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    (128, 4): _cfgs((16, 32, 8, 2), (32, 16, 8, 2), (16, 64, 8, 2)),
+    (128, 4): _cfgs((16, 32, 8, 2), (32, 16, 8, 2)),
 }
 DKDV_CONFIGS: dict[tuple[int, int], list[KernelConfig]] = {
     (32, 2): _cfgs((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)),
@@ -73,6 +75,38 @@ DQ_CONFIGS: dict[tuple[int, int], list[KernelConfig]] = {
     (64, 4): _cfgs((32, 32, 8, 2), (16, 64, 4, 2), (32, 64, 8, 2)),
     (128, 4): _cfgs((16, 32, 8, 2), (32, 16, 8, 2)),
 }
+# Extra choices on sm_90 (Hopper): tiles whose MMAs are wgmma and that compile there without spills but would
+# spill on sm_80 (128-row tiles on 4 warps; larger dK/dV and dQ tiles). No sm_90 2-byte config has a dimension
+# below 64 where the MMA's M dimension lies (BLOCK_M forward and dQ, BLOCK_N dK/dV): those compile to mma.sync.
+FWD_CONFIGS_SM90: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3)),
+    (64, 2): _cfgs((128, 128, 8, 3), (128, 128, 4, 2), (64, 128, 4, 3), (128, 64, 4, 3)),
+    (128, 2): _cfgs((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 8, 3)),
+}
+DKDV_CONFIGS_SM90: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)),
+    (64, 2): _cfgs((64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)),
+    (128, 2): _cfgs((64, 64, 8, 3), (32, 64, 4, 3)),
+}
+DQ_CONFIGS_SM90: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)),
+    (64, 2): _cfgs((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)),
+    (128, 2): _cfgs((128, 64, 8, 3), (64, 64, 4, 3)),
+}
+
+
+def _by_arch(common: dict, sm90: dict) -> dict:
+    """Rows keyed (BLOCK_D, element size, arch): sm_90's 2-byte rows from ``sm90``, everything else ``common``."""
+    out = {}
+    for (block_d, size), configs in common.items():
+        out[(block_d, size, 80)] = configs
+        out[(block_d, size, 90)] = sm90.get((block_d, size), configs)
+    return out
+
+
+FWD_ROWS = _by_arch(FWD_CONFIGS, FWD_CONFIGS_SM90)
+DKDV_ROWS = _by_arch(DKDV_CONFIGS, DKDV_CONFIGS_SM90)
+DQ_ROWS = _by_arch(DQ_CONFIGS, DQ_CONFIGS_SM90)
 PREPROCESS_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64)
 # Under the interpreter one config per kernel (autotuning would run every config, slowly, on the CPU);
 # large tiles mean fewer interpreted loop iterations. Every shipped tile shape is tested separately.
@@ -104,30 +138,56 @@ if HAS_TRITON:
         return tile, bh // H, bh % H, bh
 
     @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale,
+                             MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                             DTYPE: tl.constexpr):
+        """One key tile of the forward: scores, the running max over raw scores (qk_scale > 0), then the scale and
+        the shift in one multiply-add inside exp2; MASK_N gives keys >= N probability 0."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) raw scores
+        if MASK_N:
+            s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(to_dot_operand(p, DTYPE, EMULATE_BF16), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attn_fwd_tiles(
         acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
-        """Online-softmax accumulation over key tiles [lo, hi); MASK_N masks keys >= N (the last tile)."""
+        """Online-softmax accumulation over key tiles [lo, hi) read through pointers; MASK_N masks keys >= N."""
         offs_d = tl.arange(0, BLOCK_D)
         PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
             k = load_operand(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            if MASK_N:
-                s = tl.where(offs_n[None, :] < N, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = load_operand(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
-            acc = acc * alpha[:, None] + tl.dot(
-                to_dot_operand(p, V.dtype.element_ty, EMULATE_BF16), v, input_precision=DOT_PRECISION
-            )
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, MASK_N, DOT_PRECISION,
+                                                 EMULATE_BF16, V.dtype.element_ty)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd_tiles_tma(
+        acc, m_i, l_i, q, k_desc, v_desc, lo, hi, N, qk_scale,
+        BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        DTYPE: tl.constexpr,
+    ):
+        """The same over key tiles read through tensor descriptors (sm_90 TMA): rows past N and columns past
+        head_dim arrive as zeros, so only the scores of keys >= N need masking."""
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+            if EMULATE_BF16:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, MASK_N, DOT_PRECISION,
+                                                 EMULATE_BF16, DTYPE)
         return acc, m_i, l_i
 
     @triton.jit
@@ -138,8 +198,10 @@ if HAS_TRITON:
         stride_vb, stride_vn, stride_vh,
         stride_ob, stride_on, stride_oh,
         N, H, qk_scale,  # qk_scale = softmax_scale * log2(e)
+        GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        USE_TMA: tl.constexpr = False,  # q/k/v tiles through tensor descriptors (sm_90), output through one too
     ):
         tile, b, h, bh = _program_ids(N, H, BLOCK_M)
         Q += b * stride_qb + h * stride_qh
@@ -149,26 +211,50 @@ if HAS_TRITON:
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        q = load_operand(Q + offs_m[:, None] * stride_qn + offs_d[None, :], q_mask, EMULATE_BF16, True)
+        row0 = (tile * BLOCK_M).to(tl.int32)
+        if USE_TMA:
+            # one (N, head_dim) matrix per (batch, head): zero fill past its last row and column
+            q = tl.make_tensor_descriptor(Q, shape=[N, HEAD_DIM], strides=[stride_qn, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D]).load([row0, 0])
+            k_desc = tl.make_tensor_descriptor(K, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(V, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            if EMULATE_BF16:
+                q = q.to(tl.float32)
+        else:
+            q = load_operand(Q + offs_m[:, None] * stride_qn + offs_d[None, :], q_mask, EMULATE_BF16, True)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         n_full = (N // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _attn_fwd_tiles(
-            acc, m_i, l_i, q, K, V, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
-        )
-        if n_full < N:
+        if USE_TMA:
+            acc, m_i, l_i = _attn_fwd_tiles_tma(acc, m_i, l_i, q, k_desc, v_desc, 0, n_full, N, qk_scale,
+                                                BLOCK_N, False, DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty)
+            if n_full < N:
+                acc, m_i, l_i = _attn_fwd_tiles_tma(acc, m_i, l_i, q, k_desc, v_desc, n_full, N, N, qk_scale,
+                                                    BLOCK_N, True, DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty)
+        else:
             acc, m_i, l_i = _attn_fwd_tiles(
-                acc, m_i, l_i, q, K, V, stride_kn, stride_vn, n_full, N, N, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+                acc, m_i, l_i, q, K, V, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
             )
+            if n_full < N:
+                acc, m_i, l_i = _attn_fwd_tiles(
+                    acc, m_i, l_i, q, K, V, stride_kn, stride_vn, n_full, N, N, qk_scale,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+                )
         acc = acc / l_i[:, None]
         # logsumexp of the scaled scores, in natural-log units
         tl.store(LSE + bh * N + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=offs_m < N)
         o = to_output(acc, O.dtype.element_ty, EMULATE_BF16)
-        tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o, mask=q_mask)
+        if USE_TMA:
+            # the store clips rows past N and columns past head_dim
+            tl.make_tensor_descriptor(O, shape=[N, HEAD_DIM], strides=[stride_on, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).store([row0, 0], o)
+        else:
+            tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o, mask=q_mask)
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(
@@ -230,6 +316,7 @@ if HAS_TRITON:
         stride_dkb, stride_dkn, stride_dkh,
         stride_dvb, stride_dvn, stride_dvh,
         N, H, qk_scale, softmax_scale,
+        GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
@@ -294,6 +381,7 @@ if HAS_TRITON:
         stride_db, stride_dn, stride_dh,
         stride_dqb, stride_dqn, stride_dqh,
         N, H, qk_scale, softmax_scale,
+        GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
@@ -324,12 +412,14 @@ if HAS_TRITON:
         tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, EMULATE_BF16), mask=mask)
 
     def _row(named_args, kwargs):
-        return kwargs["BLOCK_D"], named_args["Q"].element_size()
+        return kwargs["BLOCK_D"], named_args["Q"].element_size(), arch_of(named_args["Q"].device)
 
-    _KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
-    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_CONFIGS, _row, _KEY)
-    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _row, _KEY)
-    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, _row, _KEY)
+    # GRID_BUCKET (the programs of the launch, to a power of two): a first call at batch 1 does not fix the tiles of
+    # batch 8
+    _KEY = ["N", "HEAD_DIM", "DOT_PRECISION", "GRID_BUCKET"]
+    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_ROWS, _row, _KEY + ["USE_TMA"])
+    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, DKDV_ROWS, _row, _KEY)
+    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, DQ_ROWS, _row, _KEY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,6 +436,18 @@ def flat_grid(N: int, B: int, H: int, block: int) -> tuple[int]:
     if programs > 2**31 - 1:
         raise ValueError(f"flash_attention: {programs} programs exceed the CUDA grid limit (B={B}, H={H}, N={N})")
     return (programs,)
+
+
+def grid_bucket(B: int, H: int, N: int) -> int:
+    """The launch's programs at 64-row tiles, rounded up to a power of two (an autotuning key)."""
+    return next_pow2(B * H * triton.cdiv(N, 64))
+
+
+def arch_of(device: torch.device) -> int:
+    """Which config rows a device uses: 90 from Hopper on (wgmma), else 80."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return 90
+    return 80
 
 
 def _launch(tuned, plain, grid_block: str, B: int, H: int, N: int, args: tuple, meta: dict, config: KernelConfig | None):
@@ -390,17 +492,26 @@ def _check_extent(*tensors: torch.Tensor) -> None:
             )
 
 
+# Tests set this to force the forward's tensor-descriptor path on (True, which also runs in the interpreter) or
+# off; None: on where the GPU and the layout allow (sm_90+, 2-byte elements, 16-byte aligned strides).
+FORCED_TMA: bool | None = None
+
+
 def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig | None = None):
     B, N, H, D = q.shape
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     _check_extent(q, k, v)
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    use_tma = FORCED_TMA if FORCED_TMA is not None else (q.element_size() == 2 and tma_compatible(q, k, v, out))
     meta = dict(
         HEAD_DIM=D, BLOCK_D=block_d_for(D), DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
-        EMULATE_BF16=emulate_bf16(q.dtype),
+        EMULATE_BF16=emulate_bf16(q.dtype), USE_TMA=use_tma,
     )
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, H, softmax_scale * LOG2E)
+    if use_tma:
+        ensure_tma_allocator()
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, H, softmax_scale * LOG2E,
+            grid_bucket(B, H, N))
     _launch(_attn_fwd_tuned, _attn_fwd_kernel, "BLOCK_M", B, H, N, args, meta, config)
     return out, lse
 
@@ -426,7 +537,7 @@ def _bwd(
         EMULATE_BF16=emulate_bf16(q.dtype),
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    scales = (N, H, softmax_scale * LOG2E, softmax_scale)
+    scales = (N, H, softmax_scale * LOG2E, softmax_scale, grid_bucket(B, H, N))
     _launch(
         _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", B, H, N,
         (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *scales), meta, dkdv_config,
@@ -513,8 +624,8 @@ def flash_attention(
     _check_inputs(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the kernel takes the max of unscaled scores
+        raise ValueError(f"flash_attention: softmax_scale must be finite and positive, got {softmax_scale}")
     return flash_attn_fwd(q, k, v, float(softmax_scale), bool(allow_tf32))[0]
 
 
@@ -575,8 +686,8 @@ def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, a
     _check_inputs(q, k, v)
     if softmax_scale is None:
         softmax_scale = qkv.shape[-1] ** -0.5
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"flash_attention_qkv: softmax_scale must be finite, got {softmax_scale}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the kernel takes the max of unscaled scores
+        raise ValueError(f"flash_attention_qkv: softmax_scale must be finite and positive, got {softmax_scale}")
     return flash_attn_qkv_fwd(qkv, float(softmax_scale), bool(allow_tf32))[0]
 
 
@@ -648,18 +759,23 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                 meta = dict(base, DOT_PRECISION=precision, EMULATE_BF16=False)
                 tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} d={head_dim}"
                 fwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", O=f"*{ty}", LSE="*fp32", N="i32", H="i32",
-                           qk_scale="fp32", **strides("q", "k", "v", "o"))
-                for cfg in FWD_CONFIGS[(block_d, size)]:
-                    cases.append(make_case(__name__, _attn_fwd_kernel, "_attn_fwd_kernel", fwd, {**meta, **cfg.kwargs},
-                                           cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}"))
+                           qk_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "o"))
                 bwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32", N="i32",
-                           H="i32", qk_scale="fp32", softmax_scale="fp32", **strides("q", "k", "v", "d"))
+                           H="i32", qk_scale="fp32", softmax_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "d"))
                 dkdv = dict(bwd, DK=f"*{ty}", DV=f"*{ty}", **strides("dk", "dv"))
                 dq = dict(bwd, DQ=f"*{ty}", **strides("dq"))
-                for cfg in DKDV_CONFIGS[(block_d, size)]:
-                    cases.append(make_case(__name__, _attn_bwd_dkdv_kernel, "_attn_bwd_dkdv_kernel", dkdv,
-                                           {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}"))
-                for cfg in DQ_CONFIGS[(block_d, size)]:
-                    cases.append(make_case(__name__, _attn_bwd_dq_kernel, "_attn_bwd_dq_kernel", dq,
-                                           {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}"))
+                for arch in (80, 90):  # each architecture compiles the rows it launches
+                    for kernel, name, sig, rows in ((_attn_fwd_kernel, "_attn_fwd_kernel", fwd, FWD_ROWS),
+                                                    (_attn_bwd_dkdv_kernel, "_attn_bwd_dkdv_kernel", dkdv, DKDV_ROWS),
+                                                    (_attn_bwd_dq_kernel, "_attn_bwd_dq_kernel", dq, DQ_ROWS)):
+                        # the forward on sm_90 with 2-byte elements: the tensor-descriptor variant (the default
+                        # there) and the pointer one (inputs whose strides TMA cannot take)
+                        tma_too = kernel is _attn_fwd_kernel and arch == 90 and size == 2
+                        for use_tma in (True, False) if tma_too else (False,):
+                            tma_meta = {"USE_TMA": use_tma} if kernel is _attn_fwd_kernel else {}
+                            for cfg in rows[(block_d, size, arch)]:
+                                cases.append(make_case(
+                                    __name__, kernel, name, sig, {**meta, **cfg.kwargs, **tma_meta},
+                                    cfg.num_warps, cfg.num_stages, f"{tag} {'tma ' if use_tma else ''}{cfg.label()}",
+                                    archs=(arch,)))
     return cases

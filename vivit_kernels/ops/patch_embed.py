@@ -65,14 +65,7 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 if HAS_TRITON:
-    from ._triton import autotuned, to_output
-
-    @triton.jit
-    def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        return first_m + (pid % width) % size_m, (pid % width) // size_m
+    from ._triton import autotuned, grouped_tile_order, to_output
 
     @triton.jit
     def _tubelet_offsets(offs_m, Tp, Hp, Wp, sx_b, sx_t, sx_h, sx_w, TT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr):
@@ -108,7 +101,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
-        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
+        pid_m, pid_n = grouped_tile_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -155,7 +148,7 @@ if HAS_TRITON:
     ):
         """dW (D, K) = dOut_patches^T (D, M) @ im2col(X) (M, K); BLOCK_M tiles D, BLOCK_N tiles K, and the
         reduction runs over tubelets in steps of BLOCK_K. db = the sums over tubelets of dOut_patches."""
-        pid_d, pid_k = _grouped(tl.program_id(0), tl.cdiv(D, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+        pid_d, pid_k = grouped_tile_order(tl.program_id(0), tl.cdiv(D, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
         offs_d = pid_d * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_kk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_K)
@@ -194,7 +187,7 @@ if HAS_TRITON:
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
         """im2col(dX) (M, K) = dOut_patches (M, D) @ W (D, K), scattered back to pixels."""
-        pid_m, pid_k = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+        pid_m, pid_k = grouped_tile_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_kk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_K)
