@@ -73,6 +73,8 @@ def extensions():
                                                      f"-DVIVIT_KERNELS_CUDA_ARCHS={archs_macro}"]},
         )
     else:
+        if _flag("VIVIT_KERNELS_SKIP_CUDA_BUILD"):
+            cxx = cxx + ["-DVIVIT_KERNELS_CUDA_SKIPPED"]  # vivit_kernels._C.cuda_skipped_on_request == 1
         ext = CppExtension("vivit_kernels._C", sources, extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": BuildExtension}
 

@@ -43,20 +43,33 @@ def attention_flops(batch: int, heads: int, tokens: int, head_dim: int, backward
 
 def run(benchmark, fn: Callable[[], object], flops: float | None = None, nbytes: float | None = None,
         rounds: int = 10, warmup: int = 2, **info) -> None:
-    """Time ``fn`` (synchronised inside the timed call) and attach derived throughput to extra_info."""
+    """Time ``fn`` (synchronised inside the timed call) and attach derived throughput to extra_info (from the
+    median; the inter-quartile range says how stable it was).
+
+    One untimed call first (compilation, autotuning, attn="auto"'s measurements) also tells whether ``fn`` runs
+    Triton kernels in the interpreter: such a row is a correctness run, timed once and labelled so. On the CPU
+    every other row gets at least one warm-up and 5 rounds, so that its median means something."""
+    from vivit_kernels.ops import _triton
 
     def timed():
         result = fn()
         sync()
         return result
 
-    benchmark.extra_info.update(info, device=device_label())
+    before = sum(_triton.LAUNCHES.values())
+    timed()
+    interpreted = _triton.INTERPRET and sum(_triton.LAUNCHES.values()) > before
+    if interpreted:
+        rounds, warmup = 1, 0
+    elif not ON_GPU:
+        rounds, warmup = max(rounds, 5), max(warmup, 1)
+    benchmark.extra_info.update(info, device=device_label(), interpreted=interpreted)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     stats = getattr(benchmark, "stats", None)
-    mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
-    if mean:
-        benchmark.extra_info["ms"] = mean * 1e3
+    median = stats.stats.median if stats is not None and getattr(stats, "stats", None) else None
+    if median and not interpreted:
+        benchmark.extra_info["ms"] = median * 1e3
         if flops:
-            benchmark.extra_info["tflops"] = flops / mean / 1e12
+            benchmark.extra_info["tflops"] = flops / median / 1e12
         if nbytes:
-            benchmark.extra_info["gbps"] = nbytes / mean / 1e9
+            benchmark.extra_info["gbps"] = nbytes / median / 1e9

@@ -4,10 +4,22 @@
 #include <torch/library.h>
 
 extern "C" {
-// `import vivit_kernels._C` loads this library (and with it the registrations below); it has no Python API.
+// `import vivit_kernels._C` loads this library (and with it the registrations below). Its only Python API is
+// `cuda_skipped_on_request`: 1 when setup.py left the CUDA kernels out because VIVIT_KERNELS_SKIP_CUDA_BUILD
+// asked it to (so the tests can tell a deliberate CPU-only build from a CUDA build that went missing).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef VIVIT_KERNELS_CUDA_SKIPPED
+  const long skipped = 1;
+#else
+  const long skipped = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "cuda_skipped_on_request", skipped) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

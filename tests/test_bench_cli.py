@@ -29,16 +29,23 @@ def test_bench_command_writes_the_report(tmp_path):
     providers_section = report.split('## Providers chosen by attn="auto"')[1].split("\n## ")[0]
     assert "| op | shapes | mode |" in providers_section and "| mlp |" in providers_section  # what auto chose
     assert "CPU" in report  # says which machine timed it
+    assert "interpreter: correctness run" in report and "No memory plot" in report
     measured = json.loads((tmp_path / "measurements.json").read_text())
     assert {m["provider"] for m in measured} >= {"triton", "transformers-sdpa"}
 
 
 def test_tables_follow_the_seed_convention():
-    """Speedup and memory saving are base / value - 1, against transformers' eager model."""
+    """Speedup and memory saving are base / value - 1, against transformers' eager model; times are medians with
+    their inter-quartile range; interpreted rows are correctness runs without a speed figure."""
     records = [
-        dict(table="inference", provider="transformers-eager", dtype="fp16", batch=1, mean_s=0.02, peak_mem_mb=700.0, num_batches=20),
-        dict(table="inference", provider="triton", dtype="fp16", batch=1, mean_s=0.01, peak_mem_mb=350.0, num_batches=20),
+        dict(table="inference", provider="transformers-eager", dtype="fp16", batch=1, time_s=0.02, iqr_s=0.001,
+             rounds=5, peak_mem_mb=700.0, num_batches=20),
+        dict(table="inference", provider="triton", dtype="fp16", batch=1, time_s=0.01, iqr_s=0.0005, rounds=5,
+             peak_mem_mb=350.0, num_batches=20),
+        dict(table="inference", provider="auto", dtype="fp16", batch=1, time_s=3.0, rounds=1, interpreted=True,
+             num_batches=20),
     ]
     table = bench_report.inference_table(records)
-    assert "| 20 | 1 | fp16 | triton | 10.00 | 100.0 | 350.0 | 100.0 |" in table
-    assert "| 20 | 1 | fp16 | transformers-eager | 20.00 | 0.0 | 700.0 | 0.0 |" in table
+    assert "| 20 | 1 | fp16 | triton | 10.00 ± 0.50 | 100.0 | 350.0 | 100.0 |" in table
+    assert "| 20 | 1 | fp16 | transformers-eager | 20.00 ± 1.00 | 0.0 | 700.0 | 0.0 |" in table
+    assert "| 20 | 1 | fp16 | auto | interpreter: correctness run | - | - | - |" in table

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -46,3 +47,79 @@ def test_bad_command():
     out = run("frobnicate")
     assert out.returncode == 2
     assert "invalid choice" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# ordinary mistakes: one line, a non-zero exit, no traceback (--debug shows it)
+# ------------------------------------------------------------------------------------------------
+def _one_line_error(out, *fragments):
+    assert out.returncode != 0, out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines and all(f in lines[-1] for f in fragments), out.stderr
+    return lines
+
+
+def test_classify_missing_file_is_one_line_before_any_model(tmp_path):
+    out = run("classify", str(tmp_path / "missing.mp4"))
+    lines = _one_line_error(out, "vivit-kernels classify: error: no video file", "missing.mp4")
+    assert len(lines) == 1 and out.stdout == ""  # nothing built, nothing printed
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "is not a readable video"), (b"just text", "is not a readable video")],
+                         ids=["empty", "text"])
+def test_classify_unreadable_files(tmp_path, content, fragment):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(content)
+    lines = _one_line_error(run("classify", str(bad), "--preset", "tiny"), fragment, str(bad))
+    assert len(lines) == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--clips", "0"), "argument --clips: must be at least 1, got 0"),
+    (("--top-k", "0"), "argument --top-k: must be at least 1, got 0"),
+    (("--preset", "huge"), "argument --preset: invalid choice: 'huge'"),
+])
+def test_bad_flag_values(tmp_path, args, fragment):
+    out = run("classify", str(tmp_path / "x.mp4"), *args)
+    _one_line_error(out, fragment)
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"x")
+    lines = _one_line_error(run("classify", str(video), "--device", "cuda"), "--device cuda: there is no CUDA device here")
+    assert len(lines) == 1
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = run("--debug", "classify", str(tmp_path / "missing.mp4"))
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_version_and_help():
+    from vivit_kernels import __version__
+
+    assert run("--version").stdout.strip() == f"vivit_kernels {__version__}"
+    helptext = run("--help").stdout + run("demo", "--help").stdout
+    assert "``" not in helptext
+    assert "{small,tiny,vivit-b-16x2,vivit-l-16x2}" in helptext
+
+
+def test_compile_report_lists_the_kernels_for_an_unknown_name():
+    out = run("compile-report", "--kernel", "nonexistent")
+    assert out.returncode == 2 and "the kernels are: attn_bwd_dkdv" in out.stderr and "gemm" in out.stderr
+
+
+def test_info_says_what_each_command_does_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = run("info", env={"TRITON_INTERPRET": "0"})
+    assert "demo, classify  switch the Triton interpreter on themselves" in out.stdout
+    assert "(now: 0)" in out.stdout

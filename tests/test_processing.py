@@ -63,6 +63,42 @@ def test_unreadable_files(tmp_path, make, exc, match):
         read_video(make(tmp_path))
 
 
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+@pytest.mark.parametrize("keep", [0.33, 0.7])
+def test_truncated_faststart_file_gives_the_frames_that_decode(tmp_path, codec, keep):
+    """Index at the front, frames cut off: the clip is sampled from the frames that decode, with a warning naming
+    the file (a decoder error inside the cut used to escape as a raw PyAV error)."""
+    whole = write_video(tmp_path / "whole.mp4", n_frames=150, codec=codec, gop=12, faststart=True)
+    data = open(whole, "rb").read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.warns(UserWarning, match=r"cut\.mp4: only the first (\d+) of 150 frames decode") as record:
+        frames = read_video(cut, num_frames=8, seed=0)
+    decodable = int(__import__("re").search(r"first (\d+) of", str(record[0].message)).group(1))
+    assert 0 < decodable < 150 and frames.shape == (8, 48, 64, 3)
+    indices = sample_frame_indices(8, 1, decodable, np.random.default_rng(0))
+    got = [bar_position(f) for f in frames]
+    assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
+
+
+def test_a_file_cut_inside_its_header_is_a_clear_error(tmp_path):
+    whole = write_video(tmp_path / "whole.mp4", n_frames=40, faststart=True)
+    cut = tmp_path / "head.mp4"
+    cut.write_bytes(open(whole, "rb").read()[:300])
+    with pytest.raises(ValueError, match=r"head\.mp4"):
+        read_video(cut, num_frames=8)
+
+
+def test_an_image_named_mp4_warns_that_it_is_a_single_frame(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "photo.mp4"
+    Image.fromarray(frame_pattern(3, 48, 64)).save(image, format="PNG")
+    with pytest.warns(UserWarning, match=r"photo\.mp4 holds a single frame \(an image\?\): the clip repeats it 8 times"):
+        frames = read_video(image, num_frames=8)
+    assert frames.shape == (8, 48, 64, 3) and all((f == frames[0]).all() for f in frames)
+
+
 def test_decode_preprocess_forward(video):
     import vivit_kernels as vk
 

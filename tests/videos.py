@@ -16,10 +16,11 @@ def frame_pattern(index: int, height: int, width: int) -> np.ndarray:
 
 
 def write_video(path, n_frames: int = 40, height: int = 48, width: int = 64, fps: int = 25, codec: str = "mpeg4",
-                gop: int = 10) -> str:
+                gop: int = 10, faststart: bool = False) -> str:
+    """An mp4 of ``frame_pattern`` frames; ``faststart`` puts the index (moov) before the frames, as web videos do."""
     import av
 
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop

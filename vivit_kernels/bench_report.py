@@ -25,16 +25,28 @@ __all__ = ["load_benchmarks", "inference_table", "training_table", "ops_table", 
 
 
 def load_benchmarks(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(records, machine info) from a pytest-benchmark JSON file; a record is extra_info + mean seconds."""
+    """(records, machine info) from a pytest-benchmark JSON file; a record is extra_info + the median seconds
+    (``time_s``) and the inter-quartile range (``iqr_s``)."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     records = []
     for b in data.get("benchmarks", []):
         rec = dict(b.get("extra_info", {}))
         rec["name"] = b.get("name")
-        rec["mean_s"] = b.get("stats", {}).get("mean")
+        stats = b.get("stats", {})
+        rec["time_s"] = stats.get("median")
+        rec["iqr_s"] = stats.get("iqr")
+        rec["rounds"] = stats.get("rounds")
         records.append(rec)
     return records, data.get("machine_info", {})
+
+
+def _timing(r: dict) -> str:
+    """median ms +- IQR, or why there is no figure."""
+    if r.get("interpreted"):
+        return "interpreter: correctness run"
+    iqr = f" ± {1e3 * r['iqr_s']:.2f}" if r.get("iqr_s") is not None and (r.get("rounds") or 0) > 1 else ""
+    return f"{1e3 * r['time_s']:.2f}{iqr}"
 
 
 def _baseline(group: list[dict], key: str) -> Optional[dict]:
@@ -61,16 +73,17 @@ def _seed_table(records: list[dict], table: str, count_key: str, count_label: st
     saving against transformers' eager model."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("table") == table and r.get("mean_s"):
+        if r.get("table") == table and r.get("time_s"):
             groups[(r["dtype"], r["batch"])].append(r)
-    lines = [f"| {count_label} | batch_size | dtype | backend | {time_label} (ms) | speedup (%) | peak memory (MB) "
-             "| memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| {count_label} | batch_size | dtype | backend | {time_label} (ms, median ± IQR) | speedup (%) "
+             "| peak memory (MB) | memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
     for (dtype, batch), group in sorted(groups.items()):
         base = _baseline(group, "provider")
         for r in sorted(group, key=lambda r: r["provider"]):
+            speedup = "-" if r.get("interpreted") else _pct(base and base["time_s"], r["time_s"])
             lines.append(
-                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {r['provider']} | {1e3 * r['mean_s']:.2f} "
-                f"| {_pct(base and base['mean_s'], r['mean_s'])} | {_mb(r.get('peak_mem_mb'))} "
+                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {r['provider']} | {_timing(r)} "
+                f"| {speedup} | {_mb(r.get('peak_mem_mb'))} "
                 f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
             )
     return "\n".join(lines)
@@ -85,13 +98,13 @@ def training_table(records: list[dict]) -> str:
 
 
 def ops_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("mean_s") and r.get("table") not in ("inference", "training")]
-    lines = ["| benchmark | provider | dtype | mode | ms | TFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
+    rows = [r for r in records if r.get("time_s") and r.get("table") not in ("inference", "training")]
+    lines = ["| benchmark | provider | dtype | mode | ms (median ± IQR) | TFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("op", r["name"].split("[")[0]), r.get("dtype", ""), r.get("mode", ""))):
         tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
         lines.append(f"| {r['name'].split('[')[0].removeprefix('test_')} | {r.get('provider', '-')} | {r.get('dtype', '-')} "
-                     f"| {r.get('mode', '-')} | {1e3 * r['mean_s']:.3f} | {tflops} | {gbps} |")
+                     f"| {r.get('mode', '-')} | {_timing(r)} | {tflops} | {gbps} |")
     return "\n".join(lines)
 
 
@@ -105,9 +118,10 @@ def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
-    rows = [r for r in records if r.get("table") == "inference" and r.get("mean_s")]
+    # interpreted Triton rows are correctness runs, not speed: they stay out of the plots
+    rows = [r for r in records if r.get("table") == "inference" and r.get("time_s") and not r.get("interpreted")]
     written = []
-    for key, label, scale in (("mean_s", "latency per batch (ms)", 1e3), ("peak_mem_mb", "peak memory (MB)", 1.0)):
+    for key, label, scale in (("time_s", "latency per batch (ms)", 1e3), ("peak_mem_mb", "peak memory (MB)", 1.0)):
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for r in rows:
             if r.get(key) is not None:
@@ -128,7 +142,7 @@ def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
         ax.set_title(f"ViViT inference: {label}\n{rows[0].get('device', '?')}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        path = out_dir / ("inference_latency.png" if key == "mean_s" else "inference_memory.png")
+        path = out_dir / ("inference_latency.png" if key == "time_s" else "inference_memory.png")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -146,8 +160,15 @@ def write_report(out_dir: Path, benchmark_json: Optional[Path], measurements_md:
                   "transformers' eager model, as the seed defines them (base / value - 1).", ""]
         parts += ["## Inference", "", inference_table(records), "", "## Training", "", training_table(records), "",
                   "## Per op", "", ops_table(records), ""]
-        for path in write_plots(records, out_dir):
+        plots = write_plots(records, out_dir)
+        for path in plots:
             parts.append(f"![{path.stem}]({path.name})")
+        if not any(p.stem == "inference_memory" for p in plots):
+            parts += ["", "No memory plot: peak memory is torch.cuda.max_memory_allocated, which only a GPU reports."]
+        if any(r.get("interpreted") for r in records):
+            parts += ["", "Rows marked \"interpreter: correctness run\" ran our Triton kernels in the Triton "
+                      "interpreter (no GPU here): they show the kernels run, not how fast; they are left out of the "
+                      "plots and speedups."]
         parts.append("")
         parts += providers_section()
     if measurements_md:

@@ -1,8 +1,9 @@
-"""The ``vivit-kernels`` command line: info | demo | classify | tune | compile-report | bench.
+"""The vivit-kernels command line: info | demo | classify | tune | compile-report | bench.
 
 The heavy imports happen inside each command, after the command has configured the environment: on a
-machine without CUDA, ``demo`` turns on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
-defined, so the Triton backend can be checked there too.
+machine without CUDA, demo and classify turn on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
+defined, so the Triton backend can be checked there too. Ordinary mistakes (a missing file, a bad flag value)
+print one line and exit with status 1; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -35,17 +36,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:<13} {version}")
     print(f"  {'torch CUDA':<13} {torch.version.cuda or 'none (CPU build)'}")
     print("device")
-    if torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if gpu:
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             print(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     else:
-        print("  no CUDA device: the Triton kernels run only in the Triton interpreter (TRITON_INTERPRET=1)")
+        print("  no CUDA device: the Triton kernels run only in the Triton interpreter (slow; a correctness check)")
     from .backends import backend_status
 
     print("backends (attn=...)")
     for name, (ok, why) in backend_status().items():
         print(f"  {name:<8} {'available' if ok else 'unavailable'}: {why}")
+    if not gpu:
+        interp = os.environ.get("TRITON_INTERPRET", "unset")
+        print("what the commands do here")
+        print("  demo, classify  switch the Triton interpreter on themselves: attn='triton' runs, slowly, as a "
+              "correctness run")
+        print(f"  your own code   attn='triton' needs TRITON_INTERPRET=1 set before importing vivit_kernels (now: {interp})")
+        print("  tune, auto      time torch's implementations only (the interpreter is no speed candidate)")
     from .ops import _extension
 
     print("C++/CUDA extension (video preprocessing, bias + gelu_fast)")
@@ -60,7 +69,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from . import providers
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
     if device.type == "cpu":
@@ -121,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .backends import ATTN_CHOICES, backend_status
     from .model import VivitForVideoClassification, image_hw, num_tokens
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if args.model:
         model = VivitForVideoClassification.from_pretrained(args.model, dtype=dtype).to(device).eval()
@@ -147,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{tuple(pixel_values.shape)} (batch, frames, channels, H, W)")
 
     status = backend_status()
-    results = {}
+    results, ran = {}, {}
     for name in ATTN_CHOICES:
         ok, why = status[name]
         if not ok:
@@ -155,6 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             continue
         model.set_attn(name)
         repeats = 1 if _interpreted(name, device) else args.repeats  # the interpreter is slow and not timed
+        ran[name] = repeats
         with torch.no_grad():
             logits = model(pixel_values).logits  # warm-up (compiles kernels on first use)
             _sync(device)
@@ -172,7 +182,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         diff = (logits - reference).abs().max().item()
         note = " (Triton interpreter on CPU: a correctness run, not a speed figure)" if _interpreted(name, device) else ""
         print(f"{name:<8} {ms:>10.2f} {diff:>22.3g}  {cfg.id2label.get(top, top)}{note}")
-    print(f"\ntimings are wall-clock on {_device_name(device)}, {args.repeats} repeats after one warm-up")
+    timed = sorted({n for n in results if not _interpreted(n, device)})
+    print(f"\ntimings are wall-clock on {_device_name(device)}, after one warm-up: the mean of {args.repeats} "
+          f"{'run' if args.repeats == 1 else 'runs'} for {', '.join(timed)}"
+          + ("; the interpreted Triton run once, as a correctness check" if "triton" in results and "triton" not in timed else ""))
     return 0
 
 
@@ -195,7 +208,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .model import VivitForVideoClassification
     from .processing import read_video
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not os.path.isfile(args.video):  # before building a model
+        raise UsageError(f"no video file {args.video}" + (" (it is a directory)" if os.path.isdir(args.video) else ""))
+    device = _device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if args.model:
         model = VivitForVideoClassification.from_pretrained(args.model, attn=args.attn, dtype=dtype).to(device).eval()
@@ -231,6 +246,30 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A mistake in how a command was called: one line, exit status 1."""
+
+
+def _device(requested):
+    """The --device to use: cuda when available by default; a clear error for cuda without a GPU."""
+    import torch
+
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: there is no CUDA device here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return device
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _interpreted(backend: str, device) -> bool:
     return backend == "triton" and device.type == "cpu"
 
@@ -260,39 +299,45 @@ def _use_interpreter_without_gpu() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .model import PRESETS
+
     parser = argparse.ArgumentParser(prog="vivit-kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vivit_kernels {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    presets = sorted(PRESETS)
 
     p = sub.add_parser("info", help="versions, device, and which backends and kernels are available")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="run a clip through every available backend; print agreement and timing")
     p.add_argument("--model", help="checkpoint directory (default: a small random-weight model)")
-    p.add_argument("--preset", default="small", help="model preset when no --model is given (default: small)")
+    p.add_argument("--preset", default="small", choices=presets, help="model preset when no --model is given (default: small)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--repeats", type=_positive, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo, interpreter=True)
 
     p = sub.add_parser("classify", help="classify a video file: decode, preprocess on the model's device, top-k")
     p.add_argument("video")
     p.add_argument("--model", help="checkpoint directory (default: a small random-weight model)")
-    p.add_argument("--preset", default="small", help="model preset when no --model is given")
-    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "triton"])
+    p.add_argument("--preset", default="small", choices=presets, help="model preset when no --model is given")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "triton", "auto"])
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--clips", type=int, default=1, help="temporal clips (e.g. 4 for multi-view evaluation)")
+    p.add_argument("--top-k", type=_positive, default=5)
+    p.add_argument("--clips", type=_positive, default=1, help="temporal clips (e.g. 4 for multi-view evaluation)")
     p.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
-    p.add_argument("--frame-sample-rate", type=int, default=1)
+    p.add_argument("--frame-sample-rate", type=_positive, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_classify, interpreter=True)
 
     p = sub.add_parser("tune", help="measure the attn='auto' providers of a model ahead of time and store the choices")
-    p.add_argument("--config", default="vivit-b-16x2", help="model preset (default: vivit-b-16x2)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--config", default="vivit-b-16x2", choices=presets, help="model preset (default: vivit-b-16x2)")
+    p.add_argument("--batch", type=_positive, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--mode", default="both", choices=["both", "infer", "train"],
                    help="inference calls, training calls (forward + backward timed), or both")
@@ -315,7 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "interpreter", False):
         _use_interpreter_without_gpu()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("vivit-kernels: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug re-raises
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (UsageError, ValueError, FileNotFoundError, PermissionError)):
+            message = f"{type(e).__name__}: {message}"
+        print(f"vivit-kernels {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

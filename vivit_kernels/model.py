@@ -357,17 +357,17 @@ class KernelVivitLayer(hf.VivitLayer):
             attention_mask = None  # the all-visible mask transformers materialises while exporting (no padding)
         backend = self._vivit_backend
         fuse_residual = not (self.training and self.dropout.p > 0)
-        residual = hidden_states
         h = self.layernorm_before(hidden_states)
         attention = self.attention
         if isinstance(attention, KernelVivitAttention) and not _hooks(attention) and fuse_residual \
                 and not _collecting_attentions():
             head_mask = kwargs.get("head_mask")
             layer_mask = None if head_mask is None else head_mask[attention._vivit_layer_index]
-            x, _ = attention.attend(h, attention_mask, layer_mask, residual=residual)
+            x, _ = attention.attend(h, attention_mask, layer_mask, residual=hidden_states)
         else:
             out, _ = attention(h, attention_mask, **kwargs)
-            x = self.dropout(out) + residual
+            x = self.dropout(out) + hidden_states
+        del h  # not kept alive through the MLP (the peak of live activations)
         return self._mlp(backend, self.layernorm_after(x), x, fuse_residual)
 
     def _mlp(self, backend: Backend, h: torch.Tensor, residual: torch.Tensor, fuse_residual: bool) -> torch.Tensor:

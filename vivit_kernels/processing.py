@@ -271,21 +271,64 @@ def read_video(
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
-        seg_len = stream.frames or _count_frames(container, stream)
+        seg_len = stream.frames or _count_frames(container, stream, path)
         if seg_len == 0:
             raise ValueError(f"{path} has no video frames")
-        if clips == 1:
-            wanted = [sample_frame_indices(num_frames, frame_sample_rate, seg_len, np.random.default_rng(seed))]
-        else:
-            wanted = _uniform_clips(num_frames, frame_sample_rate, seg_len, clips)
-        needed = sorted({int(i) for w in wanted for i in w})
-        frames = _decode(container, stream, needed, path)
+        if seg_len == 1:
+            warnings.warn(f"{path} holds a single frame (an image?): the clip repeats it {num_frames} times",
+                          stacklevel=2)
+        for attempt in range(2):
+            if clips == 1:
+                wanted = [sample_frame_indices(num_frames, frame_sample_rate, seg_len, np.random.default_rng(seed))]
+            else:
+                wanted = _uniform_clips(num_frames, frame_sample_rate, seg_len, clips)
+            needed = sorted({int(i) for w in wanted for i in w})
+            try:
+                frames = _decode(container, stream, needed, path)
+                break
+            except _DecodingStopped as stop:
+                container.seek(0)
+                decodable = 0 if attempt else sum(1 for _ in _frames(container, stream, []))
+                if decodable == 0:
+                    raise ValueError(f"{path}: no frames could be decoded ({stop.error})") from None
+                warnings.warn(f"{path}: only the first {decodable} of {seg_len} frames decode ({stop.error}); the file "
+                              f"looks truncated or damaged, so the clip is sampled from those {decodable}", stacklevel=2)
+                seg_len = decodable
+                container.seek(0)
     out = np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted])
     return out[0] if clips == 1 else out
 
 
-def _count_frames(container, stream) -> int:
-    n = sum(1 for _ in container.decode(stream))
+class _DecodingStopped(Exception):
+    """Decoding ended (a decoder error, or the end of a stream shorter than its header says) before any of the
+    frames a clip needs."""
+
+    def __init__(self, error: str):
+        super().__init__(error)
+        self.error = error
+
+
+def _frames(container, stream, errors: list):
+    """The stream's frames until the end or the first decoder error (appended to ``errors``)."""
+    import av
+
+    iterator = container.decode(stream)
+    while True:
+        try:
+            frame = next(iterator)
+        except StopIteration:
+            return
+        except av.FFmpegError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            return
+        yield frame
+
+
+def _count_frames(container, stream, path: str) -> int:
+    errors: list = []
+    n = sum(1 for _ in _frames(container, stream, errors))
+    if errors and n == 0:
+        raise ValueError(f"{path}: no frames could be decoded ({errors[0]})")
     container.seek(0)
     return n
 
@@ -311,8 +354,9 @@ def _decode(container, stream, needed: list[int], path: str) -> dict[int, np.nda
             container.seek(target, stream=stream, backward=True, any_frame=False)
         except Exception:  # noqa: BLE001 - unseekable: decode from the start
             container.seek(0)
+    errors: list = []
     count = -1
-    for frame in container.decode(stream):
+    for frame in _frames(container, stream, errors):
         count += 1
         index = _frame_index(frame, stream, fps) if use_pts else count
         if index is None:
@@ -322,22 +366,22 @@ def _decode(container, stream, needed: list[int], path: str) -> dict[int, np.nda
         if index >= last:
             break
     missing = want - set(frames)
+    if missing and use_pts and not errors:
+        # timestamps did not match frame numbers (variable frame rate): count from the start
+        container.seek(0)
+        for i, frame in enumerate(_frames(container, stream, errors)):
+            if i in want:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+        missing = want - set(frames)
     if missing:
-        if use_pts:  # timestamps did not match frame numbers (variable frame rate): count from the start
-            container.seek(0)
-            for i, frame in enumerate(container.decode(stream)):
-                if i in want:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-            missing = want - set(frames)
-        if missing:
-            # the container's frame count overstated the stream: repeat the last decoded frame
-            if not frames:
-                raise ValueError(f"{path}: no frames could be decoded")
-            warnings.warn(f"{path}: {len(missing)} sampled frames past the end of the stream; repeating the last one",
-                          stacklevel=3)
-            last_frame = frames[max(frames)]
-            for i in missing:
-                frames[i] = last_frame
+        if not frames:  # it stopped before the clip's first frame: the caller resamples over what decodes
+            raise _DecodingStopped(errors[0] if errors else "the stream ends before its header says")
+        why = f"decoding failed ({errors[0]})" if errors else "the stream is shorter than its header says"
+        warnings.warn(f"{path}: {len(missing)} of the clip's frames are missing ({why}); they repeat the last frame "
+                      "that decoded", stacklevel=3)
+        last_frame = frames[max(frames)]
+        for i in missing:
+            frames[i] = last_frame
     return frames

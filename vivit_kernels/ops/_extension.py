@@ -38,11 +38,19 @@ def has_kernel(op: str, device_type: str) -> bool:
     return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"vivit_kernels::{op}", device_type.upper())
 
 
+def cuda_skipped_on_request() -> bool:
+    """True when the loaded extension was built CPU-only because VIVIT_KERNELS_SKIP_CUDA_BUILD asked for it."""
+    if not available():
+        return False
+    return bool(getattr(importlib.import_module("vivit_kernels._C"), "cuda_skipped_on_request", 0))
+
+
 def status() -> dict[str, str]:
     if not available():
         return {"extension": f"not available ({error()}); PyTorch fallbacks in use"}
     devices = [d for d in ("cpu", "cuda") if has_kernel("preprocess_video", d)]
-    return {"extension": f"vivit_kernels._C loaded, ops for {' and '.join(devices)}"}
+    note = " (built with VIVIT_KERNELS_SKIP_CUDA_BUILD=1)" if cuda_skipped_on_request() else ""
+    return {"extension": f"vivit_kernels._C loaded, ops for {' and '.join(devices)}{note}"}
 
 
 def warn_fallback(op: str, device_type: str) -> None:
