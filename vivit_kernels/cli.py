@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile-report", help="compile every shipped Triton kernel config for sm_80/sm_90 (no GPU needed)")
     aot.add_arguments(p)
     p.set_defaults(func=aot.run_cli)
+    for p in sub.choices.values():  # --debug after the command too (set only when given: the global one stays)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
     return parser
 
 
