@@ -102,6 +102,13 @@ def test_vivit_b_weight_gradients_fill_132_sms():
             for bm, bn in configs:
                 programs = -(-out_f // bm) * -(-in_f // bn) * n_splits
                 assert programs >= 132, (out_f, in_f, tokens, bm, bn, programs)
+    # the patch embedding's dW (768 x 3*2*16*16), reduced over 8 x 14 x 14 tubelets per clip
+    for tubelets in (1568, 8 * 1568):
+        n_splits, m_split = lin_mod._splits(768, 1536, tubelets, 132, tile=(128, 128))
+        assert m_split % 64 == 0 and (n_splits - 1) * m_split < tubelets <= n_splits * m_split
+        for cfg in pe_mod.PATCH_CONFIGS["dw"][(2, "ieee")]:
+            programs = -(-768 // cfg.kwargs["BLOCK_M"]) * -(-1536 // cfg.kwargs["BLOCK_N"]) * n_splits
+            assert programs >= 132, (tubelets, cfg.label(), programs)
 
 
 def test_gate_covers_layer_norm_and_patch_embed(results):
@@ -109,7 +116,8 @@ def test_gate_covers_layer_norm_and_patch_embed(results):
     expected = 0
     for table, rows in pe_mod.PATCH_CONFIGS.items():
         for (size, precision), configs in rows.items():
-            per_tubelet = len(pe_mod.AOT_TUBELETS) + (1 if table != "dx" else 0)  # + the no-bias variant
+            # + the forward's no-bias variant / the dW kernel's unsplit one, for ViViT-B's tubelet
+            per_tubelet = len(pe_mod.AOT_TUBELETS) + (1 if table != "dx" else 0)
             expected += len(configs) * per_tubelet * (2 if size == 2 else 1)
     assert len([r for r in results if r.case.name.startswith("patch_embed")]) == 2 * expected
 

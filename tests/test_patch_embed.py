@@ -96,6 +96,32 @@ def test_every_shipped_tile(key, cfg):
     assert_close(dw, wr.grad, 1e-4, name="dW")
     assert_close(db, br.grad, 1e-4, name="db")
     assert_close(dx, xr.grad, 1e-4, name="dx")
+    if kernel == "dw":  # the same tile with the reduction over 512 tubelets split in two ranges
+        x, w, b, cls, pos = (t.detach() for t in inputs(4, 8, 3, 32, 64, (2, 8, 8), 40))
+        M, K = 4 * 4 * 4 * 8, 3 * 2 * 8 * 8
+        assert pe._splits(40, K, M, 10_000, tile=(128, 128))[0] == 2
+        g = torch.randn(4, 1 + M // 4, 40, device=DEVICE)
+        wr = w.clone().requires_grad_()
+        patch_embed_ref(x, wr, b, cls, pos).backward(g)
+        _, dw_split, *_ = pe._backward_impl(g, x, w, True, False, False, dw_config=cfg, sms=10_000)
+        assert_close(dw_split, wr.grad, 1e-4, name="dW split")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient_split_over_tubelets(dtype):
+    """When the output tiles alone would not fill the GPU, dW's reduction over tubelets is split in ranges summed
+    in a fixed order: right (by the rule), deterministic (two runs equal bit for bit), and the ranges really
+    split (here 1728 tubelets, a 64 x 96 output: one tile for 132 SMs)."""
+    x, w, b, cls, pos = inputs(4, 6, 3, 48, 48, (2, 4, 4), 64)
+    M, K = 4 * 3 * 12 * 12, 3 * 2 * 4 * 4
+    n_splits, _ = pe._splits(64, K, M, 132, tile=(128, 128))
+    assert n_splits > 1
+    check_against_reference(patch_embed, patch_embed_ref, (x, w, b, cls, pos), dtype, name="split dW")
+    g = torch.randn(4, 1 + M // 4, 64, device=DEVICE).to(dtype)
+    xd, wd = x.detach().to(dtype), w.detach().to(dtype)
+    first = pe._backward_impl(g, xd, wd, True, False, False)
+    second = pe._backward_impl(g, xd, wd, True, False, False)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
 
 
 def test_opcheck():

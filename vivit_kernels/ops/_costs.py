@@ -118,7 +118,8 @@ LAUNCHES: dict[str, Callable[[tuple], int] | int] = {
     # the kernel, the two partial-sum reductions, and two casts unless the weights are fp32
     "vivit_kernels::layer_norm_bwd": lambda args: 3 if args[2].dtype == torch.float32 else 5,
     "vivit_kernels::patch_embed_fwd": 1,
-    "vivit_kernels::patch_embed_bwd": _flag(4, 4, 3),  # dW (+ db), the position sum, its [CLS] copy, dX
+    # dW (+ a summing kernel where it splits over tubelets), db, the position sum, its [CLS] copy, and dX if needed
+    "vivit_kernels::patch_embed_bwd": _flag(4, 5, 4),
     "vivit_kernels::preprocess_video": 1,
     "vivit_kernels::bias_gelu_fast": 1,
     "vivit_kernels::bias_gelu_fast_backward": 1,

@@ -471,11 +471,17 @@ def gemm(
                lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]) * n_groups, n_splits), args, meta,
                config, INTERPRETER_CONFIG)
     if n_splits > 1:
-        block = 1024
-        launch(None, _splitk_sum_kernel, lambda m: (triton.cdiv(M * N, block),),
-               (target, out, M, N, n_splits, out.stride(0), out.stride(1)),
-               dict(EMULATE_BF16=emulate_bf16(out.dtype)), KernelConfig.make(4, 1, BLOCK=block))
+        sum_splits(target, out)
     return out
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out (M, N, any strides) = the sum of the fp32 ``partials`` (splits, M, N) in split order (deterministic)."""
+    n_splits, M, N = partials.shape
+    block = 1024
+    launch(None, _splitk_sum_kernel, lambda m: (triton.cdiv(M * N, block),),
+           (partials, out, M, N, n_splits, out.stride(0), out.stride(1)),
+           dict(EMULATE_BF16=emulate_bf16(out.dtype)), KernelConfig.make(4, 1, BLOCK=block))
 
 
 # Tests set this to run every GEMM of the ops on one path ("tma" also runs under the interpreter).

@@ -6,9 +6,11 @@ transpose, unfold or contiguous copy): output row m is the tubelet (b, t', i, j)
 j*q + dx]. The epilogue adds the bias and the position embedding and writes rows 1..N of the (B, 1 + N,
 hidden) output; the programs holding a clip's first tubelet also write its row 0, cls_token + pos[0].
 
-Backward: ``_patch_embed_bwd_dw_kernel`` computes dW = dOut^T @ A with the same implicit im2col, and db in
-the same pass; ``_patch_embed_bwd_dx_kernel`` (only when pixel_values needs a gradient) computes
-dOut @ W and scatters it back to pixels (tubelets do not overlap, so every pixel gets at most one value).
+Backward: ``_patch_embed_bwd_dw_kernel`` computes dW = dOut^T @ A with the same implicit im2col; its
+reduction runs over tubelets (M = batch x tubelets), so when the (hidden, C*t*p*q) output tiles alone would
+leave multiprocessors idle it is split into ranges of tubelets whose fp32 partial sums a second kernel adds in a
+fixed order (deterministic). db is one column sum of dOut. ``_patch_embed_bwd_dx_kernel`` (only when
+pixel_values needs a gradient) computes dOut @ W and scatters it back to pixels (tubelets do not overlap, so every pixel gets at most one value).
 The position-table gradient is the batch sum of dOut, and the [CLS] gradient its row 0.
 
 Saved for backward: pixel_values (for dW) and the weight (for dX).
@@ -33,6 +35,7 @@ from ._triton import (
     tl,
     triton,
 )
+from .linear import _multiprocessors, _splits, sum_splits
 
 __all__ = ["patch_embed", "patch_embed_ref", "PATCH_CONFIGS"]
 
@@ -46,9 +49,9 @@ PATCH_CONFIGS: dict[str, dict[tuple[int, str], list[KernelConfig]]] = {
         (4, "tf32"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
         (4, "ieee"): tile_configs((64, 64, 16, 8, 2), (32, 32, 32, 4, 2)),
     },
-    "dw": {
+    "dw": {  # TF32: 64 x 64 only (128 x 64 and 64 x 128 spill on sm_80 for some tubelets once split over K)
         (2, "ieee"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3)),
-        (4, "tf32"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 8, 3)),
+        (4, "tf32"): tile_configs((64, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
         (4, "ieee"): tile_configs((64, 64, 16, 8, 2), (64, 32, 16, 4, 2)),
     },
     "dx": {
@@ -137,18 +140,25 @@ if HAS_TRITON:
     @triton.jit
     def _patch_embed_bwd_dw_kernel(
         X, DOUT,  # pixel_values (B, T, C, H, W); dOut (B, 1 + N, D)
-        DW,  # (D, K) weight gradient
-        DB,  # (D,) bias gradient (HAS_BIAS)
-        M, D, K, Tp, Hp, Wp,
+        DW,  # (D, K) weight gradient; with SPLIT_K (splits, D, K) fp32 partial sums, one slab per program axis 1
+        M, D, K, m_split,  # m_split: the tubelets of one split (SPLIT_K; a multiple of BLOCK_K)
+        Tp, Hp, Wp,
         sx_b, sx_t, sx_c, sx_h, sx_w,
         stride_ob, stride_on, stride_od, stride_wd, stride_wk,
-        TT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+        TT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
         """dW (D, K) = dOut_patches^T (D, M) @ im2col(X) (M, K); BLOCK_M tiles D, BLOCK_N tiles K, and the
-        reduction runs over tubelets in steps of BLOCK_K. db = the sums over tubelets of dOut_patches."""
+        reduction runs over tubelets in steps of BLOCK_K (with SPLIT_K: over this program's range of them)."""
         pid_d, pid_k = grouped_tile_order(tl.program_id(0), tl.cdiv(D, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+        m_lo = 0
+        m_hi = M
+        if SPLIT_K:
+            split = tl.program_id(1)
+            m_lo = split * m_split
+            m_hi = tl.minimum(M, m_lo + m_split)
+            DW += split.to(tl.int64) * D * K
         offs_d = pid_d * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_kk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_K)
@@ -156,25 +166,20 @@ if HAS_TRITON:
         kk_mask = offs_kk < K
         col_off = _column_offsets(offs_kk, sx_c, sx_t, sx_h, sx_w, TT, P, Q)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for m in range(0, M, BLOCK_K):
+        for m in range(m_lo, m_hi, BLOCK_K):
             tm = m + offs_t
-            t_mask = tm < M
+            t_mask = tm < M  # (a split's range is a multiple of BLOCK_K: only the last one ends inside a step)
             row_off, b, patch = _tubelet_offsets(tm, Tp, Hp, Wp, sx_b, sx_t, sx_h, sx_w, TT, P, Q)
             g_off = b.to(tl.int64) * stride_ob + (1 + patch) * stride_on
             g = tl.load(DOUT + g_off[None, :] + offs_d[:, None] * stride_od, mask=d_mask[:, None] & t_mask[None, :], other=0.0)
             a = tl.load(X + row_off[:, None] + col_off[None, :], mask=t_mask[:, None] & kk_mask[None, :], other=0.0)
-            if HAS_BIAS:
-                dbias += tl.sum(g.to(tl.float32), 1)
             if EMULATE_BF16:
                 g = g.to(tl.float32)
                 a = a.to(tl.float32)
             acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
         mask = d_mask[:, None] & kk_mask[None, :]
-        tl.store(DW + offs_d[:, None] * stride_wd + offs_kk[None, :] * stride_wk, to_output(acc, DW.dtype.element_ty, EMULATE_BF16), mask=mask)
-        if HAS_BIAS:
-            if pid_k == 0:
-                tl.store(DB + offs_d, to_output(dbias, DB.dtype.element_ty, EMULATE_BF16), mask=d_mask)
+        tl.store(DW + offs_d[:, None] * stride_wd + offs_kk[None, :] * stride_wk,
+                 to_output(acc, DW.dtype.element_ty, EMULATE_BF16), mask=mask)
 
     @triton.jit
     def _patch_embed_bwd_dx_kernel(
@@ -214,7 +219,7 @@ if HAS_TRITON:
 
     _KEY = ["M", "D", "K", "DOT_PRECISION", "TT", "P", "Q"]
     _fwd_tuned = autotuned(_patch_embed_fwd_kernel, PATCH_CONFIGS["fwd"], _row, _KEY)
-    _dw_tuned = autotuned(_patch_embed_bwd_dw_kernel, PATCH_CONFIGS["dw"], _row, _KEY)
+    _dw_tuned = autotuned(_patch_embed_bwd_dw_kernel, PATCH_CONFIGS["dw"], _row, _KEY + ["m_split", "SPLIT_K"])
     _dx_tuned = autotuned(_patch_embed_bwd_dx_kernel, PATCH_CONFIGS["dx"], _row, _KEY)
 
 
@@ -266,7 +271,10 @@ def _(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32):
 
 
 def _backward_impl(grad_out, pixel_values, weight, has_bias: bool, needs_dx: bool, allow_tf32: bool,
-                   dw_config: Optional[KernelConfig] = None, dx_config: Optional[KernelConfig] = None):
+                   dw_config: Optional[KernelConfig] = None, dx_config: Optional[KernelConfig] = None,
+                   sms: Optional[int] = None):
+    """(dx, dW, db, d cls, d pos). ``sms``: the multiprocessors the weight gradient's split fills (default: the
+    device's; tests pass more to force a split on small shapes)."""
     B, (Tp, Hp, Wp), M, K = _geometry(pixel_values, weight)
     D = weight.shape[0]
     tt, p, q = weight.shape[2:]
@@ -274,11 +282,20 @@ def _backward_impl(grad_out, pixel_values, weight, has_bias: bool, needs_dx: boo
                 EMULATE_BF16=emulate_bf16(pixel_values.dtype))
     dw = torch.empty_like(weight)
     dw2 = dw.view(D, K)
-    db = torch.empty(D, dtype=weight.dtype, device=weight.device) if has_bias else weight.new_empty(0)
-    args = (pixel_values, grad_out, dw2, db if has_bias else dw2, M, D, K, Tp, Hp, Wp, *pixel_values.stride(),
-            *grad_out.stride(), dw2.stride(0), dw2.stride(1))
-    launch(_dw_tuned, _patch_embed_bwd_dw_kernel, _grid2(D, K), args, dict(meta, HAS_BIAS=has_bias), dw_config,
-           INTERPRETER_CONFIG)
+    # split the reduction over tubelets when the output tiles alone would not fill the GPU (counted at 128 x 128,
+    # the largest shipped dW tile); fp32 partials, summed in split order
+    n_splits, m_split = _splits(D, K, M, sms or _multiprocessors(pixel_values.device), tile=(128, 128))
+    target = dw2 if n_splits == 1 else torch.empty((n_splits, D, K), dtype=torch.float32, device=dw.device)
+    w_strides = (dw2.stride(0), dw2.stride(1)) if n_splits == 1 else (K, 1)
+    args = (pixel_values, grad_out, target, M, D, K, m_split, Tp, Hp, Wp, *pixel_values.stride(),
+            *grad_out.stride(), *w_strides)
+    launch(_dw_tuned, _patch_embed_bwd_dw_kernel,
+           lambda m: (triton.cdiv(D, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]), n_splits), args,
+           dict(meta, SPLIT_K=n_splits > 1), dw_config, INTERPRETER_CONFIG)
+    if n_splits > 1:
+        sum_splits(target, dw2)
+    # db: one column sum of the patch rows of dOut (fp32 accumulation), not a by-product of every dW program
+    db = grad_out[:, 1:].sum((0, 1), dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
     dx = pixel_values.new_empty(0)
     if needs_dx:
         T, H, W = pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4]
@@ -401,6 +418,7 @@ def aot_cases():
         for precision in (("ieee", "tf32") if size == 4 else ("ieee",)):
             for tt, p, q in AOT_TUBELETS:
                 biases = (True, False) if (tt, p, q) == AOT_TUBELETS[0] else (True,)
+                splits = ("split", "whole") if (tt, p, q) == AOT_TUBELETS[0] else ("split",)  # ViViT-B's dW splits
                 tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} tubelet={tt}x{p}x{q}"
                 meta = dict(TT=tt, P=p, Q=q, DOT_PRECISION=precision, EMULATE_BF16=False, sx_w=1)
                 kernels = (
@@ -409,19 +427,26 @@ def aot_cases():
                           stride_wd="i32", stride_pn="i32", stride_ob="i32", stride_on="i32"),
                      dict(stride_wk=1, stride_pd=1, stride_od=1), biases),
                     ("dw", _patch_embed_bwd_dw_kernel, "_patch_embed_bwd_dw_kernel",
-                     dict(X=f"*{ty}", DOUT=f"*{ty}", DW=f"*{ty}", DB=f"*{ty}", **geometry, stride_ob="i32",
+                     dict(X=f"*{ty}", DOUT=f"*{ty}", DW=f"*{ty}", **geometry, m_split="i32", stride_ob="i32",
                           stride_on="i32", stride_wd="i32"),
-                     dict(stride_od=1, stride_wk=1), biases),
+                     dict(stride_od=1, stride_wk=1), splits),
                     ("dx", _patch_embed_bwd_dx_kernel, "_patch_embed_bwd_dx_kernel",
                      dict(DOUT=f"*{ty}", W=f"*{ty}", DX=f"*{ty}", **geometry, stride_ob="i32", stride_on="i32",
                           stride_wd="i32"),
                      dict(stride_od=1, stride_wk=1), (None,)),
                 )
-                for table, fn, name, types, unit, bias_flags in kernels:
+                for table, fn, name, types, unit, variants in kernels:
                     for cfg in PATCH_CONFIGS[table][(size, precision)]:
-                        for has_bias in bias_flags:
-                            flags = {} if has_bias is None else dict(HAS_BIAS=has_bias)
-                            label = f"{tag}{'' if has_bias in (None, True) else ' no-bias'} {cfg.label()}"
-                            cases.append(make_case(__name__, fn, name, types, dict(meta, **unit, **flags, **cfg.kwargs),
-                                                   cfg.num_warps, cfg.num_stages, label, divisible=("D", "K")))
+                        for variant in variants:
+                            sig, divisible = types, ("D", "K")
+                            if variant in ("split", "whole"):  # split: fp32 partials, ranges of 64k tubelets
+                                flags, extra = dict(SPLIT_K=variant == "split"), f" {variant}-K"
+                                if variant == "split":
+                                    sig, divisible = dict(types, DW="*fp32"), divisible + ("m_split",)
+                            else:
+                                flags = {} if variant is None else dict(HAS_BIAS=variant)
+                                extra = "" if variant in (None, True) else " no-bias"
+                            label = f"{tag}{extra} {cfg.label()}"
+                            cases.append(make_case(__name__, fn, name, sig, dict(meta, **unit, **flags, **cfg.kwargs),
+                                                   cfg.num_warps, cfg.num_stages, label, divisible=divisible))
     return cases
