@@ -1,13 +1,14 @@
 """Linear layers and the transformer MLP with fused epilogues, forward and backward in Triton.
 
-One GEMM kernel, ``_gemm_kernel``, computes ``C = epilogue(A @ B)`` for strided A (M, K) and B (K, N).
-Epilogue, in order: ``+ bias`` (per column); store the pre-activation; ``gelu_fast``; the gelu_fast
-backward (multiply by gelu_fast'(AUX), and store gelu_fast(AUX)); ``+ residual``. With ``ROWSUM`` the
-programs of the first column tile also write the row sums of A: the bias gradient, computed inside the
-weight-gradient GEMM (A = dY^T there).
+Two GEMM kernels compute ``C = epilogue(A @ B)`` for strided A (M, K) and B (K, N): ``_gemm_kernel`` (pointer
+loads, cp.async; sm_80 and layouts TMA cannot read) and ``_gemm_tma_kernel`` (sm_90: tensor descriptors, a
+persistent grid), chosen at launch. Epilogue, in order: ``+ bias`` (per column); store the pre-activation;
+``gelu_fast``; the gelu_fast backward (multiply by gelu_fast'(AUX), and store gelu_fast(AUX)); ``+ residual``.
+Weight gradients may split K into ranges whose fp32 partials ``_splitk_sum_kernel`` adds in a fixed order; bias
+gradients are one column sum of dY.
 
-- ``linear(x, W, b, activation, residual)``: the fused QKV projection (+ bias) and the attention output
-  projection (+ bias + residual). Backward: dX = dY @ W and dW = dY^T @ X (+ db), two launches.
+- ``linear(x, W, b, activation, residual)``: the attention output projection (+ bias + residual) and other
+  single linears. Backward: dX = dY @ W and dW = dY^T @ X (two GEMMs), db a column sum.
 - ``mlp(x, W1, b1, W2, b2, residual)``: FC1 (+ bias -> gelu_fast) and FC2 (+ bias + residual), two launches.
   Backward: dY @ W2 ends in the gelu_fast derivative (dH = (dY @ W2) * gelu_fast'(H)) and also recomputes
   gelu_fast(H) for dW2 = dY^T @ gelu_fast(H); then dX = dH @ W1 and dW1 = dH^T @ X. So the activation
