@@ -30,6 +30,10 @@ except Exception as e:  # noqa: BLE001 - any failure means "no Triton", reported
 
 # Kernels defined while this is true are interpreted (numpy on the CPU), not compiled.
 INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+if INTERPRET:
+    from .._compat import fix_interpreter_scalars
+
+    fix_interpreter_scalars()  # Triton 3.6's interpreter with a newer numpy (see there)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -254,9 +254,11 @@ if HAS_TRITON:
                                stride_pm, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                                ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
                                DGELU: tl.constexpr, EMULATE_BF16: tl.constexpr):
-        """The epilogue of a (ROWS, COLS) half tile in two quarters (the gelu_fast backward: in four eighths)."""
+        """The epilogue of a (ROWS, COLS) half tile in two quarters; in four eighths for the gelu_fast backward and
+        for the training forward that also stores the pre-activation (with quarters, fp16 128 x 256 tiles spill
+        under Triton 3.6)."""
         left, right = _halves(acc, ROWS, COLS)
-        if DGELU:
+        if DGELU or SAVE_PRE:
             ll, lr = _halves(left, ROWS, COLS // 2)
             rl, rr = _halves(right, ROWS, COLS // 2)
             _tma_epilogue(ll, col0, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm, stride_pm,

@@ -1,0 +1,111 @@
+"""What differs between the oldest and the newest versions we support, in one place.
+
+Supported: torch >= 2.11 with the Triton it brings (>= 3.6), transformers >= 5.17, < 6 (pyproject.toml). The
+oldest are what common GPU images ship; scripts/check_oldest.sh proves them on a machine without a GPU. Code
+elsewhere asks this module instead of comparing versions itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Optional
+
+__all__ = ["version_tuple", "triton_version", "CompileRecord", "recording_compilations", "fix_interpreter_scalars"]
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as "3.6.0", "2.11.0+cu130" or "5.17.0.dev0"."""
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def triton_version() -> Optional[tuple[int, ...]]:
+    """Triton's version, or None without Triton."""
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - no Triton is a supported state
+        return None
+    return version_tuple(triton.__version__)
+
+
+@dataclasses.dataclass
+class CompileRecord:
+    """Triton compilations seen while :func:`recording_compilations` was active: those compiled, those found in
+    Triton's cache, and the compiler's own time (seconds). ``supported`` is False when this Triton has no
+    compilation listener (then nothing is counted)."""
+
+    supported: bool = True
+    compiled: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def recording_compilations() -> Iterator[CompileRecord]:
+    """Count Triton's kernel compilations and their time through ``triton.knobs.compilation.listener`` (Triton
+    3.6 and 3.8 both have it; a Triton without it yields an unsupported, empty record). A listener already set
+    by the user is called too."""
+    record = CompileRecord()
+    try:
+        from triton import knobs
+
+        knobs.compilation  # noqa: B018 - the attribute this needs
+    except Exception:  # noqa: BLE001
+        record.supported = False
+        yield record
+        return
+    previous = knobs.compilation.listener
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit, **kwargs):
+        if cache_hit:
+            record.cache_hits += 1
+        else:
+            record.compiled += 1
+            micros = getattr(times, "ir_initialization", 0) + sum(d for _, d in getattr(times, "lowering_stages", ()))
+            record.seconds += (micros + getattr(times, "store_results", 0)) / 1e6
+        if previous is not None:
+            previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit, **kwargs)
+
+    knobs.compilation.listener = listener
+    try:
+        yield record
+    finally:
+        knobs.compilation.listener = previous
+
+
+def fix_interpreter_scalars() -> bool:
+    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array of shape (1,))``, which newer
+    numpy refuses ("only 0-dimensional arrays can be converted to Python scalars"; numpy 2.4.6 here, 2.1.3
+    still accepts it): every ``range()`` over a runtime integer argument then fails inside the kernel. Triton
+    3.8's interpreter squeezes the array first; with an older Triton, make its interpreter do the same (only
+    under TRITON_INTERPRET=1; compiled kernels never run this code). Returns whether it patched anything.
+
+    Reproduction without vivit_kernels (Triton 3.6.0, numpy 2.4.6, TRITON_INTERPRET=1): a kernel with
+    ``for k in range(0, K, 32): ...`` on an int argument ``K`` raises InterpreterError(TypeError(...)).
+    """
+    version = triton_version()
+    if version is None or version >= (3, 8):
+        return False
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # noqa: BLE001 - nothing to fix without an interpreter
+        return False
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "vivit_kernels_fixed", False):
+        return False
+
+    def patch_lang_tensor(tensor, scope, *args, **kwargs):
+        original(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.vivit_kernels_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
