@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
-from vivit_kernels import VivitConfig, VivitForVideoClassification
+from vivit_kernels import VivitConfig
+from vivit_kernels.acceptance import build_seed_model, peak_memory_mb
 from vivit_kernels.model import image_hw
 
 CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
@@ -27,35 +28,13 @@ PROVIDERS = ["triton", "auto", "transformers-eager", "transformers-sdpa", "trans
 
 
 def _model(provider: str, dtype: torch.dtype) -> torch.nn.Module:
-    cfg = VivitConfig.from_preset(CONFIG)
-    torch.manual_seed(0)
-    if provider.startswith("transformers"):
-        import transformers
-
-        hf_cfg = transformers.VivitConfig(**cfg.to_dict())
-        hf_cfg._attn_implementation = "eager" if provider == "transformers-eager" else "sdpa"
-        model = transformers.VivitForVideoClassification(hf_cfg).to(DEVICE, dtype)
-        if provider.endswith("compiled"):
-            model = torch.compile(model)
-        return model
-    return VivitForVideoClassification(cfg, attn=provider).to(DEVICE, dtype)
+    return build_seed_model(provider, CONFIG, dtype, DEVICE)  # the acceptance run builds its rows the same way
 
 
 def _pixels(batch: int, dtype: torch.dtype) -> torch.Tensor:
     cfg = VivitConfig.from_preset(CONFIG)
     h, w = image_hw(cfg)
     return torch.randn(batch, cfg.num_frames, 3, h, w, device=DEVICE, dtype=dtype)
-
-
-def _peak_mb(fn) -> float | None:
-    """torch.cuda.max_memory_allocated over one call (GPU only)."""
-    if not ON_GPU:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"] if ON_GPU else ["fp32"])
@@ -72,7 +51,7 @@ def test_inference(benchmark, provider, batch, dtype):
             return model(pixel_values=x).logits
 
     step()  # compile / autotune outside the timing
-    peak = _peak_mb(step)
+    peak = peak_memory_mb(step, DEVICE)
     run(benchmark, step, rounds=INFER_ROUNDS, warmup=2 if ON_GPU else 0, table="inference", provider=provider,
         batch=batch, dtype=dtype, num_batches=INFER_ROUNDS, peak_mem_mb=peak, config=CONFIG)
 
@@ -95,6 +74,6 @@ def test_training(benchmark, provider, dtype):
         return loss
 
     step()
-    peak = _peak_mb(step)
+    peak = peak_memory_mb(step, DEVICE)
     run(benchmark, step, rounds=TRAIN_STEPS, warmup=2 if ON_GPU else 0, table="training", provider=provider, batch=1,
         dtype=dtype, num_training_steps=TRAIN_STEPS, peak_mem_mb=peak, config=CONFIG)

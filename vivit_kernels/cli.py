@@ -1,4 +1,4 @@
-"""The vivit-kernels command line: info | demo | classify | tune | compile-report | bench.
+"""The vivit-kernels command line: info | demo | classify | tune | acceptance | compile-report | bench.
 
 The heavy imports happen inside each command, after the command has configured the environment: on a
 machine without CUDA, demo and classify turn on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
@@ -300,7 +300,7 @@ def _use_interpreter_without_gpu() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .model import PRESETS
+    from .presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="vivit-kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vivit_kernels {__version__}")
@@ -344,7 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.set_defaults(func=cmd_tune)
 
-    from . import aot, bench_report
+    from . import acceptance, aot, bench_report  # light modules: they import torch only when a command runs
+
+    p = sub.add_parser("acceptance", help="the first thing to run on a GPU: correctness at ViViT-B shapes, per-op "
+                                          "speed against cuBLAS / cuDNN / SDPA, the seed's tables, in one bounded run")
+    acceptance.add_arguments(p)
+    p.set_defaults(func=acceptance.run_cli)
 
     p = sub.add_parser("bench", help="measurements, the timed benchmark suite (bench/), and the report")
     bench_report.add_arguments(p)
@@ -360,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:] if args.command in argv else []
     if getattr(args, "interpreter", False):
         _use_interpreter_without_gpu()
     try:

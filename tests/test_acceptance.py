@@ -1,0 +1,128 @@
+"""`vivit-kernels acceptance`: the dry run end to end (every section written), and the run's rules: a wrong
+kernel fails it with op, shape and dtype; a spent budget skips and lists; an interrupted run keeps its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vivit_kernels import acceptance, providers
+from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
+
+
+def test_dry_run_writes_every_section(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "acceptance", "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[acceptance] PASS" in out.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["format"] == acceptance.FORMAT and data["finished"] and data["dry_run"]
+    assert data["command"] == f"vivit-kernels acceptance --dry-run --out {tmp_path}"
+    env = data["environment"]
+    assert {"torch", "triton", "transformers", "vivit_kernels"} <= set(env["versions"])
+    assert env["peak_bf16_matmul_tflops"] > 0 and env["peak_copy_gbps"] > 0
+    cases = {(c["case"].split(" (")[0], c["dtype"]) for c in data["correctness"]}
+    for name in ("attention_qkv", "qkv_projection", "linear o_proj+residual", "linear fc1+gelu_fast", "mlp",
+                 "layer_norm", "patch_embed"):
+        assert {(name, "bf16"), (name, "fp32")} <= cases, name
+    assert {("model", "bf16"), ("model", "fp32")} <= cases
+    assert any(c["case"].startswith("extension ops") for c in data["correctness"])
+    assert all(c["ok"] for c in data["correctness"]) and not data["failures"]
+    ours = {(r["op"], r["mode"]) for r in data["ops"] if r["provider"] == "triton" and r["checked"]}
+    assert ours == {(op, mode) for op in providers.OPS for mode in ("infer", "train")}
+    assert all(r["interpreted"] for r in data["ops"] if r["provider"] == "triton")  # never a speed figure
+    assert any(r["provider"] == "auto" and r["ms"] for r in data["ops"])
+    seed = {(r["table"], r["provider"]) for r in data["seed"]}
+    assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS}
+    assert data["auto"] and {a["op"] for a in data["auto"]} >= {"layer_norm", "mlp", "attention_qkv"}
+    assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("## 1. Environment", "## 2. Correctness", "## 3. Per-op speed", "## 4. The seed's tables",
+                    "## 5. attn=\"auto\" choices", "## Skipped"):
+        assert heading in report, heading
+    assert "**Dry run**" in report and "verdict: **PASS" in report
+    assert (tmp_path / "inference_latency.png").exists()
+
+    # the README section is made from the newest GPU run under bench/results (a dry run is never one)
+    root = tmp_path / "results"
+    (root / "dry").mkdir(parents=True)
+    (root / "dry" / "results.json").write_text(json.dumps(data))
+    assert acceptance.newest_results(root) is None and "No GPU run" in acceptance.readme_section(root)
+    for name, date in (("nvidia-old-2026-01-01", "2026-01-01"), ("nvidia-new-2026-12-01", "2026-12-01")):
+        gpu = dict(data, dry_run=False, date=date, environment=dict(env, device=name.rsplit("-", 3)[0].upper()))
+        (root / name).mkdir()
+        (root / name / "results.json").write_text(json.dumps(gpu))
+    section = acceptance.readme_section(root)
+    assert "Measured on **NVIDIA-NEW** on 2026-12-01" in section and "nvidia-new-2026-12-01/report.md" in section
+    assert "| num_batches | batch_size | dtype | backend |" in section
+
+
+def test_the_readme_section_is_generated_from_bench_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert acceptance.update_readme(root / "README.md", root / "bench" / "results", check=True), \
+        "README.md's 'Measured on a GPU' section is out of date: run `python bench/update_readme.py`"
+
+
+def _run(tmp_path, device, budget_s=600.0, sections=("correctness",)):
+    return acceptance.Acceptance(tmp_path, acceptance.DRY_PLAN, device, budget_s, True, "test", sections)
+
+
+def test_a_wrong_kernel_fails_the_run_naming_op_shape_and_dtype(tmp_path, device, monkeypatch):
+    def cases(plan):
+        make = lambda: (torch.randn(2, 17, 64), 1 + 0.1 * torch.randn(64), 0.1 * torch.randn(64))  # noqa: E731
+        wrong = lambda x, w, b: layer_norm(x, w, b, 1e-6) * 1.01  # noqa: E731 - our kernel, 1% off
+        return [("layer_norm (1% off)", "x 2x17x64", wrong, lambda x, w, b: layer_norm_ref(x, w, b, 1e-6), make)]
+
+    monkeypatch.setattr(acceptance, "op_cases", cases)
+    run = _run(tmp_path, device)
+    assert acceptance.execute(run) == 1
+    failed = [f for f in run.data["failures"] if f["name"] == "layer_norm (1% off)"]
+    assert {f["dtype"] for f in failed} == {"bf16", "fp32"} and {f["shape"] for f in failed} == {"x 2x17x64"}
+    assert "max abs error" in failed[0]["error"]
+    report = (tmp_path / "report.md").read_text()
+    assert "verdict: **FAIL" in report and "| layer_norm (1% off) | x 2x17x64 | fp32 | **FAIL** |" in report
+    assert [c["ok"] for c in run.data["correctness"] if c["case"].startswith("model")] == [True, True]
+
+
+def test_a_spent_budget_skips_and_lists_what_it_skipped(tmp_path, device):
+    run = _run(tmp_path, device, budget_s=1e-3, sections=acceptance.SECTIONS)
+    assert acceptance.execute(run) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert not data["correctness"] and not data["seed"]
+    skipped = {s["section"] for s in data["skipped"]}
+    assert {"environment", "correctness", "ops", "seed"} <= skipped
+    assert all("time budget" in s["why"] for s in data["skipped"] if s["section"] != "seed" or "compile" not in s["name"])
+    assert "## Skipped" in (tmp_path / "report.md").read_text()
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, device, monkeypatch):
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acceptance, "section_ops", interrupted)
+    monkeypatch.setattr(acceptance, "op_cases", lambda plan: [])  # correctness: the model and the extension
+    run = _run(tmp_path, device, sections=("correctness", "ops"))
+    with pytest.raises(KeyboardInterrupt):
+        acceptance.execute(run)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert not data["finished"] and data["correctness"]  # the model and extension checks ran and were kept
+    assert "INCOMPLETE" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.cpu_only
+def test_without_a_gpu_the_command_says_to_use_dry_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "acceptance", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "has none" in out.stderr and "--dry-run" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "acceptance", "--dry-run", "--budget-s", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "--budget-s must be positive" in out.stderr
