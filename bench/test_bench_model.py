@@ -17,7 +17,7 @@ import torch
 
 from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
 from vivit_kernels import VivitConfig
-from vivit_kernels.acceptance import build_seed_model, peak_memory_mb
+from vivit_kernels.acceptance import build_seed_model, peak_memory_mb, seed_step
 from vivit_kernels.model import image_hw
 
 CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
@@ -43,13 +43,7 @@ def _pixels(batch: int, dtype: torch.dtype) -> torch.Tensor:
 def test_inference(benchmark, provider, batch, dtype):
     if provider.endswith("compiled") and not ON_GPU:
         pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
-    model = _model(provider, DTYPES[dtype]).eval()
-    x = _pixels(batch, DTYPES[dtype])
-
-    def step():
-        with torch.no_grad():
-            return model(pixel_values=x).logits
-
+    step = seed_step(_model(provider, DTYPES[dtype]), "inference", _pixels(batch, DTYPES[dtype]))
     step()  # compile / autotune outside the timing
     peak = peak_memory_mb(step, DEVICE)
     run(benchmark, step, rounds=INFER_ROUNDS, warmup=2 if ON_GPU else 0, table="inference", provider=provider,
@@ -61,18 +55,7 @@ def test_inference(benchmark, provider, batch, dtype):
 def test_training(benchmark, provider, dtype):
     if provider.endswith("compiled") and not ON_GPU:
         pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
-    model = _model(provider, DTYPES[dtype]).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = _pixels(1, DTYPES[dtype])
-    labels = torch.zeros(1, dtype=torch.long, device=DEVICE)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(pixel_values=x, labels=labels).loss
-        loss.backward()
-        opt.step()
-        return loss
-
+    step = seed_step(_model(provider, DTYPES[dtype]), "training", _pixels(1, DTYPES[dtype]))
     step()
     peak = peak_memory_mb(step, DEVICE)
     run(benchmark, step, rounds=TRAIN_STEPS, warmup=2 if ON_GPU else 0, table="training", provider=provider, batch=1,

@@ -12,6 +12,7 @@ import transformers
 
 import vivit_kernels as vk
 from helpers import DEVICE, assert_close
+from vivit_kernels._compat import training_checkpointing_argument
 
 pytestmark = pytest.mark.triton
 
@@ -120,7 +121,8 @@ def _trainer(model, out_dir, **overrides):
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_trainer_trains_checkpoints_resumes_and_reloads(gradient_checkpointing, tmp_path):
     _, model, _ = tiny_pair()
-    trainer = _trainer(model, tmp_path, activation_checkpointing=gradient_checkpointing)  # the old name is deprecated
+    # the field's name differs between transformers 5.17 and later 5.x (the old name is deprecated there)
+    trainer = _trainer(model, tmp_path, **{training_checkpointing_argument(): gradient_checkpointing})
     result = trainer.train()
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     assert model.attn == "triton" and all(l.gradient_checkpointing == gradient_checkpointing for l in model.vivit.layers)

@@ -11,18 +11,22 @@ import contextlib
 import dataclasses
 from typing import Iterator, Optional
 
-__all__ = ["version_tuple", "triton_version", "CompileRecord", "recording_compilations", "fix_interpreter_scalars"]
+__all__ = ["version_tuple", "triton_version", "CompileRecord", "recording_compilations", "fix_interpreter_scalars",
+           "ActivationCheckpointingNames", "training_checkpointing_argument"]
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
-    """(major, minor, patch) of a version string such as "3.6.0", "2.11.0+cu130" or "5.17.0.dev0"."""
+    """(major, minor, patch) of a version string such as "3.6.0", "2.11.0+cu130", "5.17.0.dev0" or "3.8.0rc1"
+    (each part's leading digits; parsing stops at the first part without any)."""
+    import re
+
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
-        if not digits:
+        match = re.match(r"\d+", piece)
+        if match is None:
             break
-        parts.append(int(digits))
-        if not piece.isdigit():
+        parts.append(int(match.group()))
+        if match.end() != len(piece):
             break
     return tuple(parts)
 
@@ -109,3 +113,35 @@ def fix_interpreter_scalars() -> bool:
     patch_lang_tensor.vivit_kernels_fixed = True
     interpreter._patch_lang_tensor = patch_lang_tensor
     return True
+
+
+class ActivationCheckpointingNames:
+    """transformers 5.17 names activation checkpointing ``gradient_checkpointing_enable`` / ``_disable`` /
+    ``is_gradient_checkpointing``; later 5.x releases call it ``activation_checkpointing_*`` and keep the old names
+    as deprecated aliases. Mixed into our model classes (before transformers' class), so the new names work on
+    every supported version and call transformers' own implementation."""
+
+    def activation_checkpointing_enable(self, *args, **kwargs):
+        parent = super()
+        enable = getattr(parent, "activation_checkpointing_enable", None) or parent.gradient_checkpointing_enable
+        return enable(*args, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        parent = super()
+        disable = getattr(parent, "activation_checkpointing_disable", None) or parent.gradient_checkpointing_disable
+        return disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules())
+
+
+def training_checkpointing_argument() -> str:
+    """The TrainingArguments field that turns activation checkpointing on: ``activation_checkpointing`` where
+    transformers has it, ``gradient_checkpointing`` (transformers 5.17) otherwise."""
+    import dataclasses as dc
+
+    import transformers
+
+    names = {f.name for f in dc.fields(transformers.TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"

@@ -682,6 +682,33 @@ def build_seed_model(provider: str, config, dtype, device):
     return VivitForVideoClassification(cfg, attn=provider).to(device, dtype)
 
 
+def seed_step(model, table: str, pixel_values) -> Callable[[], Any]:
+    """One timed unit of the seed's tables: an inference forward without autograd ("inference"), or a training
+    step, forward + backward + AdamW ("training"; labels all 0). Puts the model in eval / train mode."""
+    import torch
+
+    if table == "inference":
+        model.eval()
+
+        def infer():
+            with torch.no_grad():
+                return model(pixel_values=pixel_values).logits
+
+        return infer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    labels = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        loss = model(pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    return train
+
+
 def peak_memory_mb(fn: Callable[[], Any], device) -> Optional[float]:
     """torch.cuda.max_memory_allocated over one call of ``fn`` (weights included, as the seed measures), in MB
     (2^20 bytes); None off the GPU."""
@@ -738,25 +765,8 @@ def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str
     model = build_seed_model(provider, cfg, dt, run.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.num_frames, 3, *image_hw(cfg), generator=g).to(run.device, dt)
-    if table == "inference":
-        model.eval()
-        rounds = run.plan.infer_rounds
-
-        def step():
-            with torch.no_grad():
-                return model(pixel_values=x).logits
-    else:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        labels = torch.zeros(batch, dtype=torch.long, device=run.device)
-        rounds = run.plan.train_steps
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = model(pixel_values=x, labels=labels).loss
-            loss.backward()
-            opt.step()
-            return loss
+    step = seed_step(model, table, x)
+    rounds = run.plan.infer_rounds if table == "inference" else run.plan.train_steps
 
     before = sum(_triton.LAUNCHES.values())
     start = time.perf_counter()

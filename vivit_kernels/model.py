@@ -40,6 +40,7 @@ from transformers.models.vivit import modeling_vivit as hf
 
 from .backends import ATTN_CHOICES, Backend, get_backend
 from .ops.attention import attention_ref
+from ._compat import ActivationCheckpointingNames
 from .presets import PRESETS
 
 __all__ = ["VivitConfig", "VivitModel", "VivitForVideoClassification", "apply_vivit_kernels", "PRESETS",
@@ -584,7 +585,7 @@ class _AttnMixin:
         return result
 
 
-class VivitModel(_AttnMixin, hf.VivitModel):
+class VivitModel(_AttnMixin, ActivationCheckpointingNames, hf.VivitModel):
     """transformers' ``VivitModel`` with ``attn`` (see the module docstring).
 
     Args:
@@ -610,7 +611,7 @@ class VivitModel(_AttnMixin, hf.VivitModel):
         return super().forward(pixel_values, interpolate_pos_encoding, attention_mask, **kwargs)
 
 
-class VivitForVideoClassification(_AttnMixin, hf.VivitForVideoClassification):
+class VivitForVideoClassification(_AttnMixin, ActivationCheckpointingNames, hf.VivitForVideoClassification):
     """transformers' ``VivitForVideoClassification`` with ``attn`` (see the module docstring)."""
 
     config_class = VivitConfig
