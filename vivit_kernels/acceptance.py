@@ -106,6 +106,12 @@ DRY_PLAN = Plan(
 )
 
 
+def ops_dtype(device) -> str:
+    """The dtype of the per-op timings and of the matmul peak they are compared with: bf16 on a GPU (what users
+    should run), fp32 on the CPU (--dry-run; the CPU's bf16 matmul is no reference for anything)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -270,12 +276,12 @@ def section_environment(run: Acceptance) -> None:
     run.save()
 
     def peaks():
-        n = run.plan.matmul_n
-        a = torch.randn(n, n, device=run.device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=run.device, dtype=torch.bfloat16)
+        n, dtype = run.plan.matmul_n, ops_dtype(run.device)  # the per-op figures' dtype
+        a = torch.randn(n, n, device=run.device, dtype=_torch_dtype(dtype))
+        b = torch.randn(n, n, device=run.device, dtype=_torch_dtype(dtype))
         ms = _median_ms(run, lambda: a @ b)
-        env["peak_bf16_matmul_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
-        env["peak_bf16_matmul_shape"] = f"{n}x{n}x{n}"
+        env["peak_matmul_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
+        env["peak_matmul"] = f"{dtype} {n}x{n}x{n}"
         nbytes = run.plan.copy_mib * 2**20
         src = torch.empty(nbytes, dtype=torch.uint8, device=run.device)
         dst = torch.empty_like(src)
@@ -576,7 +582,7 @@ def section_ops(run: Acceptance) -> None:
     from .ops import _triton
     from .testing import judge, run_with_grads
 
-    dtype_name = "bf16" if run.device.type == "cuda" else "fp32"
+    dtype_name = ops_dtype(run.device)
     dtype = _torch_dtype(dtype_name)
     auto = auto_backend()
     env = run.data["environment"]
@@ -637,8 +643,8 @@ def section_ops(run: Acceptance) -> None:
                     if not interpreted:
                         if work:
                             row["tflops"] = work / (ms * 1e-3) / 1e12
-                            if env.get("peak_bf16_matmul_tflops"):
-                                row["fraction_of_peak"] = row["tflops"] / env["peak_bf16_matmul_tflops"]
+                            if env.get("peak_matmul_tflops"):
+                                row["fraction_of_peak"] = row["tflops"] / env["peak_matmul_tflops"]
                         else:
                             row["gbps"] = moved / (ms * 1e-3) / 1e9
                             if env.get("peak_copy_gbps"):
@@ -877,11 +883,10 @@ def render_report(data: dict) -> str:
     for key in ("device", "host", "torch_cuda", "cudnn", "triton_interpreter"):
         if key in env:
             lines.append(f"| {key} | {env[key]} |")
-    if "peak_bf16_matmul_tflops" in env:
-        lines.append(f"| measured bf16 matmul ({env.get('peak_bf16_matmul_shape')}) | "
-                     f"{env['peak_bf16_matmul_tflops']:.1f} TFLOP/s |")
+    if "peak_matmul_tflops" in env:
+        lines.append(f"| measured matmul ({env.get('peak_matmul')}) | {env['peak_matmul_tflops']:.4g} TFLOP/s |")
         lines.append(f"| measured device copy ({env.get('peak_copy_bytes', 0) / 2**20:.0f} MiB) | "
-                     f"{env['peak_copy_gbps']:.1f} GB/s (read + write) |")
+                     f"{env['peak_copy_gbps']:.4g} GB/s (read + write) |")
     for item in env.get("extension", []):
         lines.append(f"| extension | {item} |")
     lines.append("")
@@ -897,8 +902,8 @@ def render_report(data: dict) -> str:
 
     lines += ["## 3. Per-op speed", "", "Each provider's result is checked against the op's reference before its time "
               "counts. Training rows time forward + backward. TFLOP/s: 2 M N K per GEMM (4 B H N^2 D for attention; "
-              "backward 2x, attention 2.5x); GB/s: bytes read and written once; % of peak: of the measured bf16 matmul "
-              "or copy above.", "",
+              "backward 2x, attention 2.5x); GB/s: bytes read and written once; % of peak: of the measured matmul (same "
+              "dtype) or copy above.", "",
               "| op | shape | mode | provider | ms | TFLOP/s | GB/s | % of peak | check |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data.get("ops", []):
         if r.get("unavailable"):
@@ -907,8 +912,8 @@ def render_report(data: dict) -> str:
             check = "ok" if r.get("checked") else "**FAIL**"
             ms = "interpreter: correctness run" if r.get("interpreted") else _fmt(r.get("ms"), ".3f")
         frac = r.get("fraction_of_peak")
-        lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {ms} | {_fmt(r.get('tflops'), '.1f')} "
-                     f"| {_fmt(r.get('gbps'), '.1f')} | {_fmt(None if frac is None else 100 * frac, '.0f')} | {check} |")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {ms} | {_fmt(r.get('tflops'), '.3g')} "
+                     f"| {_fmt(r.get('gbps'), '.3g')} | {_fmt(None if frac is None else 100 * frac, '.0f')} | {check} |")
     lines.append("")
 
     seed = data.get("seed", [])
@@ -1018,7 +1023,8 @@ def readme_section(root: Path = RESULTS_DIR) -> str:
         f"- correctness: {sum(1 for c in data.get('correctness', []) if c.get('ok'))} of "
         f"{len(data.get('correctness', []))} cases within the tolerance rule"
         + (f"; **{len(failures)} failure(s)** (see the report)" if failures else ""),
-        f"- measured peaks: bf16 matmul {_fmt(env.get('peak_bf16_matmul_tflops'), '.0f')} TFLOP/s, device copy "
+        f"- measured peaks: {env.get('peak_matmul', 'matmul')} matmul {_fmt(env.get('peak_matmul_tflops'), '.0f')} "
+        f"TFLOP/s, device copy "
         f"{_fmt(env.get('peak_copy_gbps'), '.0f')} GB/s",
         f"- {len(data.get('skipped', []))} step(s) skipped by the time budget or as not applicable (listed in the report)",
         "",
