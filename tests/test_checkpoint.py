@@ -200,3 +200,24 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
     assert not [f for f in os.listdir(tmp_path.parent) if f.startswith(f".{tmp_path.name}.")]  # no temp dir left
+
+
+@pytest.mark.parametrize("given", [None, "someone/their-repo"])
+def test_push_to_hub_names_the_repo_after_the_save_directory(given, tmp_path, monkeypatch):
+    """save_pretrained(path, push_to_hub=True) asks the hub for the repo transformers would (the directory's name,
+    or the repo_id given), not for the temporary directory the files are written into first. The hub cannot be
+    reached here: the repo creation is where the call stops."""
+    import transformers.modeling_utils
+
+    asked = []
+
+    class NoHub:
+        def create_repo(self, repo_id, **kwargs):
+            asked.append(repo_id)
+            raise ConnectionError("no hub here")
+
+    monkeypatch.setattr(transformers.modeling_utils, "hf_api", lambda: NoHub())
+    extra = {} if given is None else {"repo_id": given}
+    with pytest.raises(ConnectionError):
+        ours().save_pretrained(tmp_path / "myrepo", push_to_hub=True, **extra)
+    assert asked == [given or "myrepo"]

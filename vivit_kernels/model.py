@@ -575,6 +575,8 @@ class _AttnMixin:
         """
         kwargs["save_original_format"] = save_original_format
         directory = Path(save_directory)
+        if kwargs.get("push_to_hub"):  # transformers names the repo after the directory it saves into: not ours
+            kwargs.setdefault("repo_id", directory.resolve().name)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
