@@ -127,3 +127,18 @@ def test_info_says_what_each_command_does_without_a_gpu():
     out = run("info", env={"TRITON_INTERPRET": "0"})
     assert "demo, classify  switch the Triton interpreter on themselves" in out.stdout
     assert "(now: 0)" in out.stdout
+
+
+def test_warnings_are_one_line_without_our_source_path(tmp_path):
+    from PIL import Image
+
+    from videos import frame_pattern
+
+    image = tmp_path / "photo.mp4"
+    Image.fromarray(frame_pattern(3, 48, 64)).save(image, format="PNG")
+    out = run("classify", str(image), "--preset", "tiny")
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "photo.mp4" in line]
+    assert warned == [f"vivit-kernels classify: warning: {image} holds a single frame (an image?): the clip repeats "
+                      "it 4 times"], out.stderr
+    assert "UserWarning" not in out.stderr and "cli.py" not in out.stderr

@@ -48,10 +48,13 @@ def test_multi_clip_sampling(video):
         assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
 
 
-def test_short_video_repeats_frames(tmp_path):
+def test_short_video_repeats_frames_and_says_so(tmp_path):
     short = write_video(tmp_path / "short.mp4", n_frames=5)
-    frames = read_video(short, num_frames=8)
-    assert frames.shape == (8, 48, 64, 3)
+    with pytest.warns(UserWarning, match=r"short\.mp4: 5 frames decode, fewer than the 8 a clip needs") as record:
+        frames = read_video(short, num_frames=8)
+    assert frames.shape == (8, 48, 64, 3) and len(record) == 1
+    positions = [bar_position(f) for f in frames]
+    assert sorted(set(positions)) == sorted({bar_position(f) for f in read_video(short, num_frames=5)})
 
 
 @pytest.mark.parametrize("make, exc, match", [

@@ -298,6 +298,16 @@ def _use_interpreter_without_gpu() -> None:
             os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _one_line_warnings(command: str) -> None:
+    """Warnings as the user reads them: "vivit-kernels CMD: warning: ...", one line, no source path of ours
+    (--debug keeps Python's own format)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"vivit-kernels {command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .presets import PRESETS
@@ -370,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv[argv.index(args.command) + 1:] if args.command in argv else []
     if getattr(args, "interpreter", False):
         _use_interpreter_without_gpu()
+    if not args.debug:
+        _one_line_warnings(args.command)
     try:
         return args.func(args)
     except KeyboardInterrupt:

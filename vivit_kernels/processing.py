@@ -295,6 +295,9 @@ def read_video(
                               f"looks truncated or damaged, so the clip is sampled from those {decodable}", stacklevel=2)
                 seg_len = decodable
                 container.seek(0)
+    if 1 < seg_len < num_frames:  # the clip repeats frames: say so (what a model sees is not the clip it expects)
+        warnings.warn(f"{path}: {seg_len} frames decode, fewer than the {num_frames} a clip needs; the clip spreads "
+                      f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=2)
     out = np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted])
     return out[0] if clips == 1 else out
 
