@@ -142,3 +142,25 @@ def test_warnings_are_one_line_without_our_source_path(tmp_path):
     assert warned == [f"vivit-kernels classify: warning: {image} holds a single frame (an image?): the clip repeats "
                       "it 4 times"], out.stderr
     assert "UserWarning" not in out.stderr and "cli.py" not in out.stderr
+
+
+def test_the_parser_imports_neither_torch_nor_triton():
+    """--help and --version stay instant, and the interpreter is decided before anything defines a kernel."""
+    code = ("import sys, vivit_kernels.cli as cli; cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'triton', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.cpu_only
+def test_demo_switches_the_interpreter_on_itself_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the demo compiles the kernels instead")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
+    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "demo", "--preset", "tiny"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("triton "))
+    assert "Triton interpreter on CPU" in row and float(row.split()[2]) < 1e-4, row  # agrees with eager

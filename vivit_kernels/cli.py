@@ -55,6 +55,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               "correctness run")
         print(f"  your own code   attn='triton' needs TRITON_INTERPRET=1 set before importing vivit_kernels (now: {interp})")
         print("  tune, auto      time torch's implementations only (the interpreter is no speed candidate)")
+        print("  acceptance      --dry-run only: the GPU run's plumbing at tiny shapes in the interpreter")
+    else:
+        print("first on this GPU: `vivit-kernels acceptance` (correctness at ViViT-B shapes, per-op speed against "
+              "cuBLAS / cuDNN / SDPA, the seed's tables; budgeted to 8 minutes)")
     from .ops import _extension
 
     print("C++/CUDA extension (video preprocessing, bias + gelu_fast)")
