@@ -885,6 +885,7 @@ def render_report(data: dict) -> str:
             lines.append(f"| {key} | {env[key]} |")
     if "peak_matmul_tflops" in env:
         lines.append(f"| measured matmul ({env.get('peak_matmul')}) | {env['peak_matmul_tflops']:.4g} TFLOP/s |")
+    if "peak_copy_gbps" in env:
         lines.append(f"| measured device copy ({env.get('peak_copy_bytes', 0) / 2**20:.0f} MiB) | "
                      f"{env['peak_copy_gbps']:.4g} GB/s (read + write) |")
     for item in env.get("extension", []):
