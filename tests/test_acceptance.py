@@ -126,3 +126,16 @@ def test_without_a_gpu_the_command_says_to_use_dry_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vivit_kernels", "acceptance", "--dry-run", "--budget-s", "0"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "--budget-s must be positive" in out.stderr
+
+
+def test_a_step_out_of_gpu_memory_is_listed_as_skipped_not_failed(tmp_path, device):
+    run = _run(tmp_path, device)
+
+    def too_big():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    assert run.step("ops", "attention train reference", "speed", too_big) is None
+    assert not run.data["failures"]
+    assert run.data["skipped"] == [{"section": "ops", "name": "attention train reference",
+                                    "why": "out of GPU memory on this device: OutOfMemoryError: CUDA out of memory. "
+                                           "Tried to allocate 80.00 GiB"}]
