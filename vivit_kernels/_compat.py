@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from typing import Iterator, Optional
 
-__all__ = ["version_tuple", "triton_version", "CompileRecord", "recording_compilations", "fix_interpreter_scalars",
+__all__ = ["version_tuple", "installed_versions", "triton_version", "CompileRecord", "recording_compilations", "fix_interpreter_scalars",
            "ActivationCheckpointingNames", "training_checkpointing_argument"]
 
 
@@ -29,6 +29,20 @@ def version_tuple(text: str) -> tuple[int, ...]:
         if match.end() != len(piece):
             break
     return tuple(parts)
+
+
+def installed_versions(names) -> dict[str, str]:
+    """Each package's ``__version__``, or "not installed (Error)" (never raises): what info and the acceptance
+    report print."""
+    import importlib
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as e:  # noqa: BLE001 - report, never fail
+            out[name] = f"not installed ({type(e).__name__})"
+    return out
 
 
 def triton_version() -> Optional[tuple[int, ...]]:

@@ -129,7 +129,7 @@ def _first_line(e: BaseException) -> str:
 class Acceptance:
     def __init__(self, out: Path, plan: Plan, device, budget_s: float, dry_run: bool, command: str,
                  sections: tuple[str, ...] = SECTIONS):
-        self.out, self.plan, self.device, self.dry_run, self.sections = out, plan, device, dry_run, sections
+        self.out, self.plan, self.device, self.sections = out, plan, device, sections
         self.started = time.monotonic()
         self.budget_s = budget_s
         self.deadline = self.started + budget_s
@@ -227,17 +227,11 @@ def _median_ms(run: Acceptance, fn: Callable[[], Any], training: bool = False, a
 # 1. Environment
 # ------------------------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
-    import importlib
-
     from . import __version__
+    from ._compat import installed_versions
 
-    out = {"python": platform.python_version(), "vivit_kernels": __version__}
-    for name in ("torch", "triton", "transformers", "huggingface_hub", "accelerate", "peft", "numpy", "av"):
-        try:
-            out[name] = getattr(importlib.import_module(name), "__version__", "?")
-        except Exception as e:  # noqa: BLE001 - report, never fail
-            out[name] = f"not installed ({type(e).__name__})"
-    return out
+    names = ("torch", "triton", "transformers", "huggingface_hub", "accelerate", "peft", "numpy", "av")
+    return {"python": platform.python_version(), "vivit_kernels": __version__, **installed_versions(names)}
 
 
 def _nvidia_smi(index: int) -> dict[str, str]:
@@ -365,19 +359,17 @@ def _strict_fp32():
         torch.set_float32_matmul_precision(saved[2])
 
 
-def _record_checks(run: Acceptance, section: str, case: str, shape: str, dtype: str, checks, seconds: float,
-                   **extra) -> bool:
+def _record_checks(run: Acceptance, section: str, case: str, shape: str, dtype: str, checks, seconds: float) -> None:
     ok = all(c.ok for c in checks)
     worst = max(checks, key=lambda c: c.error / c.allowed if c.allowed > 0 else math.inf)
     run.data[section].append({
         "case": case, "shape": shape, "dtype": dtype, "ok": ok, "seconds": round(seconds, 3),
         "worst": {"name": worst.name, "error": worst.error, "allowed": worst.allowed},
-        "checks": [{"name": c.name, "error": c.error, "allowed": c.allowed, "ok": c.ok} for c in checks], **extra,
+        "checks": [{"name": c.name, "error": c.error, "allowed": c.allowed, "ok": c.ok} for c in checks],
     })
     for c in checks:
         if not c.ok:
             run.fail(section, case, c.message(), shape=shape, dtype=dtype)
-    return ok
 
 
 def section_correctness(run: Acceptance) -> None:
@@ -732,14 +724,10 @@ def peak_memory_mb(fn: Callable[[], Any], device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def _time_rows(run: Acceptance, step: Callable[[], Any], rounds: int) -> tuple[float, float, list[float]]:
-    """(first call s, median s, per-call seconds) over ``rounds`` calls after the first (CUDA events on a GPU)."""
+def _call_seconds(run: Acceptance, step: Callable[[], Any], rounds: int) -> list[float]:
+    """Seconds of each of ``rounds`` calls of an already warmed-up ``step`` (CUDA events on a GPU)."""
     import torch
 
-    start = time.perf_counter()
-    step()
-    run.sync()
-    first = time.perf_counter() - start
     times = []
     for _ in range(rounds):
         if run.device.type == "cuda":
@@ -753,7 +741,7 @@ def _time_rows(run: Acceptance, step: Callable[[], Any], rounds: int) -> tuple[f
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), times
+    return times
 
 
 def _iqr(times: list[float]) -> Optional[float]:
@@ -786,7 +774,8 @@ def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str
     if interpreted:
         rounds = 1
     peak = peak_memory_mb(step, run.device)
-    _, median, times = _time_rows(run, step, rounds)
+    times = _call_seconds(run, step, rounds)
+    median = statistics.median(times)
     run.overhead("seed", first - median)
     count_key = "num_batches" if table == "inference" else "num_training_steps"
     run.data["seed"].append({

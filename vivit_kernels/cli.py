@@ -9,7 +9,6 @@ print one line and exit with status 1; --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
@@ -18,14 +17,10 @@ import warnings
 
 
 def _versions() -> list[tuple[str, str]]:
-    rows = [("python", platform.python_version())]
-    for name in ("torch", "triton", "numpy", "safetensors", "transformers", "av"):
-        try:
-            module = importlib.import_module(name)
-            rows.append((name, getattr(module, "__version__", "?")))
-        except Exception as e:  # noqa: BLE001 - report, never fail
-            rows.append((name, f"not installed ({type(e).__name__})"))
-    return rows
+    from ._compat import installed_versions
+
+    names = ("torch", "triton", "numpy", "safetensors", "transformers", "av")
+    return [("python", platform.python_version()), *installed_versions(names).items()]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
