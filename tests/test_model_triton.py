@@ -11,7 +11,7 @@ from torch import nn
 
 import vivit_kernels as vk
 from helpers import DEVICE, assert_close, run_without_interpreter
-from vivit_kernels import model as model_module
+from vivit_kernels._log import forget_said
 
 pytestmark = pytest.mark.triton
 
@@ -84,7 +84,7 @@ def test_variants_match_eager(overrides):
 def test_attentions_and_head_mask_use_eager_attention_with_one_log_line(caplog):
     cfg, eager, tri = make_pair(head=False)
     x, _ = inputs(cfg)
-    model_module._logged.clear()
+    forget_said()
     mask = torch.tensor([1.0, 0.0, 1.0, 0.5], device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="vivit_kernels"):
         out_t = tri(x, output_attentions=True, head_mask=mask)
@@ -277,7 +277,7 @@ def test_replaced_or_wrapped_modules_run_their_own_forward(where, kind, caplog):
             torch.manual_seed(5)
             new = Zeros(old.out_features) if kind == "replaced" else Wrapped(old)
             setattr(parent, child, new.to(DEVICE))
-    model_module._logged.clear()
+    forget_said()
     with caplog.at_level(logging.WARNING, logger="vivit_kernels"):
         out_t = tri(x, labels=labels)
     out_e = eager(x, labels=labels)

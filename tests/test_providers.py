@@ -15,6 +15,8 @@ import torch
 import vivit_kernels as vk
 from helpers import DEVICE, assert_close, check_against_reference
 from vivit_kernels import providers
+from vivit_kernels._log import forget_said
+from vivit_kernels.ops.registry import OPS
 from vivit_kernels.ops.attention import attention_ref
 from vivit_kernels.ops.layer_norm import layer_norm_ref
 from vivit_kernels.ops.linear import linear_ref, mlp_ref, qkv_projection_ref
@@ -27,7 +29,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(providers.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(providers.PINS_ENV, raising=False)
     providers.forget()
-    providers._logged.clear()
+    forget_said()
     yield
     providers.forget()
 
@@ -62,8 +64,8 @@ def _inputs(op: str):
 
 
 def _cases():
-    for op, candidates in providers.CANDIDATES.items():
-        for name in candidates:
+    for op, entry in OPS.items():
+        for name in entry.implementations:
             marks = [pytest.mark.triton] if name == "triton" else []
             yield pytest.param(op, name, marks=marks, id=f"{op}-{name}")
 
@@ -71,8 +73,8 @@ def _cases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op, name", list(_cases()))
 def test_every_candidate_equals_the_reference(op, name, dtype):
-    fn, check = providers.CANDIDATES[op][name]
-    why = check(DEVICE)
+    impl = OPS[op].implementations[name]
+    fn, why = impl.fn, impl.available(DEVICE)
     if why is not None:
         pytest.skip(f"{op}/{name} cannot run on {DEVICE.type}: {why}")
     args, ref = _inputs(op)
@@ -86,11 +88,13 @@ class FakeTimer:
     """Times candidates by name from a table (ms); counts the calls."""
 
     def __init__(self, op: str, times: dict[str, float]):
-        self.by_fn = {providers.CANDIDATES[op][n][0]: t for n, t in times.items()}
+        self.by_fn = {OPS[op].implementations[n].fn: t for n, t in times.items()}
         self.calls = 0
 
     def __call__(self, fn, args, training, device):
         self.calls += 1
+        if hasattr(fn, "vivit_path"):  # the whole-model guard: keep the per-op path these tests are about
+            return 1.0 if fn.vivit_path == "kernels" else 2.0
         return self.by_fn.get(fn, 5.0)
 
 
@@ -139,11 +143,13 @@ def test_the_cache_file_survives_a_restart():
     assert never.calls == 0
 
 
-@pytest.mark.parametrize("content", ['{"format": "vivit_kernels-providers", "version": 1, "entries": {"layer_no',
+@pytest.mark.parametrize("content", ['{"format": "vivit_kernels-providers", "version": 2, "entries": {"layer_no',
                                      "\x00\x01garbage", '{"some": "other tool"}', "[1, 2, 3]",
-                                     '{"format": "vivit_kernels-providers", "version": 1, "entries": '
-                                     '{"layer_norm(x) infer | cpu | v": {"choice": "rm -rf"}}}'],
-                         ids=["truncated", "garbled", "foreign", "list", "unknown-provider"])
+                                     '{"format": "vivit_kernels-providers", "version": 2, "entries": '
+                                     '{"layer_norm(x) infer | cpu | v": {"op": "layer_norm", "choice": "rm -rf", '
+                                     '"medians_ms": {}}}}',
+                                     '{"format": "vivit_kernels-providers", "version": 1, "entries": {}}'],
+                         ids=["truncated", "garbled", "foreign", "list", "unknown-provider", "older-version"])
 def test_bad_cache_files_are_ignored_with_a_warning(content):
     path = providers.cache_path()
     path.parent.mkdir(parents=True)
@@ -163,7 +169,8 @@ def _write_entries(cache_dir: str, worker: int, n: int) -> None:
 
     os.environ[providers.CACHE_ENV] = cache_dir
     for i in range(n):
-        providers._store(f"layer_norm(w{worker}-{i}) infer | cpu | v", providers.Timing({"torch": 1.0}, "torch"))
+        providers._store(f"layer_norm(w{worker}-{i}) infer | cpu | v", providers.Timing({"torch": 1.0}, "torch"),
+                         "layer_norm", (), False, "cpu")
 
 
 def test_concurrent_writers_leave_a_valid_file_with_every_entry(tmp_path):
@@ -218,7 +225,9 @@ class Favour:
 
     def __call__(self, fn, args, training, device):
         self.calls += 1
-        names = {c[0]: n for op in providers.CANDIDATES.values() for n, c in op.items()}
+        if hasattr(fn, "vivit_path"):  # the whole-model guard: keep the per-op path these tests are about
+            return 1.0 if fn.vivit_path == "kernels" else 2.0
+        names = {impl.fn: n for op in OPS.values() for n, impl in op.implementations.items()}
         return 1.0 if names.get(fn) == self.name else 2.0
 
 
@@ -293,21 +302,34 @@ def test_tune_command_fills_the_cache_and_info_shows_it(tmp_path):
                           "--dtype", "float32", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| op | shapes | mode |") and table[0].endswith("| choice |")
-    assert {line.split("|")[1].strip() for line in table[1:]} == {"patch_embed", "layer_norm", "qkv", "attention_qkv",
-                                                                  "linear", "mlp"}
-    assert "12 choices stored in" in out.stdout
+    assert table[0] == "| op | shapes | mode | candidate | what ran | median ms | chosen |"
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[1:]]
+    assert {r[0] for r in rows} == {"patch_embed", "layer_norm", "qkv", "attention_qkv", "linear", "mlp", "model"}
+    # every column names what ran on this device, never a GPU library the CPU does not have
+    assert all(r[4].endswith("on cpu") for r in rows if r[0] != "model"), rows
+    assert not any("cuBLAS" in r[4] or "cuDNN" in r[4] for r in rows)
+    # one chosen candidate per call; the whole model once per mode, against transformers' own modules
+    calls = {(r[0], r[1], r[2]) for r in rows}
+    assert sum(r[6] == "**yes**" for r in rows) == len(calls) == 14
+    assert {(r[3], r[2]) for r in rows if r[0] == "model"} == {(p, m) for p in ("kernels", "transformers")
+                                                              for m in ("infer", "train")}
+    assert "14 choices stored in" in out.stdout and "12 op calls, 2 whole-model" in out.stdout
     data = json.loads((tmp_path / "tuned" / "providers.json").read_text())
-    assert len(data["entries"]) == 12
+    assert len(data["entries"]) == 14
     info = subprocess.run([sys.executable, "-m", "vivit_kernels", "info"], capture_output=True, text=True, env=env,
                           timeout=300)
-    assert "(12 entries)" in info.stdout and "attention_qkv  infer" in info.stdout, info.stdout
-    # a model at the tuned shapes now runs on the stored choices, measuring nothing
+    assert "(14 entries)" in info.stdout and "attention_qkv  infer" in info.stdout, info.stdout
+    assert "model          infer  2x4x3x32x32" in info.stdout, info.stdout
+    # a model at the tuned shapes now runs on the stored choices (per op and whole-model), measuring nothing
+    stored = (tmp_path / "tuned" / "providers.json").read_text()
     code = ("import torch, vivit_kernels as vk\n"
             "from vivit_kernels import providers\n"
-            "def never(*a):\n    raise AssertionError('measured')\n"
+            "calls = []\n"
+            "def never(*a):\n    calls.append(a)\n    raise AssertionError('measured')\n"
             "with providers.timer(never), torch.no_grad():\n"
             "    vk.VivitForVideoClassification('tiny', attn='auto').eval()(torch.randn(2, 4, 3, 32, 32))\n"
+            "assert not calls, calls\n"
             "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+    assert (tmp_path / "tuned" / "providers.json").read_text() == stored

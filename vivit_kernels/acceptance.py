@@ -40,11 +40,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from ._files import atomic_write_text
 
 SECTIONS = ("environment", "correctness", "ops", "seed", "auto")
 # Where each section must end, as a fraction of the budget from the start (cumulative): a section may use what
@@ -193,8 +194,8 @@ class Acceptance:
     def save(self) -> None:
         self.data["elapsed_s"] = round(time.monotonic() - self.started, 2)
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.out / "results.json", json.dumps(self.data, indent=1, default=str) + "\n")
-        _atomic_write(self.out / "report.md", render_report(self.data))
+        atomic_write_text(self.out / "results.json", json.dumps(self.data, indent=1, default=str) + "\n")
+        atomic_write_text(self.out / "report.md", render_report(self.data))
 
     def sync(self) -> None:
         import torch
@@ -202,17 +203,6 @@ class Acceptance:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _median_ms(run: Acceptance, fn: Callable[[], Any], training: bool = False, args: tuple = ()) -> float:
@@ -572,9 +562,9 @@ _BACKWARD_FLOPS = {"attention_qkv": 2.5, "attention": 2.5}
 def section_ops(run: Acceptance) -> None:
     import torch
 
-    from . import providers
     from .backends import auto_backend
     from .ops import _triton
+    from .ops.registry import OPS
     from .testing import judge, run_with_grads
 
     dtype_name = ops_dtype(run.device)
@@ -597,9 +587,10 @@ def section_ops(run: Acceptance) -> None:
             if prepared is None:
                 continue
             leaves, ref32, low = prepared
-            names = [n for n, (_, ok) in providers.CANDIDATES[op].items() if ok(run.device) is None]
+            impls = OPS[op].implementations
+            names = [n for n, impl in impls.items() if impl.available(run.device) is None]
             for name in names + ["auto"]:
-                fn = getattr(auto, op) if name == "auto" else providers.CANDIDATES[op][name][0]
+                fn = getattr(auto, op) if name == "auto" else impls[name].fn
 
                 def measure(op=op, name=name, fn=fn, mode=mode, training=training, leaves=leaves, ref32=ref32,
                             low=low, flops=flops, nbytes=nbytes, shape=shape):
@@ -622,6 +613,7 @@ def section_ops(run: Acceptance) -> None:
                             checks.append(judge(f"{op} grad[{i}]", g, rg, lg, 3.0, eps=eps))
                     ok = all(c.ok for c in checks)
                     row = {"op": op, "provider": name, "mode": mode, "dtype": dtype_name, "shape": shape,
+                           "runs": "attn='auto' dispatch" if name == "auto" else impls[name].runs(run.device),
                            "checked": ok, "interpreted": interpreted, "ms": None}
                     if not ok:
                         for c in checks:
@@ -813,10 +805,9 @@ def section_auto(run: Acceptance) -> None:
     from . import providers
 
     def collect():
-        for op, shapes, training, timing in providers.cached_rows(run.device):
-            run.data["auto"].append({"op": op, "shapes": shapes, "mode": "train" if training else "infer",
-                                     "choice": timing.choice,
-                                     "medians_ms": {n: (t if math.isfinite(t) else None) for n, t in timing.medians.items()}})
+        for e in providers.entry_rows(run.device):
+            run.data["auto"].append({k: e[k] for k in ("op", "shapes", "mode", "choice", "medians_ms", "runs",
+                                                       "rejected")})
         run.data["auto_cache"] = str(providers.cache_path())
 
     run.step("auto", "choices", "auto", collect)
@@ -923,14 +914,9 @@ def render_report(data: dict) -> str:
     lines += ["## 5. attn=\"auto\" choices", ""]
     auto = data.get("auto", [])
     if auto:
-        names = []
-        for a in auto:
-            names += [n for n in a["medians_ms"] if n not in names]
-        lines += ["| op | shapes | mode | " + " | ".join(f"{n} ms" for n in names) + " | choice |",
-                  "|" + "---|" * (4 + len(names))]
-        for a in auto:
-            cells = [_fmt(a["medians_ms"].get(n), ".3f") for n in names]
-            lines.append(f"| {a['op']} | {a['shapes']} | {a['mode']} | " + " | ".join(cells) + f" | {a['choice']} |")
+        from .providers import format_entries
+
+        lines.append(format_entries(auto))
     else:
         lines.append("No choices stored for this device and these versions.")
     lines.append("")
@@ -1058,7 +1044,7 @@ def update_readme(readme: Path, root: Path = RESULTS_DIR, check: bool = False) -
         return True
     if check:
         return False
-    _atomic_write(readme, new)
+    atomic_write_text(readme, new)
     return True
 
 

@@ -1,33 +1,25 @@
 """Backends: a table from a name to the functions a ViViT layer calls when our kernels run behind its modules.
 
 ``attn`` names a backend: "eager" and "sdpa" are transformers' own attention implementations (the model's
-modules run their own forward; no table); "triton" is the table below, every hot op through our Triton kernels;
-"auto" asks the provider registry (``providers.py``) which implementation to run for each call's shapes on this
-GPU (ours, cuBLAS / cuDNN / SDPA through torch), measured there.
-The model never branches on the name; it calls the functions of one :class:`Backend`, whose signatures are:
-
-- ``layer_norm(x, weight, bias, eps) -> x.shape``
-- ``qkv(x, wq, bq, wk, bk, wv, bv) -> (..., 3 * out)``: the three projections in one GEMM (weights read in place)
-- ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
-- ``mlp(x, w1, b1, w2, b2, activation, residual=None) -> fc2(act(fc1(x))) + residual``
-- ``attention(q, k, v, softmax_scale) -> (B, N, H, D)`` for q, k, v (B, N, H, D)
-- ``attention_qkv(qkv, softmax_scale) -> (B, N, H, D)`` for the fused (B, N, 3, H, D) projection output
-- ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
+modules run their own forward; no table); "triton" pins every op to ours (the first implementation of each
+entry of ``ops/registry.py``); "auto" asks ``providers.choose`` which registered implementation to run for each
+call's shapes on this device, and its whole-model guard (``guard.py``) which path the model takes.
+The model never branches on the name; it calls the functions of one :class:`Backend`, with the registry's
+call signatures (see ``ops/registry.py``).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from . import providers
+from .guard import ModelPath
 from .ops import _triton
-from .ops.attention import flash_attention, flash_attention_qkv
-from .ops.layer_norm import layer_norm
-from .ops.linear import linear, mlp, qkv_projection
-from .ops.patch_embed import patch_embed
+from .ops.registry import OPS, ours
 
 __all__ = ["ATTN_CHOICES", "Backend", "backend_status", "get_backend"]
 
@@ -46,40 +38,33 @@ class Backend:
     patch_embed: Callable
     # Raises a clear error when the backend cannot run on these inputs here (None: anything goes).
     check_inputs: Optional[Callable[[torch.Tensor], None]] = None
-
-
-def _flash(q, k, v, softmax_scale):
-    # float32 follows torch's matmul precision setting, like the GEMMs (IEEE products unless TF32 is allowed)
-    return flash_attention(q, k, v, softmax_scale, allow_tf32=_triton.default_allow_tf32())
-
-
-def _flash_qkv(qkv, softmax_scale):
-    return flash_attention_qkv(qkv, softmax_scale, allow_tf32=_triton.default_allow_tf32())
+    # attn="auto": the pins, and the whole-model guard's path for the current forward (see guard.py)
+    pins: dict = field(default_factory=dict)
+    path: Optional[ModelPath] = None
 
 
 def _check_triton_inputs(pixel_values: torch.Tensor) -> None:
     _triton.check_launchable(pixel_values, what="attn='triton'")
 
 
-TRITON = Backend("triton", layer_norm, qkv_projection, linear, mlp, _flash, _flash_qkv, patch_embed,
-                 check_inputs=_check_triton_inputs)
+TRITON = Backend("triton", **{op: ours(op) for op in OPS}, check_inputs=_check_triton_inputs)
 
 
 def auto_backend(pins: Optional[dict[str, str]] = None) -> Backend:
     """A table whose every function asks ``providers.choose`` for this call's provider, with ``pins`` (op ->
-    provider, over VIVIT_KERNELS_PROVIDERS) fixed."""
-    from . import providers
-
+    provider, over VIVIT_KERNELS_PROVIDERS) fixed; a fresh whole-model path per table (one per model)."""
     pinned = {**providers.pins_from_env(), **providers.parse_pins(pins)}
 
     def dispatch(op: str) -> Callable:
+        implementations = OPS[op].implementations
+
         def call(*args):
-            return providers.CANDIDATES[op][providers.choose(op, args, pinned)][0](*args)
+            return implementations[providers.choose(op, args, pinned)].fn(*args)
 
         call.__name__ = f"auto_{op}"
         return call
 
-    fns = {op: dispatch(op) for op in providers.OPS}
+    fns = {op: dispatch(op) for op in OPS}
 
     def linear_call(x, w, b, activation=None, residual=None):  # one key whatever the defaults given
         return fns["linear"](x, w, b, activation, residual)
@@ -87,8 +72,7 @@ def auto_backend(pins: Optional[dict[str, str]] = None) -> Backend:
     def mlp_call(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
         return fns["mlp"](x, w1, b1, w2, b2, activation, residual)
 
-    return Backend("auto", fns["layer_norm"], fns["qkv"], linear_call, mlp_call, fns["attention"], fns["attention_qkv"],
-                   fns["patch_embed"])
+    return Backend("auto", **{**fns, "linear": linear_call, "mlp": mlp_call}, pins=pinned, path=ModelPath())
 
 
 def get_backend(attn: Optional[str], pins: Optional[dict[str, str]] = None) -> Optional[Backend]:

@@ -186,13 +186,13 @@ def providers_section() -> list[str]:
     from . import providers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = providers.cached_rows(device)
+    rows = providers.entry_rows(device)
     if not rows:
         return ["## Providers chosen by attn=\"auto\"", "", f"No choices stored for {device} in "
                 f"{providers.cache_path()} (run `vivit-kernels tune`).", ""]
     return ["## Providers chosen by attn=\"auto\"", "",
             f"From {providers.cache_path()} (median ms of each candidate as measured when the choice was made):", "",
-            providers.format_tuning(rows), ""]
+            providers.format_entries(rows), ""]
 
 
 def _bench_dir() -> Path:

@@ -66,7 +66,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
-    from . import providers
+    from . import providers, tune
 
     device = _device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
@@ -74,9 +74,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         print("tuning on the CPU: the candidates are torch's implementations (the Triton interpreter is no speed "
               "candidate); the choices that matter are made on a GPU", file=sys.stderr)
-    rows = providers.tune_model(args.config, args.batch, dtype, device, modes, progress=True)
-    print(providers.format_tuning(rows))
-    print(f"\n{len(rows)} choices stored in {providers.cache_path()} for {providers._device_id(str(device))}")
+    rows = tune.tune_model(args.config, args.batch, dtype, device, modes, progress=True)
+    print(providers.format_entries(rows))
+    ops = sum(1 for row in rows if row["op"] != providers.WHOLE_MODEL)
+    print(f"\n{len(rows)} choices stored in {providers.cache_path()} for {providers._device_id(str(device))}: "
+          f"{ops} op calls, {len(rows) - ops} whole-model (kernels or transformers' path)")
     return 0
 
 
@@ -89,14 +91,9 @@ def _print_provider_cache() -> None:
         entries = providers.load_cache()
     state = "missing" if not path.exists() else ("unreadable: " + str(caught[0].message) if caught else f"{len(entries)} entries")
     print(f"attn='auto' choices: {path} ({state})")
-    import re
-
-    for key, entry in sorted(entries.items()):
-        call, _, rest = key.partition(" | ")
-        op, mode = call.split("(", 1)[0], call.rsplit(" ", 1)[-1]
-        first = re.search(r"\[([\d, ]*)\]", call)
-        shape = "x".join(first.group(1).split(", ")) if first else "-"
-        print(f"  {op:<14} {mode:<6} {shape:<20} -> {entry['choice']:<14} ({rest.split(' | ')[0]})")
+    for entry in sorted(entries.values(), key=lambda e: (e["device"], e["op"], e["mode"], e["shapes"])):
+        first = entry["shapes"].split(" ")[0] or "-"
+        print(f"  {entry['op']:<14} {entry['mode']:<6} {first:<20} -> {entry['choice']:<14} ({entry['device']})")
 
 
 def _package_version() -> str:

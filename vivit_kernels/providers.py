@@ -1,18 +1,23 @@
-"""Measured provider choice (``attn="auto"``): per hot op, interchangeable implementations (ours in Triton,
-cuBLAS / cuDNN / SDPA through torch), timed on the user's GPU, the fastest kept in memory and on disk.
+"""Measured provider choice (``attn="auto"``): per hot op, the implementations registered in
+``ops/registry.py`` (ours in Triton; cuBLAS / cuDNN / SDPA through torch), checked against the op's reference and
+timed on the user's device, the fastest kept in memory and on disk. Nothing here knows the model: whole-model
+tuning and the whole-model guard live in ``tune.py``.
 
-Every candidate computes the same function with the same autograd contract: it is an autograd-complete callable
-(forward and the backward that goes with what it saved), so forward and backward are chosen together; training
-calls are timed forward + backward, inference calls forward only.
+Every implementation computes the same function with the same autograd contract (forward and the backward that
+goes with what it saved), so forward and backward are chosen together; training calls are timed forward +
+backward, inference calls forward only.
 
-- ``CANDIDATES[op]``: name -> (function with the op's Backend signature, available(device) -> reason or None).
-- ``choose(op, args, ...)``: the chosen name for this call's key: op, shapes and strides, dtypes, grad mode, device
-  name and compute capability, torch / triton / vivit_kernels versions. First from memory, then from the cache
-  file, else measured (CUDA events, warm-up, repetitions, median, inputs rotated so the L2 cache flatters no one)
-  and written back. Never measured inside CUDA-graph capture or while torch.compile traces: then the cached choice
-  or our kernel, with one log line.
+- ``choose(op, args, pins)``: the chosen name for this call's key: op, shapes and strides, dtypes, grad mode,
+  device name and compute capability, torch / triton / vivit_kernels versions. First from memory, then from the
+  cache file, else measured and written back. Measuring first runs every candidate once on the call's own
+  inputs and compares its output (and, for a training call, its input gradients) with the op's reference under
+  the suite's tolerance rule (``vivit_kernels.testing``): one that disagrees is never timed nor chosen, and one
+  log line names it. The others are timed (CUDA events, warm-up, repetitions, median, inputs rotated so the L2
+  cache flatters no one). Never measured inside CUDA-graph capture or while torch.compile traces: then the
+  cached choice or our kernel, with one log line.
 - The cache file (``cache_path()``): JSON, written atomically under a file lock; a truncated, garbled or foreign
-  file is ignored with a warning, never trusted.
+  file is ignored with a warning, never trusted. Each entry records the op, shapes, mode, device, every
+  candidate's median and what it runs there, and the candidates rejected by the reference check.
 - ``VIVIT_KERNELS_PROVIDERS="attention_qkv=sdpa-flash,linear=cublas"`` (or ``pins=`` to ``set_attn``) pins a
   provider per op.
 """
@@ -22,190 +27,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import statistics
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
+from ._log import log_once, logger
 from .ops import _triton
-from .ops.activations import gelu_fast
-from .ops.attention import flash_attention, flash_attention_qkv
-from .ops.layer_norm import layer_norm
-from .ops.linear import linear, mlp, qkv_projection
-from .ops.patch_embed import patch_embed, patch_embed_ref
+from .ops.registry import OPS
 
-__all__ = ["CANDIDATES", "OPS", "choose", "cache_path", "load_cache", "pins_from_env", "timer", "Timing"]
+__all__ = ["choose", "cache_path", "load_cache", "pins_from_env", "parse_pins", "timer", "Timing", "measure",
+           "available", "verify", "forget", "recording", "entry_rows", "format_entries", "remember", "WHOLE_MODEL"]
 
-logger = logging.getLogger("vivit_kernels")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PINS_ENV = "VIVIT_KERNELS_PROVIDERS"
 CACHE_ENV = "VIVIT_KERNELS_CACHE_DIR"
-
-
-# ------------------------------------------------------------------------------------------------
-# Candidates: the same function as our op, from cuBLAS / cuDNN / SDPA through torch
-# ------------------------------------------------------------------------------------------------
-def _tf32() -> bool:
-    return _triton.default_allow_tf32()
-
-
-def _flash_qkv(qkv, scale):
-    return flash_attention_qkv(qkv, scale, allow_tf32=_tf32())
-
-
-def _flash(q, k, v, scale):
-    return flash_attention(q, k, v, scale, allow_tf32=_tf32())
-
-
-def _sdpa(backend_name: str, fused: bool):
-    """SDPA restricted to one backend, on (B, N, 3, H, D) qkv (fused) or q, k, v (B, N, H, D)."""
-
-    def attention(*args):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        *tensors, scale = args
-        q, k, v = (t.transpose(1, 2) for t in (tensors[0].unbind(2) if fused else tensors))
-        with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out.transpose(1, 2)
-
-    attention.__name__ = f"sdpa_{backend_name.lower()}"
-    return attention
-
-
-def _qkv_cublas(x, wq, bq, wk, bk, wv, bv):
-    """One cuBLAS GEMM with the bias epilogue on the three weights concatenated (a 3 x hidden^2 copy per call)."""
-    bias = None if bq is None else torch.cat([bq, bk, bv])
-    return F.linear(x, torch.cat([wq, wk, wv]), bias)
-
-
-def _linear_cublas(x, w, b, activation=None, residual=None):
-    """cuBLAS(Lt) through torch: addmm (bias epilogue), with cuBLASLt's tanh-GELU epilogue where it is gelu_fast
-    (checked numerically per device type; elsewhere addmm then gelu_fast)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if activation == "gelu_fast":
-        fused = b is not None and _lt_gelu_is_gelu_fast(x.device)
-        y = torch._addmm_activation(b, x2, w.t(), use_gelu=True) if fused else gelu_fast(F.linear(x2, w, b))
-    elif b is not None:
-        y = torch.addmm(b, x2, w.t())
-    else:
-        y = x2 @ w.t()
-    y = y.view(*x.shape[:-1], w.shape[0])
-    if activation not in (None, "gelu_fast"):
-        raise ValueError(f"linear: activation {activation!r}")
-    return y if residual is None else y + residual
-
-
-def _linear_cublas_ext(x, w, b, activation=None, residual=None):
-    """cuBLAS GEMM, then the extension's bias + gelu_fast kernel (one pass) where there is an activation."""
-    from .ops.gelu import bias_gelu_fast
-
-    if activation != "gelu_fast" or b is None:
-        return _linear_cublas(x, w, b, activation, residual)
-    y = bias_gelu_fast(x @ w.t(), b)
-    return y if residual is None else y + residual
-
-
-def _mlp_with(linear_fn):
-    def mlp_fn(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
-        return linear_fn(linear_fn(x, w1, b1, activation), w2, b2, None, residual)
-
-    return mlp_fn
-
-
-def _layer_norm_torch(x, w, b, eps):
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-
-
-def _triton_here(device: torch.device) -> Optional[str]:
-    if not _triton.HAS_TRITON:
-        return f"Triton failed to import ({_triton.TRITON_IMPORT_ERROR})"
-    if device.type == "cuda" or _triton.INTERPRET:
-        return None
-    return "Triton kernels need a CUDA device (or the interpreter)"
-
-
-def _sdpa_backend_here(name: str):
-    def available(device: torch.device) -> Optional[str]:
-        if name == "flash" or device.type == "cuda":  # the CPU has a flash kernel too; cuDNN / efficient are CUDA's
-            return None  # (a backend that refuses these inputs loses the timing with an infinite time)
-        return "needs a CUDA device"
-
-    return available
-
-
-def _ext_here(device: torch.device) -> Optional[str]:
-    from .ops import _extension
-
-    return None if _extension.has_kernel("bias_gelu_fast", device.type) else "the extension's bias_gelu_fast is not built for this device"
-
-
-_lt_gelu: dict[str, bool] = {}
-
-
-@torch.compiler.assume_constant_result
-def _lt_gelu_is_gelu_fast_by_type(device_type: str) -> bool:
-    if device_type not in _lt_gelu:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily(), torch.no_grad():  # real numbers, also when called under FakeTensorMode
-            g = torch.Generator().manual_seed(0)
-            x, w, b = (torch.randn(shape, generator=g).to(device_type) for shape in ((64, 32), (48, 32), (48,)))
-            got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
-            _lt_gelu[device_type] = (got - gelu_fast(torch.addmm(b, x, w.t()))).abs().max().item() <= 1e-4
-    return _lt_gelu[device_type]
-
-
-def _lt_gelu_is_gelu_fast(device: torch.device) -> bool:
-    """Whether torch's _addmm_activation(use_gelu=True) is the tanh form, i.e. gelu_fast: on CUDA it is (cuBLASLt's
-    GELU epilogue); torch's CPU version is the exact erf GELU. Checked numerically once per device type."""
-    return _lt_gelu_is_gelu_fast_by_type(device.type)
-
-
-def _always(device: torch.device) -> Optional[str]:
-    return None
-
-
-Candidate = tuple[Callable, Callable[[torch.device], Optional[str]]]
-
-# Per op, name -> (function, availability). The first available one is the default (ours: what "triton" runs).
-CANDIDATES: dict[str, dict[str, Candidate]] = {
-    "layer_norm": {"triton": (layer_norm, _triton_here), "torch": (_layer_norm_torch, _always)},
-    "qkv": {"triton": (qkv_projection, _triton_here), "cublas": (_qkv_cublas, _always)},
-    "linear": {
-        "triton": (linear, _triton_here),
-        "cublas": (_linear_cublas, _always),
-        "cublas+ext": (_linear_cublas_ext, _ext_here),
-    },
-    "mlp": {
-        "triton": (mlp, _triton_here),
-        "cublas": (_mlp_with(_linear_cublas), _always),
-        "cublas+ext": (_mlp_with(_linear_cublas_ext), _ext_here),
-    },
-    # on the fused (B, N, 3, H, D) projection output (the model's path) and on separate q, k, v (when a wrapped
-    # projection runs its own forward)
-    "attention_qkv": {
-        "triton": (_flash_qkv, _triton_here),
-        "sdpa-flash": (_sdpa("FLASH_ATTENTION", True), _sdpa_backend_here("flash")),
-        "sdpa-cudnn": (_sdpa("CUDNN_ATTENTION", True), _sdpa_backend_here("cudnn")),
-        "sdpa-efficient": (_sdpa("EFFICIENT_ATTENTION", True), _sdpa_backend_here("efficient")),
-    },
-    "attention": {
-        "triton": (_flash, _triton_here),
-        "sdpa-flash": (_sdpa("FLASH_ATTENTION", False), _sdpa_backend_here("flash")),
-        "sdpa-cudnn": (_sdpa("CUDNN_ATTENTION", False), _sdpa_backend_here("cudnn")),
-        "sdpa-efficient": (_sdpa("EFFICIENT_ATTENTION", False), _sdpa_backend_here("efficient")),
-    },
-    "patch_embed": {"triton": (patch_embed, _triton_here), "torch": (patch_embed_ref, _always)},
-}
-OPS = tuple(CANDIDATES)
+# The cache also holds tune.py's whole-model guard: op "model", choices "kernels" / "transformers".
+WHOLE_MODEL = "model"
+WHOLE_MODEL_CHOICES = ("kernels", "transformers")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,10 +91,12 @@ def make_key(op: str, described: tuple, training: bool, device: str) -> str:
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Timing:
-    """Median milliseconds per candidate (inf: failed), and the choice."""
+    """Median milliseconds per candidate (inf: failed), the choice, and the candidates the reference check
+    rejected (name -> why; never timed)."""
 
     medians: dict[str, float]
     choice: str
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _clone_inputs(args: tuple, training: bool) -> tuple:
@@ -325,23 +170,76 @@ def timer(fn: Callable):
         _TIMER.remove(fn)
 
 
+def _reference_outputs(op: str, args: tuple, training: bool, dtype: torch.dtype):
+    from .testing import run_with_grads
+
+    ref = OPS[op].reference
+    inputs = _clone_inputs(args, training)
+    ref32 = run_with_grads(ref, inputs, torch.float32)
+    low = None if dtype == torch.float32 else run_with_grads(ref, inputs, dtype)
+    return inputs, ref32, low
+
+
+def verify(op: str, name: str, args: tuple, training: bool, reference=None) -> Optional[str]:
+    """None when implementation ``name`` of ``op`` agrees with the op's reference on ``args`` (its output, and
+    for a training call the input gradients) under the suite's tolerance rule; else what disagreed.
+    ``reference``: the reference's outputs on these inputs, when already computed (``_reference_outputs``)."""
+    from .testing import judge, run_with_grads
+
+    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    inputs, (ref_out, ref_grads), low = reference or _reference_outputs(op, args, training, dtype)
+    low_out, low_grads = low if low is not None else (None, [None] * len(ref_grads))
+    out, grads = run_with_grads(OPS[op].implementations[name].fn, inputs, dtype)
+    # float32 with TF32 allowed: both sides round products to TF32; IEEE otherwise (strict)
+    fp32_atol = 1e-2 if _triton.default_allow_tf32() else 1e-4
+    checks = [judge("output", out, ref_out, low_out, 2.0, fp32_atol=fp32_atol)]
+    for i, (g, rg, lg) in enumerate(zip(grads, ref_grads, low_grads)):
+        if rg is not None:
+            checks.append(judge(f"gradient of argument {i}", g, rg, lg, 3.0, eps=1e-4 * max(1.0, rg.abs().max().item()),
+                                fp32_atol=fp32_atol))
+    bad = [c.message() for c in checks if not c.ok]
+    return "; ".join(bad) if bad else None
+
+
 def measure(op: str, args: tuple, training: bool, device: torch.device, names: Optional[list[str]] = None) -> Timing:
-    """Time every available candidate of ``op`` on ``args`` and return the medians and the fastest (ties go to
-    the earlier candidate in CANDIDATES, ours first)."""
-    medians = {}
-    for name in names or available(op, device):
-        fn = CANDIDATES[op][name][0]
+    """Check every available candidate of ``op`` against the reference on ``args`` (see :func:`verify`), time those
+    that agree, and return the medians and the fastest (ties go to the earlier candidate in the registry, ours
+    first). A candidate that fails to run or disagrees is logged and never chosen."""
+    names = list(names or available(op, device))
+    medians: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    try:
+        with torch.enable_grad() if training else torch.no_grad():
+            reference = _reference_outputs(op, args, training, dtype)
+    except torch.OutOfMemoryError:
+        # no ground truth at this size: only the first candidate (ours where it runs), untimed
+        log_once(f"{op}:verify-oom", "vivit_kernels: the %s reference does not fit in memory at these shapes, so no "
+                                     "other implementation can be checked against it; using %s", op, names[0])
+        return Timing({names[0]: math.nan}, names[0], {n: "not checked (reference out of memory)" for n in names[1:]})
+    for name in names:
+        try:
+            with torch.enable_grad() if training else torch.no_grad():
+                why = verify(op, name, args, training, reference)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run here loses, with the reason logged
+            why = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if why is not None:
+            rejected[name] = why
+            logger.warning("vivit_kernels: provider %s for %s is not used at these shapes: %s", name, op, why)
+            continue
+        fn = OPS[op].implementations[name].fn
         try:
             medians[name] = float(_TIMER[-1](fn, args, training, device))
-        except Exception as e:  # noqa: BLE001 - a candidate that cannot run here loses, with the reason logged
+        except Exception as e:  # noqa: BLE001
             logger.warning("vivit_kernels: provider %s for %s failed while timing: %s", name, op, str(e).splitlines()[0])
             medians[name] = math.inf
     finite = {n: t for n, t in medians.items() if math.isfinite(t)}
     if not finite:
-        raise RuntimeError(f"no provider of {op} ran on these inputs: {medians}")
-    order = list(CANDIDATES[op])
+        raise RuntimeError(f"no provider of {op} ran and agreed with the reference on these inputs: "
+                           f"{ {**medians, **rejected} }")
+    order = list(OPS[op].implementations)
     choice = min(finite, key=lambda n: (finite[n], order.index(n)))
-    return Timing(medians, choice)
+    return Timing(medians, choice, rejected)
 
 
 def available(op: str, device: torch.device) -> list[str]:
@@ -354,13 +252,21 @@ def available(op: str, device: torch.device) -> list[str]:
 def _available(op: str, device_type: str, real_timer: bool) -> tuple:
     device = torch.device(device_type)
     names = []
-    for name, (_, check) in CANDIDATES[op].items():
-        if check(device) is not None:
+    for name, impl in OPS[op].implementations.items():
+        if impl.available(device) is not None:
             continue
         if name == "triton" and device_type == "cpu" and real_timer:
             continue
         names.append(name)
     return tuple(names)
+
+
+def runs(op: str, name: str, device) -> str:
+    """What implementation ``name`` of ``op`` runs on ``device``, in words (for tables)."""
+    if op == WHOLE_MODEL:
+        return {"kernels": "vivit_kernels' modules, each op as chosen",
+                "transformers": "transformers' own modules (sdpa attention)"}[name]
+    return OPS[op].implementations[name].runs(torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,9 +279,14 @@ def cache_path() -> Path:
     return Path(root) / "providers.json"
 
 
+def _choices(op: str) -> tuple[str, ...]:
+    return WHOLE_MODEL_CHOICES if op == WHOLE_MODEL else tuple(OPS[op].implementations) if op in OPS else ()
+
+
 def load_cache(path: Optional[Path] = None) -> dict[str, dict]:
-    """The entries of the cache file: key -> {"choice": name, "medians_ms": {...}}. A missing file is empty; a
-    truncated, garbled or foreign one is ignored with a warning (never trusted)."""
+    """The entries of the cache file: key -> {"op", "shapes", "mode", "device", "choice", "medians_ms", "runs",
+    "rejected"}. A missing file is empty; a truncated, garbled or foreign one is ignored with a warning (never
+    trusted)."""
     path = path or cache_path()
     try:
         text = path.read_text(encoding="utf-8")
@@ -391,8 +302,8 @@ def load_cache(path: Optional[Path] = None) -> dict[str, dict]:
             raise ValueError("not a vivit_kernels provider cache of this version")
         entries = {}
         for key, entry in data["entries"].items():
-            op = key.split("(", 1)[0]
-            if not (isinstance(entry, dict) and op in CANDIDATES and entry.get("choice") in CANDIDATES[op]):
+            if not (isinstance(entry, dict) and entry.get("choice") in _choices(entry.get("op"))
+                    and key.startswith(f"{entry['op']}(") and isinstance(entry.get("medians_ms"), dict)):
                 raise ValueError(f"bad entry {key!r}")
             entries[key] = entry
         return entries
@@ -401,35 +312,72 @@ def load_cache(path: Optional[Path] = None) -> dict[str, dict]:
         return {}
 
 
-def _store(key: str, timing: Timing, path: Optional[Path] = None) -> None:
+def _shapes(described: tuple) -> str:
+    return " ".join("x".join(map(str, d[1])) for d in described if not isinstance(d, str))
+
+
+def _store(key: str, timing: Timing, op: str, described: tuple, training: bool, device: str,
+           path: Optional[Path] = None) -> None:
     """Add one entry: read, merge and replace the file atomically, under a lock (concurrent tuners keep both)."""
     from filelock import FileLock
+
+    from ._files import atomic_write_text
 
     path = path or cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         entries = load_cache(path)
-        entries[key] = {"choice": timing.choice,
-                        "medians_ms": {n: (t if math.isfinite(t) else None) for n, t in timing.medians.items()}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": "vivit_kernels-providers", "version": CACHE_VERSION, "entries": entries}, f,
-                          indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        entries[key] = _entry(op, described, training, device, timing)
+        atomic_write_text(path, json.dumps({"format": "vivit_kernels-providers", "version": CACHE_VERSION,
+                                            "entries": entries}, indent=1, sort_keys=True))
+
+
+def remember(op: str, described: tuple, training: bool, device: str, timing: Timing) -> dict:
+    """Keep ``timing``'s choice in memory and in the cache file (a cache that cannot be written is said once);
+    returns the entry."""
+    key = make_key(op, described, training, device)
+    _memory[key] = timing.choice
+    try:
+        _store(key, timing, op, described, training, device)
+    except OSError as e:
+        log_once(f"store:{e}", "vivit_kernels: could not write the provider cache %s (%s); choices stay in memory",
+                 cache_path(), e)
+    return _entry(op, described, training, device, timing)
+
+
+def _entry(op: str, described: tuple, training: bool, device: str, timing: Timing) -> dict:
+    return {"op": op, "shapes": _shapes(described), "mode": "train" if training else "infer",
+            "device": _device_id(device), "choice": timing.choice,
+            "medians_ms": {n: (t if math.isfinite(t) else None) for n, t in timing.medians.items()},
+            "runs": {n: runs(op, n, device) for n in (*timing.medians, *timing.rejected)},
+            "rejected": dict(timing.rejected)}
+
+
+def format_entries(entries: list[dict]) -> str:
+    """A markdown table of cache entries, one row per candidate of each call: op, shapes, mode, candidate, what
+    it ran on that device, its median time (or why it was not timed), and which was chosen."""
+    lines = ["| op | shapes | mode | candidate | what ran | median ms | chosen |", "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        rejected = e.get("rejected", {})
+        for name in (*e["medians_ms"], *rejected):
+            t = e["medians_ms"].get(name)
+            cell = (f"rejected: {rejected[name]}" if name in rejected
+                    else "failed" if t is None or not math.isfinite(t) else f"{t:.3f}")
+            lines.append(f"| {e['op']} | {e['shapes']} | {e['mode']} | {name} | {e.get('runs', {}).get(name, '-')} | "
+                         f"{cell} | {'**yes**' if name == e['choice'] else ''} |")
+    return "\n".join(lines)
+
+
+def entry_rows(device) -> list[dict]:
+    """The cache file's entries for ``device`` under this software's versions, sorted (for tables and reports)."""
+    suffix = f" | {_device_id(str(device))} | {_versions()}"
+    return [dict(entry, key=key) for key, entry in sorted(load_cache().items()) if key.endswith(suffix)]
 
 
 # ------------------------------------------------------------------------------------------------
 # Choosing
 # ------------------------------------------------------------------------------------------------
 _memory: dict[str, str] = {}
-_logged: set[str] = set()
 
 
 def pins_from_env() -> dict[str, str]:
@@ -448,10 +396,10 @@ def parse_pins(text: str | dict | None) -> dict[str, str]:
                 raise ValueError(f"{PINS_ENV}: {item!r} is not op=provider")
             pins[op.strip()] = name.strip()
     for op, name in pins.items():
-        if op not in CANDIDATES:
+        if op not in OPS:
             raise ValueError(f"unknown op {op!r} to pin; ops: {', '.join(OPS)}")
-        if name not in CANDIDATES[op]:
-            raise ValueError(f"unknown provider {name!r} for {op}; providers: {', '.join(CANDIDATES[op])}")
+        if name not in OPS[op].implementations:
+            raise ValueError(f"unknown provider {name!r} for {op}; providers: {', '.join(OPS[op].implementations)}")
     return pins
 
 
@@ -459,12 +407,6 @@ def _cannot_tune_now(device: torch.device) -> Optional[str]:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return "a CUDA graph is being captured"
     return None
-
-
-def _log_once(key: str, message: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.warning(message, *args)
 
 
 # While `recording()` is active, choose() notes every call (op, argument descriptions, training) and tunes nothing.
@@ -506,16 +448,11 @@ def choose(op: str, args: tuple, pins: dict[str, str]) -> str:
     why = _cannot_tune_now(device)
     if why is not None or isinstance(args[0], torch._subclasses.FakeTensor) or device.type == "meta":
         if why:
-            _log_once(f"{op}:{why}", "vivit_kernels: attn='auto' has no measured choice for %s at these shapes and %s; "
+            log_once(f"{op}:{why}", "vivit_kernels: attn='auto' has no measured choice for %s at these shapes and %s; "
                                      "using %s (run the model once outside it, or `vivit-kernels tune`)", op, why, names[0])
         return names[0]
     timing = measure(op, args, training, device, names)
-    _memory[key] = timing.choice
-    try:
-        _store(key, timing)
-    except OSError as e:
-        _log_once(f"store:{e}", "vivit_kernels: could not write the provider cache %s (%s); choices stay in memory",
-                  cache_path(), e)
+    remember(op, described, training, str(device), timing)
     return timing.choice
 
 
@@ -530,7 +467,7 @@ def _choice_while_compiling(op: str, described: tuple, training: bool, device: s
     entry = load_cache().get(key)
     if entry is not None and entry["choice"] in names:
         return entry["choice"]
-    _log_once(f"{op}:compile", "vivit_kernels: attn='auto' has no measured choice for %s at these shapes while "
+    log_once(f"{op}:compile", "vivit_kernels: attn='auto' has no measured choice for %s at these shapes while "
                                "torch.compile traces; using %s (run the model once uncompiled first, or `vivit-kernels "
                                "tune`)", op, names[0])
     return names[0]
@@ -539,109 +476,3 @@ def _choice_while_compiling(op: str, described: tuple, training: bool, device: s
 def forget() -> None:
     """Drop the in-memory choices (the cache file stays)."""
     _memory.clear()
-
-
-# ------------------------------------------------------------------------------------------------
-# Tuning a whole model ahead of time (`vivit-kernels tune`)
-# ------------------------------------------------------------------------------------------------
-def _materialize(described: tuple, device: torch.device, seed: int = 0) -> tuple:
-    """Random arguments matching recorded descriptions (dtype, shape, strides) on ``device``."""
-    import ast
-
-    g = torch.Generator().manual_seed(seed)
-    args = []
-    for d in described:
-        if isinstance(d, str):
-            args.append(ast.literal_eval(d))
-            continue
-        dtype, shape, stride = getattr(torch, d[0]), d[1], d[2]
-        span = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-        base = (torch.randn(span, generator=g) * 0.1).to(device=device, dtype=dtype)
-        args.append(base.as_strided(shape, stride))
-    return tuple(args)
-
-
-def model_calls(config, batch: int, dtype: torch.dtype, modes=("infer", "train")) -> list[tuple]:
-    """The distinct op calls (op, described args, training) of one forward of the model at this batch and dtype,
-    found on fake tensors (no memory, no math)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .model import VivitConfig, VivitForVideoClassification, image_hw
-
-    cfg = VivitConfig.from_preset(config) if isinstance(config, str) else config
-    calls: dict[tuple, None] = {}
-    previous = torch.get_default_dtype()
-    with FakeTensorMode(), recording() as seen:
-        torch.set_default_dtype(dtype)
-        try:
-            model = VivitForVideoClassification(cfg, attn="auto")
-        finally:
-            torch.set_default_dtype(previous)
-        x = torch.empty(batch, cfg.num_frames, cfg.num_channels, *image_hw(cfg), dtype=dtype)
-        if "infer" in modes:
-            with torch.no_grad():
-                model.eval()(x)
-        if "train" in modes:
-            model.train()(x)
-    for op, described, training, _ in seen:
-        calls[(op, described, training)] = None
-    return list(calls)
-
-
-def tune_model(config, batch: int, dtype: torch.dtype, device: torch.device, modes=("infer", "train"),
-               progress: bool = True) -> list[tuple[str, str, bool, Timing]]:
-    """Measure every distinct op call of the model (see model_calls) on ``device`` and store the choices.
-    Returns (op, shapes, training, timing) rows."""
-    calls = model_calls(config, batch, dtype, modes)
-    rows = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(calls), desc="tuning", unit="op", disable=None)  # disable=None: only on a terminal
-    for op, described, training in calls:
-        args = _materialize(described, device)
-        timing = measure(op, args, training, device)
-        key = make_key(op, tuple(_describe(a) for a in args), training, str(device))
-        _memory[key] = timing.choice
-        _store(key, timing)
-        shapes = " ".join("x".join(map(str, d[1])) for d in described if not isinstance(d, str))
-        rows.append((op, shapes, training, timing))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return rows
-
-
-def format_tuning(rows: list[tuple[str, str, bool, Timing]]) -> str:
-    """A markdown table: op, argument shapes, mode, each candidate's median time, the choice."""
-    names = []
-    for *_, timing in rows:
-        names += [n for n in timing.medians if n not in names]
-    head = "| op | shapes | mode | " + " | ".join(f"{n} ms" for n in names) + " | choice |"
-    lines = [head, "|" + "---|" * (4 + len(names))]
-    for op, shapes, training, timing in rows:
-        cells = []
-        for n in names:
-            t = timing.medians.get(n)
-            cells.append("-" if t is None else ("failed" if not math.isfinite(t) else f"{t:.3f}"))
-        lines.append(f"| {op} | {shapes} | {'train' if training else 'infer'} | " + " | ".join(cells) + f" | {timing.choice} |")
-    return "\n".join(lines)
-
-
-def cached_rows(device: torch.device) -> list[tuple[str, str, bool, Timing]]:
-    """The cache file's choices for ``device`` (this software's versions) as format_tuning rows."""
-    import re
-
-    suffix = f" | {_device_id(str(device))} | {_versions()}"
-    rows = []
-    for key, entry in sorted(load_cache().items()):
-        if not key.endswith(suffix):
-            continue
-        call = key[: -len(suffix)]
-        op, mode = call.split("(", 1)[0], call.rsplit(" ", 1)[-1]
-        shapes = " ".join("x".join(s.split(", ")) for s in re.findall(r"\[([\d, ]*)\]/", call))
-        medians = {n: (math.inf if t is None else t) for n, t in entry.get("medians_ms", {}).items()}
-        rows.append((op, shapes, mode == "train", Timing(medians, entry["choice"])))
-    return rows

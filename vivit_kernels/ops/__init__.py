@@ -9,7 +9,7 @@ them; import from the modules (``from vivit_kernels.ops.linear import GEMM_CONFI
 """
 
 from .activations import gelu_fast, get_activation
-from .attention import attention_ref, attention_sdpa, flash_attention, flash_attention_qkv
+from .attention import attention_ref, flash_attention, flash_attention_qkv
 from .gelu import bias_gelu_fast, bias_gelu_fast_ref
 from .layer_norm import layer_norm, layer_norm_ref
 from .linear import linear, linear_ref, mlp, mlp_ref, qkv_projection, qkv_projection_ref
@@ -18,7 +18,6 @@ from .preprocess import preprocess_video, preprocess_video_ref
 
 __all__ = [
     "attention_ref",
-    "attention_sdpa",
     "bias_gelu_fast",
     "bias_gelu_fast_ref",
     "flash_attention",

@@ -203,6 +203,21 @@ def default_allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+def resolve_tf32(allow_tf32: bool | None) -> bool:
+    """Every op's ``allow_tf32=None`` convention: None follows torch's matmul precision (default_allow_tf32)."""
+    return default_allow_tf32() if allow_tf32 is None else bool(allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """The kernels' DOT_PRECISION constexpr: "tf32" for float32 with TF32 allowed, else "ieee"."""
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need stride 1 along the last dimension; anything else is copied once (documented per op)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -10,8 +10,8 @@
   autograd), so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see through them.
 - ``flash_attention(q, k, v, softmax_scale=None)``: the functional API; ``flash_attention_qkv(qkv)`` the same on
   a fused (B, N, 3, H, D) projection output, with one dqkv gradient (``flash_attn_qkv_fwd`` / ``_bwd``).
-- ``attention_ref``: the eager PyTorch reference (transformers' eager attention, op for op);
-  ``attention_sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
+- ``attention_ref``: the eager PyTorch reference (transformers' eager attention, op for op). The SDPA
+  alternatives ``attn="auto"`` times against ours are registered in ``ops/registry.py``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,12 @@ from ._triton import (
     tma_compatible,
     tl,
     triton,
+    dot_precision,
+    unit_last,
+    resolve_tf32,
 )
 
-__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "attention_sdpa", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
@@ -116,10 +119,6 @@ INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=128, BLOCK_N=128)
 def block_d_for(head_dim: int) -> int:
     """Head dims are padded (with masking) to a power of two, at least 32."""
     return max(32, next_pow2(head_dim))
-
-
-def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,11 +476,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_launchable(q, k, v, what="flash_attention")
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels need stride 1 along head_dim; anything else is copied once (documented)."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _check_extent(*tensors: torch.Tensor) -> None:
     """Offsets inside one (batch, head) slice are 32-bit in the kernels; batch/head offsets are 64-bit."""
     for t in tensors:
@@ -499,13 +493,13 @@ FORCED_TMA: bool | None = None
 
 def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig | None = None):
     B, N, H, D = q.shape
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     _check_extent(q, k, v)
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     use_tma = FORCED_TMA if FORCED_TMA is not None else (q.element_size() == 2 and tma_compatible(q, k, v, out))
     meta = dict(
-        HEAD_DIM=D, BLOCK_D=block_d_for(D), DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+        HEAD_DIM=D, BLOCK_D=block_d_for(D), DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
         EMULATE_BF16=emulate_bf16(q.dtype), USE_TMA=use_tma,
     )
     if use_tma:
@@ -523,7 +517,7 @@ def _bwd(
 ):
     """(dq, dk, dv), written into ``grads`` (e.g. the three slices of one dqkv tensor) when given."""
     B, N, H, D = q.shape
-    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    do, q, k, v = unit_last(do), unit_last(q), unit_last(k), unit_last(v)
     _check_extent(do, q, k, v, out)
     block_d = block_d_for(D)
     delta = torch.empty_like(lse)
@@ -533,7 +527,7 @@ def _bwd(
     )
     dq, dk, dv = grads if grads is not None else (torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
     meta = dict(
-        HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+        HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
         EMULATE_BF16=emulate_bf16(q.dtype),
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
@@ -607,7 +601,7 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None
 ) -> torch.Tensor:
     """softmax(q k^T * softmax_scale) v with the Triton FlashAttention-2 kernels (forward and backward).
 
@@ -616,8 +610,9 @@ def flash_attention(
             the CPU under TRITON_INTERPRET=1). Strided views, e.g. slices of one fused qkv tensor, are read
             in place; a tensor whose last dimension is not contiguous is copied once. head_dim <= 128.
         softmax_scale: defaults to head_dim ** -0.5.
-        allow_tf32: float32 inputs use strict IEEE products by default (so results match an fp32
-            reference); True lets the tensor cores use TF32.
+        allow_tf32: float32 products: None (default) follows torch's matmul precision setting, as every op
+            does (strict IEEE under torch's default "highest", so results match an fp32 reference); True lets the
+            tensor cores use TF32, False never.
     Returns:
         (batch, tokens, heads, head_dim), contiguous, in the input dtype.
     """
@@ -626,7 +621,7 @@ def flash_attention(
         softmax_scale = q.shape[-1] ** -0.5
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the kernel takes the max of unscaled scores
         raise ValueError(f"flash_attention: softmax_scale must be finite and positive, got {softmax_scale}")
-    return flash_attn_fwd(q, k, v, float(softmax_scale), bool(allow_tf32))[0]
+    return flash_attn_fwd(q, k, v, float(softmax_scale), resolve_tf32(allow_tf32))[0]
 
 
 # The same attention on the fused (B, N, 3, H, D) projection output: the backward writes dq, dk and dv into
@@ -676,7 +671,7 @@ def _qkv_backward(ctx, grad_out, grad_lse):
 flash_attn_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
-def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool = False) -> torch.Tensor:
+def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None) -> torch.Tensor:
     """:func:`flash_attention` of ``q, k, v = qkv.unbind(2)`` for a fused projection output qkv (B, N, 3, H, D);
     its backward returns one dqkv tensor instead of three gradients that autograd would stack into one."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -688,7 +683,7 @@ def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, a
         softmax_scale = qkv.shape[-1] ** -0.5
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the kernel takes the max of unscaled scores
         raise ValueError(f"flash_attention_qkv: softmax_scale must be finite and positive, got {softmax_scale}")
-    return flash_attn_qkv_fwd(qkv, float(softmax_scale), bool(allow_tf32))[0]
+    return flash_attn_qkv_fwd(qkv, float(softmax_scale), resolve_tf32(allow_tf32))[0]
 
 
 def attention_ref(
@@ -721,16 +716,6 @@ def attention_ref(
         probs = probs * head_mask
     out = torch.matmul(probs, v).transpose(1, 2)
     return (out, probs) if return_probs else out
-
-
-def attention_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """The same attention through PyTorch's fused ``scaled_dot_product_attention`` (any of its backends)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=softmax_scale
-    )
-    return out.transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,13 +32,15 @@ from ._triton import (
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,
-    default_allow_tf32,
     emulate_bf16,
     ensure_tma_allocator,
     launch,
     tile_configs,
     tl,
     triton,
+    dot_precision,
+    unit_last,
+    resolve_tf32,
 )
 from .activations import get_activation
 
@@ -77,10 +79,6 @@ TMA_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
     (4, "tf32", "grouped"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 4)),
 }
 INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-
-
-def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +448,7 @@ def gemm(
     meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RES=residual is not None,
         SAVE_PRE=pre is not None and dgelu_of is None, DGELU=dgelu_of is not None, N_GROUPS=n_groups,
-        K_GROUPS=k_groups, SPLIT_K=n_splits > 1, DOT_PRECISION=_dot_precision(a.dtype, allow_tf32),
+        K_GROUPS=k_groups, SPLIT_K=n_splits > 1, DOT_PRECISION=dot_precision(a.dtype, allow_tf32),
         EMULATE_BF16=emulate_bf16(a.dtype),
     )
     c_strides = (N, 1) if n_splits > 1 else (target.stride(0), target.stride(1))
@@ -565,10 +563,6 @@ def _linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_b
     return dx, _weight_grad(g2, x2, weight, allow_tf32), db
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # ------------------------------------------------------------------------------------------------
 # linear: act(x @ W^T + b) + residual
 # ------------------------------------------------------------------------------------------------
@@ -624,7 +618,7 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_out, grad_pre):
     x, weight, pre = ctx.saved_tensors
-    grad = _unit_last(grad_out)
+    grad = unit_last(grad_out)
     if ctx.activation == "gelu_fast":
         # A standalone linear has no neighbouring GEMM to fuse this into (the MLP op fuses it into the
         # epilogue of the next layer's backward GEMM): one elementwise pass.
@@ -706,7 +700,7 @@ def _qkv_setup(ctx, inputs, output):
 
 def _qkv_backward(ctx, grad):
     x, wq, wk, wv = ctx.saved_tensors
-    dx, dwq, dbq, dwk, dbk, dwv, dbv = qkv_bwd(_unit_last(grad), x, wq, wk, wv, ctx.has_bias, ctx.needs_input_grad[0],
+    dx, dwq, dbq, dwk, dbk, dwv, dbv = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.has_bias, ctx.needs_input_grad[0],
                                                ctx.allow_tf32)
     b = (lambda t: t) if ctx.has_bias else (lambda t: None)
     return dx if ctx.needs_input_grad[0] else None, dwq, b(dbq), dwk, b(dbk), dwv, b(dbv), None
@@ -795,7 +789,7 @@ def _mlp_backward(ctx, grad_out, grad_pre):
     if pre.numel() == 0:
         raise RuntimeError("mlp: backward needs the forward run with save_pre=True")
     dx, dw1, db1, dw2, db2 = mlp_bwd(
-        _unit_last(grad_out), x, w1, w2, pre, ctx.has_b1, ctx.has_b2, ctx.needs_input_grad[0], ctx.allow_tf32
+        unit_last(grad_out), x, w1, w2, pre, ctx.has_b1, ctx.has_b2, ctx.needs_input_grad[0], ctx.allow_tf32
     )
     return (dx if ctx.needs_input_grad[0] else None, dw1, db1 if ctx.has_b1 else None, dw2,
             db2 if ctx.has_b2 else None, grad_out if ctx.has_residual else None, None, None)
@@ -832,10 +826,6 @@ def _check(what, x, weights, biases, residual, out_features):
     check_launchable(*(t for t in (x, *weights, *biases, residual) if t is not None), what=what)
 
 
-def _tf32(allow_tf32: Optional[bool]) -> bool:
-    return default_allow_tf32() if allow_tf32 is None else bool(allow_tf32)
-
-
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -862,7 +852,7 @@ def qkv_projection(
     for t in (wk, bk, wv, bv):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"qkv_projection: all tensors must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
-    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, _tf32(allow_tf32))
+    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, resolve_tf32(allow_tf32))
 
 
 def qkv_projection_ref(x, wq, bq, wk, bk, wv, bv) -> torch.Tensor:
@@ -887,7 +877,7 @@ def linear(
     torch's matmul setting (``torch.get_float32_matmul_precision() != "highest"``).
     """
     _check("linear", x, (weight,), (bias,), residual, weight.shape[0] if weight.dim() == 2 else -1)
-    tf32 = _tf32(allow_tf32)
+    tf32 = resolve_tf32(allow_tf32)
     if activation is None:
         return linear_fwd(x, weight, bias, residual, "none", False, tf32)[0]
     if activation in KERNEL_ACTIVATIONS:
@@ -911,7 +901,7 @@ def mlp(
     residual); with gelu_fast the activation derivative is fused into the backward GEMMs. Another activation
     runs as two ``linear`` calls around a torch activation."""
     _check("mlp", x, (w1, w2), (b1, b2), residual, w2.shape[0] if w2.dim() == 2 else -1)
-    tf32 = _tf32(allow_tf32)
+    tf32 = resolve_tf32(allow_tf32)
     if activation != "gelu_fast":
         return linear(linear(x, w1, b1, activation, allow_tf32=tf32), w2, b2, residual=residual, allow_tf32=tf32)
     save_pre = _needs_grad(x, w1, b1, w2, b2, residual)

@@ -28,12 +28,13 @@ from ._triton import (
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,
-    default_allow_tf32,
     emulate_bf16,
     launch,
     tile_configs,
     tl,
     triton,
+    dot_precision,
+    resolve_tf32,
 )
 from .linear import _multiprocessors, _splits, sum_splits
 
@@ -61,10 +62,6 @@ PATCH_CONFIGS: dict[str, dict[tuple[int, str], list[KernelConfig]]] = {
     },
 }
 INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-
-
-def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
 if HAS_TRITON:
@@ -247,7 +244,7 @@ def _forward(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32: bool,
             M, D, K, Tp, Hp, Wp, *pixel_values.stride(), w2.stride(0), w2.stride(1), pos.stride(0), pos.stride(1),
             *out.stride())
     meta = dict(TT=weight.shape[2], P=weight.shape[3], Q=weight.shape[4], HAS_BIAS=bias is not None,
-                DOT_PRECISION=_dot_precision(pixel_values.dtype, allow_tf32), EMULATE_BF16=emulate_bf16(pixel_values.dtype))
+                DOT_PRECISION=dot_precision(pixel_values.dtype, allow_tf32), EMULATE_BF16=emulate_bf16(pixel_values.dtype))
     launch(_fwd_tuned, _patch_embed_fwd_kernel, _grid2(M, D), args, meta, config, INTERPRETER_CONFIG)
     return out
 
@@ -278,7 +275,7 @@ def _backward_impl(grad_out, pixel_values, weight, has_bias: bool, needs_dx: boo
     B, (Tp, Hp, Wp), M, K = _geometry(pixel_values, weight)
     D = weight.shape[0]
     tt, p, q = weight.shape[2:]
-    meta = dict(TT=tt, P=p, Q=q, DOT_PRECISION=_dot_precision(pixel_values.dtype, allow_tf32),
+    meta = dict(TT=tt, P=p, Q=q, DOT_PRECISION=dot_precision(pixel_values.dtype, allow_tf32),
                 EMULATE_BF16=emulate_bf16(pixel_values.dtype))
     dw = torch.empty_like(weight)
     dw2 = dw.view(D, K)
@@ -382,7 +379,7 @@ def patch_embed(
         if t is not None and t.dtype != pixel_values.dtype:
             raise ValueError(f"patch_embed: {name} is {t.dtype}, pixel_values is {pixel_values.dtype}; they must match")
     check_launchable(*(t for t in (pixel_values, weight, bias, cls_token, pos_embed) if t is not None), what="patch_embed")
-    tf32 = default_allow_tf32() if allow_tf32 is None else bool(allow_tf32)
+    tf32 = resolve_tf32(allow_tf32)
     return patch_embed_fwd(pixel_values, weight, bias, cls_token, pos_embed, tf32)
 
 

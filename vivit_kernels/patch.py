@@ -1,0 +1,105 @@
+"""``apply_vivit_kernels``: put vivit_kernels' kernels behind the modules of a transformers ViViT model, in place.
+
+It swaps the classes of the embeddings, attention, layer and LayerNorm modules for the subclasses in
+``modules.py`` (and back, for attn="eager" / "sdpa"). Parameters, buffers and state-dict names do not change,
+so a model loaded by transformers, wrapped by PEFT or sharded by FSDP2 keeps working. Under attn="auto" each
+VivitModel also gets the whole-model guard's pre-hook (``guard.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+from transformers.models.vivit import modeling_vivit as hf
+
+from .backends import Backend, get_backend
+from .guard import guard_pre_hook
+from .modules import KERNEL_SUBCLASSES, KernelLayerNorm
+
+__all__ = ["apply_vivit_kernels"]
+
+_ALWAYS = (hf.VivitEmbeddings, hf.VivitAttention)  # swapped for every backend (input checks, head_mask, positions)
+_dynamic: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, base: type, to_kernel: bool) -> None:
+    """Give ``module`` our kernel subclass of ``base`` (or back the class it had)."""
+    current = type(module)
+    kernel = KERNEL_SUBCLASSES[base]
+    if to_kernel:
+        if issubclass(current, kernel):
+            return
+        if current is base:
+            module.__class__ = kernel
+            return
+        # a subclass someone else made (e.g. FSDP2's FSDP<Layer>): our forward on top of it
+        key = (current, kernel)
+        if key not in _dynamic:
+            _dynamic[key] = type(f"Kernel{current.__name__}", (kernel, current), {"__module__": __name__})
+        module.__class__ = _dynamic[key]
+        return
+    if current is kernel:
+        module.__class__ = base
+    elif issubclass(current, kernel):
+        module.__class__ = next(c for c in current.__mro__[1:] if issubclass(c, base) and not issubclass(c, kernel))
+
+
+def _vivit_bases(model: nn.Module) -> list[hf.VivitModel]:
+    return [m for m in model.modules() if isinstance(m, hf.VivitModel)]
+
+
+def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[dict[str, str]] = None) -> nn.Module:
+    """Switch a transformers ViViT model (``VivitModel`` / ``VivitForVideoClassification``, loaded by transformers
+    or ours, possibly wrapped by PEFT) to ``attn`` in place, and return it.
+
+    "triton" / "auto" put our kernels behind its modules ("auto": per op and shape the fastest implementation
+    measured on this GPU; ``pins`` fixes some, e.g. {"attention_qkv": "sdpa-flash"}); "eager" / "sdpa" give
+    transformers' attention back (keeping our input checks, head_mask and position interpolation). Parameters
+    and state dict are untouched.
+    """
+    bases = _vivit_bases(model)
+    if not bases:
+        raise ValueError(f"apply_vivit_kernels: no transformers VivitModel inside this {type(model).__name__}")
+    backend = get_backend(attn, pins)
+    if attn not in (None, "eager", "sdpa") and backend is None:  # Triton missing: get_backend warned
+        attn = "sdpa"
+    for base in bases:
+        if attn == "auto" and base is not bases[0]:
+            backend = get_backend(attn, pins)  # each model its own whole-model path
+        if attn in ("eager", "sdpa", "auto"):  # auto: transformers' path, when its guard picks it, is sdpa's
+            base.set_attn_implementation("sdpa" if attn == "auto" else attn)
+        base._vivit_attn = attn or base.config._attn_implementation
+        _set_guard(base, backend if attn == "auto" else None)
+        prefix = {id(m): n for n, m in model.named_modules()}.get(id(base), "")
+        for index, layer in enumerate(base.layers):
+            for module in layer.modules():
+                if isinstance(module, hf.VivitAttention):
+                    module._vivit_layer_index = index
+        for name, module in base.named_modules():
+            for cls in KERNEL_SUBCLASSES:
+                if isinstance(module, cls) and not (cls is nn.LayerNorm and type(module) not in (nn.LayerNorm, KernelLayerNorm)):
+                    _swap_class(module, cls, backend is not None or cls in _ALWAYS)
+                    if isinstance(module, KERNEL_SUBCLASSES[cls]):
+                        module._vivit_table = backend
+                        module._vivit_name = f"{prefix}.{name}".strip(".") if name else prefix or type(base).__name__
+    return model
+
+
+def _set_guard(base: nn.Module, backend: Optional[Backend]) -> None:
+    """The whole-model guard's pre-hook on ``base`` for attn="auto" (removed for any other attn)."""
+    for key, hook in list(base._forward_pre_hooks.items()):
+        if hook is guard_pre_hook:
+            del base._forward_pre_hooks[key]
+            base._forward_pre_hooks_with_kwargs.pop(key, None)
+    base._vivit_auto_backend = backend
+    if backend is not None:
+        base.register_forward_pre_hook(guard_pre_hook, with_kwargs=True)
+
+
+def attn_of(model: nn.Module) -> str:
+    """The attn of the (first) VivitModel in ``model``."""
+    bases = _vivit_bases(model)
+    return getattr(bases[0], "_vivit_attn", bases[0].config._attn_implementation) if bases else "eager"
+
+
