@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from bench_utils import DEVICE, DTYPES, ON_GPU, attention_flops, run
-from vivit_kernels import providers
 from vivit_kernels.backends import auto_backend
-from vivit_kernels.ops.attention import attention_ref
+from vivit_kernels.ops.registry import OPS
 
 SHAPES = [(1, 12, 3137, 64), (8, 12, 3137, 64)] if ON_GPU else [(1, 2, 65, 32)]
-CANDIDATES = providers.CANDIDATES["attention_qkv"]
+CANDIDATES = OPS["attention_qkv"].implementations
 PROVIDERS = [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in CANDIDATES] + ["auto", "eager"]
 
 
@@ -24,12 +23,12 @@ def _fn(provider: str):
     if provider == "auto":
         return auto_backend().attention_qkv
     if provider == "eager":
-        return lambda qkv, scale: attention_ref(*qkv.unbind(2), scale)
-    fn, check = CANDIDATES[provider]
-    why = check(DEVICE)
+        return OPS["attention_qkv"].reference
+    impl = CANDIDATES[provider]
+    why = impl.available(DEVICE)
     if why:
         pytest.skip(f"{provider} on {DEVICE.type}: {why}")
-    return fn
+    return impl.fn
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -56,3 +55,34 @@ def test_attention(benchmark, provider, shape, dtype, mode):
     flops = attention_flops(B, H, N, D, mode != "fwd")
     with torch.set_grad_enabled(mode != "fwd"):
         run(benchmark, step, flops=flops, provider=provider, dtype=dtype, mode=mode)
+
+
+SEPARATE = OPS["attention"].implementations
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES[:1], ids=lambda s: "B{}-H{}-N{}-D{}".format(*s))
+@pytest.mark.parametrize("provider", [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in SEPARATE])
+def test_attention_separate(benchmark, provider, shape, dtype, mode):
+    """The same attention on separate q, k, v (B, N, H, D): the path a wrapped projection (e.g. LoRA) takes."""
+    B, H, N, D = shape
+    impl = SEPARATE[provider]
+    why = impl.available(DEVICE)
+    if why:
+        pytest.skip(f"{provider} on {DEVICE.type}: {why}")
+    q, k, v = (torch.randn(B, N, H, D, device=DEVICE, dtype=DTYPES[dtype], requires_grad=mode != "fwd") for _ in range(3))
+    try:
+        impl.fn(q.detach(), k.detach(), v.detach(), D**-0.5)
+    except RuntimeError as e:
+        pytest.skip(f"{provider} unavailable for {dtype}: {str(e).splitlines()[0][:120]}")
+
+    def step():
+        out = impl.fn(q, k, v, D**-0.5)
+        if mode == "fwd+bwd":
+            out.sum().backward()
+        return out
+
+    with torch.set_grad_enabled(mode != "fwd"):
+        run(benchmark, step, flops=attention_flops(B, H, N, D, mode != "fwd"), provider=provider, dtype=dtype,
+            mode=mode, op="attention")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from vivit_kernels import acceptance, providers
+from vivit_kernels import acceptance
 from vivit_kernels.ops.registry import OPS
 from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
 

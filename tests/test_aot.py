@@ -3,16 +3,15 @@ register spills and within the architecture's shared memory. Runs on the CPU (no
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 
 from vivit_kernels import aot
 from vivit_kernels.ops import attention as attn_mod
-ln_mod = importlib.import_module("vivit_kernels.ops.layer_norm")  # the module (ops.layer_norm is the function)
-lin_mod = importlib.import_module("vivit_kernels.ops.linear")  # the module (ops.linear is the function)
-pe_mod = importlib.import_module("vivit_kernels.ops.patch_embed")  # the module (ops.patch_embed is the function)
+from vivit_kernels.ops import layer_norm as ln_mod
+from vivit_kernels.ops import _gemm
+from vivit_kernels.ops import patch_embed as pe_mod
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +45,11 @@ def test_gate_covers_every_attention_config(results):
 def test_gate_covers_every_gemm_config(results):
     """Each GEMM table entry in every launch variant of its kind, per dtype (fp32: IEEE and TF32): the pointer
     kernel on sm_80 and sm_90, the tensor-descriptor kernel on sm_90."""
-    variants = lin_mod.gemm_launch_variants()
-    for name, table, n_archs in (("gemm", lin_mod.GEMM_CONFIGS, 2), ("gemm_tma", lin_mod.TMA_CONFIGS, 1)):
+    variants = _gemm.gemm_launch_variants()
+    for name, table, n_archs in (("gemm", _gemm.GEMM_CONFIGS, 2), ("gemm_tma", _gemm.TMA_CONFIGS, 1)):
         expected = 0
         for (size, precision, kind), configs in table.items():
-            n_variants = sum(1 for _, v in variants if lin_mod._kind(v) == kind)
+            n_variants = sum(1 for _, v in variants if _gemm._kind(v) == kind)
             expected += len(configs) * n_variants * (2 if size == 2 else 1)  # fp16 and bf16 share the 2-byte rows
         assert len([r for r in results if r.case.name == name]) == n_archs * expected, name
 
@@ -93,18 +92,18 @@ def test_static_targets_on_sm90_bf16(results):
 def test_vivit_b_weight_gradients_fill_132_sms():
     """Every ViViT-B weight-gradient GEMM (K = 8 x 3137 tokens, or one clip's 3137) splits over K until output
     tiles x K ranges give at least one full wave on 132 SMs."""
-    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for table in (lin_mod.GEMM_CONFIGS, lin_mod.TMA_CONFIGS)
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for table in (_gemm.GEMM_CONFIGS, _gemm.TMA_CONFIGS)
                for (size, _, kind), row in table.items() if size == 2 and kind == "main" for c in row}
     for tokens in (3137, 8 * 3137):
         for out_f, in_f in ((768, 768), (3072, 768), (768, 3072)):  # q/k/v/o projections, FC1, FC2
-            n_splits, k_split = lin_mod._splits(out_f, in_f, tokens, 132)
+            n_splits, k_split = _gemm._splits(out_f, in_f, tokens, 132)
             assert k_split % 64 == 0 and (n_splits - 1) * k_split < tokens <= n_splits * k_split
             for bm, bn in configs:
                 programs = -(-out_f // bm) * -(-in_f // bn) * n_splits
                 assert programs >= 132, (out_f, in_f, tokens, bm, bn, programs)
     # the patch embedding's dW (768 x 3*2*16*16), reduced over 8 x 14 x 14 tubelets per clip
     for tubelets in (1568, 8 * 1568):
-        n_splits, m_split = lin_mod._splits(768, 1536, tubelets, 132, tile=(128, 128))
+        n_splits, m_split = _gemm._splits(768, 1536, tubelets, 132, tile=(128, 128))
         assert m_split % 64 == 0 and (n_splits - 1) * m_split < tubelets <= n_splits * m_split
         for cfg in pe_mod.PATCH_CONFIGS["dw"][(2, "ieee")]:
             programs = -(-768 // cfg.kwargs["BLOCK_M"]) * -(-1536 // cfg.kwargs["BLOCK_N"]) * n_splits

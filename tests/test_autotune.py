@@ -7,7 +7,6 @@ favours one chosen config, which must then be the one used."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import pytest
@@ -17,8 +16,8 @@ from helpers import DEVICE, assert_close
 from vivit_kernels.ops import _triton
 from vivit_kernels.ops import attention as attn_mod
 
-lin = importlib.import_module("vivit_kernels.ops.linear")
-pe = importlib.import_module("vivit_kernels.ops.patch_embed")
+from vivit_kernels.ops import _gemm
+from vivit_kernels.ops import patch_embed as pe
 
 pytestmark = pytest.mark.triton
 
@@ -50,9 +49,9 @@ def _keys(configs) -> list[tuple]:
 
 
 def test_gemm_autotune_prunes_keys_and_picks_the_fastest():
-    tuner = lin._gemm_tuned
+    tuner = _gemm._gemm_tuned
     _reset(tuner)
-    row = lin.GEMM_CONFIGS[(2, "ieee", "main")]
+    row = _gemm.GEMM_CONFIGS[(2, "ieee", "main")]
     favour = _triton.config_key(row[-1])  # not the first: a tuner that ignores timings picks row[0]
     timer = FakeTimer(favour)
     a = torch.randn(70, 40, device=DEVICE).half()
@@ -60,25 +59,25 @@ def test_gemm_autotune_prunes_keys_and_picks_the_fastest():
     bias = torch.randn(50, device=DEVICE).half()
     out = torch.empty(70, 50, device=DEVICE, dtype=torch.float16)
     with _triton.autotuning(timer):
-        lin.gemm(a, b, out, bias=bias)
+        _gemm.gemm(a, b, out, bias=bias)
         assert sorted(timer.benchmarked) == _keys(row)  # pruned to the case's row, every config run once
         assert _triton.config_key(tuner.best_config) == favour
         assert_close(out, (a.float() @ b.float() + bias.float()), 2e-2, name="tuned gemm")
 
         n_before = len(timer.benchmarked)
-        lin.gemm(a, b, out, bias=bias)  # same key: the cached choice, no new benchmark
+        _gemm.gemm(a, b, out, bias=bias)  # same key: the cached choice, no new benchmark
         assert len(timer.benchmarked) == n_before
         assert len(tuner.cache) == 1
 
-        lin.gemm(a[:33], b, out[:33], bias=bias)  # a new M is a new key: tuned again
+        _gemm.gemm(a[:33], b, out[:33], bias=bias)  # a new M is a new key: tuned again
         assert len(timer.benchmarked) == 2 * n_before
         assert len(tuner.cache) == 2
 
-        dgelu_row = lin.GEMM_CONFIGS[(2, "ieee", "dgelu")]
+        dgelu_row = _gemm.GEMM_CONFIGS[(2, "ieee", "dgelu")]
         timer.benchmarked.clear()
         h = torch.randn(70, 50, device=DEVICE).half()
         act = torch.empty_like(out)
-        lin.gemm(a, b, out, dgelu_of=h, pre=act)  # the gelu-backward epilogue: its own row
+        _gemm.gemm(a, b, out, dgelu_of=h, pre=act)  # the gelu-backward epilogue: its own row
         assert sorted(timer.benchmarked) == _keys(dgelu_row)
 
 
@@ -133,11 +132,11 @@ def test_patch_embed_autotune():
 def test_without_autotuning_one_fixed_config():
     """Outside autotuning(): the interpreter launches its fixed config, and a GPU with VIVIT_KERNELS_AUTOTUNE=0 (this
     suite) the case's first shipped config; neither fills the autotuner's cache."""
-    tuner = lin._gemm_tuned
+    tuner = _gemm._gemm_tuned
     _reset(tuner)
     a = torch.randn(20, 16, device=DEVICE)
-    lin.gemm(a, a.t(), torch.empty(20, 20, device=DEVICE))
+    _gemm.gemm(a, a.t(), torch.empty(20, 20, device=DEVICE))
     assert len(tuner.cache) == 0
     args = (a.half(),) + (None,) * (len(tuner.arg_names) - 1)
     meta = dict(DOT_PRECISION="ieee", DGELU=True)
-    assert tuner.vivit_first_config(args, meta) is lin.GEMM_CONFIGS[(2, "ieee", "dgelu")][0]
+    assert tuner.vivit_first_config(args, meta) is _gemm.GEMM_CONFIGS[(2, "ieee", "dgelu")][0]

@@ -12,7 +12,6 @@ comparison goes through the helpers the CPU suite proves on every run.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -25,9 +24,10 @@ from vivit_kernels.ops import attention as attn_mod
 from vivit_kernels.ops.attention import attention_ref, flash_attention_qkv
 from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
 
-lin = importlib.import_module("vivit_kernels.ops.linear")
-pe = importlib.import_module("vivit_kernels.ops.patch_embed")
-ln = importlib.import_module("vivit_kernels.ops.layer_norm")
+from vivit_kernels.ops import _gemm
+from vivit_kernels.ops import linear as lin
+from vivit_kernels.ops import patch_embed as pe
+from vivit_kernels.ops import layer_norm as ln
 
 # VIVIT_KERNELS_DRY_RUN_CUDA_TESTS=1 runs this file on the CPU test device (Triton interpreter) at small sizes, to
 # check the tests themselves where no GPU exists: `VIVIT_KERNELS_DRY_RUN_CUDA_TESTS=1 pytest tests/test_cuda.py`.
@@ -210,7 +210,7 @@ def test_attention_config_forced(table, row, cfg, tma, monkeypatch):
     _check_rule(ours, (qkv, do), ref, dtype, False, f"attention {table} {cfg.label()}", factor=3.0)
 
 
-@pytest.mark.parametrize("table, row, cfg", list(_rows({"pointer": lin.GEMM_CONFIGS, "tma": lin.TMA_CONFIGS})))
+@pytest.mark.parametrize("table, row, cfg", list(_rows({"pointer": _gemm.GEMM_CONFIGS, "tma": _gemm.TMA_CONFIGS})))
 def test_gemm_config_forced(table, row, cfg):
     """Each config of both GEMM kernels (the tensor-descriptor one on sm_90 only) in its row's dtype."""
     if table == "tma" and ARCH != 90:
@@ -225,7 +225,7 @@ def test_gemm_config_forced(table, row, cfg):
     if kind == "dgelu":
         h32 = torch.randn(M, N, device=DEVICE)
         act = torch.empty_like(out)
-        lin.gemm(a, b, out, dgelu_of=h32.to(dtype), pre=act, allow_tf32=tf32, config=cfg, path=path)
+        _gemm.gemm(a, b, out, dgelu_of=h32.to(dtype), pre=act, allow_tf32=tf32, config=cfg, path=path)
         _check_rule(out, (a32, b32, h32), lambda a, b, h: lin.gelu_fast_backward_ref(a @ b, h), dtype, tf32, "dgelu")
         return
     bias32 = torch.randn(N, device=DEVICE)
@@ -233,26 +233,26 @@ def test_gemm_config_forced(table, row, cfg):
         more32 = [torch.randn(K, N, device=DEVICE) * K**-0.5 for _ in range(2)]
         biases32 = [torch.randn(N, device=DEVICE) for _ in range(2)]
         out3 = torch.empty(M, 3 * N, device=DEVICE, dtype=dtype)
-        lin.gemm(a, b, out3, bias=bias32.to(dtype), groups="n", more_b=tuple(t.to(dtype) for t in more32),
+        _gemm.gemm(a, b, out3, bias=bias32.to(dtype), groups="n", more_b=tuple(t.to(dtype) for t in more32),
                  more_bias=tuple(t.to(dtype) for t in biases32), allow_tf32=tf32, config=cfg, path=path)
         _check_rule(out3, (a32, b32, *more32, bias32, *biases32),
                     lambda a, b0, b1, b2, c0, c1, c2: torch.cat([a @ b0 + c0, a @ b1 + c1, a @ b2 + c2], 1),
                     dtype, tf32, "n groups")
         a3_32 = torch.randn(M, 3 * K, device=DEVICE)
-        lin.gemm(a3_32.to(dtype), b, out, groups="k", more_b=tuple(t.to(dtype) for t in more32), allow_tf32=tf32,
+        _gemm.gemm(a3_32.to(dtype), b, out, groups="k", more_b=tuple(t.to(dtype) for t in more32), allow_tf32=tf32,
                  config=cfg, path=path)
         _check_rule(out, (a3_32, b32, *more32), lambda a, b0, b1, b2: a @ torch.cat([b0, b1, b2]), dtype, tf32,
                     "k segments")
         return
     pre = torch.empty_like(out)
-    lin.gemm(a, b, out, bias=bias32.to(dtype), activation="gelu_fast", pre=pre, allow_tf32=tf32, config=cfg, path=path)
+    _gemm.gemm(a, b, out, bias=bias32.to(dtype), activation="gelu_fast", pre=pre, allow_tf32=tf32, config=cfg, path=path)
     from vivit_kernels.ops.activations import gelu_fast
 
     _check_rule(out, (a32, b32, bias32), lambda a, b, c: gelu_fast(a @ b + c), dtype, tf32, "gelu_fast")
     tokens = 4 * 512 + 37  # the weight gradient: A read transposed, K split in ranges summed in order
     dy32, x32 = torch.randn(tokens, M, device=DEVICE), torch.randn(tokens, N, device=DEVICE)
     dw = torch.empty(M, N, device=DEVICE, dtype=dtype)
-    lin.gemm(dy32.to(dtype).t(), x32.to(dtype), dw, split_k=True, allow_tf32=tf32, config=cfg, path=path, sms=1000)
+    _gemm.gemm(dy32.to(dtype).t(), x32.to(dtype), dw, split_k=True, allow_tf32=tf32, config=cfg, path=path, sms=1000)
     _check_rule(dw, (dy32, x32), lambda d, x: d.t() @ x, dtype, tf32, "dW split over K")
 
 
@@ -310,7 +310,7 @@ def _wall_clock_timer(kernel_call, quantiles):
 
 def test_autotuned_launches_pick_a_shipped_config():
     """Real autotuning (CUDA events): each tuner times its row and keeps one of its configs."""
-    for tuner in (lin._gemm_tuned, attn_mod._attn_fwd_tuned, attn_mod._attn_bwd_dkdv_tuned, attn_mod._attn_bwd_dq_tuned):
+    for tuner in (_gemm._gemm_tuned, attn_mod._attn_fwd_tuned, attn_mod._attn_bwd_dkdv_tuned, attn_mod._attn_bwd_dq_tuned):
         tuner.cache.clear()
     x = leaf(torch.randn(2, 197, HIDDEN).to(torch.bfloat16))
     w = leaf((torch.randn(3 * HIDDEN, HIDDEN) * HIDDEN**-0.5).to(torch.bfloat16))
@@ -319,7 +319,7 @@ def test_autotuned_launches_pick_a_shipped_config():
         qkv = lin.linear(x, w).view(2, 197, 3, HEADS, HEAD_DIM)
         out = flash_attention_qkv(qkv)
         out.float().sum().backward()
-    assert _triton.config_key(lin._gemm_tuned.best_config) in {_triton.config_key(c) for c in lin.GEMM_CONFIGS[(2, "ieee", "main")]}
+    assert _triton.config_key(_gemm._gemm_tuned.best_config) in {_triton.config_key(c) for c in _gemm.GEMM_CONFIGS[(2, "ieee", "main")]}
     for tuner, table in ((attn_mod._attn_fwd_tuned, attn_mod.FWD_CONFIGS), (attn_mod._attn_bwd_dkdv_tuned, attn_mod.DKDV_CONFIGS),
                          (attn_mod._attn_bwd_dq_tuned, attn_mod.DQ_CONFIGS)):
         assert len(tuner.cache) == 1

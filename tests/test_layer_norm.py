@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 from helpers import DEVICE, check_against_reference
-ln_mod = importlib.import_module("vivit_kernels.ops.layer_norm")  # the module (ops.layer_norm is the function)
+from vivit_kernels.ops import layer_norm as ln_mod
 from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
 
 pytestmark = pytest.mark.triton

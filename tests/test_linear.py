@@ -3,14 +3,14 @@ device."""
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 from helpers import DEVICE, assert_close, check_against_reference
 from vivit_kernels.ops import _triton
-lin = importlib.import_module("vivit_kernels.ops.linear")  # the module (ops.linear is the function)
+from vivit_kernels.ops import _gemm
+from vivit_kernels.ops import linear as lin
 from vivit_kernels.ops.activations import gelu_fast as gelu_fast_ref
 from vivit_kernels.ops.linear import linear, linear_ref, mlp, mlp_ref
 
@@ -101,7 +101,7 @@ def test_ops_on_the_tma_path(op, dtype, monkeypatch):
     """The ops, forward and every gradient (dX, dW split over K, db), with every GEMM on the sm_90
     tensor-descriptor kernel (on sm_90 the default where the layout allows; here forced, in the interpreter)."""
     _tma_here("tma")
-    monkeypatch.setattr(lin, "FORCED_PATH", "tma")
+    monkeypatch.setattr(_gemm, "FORCED_PATH", "tma")
     tokens, hidden = 700, 64  # 1400 rows: the weight gradients split over K
     x = leaf(torch.randn(2, tokens, hidden))
     w1, b1 = leaf(torch.randn(96, hidden) * hidden**-0.5), leaf(0.1 * torch.randn(96))
@@ -154,7 +154,7 @@ def _shipped_gemm_configs():
     """Every distinct (kernel path, epilogue kind, tile) a GPU may launch: the pointer kernel's and the sm_90
     tensor-descriptor kernel's (the interpreter runs tensor descriptors too)."""
     seen = {}
-    for path, table in (("pointer", lin.GEMM_CONFIGS), ("tma", lin.TMA_CONFIGS)):
+    for path, table in (("pointer", _gemm.GEMM_CONFIGS), ("tma", _gemm.TMA_CONFIGS)):
         for (size, precision, kind), configs in table.items():
             for cfg in configs:
                 seen.setdefault((path, kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]), cfg)
@@ -180,7 +180,7 @@ def test_every_shipped_gemm_tile(key, cfg):
     if kind == "dgelu":
         h = torch.randn(M, N, device=DEVICE)
         out, act = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
-        lin.gemm(a, bmat, out, dgelu_of=h, pre=act, config=cfg, path=path)
+        _gemm.gemm(a, bmat, out, dgelu_of=h, pre=act, config=cfg, path=path)
         assert_close(out, lin.gelu_fast_backward_ref(ab, h), 1e-4, name="dgelu")
         assert_close(act, gelu_fast_ref(h), 1e-5, name="gelu(aux)")
         return
@@ -188,41 +188,41 @@ def test_every_shipped_gemm_tile(key, cfg):
         b1, b2 = torch.randn(2, K, N, device=DEVICE) * K**-0.5
         bias1, bias2 = torch.randn(2, N, device=DEVICE)
         out3 = torch.empty(M, 3 * N, device=DEVICE)
-        lin.gemm(a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg, path=path)
+        _gemm.gemm(a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg, path=path)
         assert_close(out3, torch.cat([ab + bias, a @ b1 + bias1, a @ b2 + bias2], 1), 1e-4, name="n groups")
         a3 = torch.randn(M, 3 * K, device=DEVICE)
         out = torch.empty(M, N, device=DEVICE)
-        lin.gemm(a3, bmat, out, groups="k", more_b=(b1, b2), config=cfg, path=path)
+        _gemm.gemm(a3, bmat, out, groups="k", more_b=(b1, b2), config=cfg, path=path)
         assert_close(out, a3 @ torch.cat([bmat, b1, b2]), 1e-4, name="k segments")
         return
     w = (torch.randn(N, K, device=DEVICE) * K**-0.5)  # the forward reads an nn.Linear weight as it is (B = W^T)
     out, pre = torch.empty(M, N, device=DEVICE), torch.empty(M, N, device=DEVICE)
-    lin.gemm(a, w.t(), out, bias=bias, activation="gelu_fast", pre=pre, config=cfg, path=path)
+    _gemm.gemm(a, w.t(), out, bias=bias, activation="gelu_fast", pre=pre, config=cfg, path=path)
     assert_close(pre, a @ w.t() + bias, 1e-4, name="pre-activation")
     assert_close(out, gelu_fast_ref(a @ w.t() + bias), 1e-4, name="gelu_fast")
-    lin.gemm(a, bmat, out, bias=bias, residual=res, config=cfg, path=path)
+    _gemm.gemm(a, bmat, out, bias=bias, residual=res, config=cfg, path=path)
     assert_close(out, ab + bias + res, 1e-4, name="residual")
     tokens = 3 * 512 + 37  # a weight gradient: dY^T @ X with K = tokens, split in ranges of at least 512 rows
     dy, x = torch.randn(tokens, N, device=DEVICE), torch.randn(tokens, K, device=DEVICE)
     dw = torch.empty(N, K, device=DEVICE)
-    lin.gemm(dy.t(), x, dw, split_k=True, config=cfg, path=path, sms=1000)
-    assert lin._splits(N, K, tokens, 1000)[0] >= 2  # the split path really runs
+    _gemm.gemm(dy.t(), x, dw, split_k=True, config=cfg, path=path, sms=1000)
+    assert _gemm._splits(N, K, tokens, 1000)[0] >= 2  # the split path really runs
     assert_close(dw, dy.t() @ x, 1e-4 * tokens**0.5, name="dW split over K")
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("kernel_row", sorted(lin.GEMM_CONFIGS), ids=str)
+@pytest.mark.parametrize("kernel_row", sorted(_gemm.GEMM_CONFIGS), ids=str)
 def test_autotuner_prunes_to_the_row(kernel_row):
     size, precision, kind = kernel_row
-    tuner = lin._gemm_tuned
+    tuner = _gemm._gemm_tuned
     dtype = torch.float16 if size == 2 else torch.float32
     flags = dict(DOT_PRECISION=precision, DGELU=kind == "dgelu", N_GROUPS=3 if kind == "grouped" else 1, K_GROUPS=1)
     pruned = tuner.early_config_prune(tuner.configs, {"A": torch.empty(1, dtype=dtype)}, **flags)
-    assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, lin.GEMM_CONFIGS[kernel_row]))
-    if kernel_row in lin.TMA_CONFIGS:
-        tma = lin._gemm_tma_tuned
+    assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, _gemm.GEMM_CONFIGS[kernel_row]))
+    if kernel_row in _gemm.TMA_CONFIGS:
+        tma = _gemm._gemm_tma_tuned
         pruned = tma.early_config_prune(tma.configs, {"A": torch.empty(1, dtype=dtype)}, **flags)
-        assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, lin.TMA_CONFIGS[kernel_row]))
+        assert sorted(map(_triton.config_key, pruned)) == sorted(map(_triton.config_key, _gemm.TMA_CONFIGS[kernel_row]))
 
 
 def test_opcheck():

@@ -3,13 +3,12 @@ test device."""
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 from helpers import DEVICE, assert_close, check_against_reference
-pe = importlib.import_module("vivit_kernels.ops.patch_embed")  # the module (ops.patch_embed is the function)
+from vivit_kernels.ops import patch_embed as pe
 from vivit_kernels.ops.patch_embed import patch_embed, patch_embed_ref
 
 pytestmark = pytest.mark.triton

@@ -21,6 +21,7 @@ _EXPORTS = {
     "VideoProcessor": "processing",
     "read_video": "processing",
     "ops": None,
+    "functional": None,
 }
 
 __all__ = sorted(_EXPORTS)
@@ -42,6 +43,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import ops
+    from . import functional, ops
     from .model import PRESETS, CheckpointError, VivitConfig, VivitForVideoClassification, VivitModel, apply_vivit_kernels
     from .processing import VideoProcessor, read_video

@@ -283,12 +283,10 @@ def section_environment(run: Acceptance) -> None:
 # 2. Correctness
 # ------------------------------------------------------------------------------------------------
 def _op_modules():
-    """The op modules (attention, layer_norm, linear, patch_embed); ``vivit_kernels.ops.linear`` and the like
-    are the functions of those names, so the modules are imported by their full names."""
-    import importlib
+    """The op modules (attention, layer_norm, linear, patch_embed)."""
+    from .ops import attention, layer_norm, linear, patch_embed
 
-    return tuple(importlib.import_module(f"vivit_kernels.ops.{name}")
-                 for name in ("attention", "layer_norm", "linear", "patch_embed"))
+    return attention, layer_norm, linear, patch_embed
 
 
 def op_cases(plan: Plan) -> list[tuple[str, str, Callable, Callable, Callable]]:

@@ -38,13 +38,8 @@ ARCHS: dict[int, dict[str, int]] = {
     90: dict(smem_block=227 * 1024, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, blocks_sm=32),
 }
 
-# Modules whose ``aot_cases()`` list the shipped kernels, and the reference rows (tutorial-like kernels).
-KERNEL_MODULES = (
-    "vivit_kernels.ops.attention",
-    "vivit_kernels.ops.linear",
-    "vivit_kernels.ops.layer_norm",
-    "vivit_kernels.ops.patch_embed",
-)
+# The reference rows (tutorial-like kernels); the shipped kernels' modules come from the op registry
+# (``ops.registry.aot_modules()``: each op's entry names the modules whose ``aot_cases()`` list its kernels).
 REFERENCE_MODULES = ("vivit_kernels.aot_reference",)
 
 
@@ -123,8 +118,10 @@ def make_case(module: str, fn, kernel: str, types: dict[str, str], constexprs: d
 
 
 def collect_cases(kernel_filter: str | None = None, references: bool = False) -> list[AotCase]:
+    from .ops.registry import aot_modules
+
     cases: list[AotCase] = []
-    for module_name in KERNEL_MODULES + (REFERENCE_MODULES if references else ()):
+    for module_name in aot_modules() + (REFERENCE_MODULES if references else ()):
         module = importlib.import_module(module_name)
         if hasattr(module, "aot_cases"):
             cases.extend(module.aot_cases())
@@ -206,7 +203,6 @@ def disassemble(cubin: bytes) -> str:
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
-_MMA = re.compile(r"\b(HGMMA|HMMA|FFMA)\b")
 
 
 def hot_loop(sass: str) -> tuple[str, list[str]]:

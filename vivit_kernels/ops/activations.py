@@ -22,6 +22,12 @@ def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 
+def gelu_fast_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx gelu_fast(x) (the gelu_fast backward's reference)."""
+    t = torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608 * (1.0 + 3.0 * 0.044715 * x * x)
+
+
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """transformers' NewGELUActivation (the tanh approximation, written with pow)."""
     return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))

@@ -36,7 +36,7 @@ from ._triton import (
     dot_precision,
     resolve_tf32,
 )
-from .linear import _multiprocessors, _splits, sum_splits
+from ._gemm import _multiprocessors, _splits, sum_splits
 
 __all__ = ["patch_embed", "patch_embed_ref", "PATCH_CONFIGS"]
 

@@ -265,7 +265,7 @@ def _sdpa_rows(fused: bool) -> list[tuple]:
     ]
 
 
-_GEMM_AOT = ("vivit_kernels.ops.linear",)
+_GEMM_AOT = ("vivit_kernels.ops._gemm",)  # the shared GEMM engine's kernels
 OPS: dict[str, Op] = {
     "layer_norm": Op(
         "layer_norm",
@@ -308,7 +308,7 @@ OPS: dict[str, Op] = {
         "attention",
         _impls(("triton", flash_attention, _triton_here, _ours_runs("flash attention")), *_sdpa_rows(False)),
         attention_ref, _attention_cost, "vivit_kernels.ops.attention", ("tests/test_attention.py", "tests/test_cuda.py"),
-        "bench/test_bench_attention.py::test_attention", ("vivit_kernels.ops.attention",)),
+        "bench/test_bench_attention.py::test_attention_separate", ("vivit_kernels.ops.attention",)),
     "patch_embed": Op(
         "patch_embed",
         _impls(("triton", patch_embed, _triton_here, _ours_runs("implicit-GEMM tubelet Conv3d + [CLS] + positions")),

@@ -1,0 +1,634 @@
+"""The shared GEMM engine of the linear, qkv and mlp ops (ops/linear.py) and the patch embedding's split-K sum.
+
+Two GEMM kernels compute ``C = epilogue(A @ B)`` for strided A (M, K) and B (K, N): ``_gemm_kernel`` (pointer
+loads, cp.async; sm_80 and layouts TMA cannot read) and ``_gemm_tma_kernel`` (sm_90: tensor descriptors, a
+persistent grid), chosen at launch (``gemm``). Epilogue, in order: ``+ bias`` (per column); store the
+pre-activation; ``gelu_fast``; the gelu_fast backward (multiply by gelu_fast'(AUX), and store gelu_fast(AUX));
+``+ residual``. Weight gradients may split K into ranges whose fp32 partials ``_splitk_sum_kernel`` adds in a
+fixed order (deterministic); bias gradients are one column sum of dY (``_linear_grads``).
+
+Also here: the shipped configs (``GEMM_CONFIGS``, ``TMA_CONFIGS``) and the ahead-of-time compile cases of both
+kernels (``aot_cases``) for every way the ops launch them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _triton
+from ._triton import (
+    HAS_TRITON,
+    KernelConfig,
+    emulate_bf16,
+    ensure_tma_allocator,
+    launch,
+    tile_configs,
+    tl,
+    triton,
+    dot_precision,
+)
+
+__all__ = ["gemm", "sum_splits", "GEMM_CONFIGS", "TMA_CONFIGS", "KERNEL_ACTIVATIONS", "aot_cases"]
+
+# Activations fused into the GEMM epilogue; any other is applied by torch after the kernel.
+KERNEL_ACTIVATIONS = ("gelu_fast",)
+
+
+# Shipped configs by (element size, dot precision, epilogue kind). Each compiles for sm_80 and sm_90 in every
+# variant of its kind without spills and within shared memory (tests/test_aot.py). The gelu-backward
+# epilogue ("dgelu") holds two more tiles in registers at the end, so it gets smaller tiles / more warps.
+GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
+    (2, "ieee", "main"): tile_configs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
+    (2, "ieee", "dgelu"): tile_configs((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)),
+    (4, "tf32", "main"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)),
+    (4, "tf32", "dgelu"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
+    # fp32 with IEEE products runs on FMA units: small tiles.
+    (4, "ieee", "main"): tile_configs((64, 64, 16, 4, 2), (64, 64, 32, 8, 2)),
+    (4, "ieee", "dgelu"): tile_configs((64, 64, 32, 8, 2), (32, 64, 32, 4, 2)),
+    # the grouped GEMMs of the QKV projection (three weights; dX over three K segments) select pointers per
+    # group / unroll the K loop per segment, which costs registers: the 4-byte rows drop the tiles that spill
+    (2, "ieee", "grouped"): tile_configs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
+    (4, "tf32", "grouped"): tile_configs((128, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
+    (4, "ieee", "grouped"): tile_configs((64, 64, 16, 4, 2)),
+}
+# The sm_90 tensor-descriptor kernel (2-byte elements, or TF32 products). Larger tiles than the pointer kernel:
+# TMA leaves the registers to the accumulator, and the epilogue runs in two halves.
+TMA_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
+    (2, "ieee", "main"): tile_configs((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)),
+    (2, "ieee", "dgelu"): tile_configs((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)),
+    (2, "ieee", "grouped"): tile_configs((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)),
+    (4, "tf32", "main"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 4)),
+    (4, "tf32", "dgelu"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 4)),
+    (4, "tf32", "grouped"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 4)),
+}
+INTERPRETER_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    from ._triton import autotuned, grouped_tile_order, to_output
+
+    @triton.jit
+    def _tanh(x):
+        e = tl.math.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def gelu_fast_and_grad(x):
+        """(gelu_fast(x), d/dx gelu_fast(x)) in fp32, sharing one tanh: transformers' FastGELUActivation
+        (the formula of activations.gelu_fast and csrc/gelu.h)."""
+        t = _tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608 * (1.0 + 3.0 * 0.044715 * x * x)
+        return 0.5 * x * (1.0 + t), grad
+
+    @triton.jit
+    def gelu_fast(x):
+        """gelu_fast(x) in fp32 (the unused derivative is dead code to the compiler)."""
+        return gelu_fast_and_grad(x)[0]
+
+    @triton.jit
+    def _gemm_epilogue(
+        acc, rows, cols, row_mask, col_mask,  # rows: 64-bit row indices, cols: column indices of the tile
+        C, BIAS, AUX, RES, PRE,
+        stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+        DGELU: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """+ bias; store the pre-activation; activation; the gelu_fast backward (x gelu_fast'(AUX), store
+        gelu_fast(AUX)); + residual; store. Shared by both GEMM kernels (and their epilogue halves)."""
+        mask = row_mask[:, None] & col_mask[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if SAVE_PRE:
+            tl.store(PRE + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
+                     to_output(acc, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
+        if ACTIVATION == "gelu_fast":
+            acc = gelu_fast(acc)
+        if DGELU:
+            g, dg = gelu_fast_and_grad(
+                tl.load(AUX + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32))
+            acc = acc * dg
+            tl.store(PRE + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
+                     to_output(g, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
+        if HAS_RES:
+            acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
+        tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, to_output(acc, C.dtype.element_ty, EMULATE_BF16),
+                 mask=mask)
+
+    @triton.jit
+    def _gemm_kernel(
+        A, B, C,  # A (M, K), B (K, N), C (M, N); any strides
+        BIAS,  # (N,) added to every row (HAS_BIAS)
+        AUX,  # (M, N) a gelu_fast pre-activation: C = (A @ B) * gelu_fast'(AUX) (DGELU)
+        RES,  # (M, N) added after the activation (HAS_RES)
+        PRE,  # (M, N) receives the pre-activation (SAVE_PRE), or gelu_fast(AUX) (DGELU)
+        B1, B2,  # the second and third (K, N) B matrix of a grouped GEMM (N_GROUPS or K_GROUPS = 3), B's strides
+        BIAS1, BIAS2,  # the second and third bias (N_GROUPS = 3)
+        M, N, K, k_split,  # k_split: the K range of one split (SPLIT_K; a multiple of BLOCK_K)
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+        DGELU: tl.constexpr, N_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """C = epilogue(A @ B) with pointer loads (cp.async on sm_80). N_GROUPS = 3: C (M, 3N) = [A @ B + BIAS,
+        A @ B1 + BIAS1, A @ B2 + BIAS2] (the QKV projection reading three weights in place). K_GROUPS = 3: A is
+        (M, 3K) and C = A[:, :K] @ B + A[:, K:2K] @ B1 + A[:, 2K:] @ B2 (its input gradient). SPLIT_K: program
+        axis 1 picks a K range and C is an fp32 workspace (splits, M, N) of partial sums (summed in a fixed order
+        afterwards: deterministic)."""
+        pid = tl.program_id(0)
+        if N_GROUPS > 1:
+            # the groups of one output tile are neighbouring programs: they read the same A tile from L2
+            group = pid % N_GROUPS
+            pid = pid // N_GROUPS
+            B = tl.where(group == 0, B, tl.where(group == 1, B1, B2))
+            BIAS = tl.where(group == 0, BIAS, tl.where(group == 1, BIAS1, BIAS2))
+            C += (group * N).to(tl.int64) * stride_cn
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K:
+            split = tl.program_id(1)
+            k_lo = split * k_split
+            k_hi = tl.minimum(K, k_lo + k_split)
+            C += split.to(tl.int64) * M * N
+        pid_m, pid_n = grouped_tile_order(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+        # 64-bit tile origins (M * stride may pass 2^31), 32-bit offsets inside the tile
+        row0 = (pid_m * BLOCK_M).to(tl.int64)
+        col0 = (pid_n * BLOCK_N).to(tl.int64)
+        lm = tl.arange(0, BLOCK_M)
+        ln = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = pid_m * BLOCK_M + lm < M
+        n_mask = pid_n * BLOCK_N + ln < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for segment in tl.static_range(K_GROUPS):
+            b_base = B
+            if segment == 1:
+                b_base = B1
+            if segment == 2:
+                b_base = B2
+            a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + (segment * K + k_lo + offs_k)[None, :] * stride_ak)
+            b_ptrs = b_base + col0 * stride_bn + ((k_lo + offs_k)[:, None] * stride_bk + ln[None, :] * stride_bn)
+            for k in range(k_lo, k_hi, BLOCK_K):
+                k_mask = offs_k < k_hi - k
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if EMULATE_BF16:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+        _gemm_epilogue(acc, row0 + lm, col0 + ln, m_mask, n_mask, C, BIAS, AUX, RES, PRE,
+                       stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
+                       HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+
+    @triton.jit
+    def _descriptor(ptr, rows, cols, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """A tensor descriptor of a logical (rows, cols) operand stored row-major, or stored as (cols, rows)
+        row-major when TRANSPOSED (its tiles are then loaded (BLOCK_C, BLOCK_R) and transposed)."""
+        if TRANSPOSED:
+            return tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride, 1], block_shape=[BLOCK_C, BLOCK_R])
+        else:
+            return tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_C])
+
+    @triton.jit
+    def _tma_segment(acc, a_desc, b_desc, pid_m, pid_n, a_col0, k_lo, k_hi,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, A_KM: tl.constexpr,
+                     B_NK: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+        """acc += A[:, a_col0 + k_lo : a_col0 + k_hi] @ B[k_lo:k_hi, :] for one output tile (no masks: the
+        descriptors read zeros past the end of B, which zeroes whatever A holds there)."""
+        for k in range(k_lo, k_hi, BLOCK_K):
+            if A_KM:
+                a = a_desc.load([a_col0 + k, pid_m * BLOCK_M]).T
+            else:
+                a = a_desc.load([pid_m * BLOCK_M, a_col0 + k])
+            if B_NK:
+                b = b_desc.load([pid_n * BLOCK_N, k]).T
+            else:
+                b = b_desc.load([k, pid_n * BLOCK_N])
+            if EMULATE_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return acc
+
+    @triton.jit
+    def _halves(acc, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """The left and right halves (columns) of a (ROWS, COLS) tile."""
+        return tl.split(tl.permute(tl.reshape(acc, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _tma_epilogue(acc, col0, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm,
+                      stride_pm, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr, DGELU: tl.constexpr, EMULATE_BF16: tl.constexpr):
+        cols = col0 + tl.arange(0, WIDTH)
+        _gemm_epilogue(acc, rows, cols, row_mask, cols < N, C, BIAS, AUX, RES, PRE, stride_cm, 1, stride_xm, 1,
+                       stride_rm, 1, stride_pm, 1, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+
+    @triton.jit
+    def _tma_epilogue_quarters(acc, col0, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm,
+                               stride_pm, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+                               DGELU: tl.constexpr, EMULATE_BF16: tl.constexpr):
+        """The epilogue of a (ROWS, COLS) half tile in two quarters; in four eighths for the gelu_fast backward and
+        for the training forward that also stores the pre-activation (with quarters, fp16 128 x 256 tiles spill
+        under Triton 3.6)."""
+        left, right = _halves(acc, ROWS, COLS)
+        if DGELU or SAVE_PRE:
+            ll, lr = _halves(left, ROWS, COLS // 2)
+            rl, rr = _halves(right, ROWS, COLS // 2)
+            _tma_epilogue(ll, col0, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm, stride_pm,
+                          COLS // 4, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            _tma_epilogue(lr, col0 + COLS // 4, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
+                          stride_rm, stride_pm, COLS // 4, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            _tma_epilogue(rl, col0 + COLS // 2, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
+                          stride_rm, stride_pm, COLS // 4, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            _tma_epilogue(rr, col0 + 3 * (COLS // 4), rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
+                          stride_rm, stride_pm, COLS // 4, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+        else:
+            _tma_epilogue(left, col0, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm,
+                          stride_pm, COLS // 2, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            _tma_epilogue(right, col0 + COLS // 2, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
+                          stride_rm, stride_pm, COLS // 2, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+
+    @triton.jit
+    def _gemm_tma_kernel(
+        A,  # (M, K) row-major, or (K, M) row-major with A_KM (the weight gradient reads dY as it is)
+        B,  # (K, N) row-major, or (N, K) row-major with B_NK (an nn.Linear weight read as it is)
+        C, BIAS, AUX, RES, PRE, B1, B2, BIAS1, BIAS2,  # as in _gemm_kernel; C, AUX, RES, PRE with unit column stride
+        M, N, K, k_split,
+        stride_a, stride_b, stride_cm, stride_xm, stride_rm, stride_pm,  # row strides (the inner ones are 1)
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+        DGELU: tl.constexpr, N_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+        A_KM: tl.constexpr, B_NK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """The same GEMM for sm_90: A and B tiles through tensor descriptors (TMA; rows and columns past the end
+        read as zeros, so the K loop has no masks), a persistent grid (each program loops over output tiles, and
+        over split-K ranges with SPLIT_K), and the epilogue in two halves of the tile's columns (fewer live
+        registers). Program axis 1 is the group (N_GROUPS): each program serves one weight."""
+        group = tl.program_id(1)
+        if N_GROUPS > 1:
+            B = tl.where(group == 0, B, tl.where(group == 1, B1, B2))
+            BIAS = tl.where(group == 0, BIAS, tl.where(group == 1, BIAS1, BIAS2))
+            C += (group * N).to(tl.int64)
+        a_desc = _descriptor(A, M, K * K_GROUPS, stride_a, BLOCK_M, BLOCK_K, A_KM)
+        b_desc0 = _descriptor(B, K, N, stride_b, BLOCK_K, BLOCK_N, B_NK)
+        b_desc1 = b_desc0
+        b_desc2 = b_desc0
+        if K_GROUPS > 1:
+            b_desc1 = _descriptor(B1, K, N, stride_b, BLOCK_K, BLOCK_N, B_NK)
+            b_desc2 = _descriptor(B2, K, N, stride_b, BLOCK_K, BLOCK_N, B_NK)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        n_splits = 1
+        if SPLIT_K:
+            n_splits = tl.cdiv(K, k_split)
+        for tile in tl.range(tl.program_id(0), num_m * num_n * n_splits, tl.num_programs(0)):
+            split = tile % n_splits
+            pid_m, pid_n = grouped_tile_order(tile // n_splits, num_m, num_n, GROUP_M)
+            k_lo = split * k_split
+            k_hi = tl.minimum(K, k_lo + k_split)
+            out = C + split.to(tl.int64) * M * N
+            if not SPLIT_K:
+                k_lo = 0
+                k_hi = K
+                out = C
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc = _tma_segment(acc, a_desc, b_desc0, pid_m, pid_n, 0, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, A_KM, B_NK,
+                               DOT_PRECISION, EMULATE_BF16)
+            if K_GROUPS > 1:
+                acc = _tma_segment(acc, a_desc, b_desc1, pid_m, pid_n, K, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, A_KM,
+                                   B_NK, DOT_PRECISION, EMULATE_BF16)
+                acc = _tma_segment(acc, a_desc, b_desc2, pid_m, pid_n, 2 * K, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, A_KM,
+                                   B_NK, DOT_PRECISION, EMULATE_BF16)
+            rows = (pid_m * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
+            row_mask = rows < M
+            left, right = _halves(acc, BLOCK_M, BLOCK_N)
+            col0 = pid_n * BLOCK_N
+            if ACTIVATION == "gelu_fast" or DGELU:  # the activation's temporaries: quarters, not halves
+                _tma_epilogue_quarters(left, col0, rows, row_mask, N, out, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
+                                       stride_rm, stride_pm, BLOCK_M, BLOCK_N // 2, HAS_BIAS, ACTIVATION, HAS_RES,
+                                       SAVE_PRE, DGELU, EMULATE_BF16)
+                _tma_epilogue_quarters(right, col0 + BLOCK_N // 2, rows, row_mask, N, out, BIAS, AUX, RES, PRE,
+                                       stride_cm, stride_xm, stride_rm, stride_pm, BLOCK_M, BLOCK_N // 2, HAS_BIAS,
+                                       ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            else:
+                _tma_epilogue(left, col0, rows, row_mask, N, out, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm,
+                              stride_pm, BLOCK_N // 2, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+                _tma_epilogue(right, col0 + BLOCK_N // 2, rows, row_mask, N, out, BIAS, AUX, RES, PRE, stride_cm,
+                              stride_xm, stride_rm, stride_pm, BLOCK_N // 2, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE,
+                              DGELU, EMULATE_BF16)
+
+    @triton.jit
+    def _splitk_sum_kernel(
+        WS, C,  # WS (splits, M, N) fp32 partial sums, C (M, N) any strides
+        M, N, n_splits, stride_cm, stride_cn,
+        BLOCK: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """C = the sum of the split-K partials in split order (deterministic), cast to C's dtype."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(0, n_splits):
+            total += tl.load(WS + s * M * N + offs, mask=mask, other=0.0)
+        rows, cols = offs // N, offs % N
+        tl.store(C + rows * stride_cm + cols * stride_cn, to_output(total, C.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+    def _row(named_args, kwargs):
+        return named_args["A"].element_size(), kwargs["DOT_PRECISION"], _kind(kwargs)
+
+    _GEMM_KEY = ["M", "N", "K", "k_split", "HAS_BIAS", "ACTIVATION", "HAS_RES", "SAVE_PRE", "DGELU", "N_GROUPS",
+                 "K_GROUPS", "SPLIT_K", "DOT_PRECISION"]
+    _gemm_tuned = autotuned(_gemm_kernel, GEMM_CONFIGS, _row, _GEMM_KEY)
+    _gemm_tma_tuned = autotuned(_gemm_tma_kernel, TMA_CONFIGS, _row, _GEMM_KEY + ["A_KM", "B_NK"])
+
+
+def _kind(flags: dict) -> str:
+    if flags["DGELU"]:
+        return "dgelu"
+    return "grouped" if flags.get("N_GROUPS", 1) > 1 or flags.get("K_GROUPS", 1) > 1 else "main"
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    pre: Optional[torch.Tensor] = None,
+    dgelu_of: Optional[torch.Tensor] = None,
+    allow_tf32: bool = False,
+    config: Optional[KernelConfig] = None,
+    groups: Optional[str] = None,
+    more_b: tuple[torch.Tensor, ...] = (),
+    more_bias: tuple[Optional[torch.Tensor], ...] = (),
+    split_k: bool = False,
+    path: Optional[str] = None,
+    sms: Optional[int] = None,
+) -> torch.Tensor:
+    """out (M, N) = epilogue(a @ b) for 2-D strided a (M, K), b (K, N).
+
+    Epilogue, in order: ``+ bias``; store the pre-activation into ``pre``; ``activation``; with ``dgelu_of``
+    (M, N): multiply by gelu_fast'(dgelu_of) and store gelu_fast(dgelu_of) into ``pre``; ``+ residual``.
+    An activation and a residual do not combine in one launch (the model never needs both; it keeps the
+    kernel's register budget for the common variants).
+
+    Grouped GEMMs over ``b`` and the two (K, N) matrices ``more_b`` (read in place, no concatenation):
+    ``groups="n"``: out (M, 3N) = [a @ b + bias, a @ more_b[0] + more_bias[0], a @ more_b[1] + more_bias[1]];
+    ``groups="k"``: a is (M, 3K) and out = a[:, :K] @ b + a[:, K:2K] @ more_b[0] + a[:, 2K:] @ more_b[1].
+
+    ``split_k`` (weight gradients: few output tiles, a long K): when the output tiles do not fill the GPU's
+    ``sms`` multiprocessors, K is cut into ranges whose fp32 partial sums are added in a fixed order by a second
+    kernel (deterministic). ``path`` "tma" (sm_90: tensor descriptors, persistent) or "pointer" (sm_80's
+    cp.async kernel); by default "tma" where the device and the operands' layout and alignment allow it.
+    """
+    M = a.shape[0]
+    K, N = b.shape
+    n_groups = 3 if groups == "n" else 1
+    k_groups = 3 if groups == "k" else 1
+    if groups is not None:
+        if groups not in ("n", "k") or len(more_b) != 2:
+            raise ValueError("gemm: groups is 'n' or 'k' with two more B matrices")
+        if any(t.shape != b.shape or t.stride() != b.stride() for t in more_b):
+            raise ValueError("gemm: grouped B matrices must share one shape and strides")
+        if activation is not None or residual is not None or dgelu_of is not None or pre is not None or split_k:
+            raise ValueError("gemm: grouped GEMMs take a bias only")
+    if split_k and (bias is not None or activation is not None or residual is not None or dgelu_of is not None
+                    or pre is not None):
+        raise ValueError("gemm: split_k takes no epilogue")
+    if a.shape[1] != k_groups * K:
+        raise ValueError(f"gemm: a has {a.shape[1]} columns, b {K} rows (x {k_groups} groups)")
+    if activation is not None and residual is not None:
+        raise ValueError("gemm: an activation and a residual do not combine in one launch")
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        raise ValueError("gemm: the reduction dimension is empty")
+    sms = sms or _multiprocessors(a.device)
+    n_splits, k_split = _splits(M, N, K, sms) if split_k else (1, K)
+    target = out
+    if n_splits > 1:  # fp32 partial sums, one (M, N) slab per K range
+        target = torch.empty((n_splits, M, N), dtype=torch.float32, device=out.device)
+    operands = [a, b, target, *more_b] + [t for t in (dgelu_of, residual, pre) if t is not None]
+    path = path or FORCED_PATH or ("tma" if _tma_ok(a, operands, (a, b, *more_b), allow_tf32) else "pointer")
+    x = dgelu_of if dgelu_of is not None else target
+    r = residual if residual is not None else target
+    p = pre if pre is not None else target
+    b1, b2 = more_b if more_b else (b, b)
+    bias0 = bias if bias is not None else target
+    bias1, bias2 = (t if t is not None else bias0 for t in more_bias) if more_bias else (bias0, bias0)
+    meta = dict(
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RES=residual is not None,
+        SAVE_PRE=pre is not None and dgelu_of is None, DGELU=dgelu_of is not None, N_GROUPS=n_groups,
+        K_GROUPS=k_groups, SPLIT_K=n_splits > 1, DOT_PRECISION=dot_precision(a.dtype, allow_tf32),
+        EMULATE_BF16=emulate_bf16(a.dtype),
+    )
+    c_strides = (N, 1) if n_splits > 1 else (target.stride(0), target.stride(1))
+    if path == "tma":
+        a_km = a.stride(0) == 1 and a.stride(1) != 1  # e.g. dY^T: read dY (K, M) as it is
+        b_nk = b.stride(0) == 1 and b.stride(1) != 1  # e.g. W^T: read the (N, K) weight as it is
+        args = (a.t() if a_km else a, b.t() if b_nk else b, target, bias0, x, r, p, b1.t() if b_nk else b1,
+                b2.t() if b_nk else b2, bias1, bias2, M, N, K, k_split,
+                (a.t() if a_km else a).stride(0), (b.t() if b_nk else b).stride(0), c_strides[0], x.stride(0),
+                r.stride(0), p.stride(0))
+        ensure_tma_allocator()
+        tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]) * n_splits  # noqa: E731
+        launch(_gemm_tma_tuned, _gemm_tma_kernel,
+               lambda m: (max(1, min(triton.cdiv(sms, n_groups), tiles(m))), n_groups), args,
+               dict(meta, A_KM=a_km, B_NK=b_nk), config, INTERPRETER_CONFIG)
+    else:
+        args = (a, b, target, bias0, x, r, p, b1, b2, bias1, bias2, M, N, K, k_split,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), *c_strides,
+                x.stride(0), x.stride(1), r.stride(0), r.stride(1), p.stride(0), p.stride(1))
+        launch(_gemm_tuned, _gemm_kernel,
+               lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]) * n_groups, n_splits), args, meta,
+               config, INTERPRETER_CONFIG)
+    if n_splits > 1:
+        sum_splits(target, out)
+    return out
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out (M, N, any strides) = the sum of the fp32 ``partials`` (splits, M, N) in split order (deterministic)."""
+    n_splits, M, N = partials.shape
+    block = 1024
+    launch(None, _splitk_sum_kernel, lambda m: (triton.cdiv(M * N, block),),
+           (partials, out, M, N, n_splits, out.stride(0), out.stride(1)),
+           dict(EMULATE_BF16=emulate_bf16(out.dtype)), KernelConfig.make(4, 1, BLOCK=block))
+
+
+# Tests set this to run every GEMM of the ops on one path ("tma" also runs under the interpreter).
+FORCED_PATH: Optional[str] = None
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (what a persistent grid and split-K fill); 132 (an H100) off the GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _splits(M: int, N: int, K: int, sms: int, tile: tuple[int, int] = (128, 256), min_rows: int = 256) -> tuple[int, int]:
+    """(number of K ranges, rows per range): enough ranges that the output tiles (counted at the largest shipped
+    tile, 128 x 256) times the ranges fill ``sms`` multiprocessors, each range at least ``min_rows`` long and a
+    multiple of 64 (of every BLOCK_K), at most 32 ranges."""
+    tiles = triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1])
+    want = min(triton.cdiv(sms, tiles), K // min_rows, 32)
+    if want <= 1:
+        return 1, K
+    k_split = triton.cdiv(triton.cdiv(K, want), 64) * 64
+    return triton.cdiv(K, k_split), k_split
+
+
+def _tma_ok(a: torch.Tensor, tensors: list, transposable: tuple, allow_tf32: bool) -> bool:
+    """Whether the sm_90 tensor-descriptor kernel can take these operands: a Hopper (or newer) GPU, 2-byte
+    elements or TF32 products, and every operand with a unit inner stride (the A and B matrices in
+    ``transposable`` either way round), a 16-byte aligned base and 16-byte aligned row strides (what TMA needs)."""
+    if _triton.INTERPRET or a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    if not (a.element_size() == 2 or (a.dtype == torch.float32 and allow_tf32)):
+        return False
+    either_way = {id(t) for t in transposable}
+    for t in tensors:
+        if t.dim() == 3:  # the split-K workspace: contiguous fp32
+            continue
+        if t.stride(-1) == 1:
+            row = t.stride(0)
+        elif id(t) in either_way and t.stride(0) == 1:
+            row = t.stride(1)
+        else:
+            return False
+        if t.data_ptr() % 16 or (row * t.element_size()) % 16:
+            return False
+    return True
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K) as a view where the leading dims collapse (a copy only where they cannot)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _bias_grad(g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bias gradient, the column sums of the (M, out) output gradient, once (fp32 sums, torch's
+    deterministic reduction) rather than inside every program of the weight-gradient GEMM."""
+    return g2.sum(0, dtype=torch.float32).to(dtype)
+
+
+def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
+    """dW = g^T @ x: few output tiles and a K of every token, so split over K to fill the GPU."""
+    dw = torch.empty_like(weight)
+    gemm(g2.t(), x2, dw, allow_tf32=allow_tf32, split_k=True)
+    return dw
+
+
+def _linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, needs_dx: bool,
+                  allow_tf32: bool):
+    """(dx, dW, db) of x @ W^T + b from the (M, out) gradient g2 of that output: dx = g @ W when needed,
+    dW = g^T @ x (split over K), db the column sums of g."""
+    x2 = _as_2d(x)
+    dx = x.new_empty(0)
+    if needs_dx:
+        dx2 = torch.empty_like(x2)
+        gemm(g2, weight, dx2, allow_tf32=allow_tf32)
+        dx = dx2.view(x.shape)
+    db = _bias_grad(g2, weight.dtype) if has_bias else weight.new_empty(0)
+    return dx, _weight_grad(g2, x2, weight, allow_tf32), db
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases: every config of every (element size, precision) row, for each way the
+# launchers call the kernel: the variant (epilogue flags) and the operand layouts, whose unit strides the
+# JIT specialises to constants exactly as below.
+# ------------------------------------------------------------------------------------------------
+# GEMM sizes that are feature counts (multiples of 16 in ViViT), by role; the remaining one counts tokens.
+_DIVISIBLE = {"fwd": ("N", "K"), "dx": ("N", "K"), "dw": ("M", "N")}
+_UNIT_STRIDES = {
+    # forward: A = x (M, K) row-major, B = W^T (W is (N, K) row-major), C / residual / pre-activation row-major
+    "fwd": ("stride_ak", "stride_bk", "stride_cn", "stride_xn", "stride_rn", "stride_pn"),
+    # dX = dY @ W: A = dY (M, N) row-major, B = W (N, K) row-major; epilogue operands row-major
+    "dx": ("stride_ak", "stride_bn", "stride_cn", "stride_xn", "stride_rn", "stride_pn"),
+    # dW = dY^T @ X: A = dY^T (a column-major view), B = X row-major
+    "dw": ("stride_am", "stride_bn", "stride_cn", "stride_xn", "stride_rn", "stride_pn"),
+}
+
+
+def gemm_launch_variants() -> list[tuple[str, dict]]:
+    """(role, constexpr flags) for every kernel variant ``linear``, ``qkv_projection``, ``mlp`` and their
+    backwards launch."""
+    off = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RES=False, SAVE_PRE=False, DGELU=False, N_GROUPS=1,
+               K_GROUPS=1, SPLIT_K=False)
+    out = []
+    for has_bias in (False, True):
+        for has_res in (False, True):
+            out.append(("fwd", dict(off, HAS_BIAS=has_bias, HAS_RES=has_res)))
+        for save_pre in (False, True):
+            out.append(("fwd", dict(off, HAS_BIAS=has_bias, ACTIVATION="gelu_fast", SAVE_PRE=save_pre)))
+        out.append(("fwd", dict(off, HAS_BIAS=has_bias, N_GROUPS=3)))
+    out.append(("dx", dict(off)))
+    out.append(("dx", dict(off, K_GROUPS=3)))
+    out.append(("dx", dict(off, DGELU=True)))
+    out.append(("dw", dict(off)))
+    out.append(("dw", dict(off, SPLIT_K=True)))
+    return out
+
+
+def _variant_label(role: str, v: dict) -> str:
+    parts = [k.lower() for k, val in v.items() if val is True]
+    if v["ACTIVATION"] != "none":
+        parts.append(v["ACTIVATION"])
+    parts += [f"{k.lower()}={v[k]}" for k in ("N_GROUPS", "K_GROUPS") if v[k] > 1]
+    return f"{role}:" + ("+".join(parts) or "plain")
+
+
+# The TMA kernel reads each role's operands as they are laid out: the forward's B is the (N, K) weight, the weight
+# gradient's A is dY (K, M).
+_TMA_LAYOUT = {"fwd": dict(A_KM=False, B_NK=True), "dx": dict(A_KM=False, B_NK=False), "dw": dict(A_KM=True, B_NK=False)}
+
+
+def aot_cases():
+    from ..aot import make_case
+
+    types = {"fp16": 2, "bf16": 2, "fp32": 4}
+    strides = ("am", "ak", "bk", "bn", "cm", "cn", "xm", "xn", "rm", "rn", "pm", "pn")
+    cases = []
+    for ty, size in types.items():
+        for precision in (("ieee", "tf32") if size == 4 else ("ieee",)):
+            pointers = {n: f"*{ty}" for n in ("A", "B", "C", "BIAS", "AUX", "RES", "PRE", "B1", "B2", "BIAS1", "BIAS2")}
+            for role, variant in gemm_launch_variants():
+                kind = _kind(variant)
+                c_type = "*fp32" if variant["SPLIT_K"] else f"*{ty}"  # split-K writes fp32 partial sums
+                tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} {_variant_label(role, variant)}"
+                unit = _UNIT_STRIDES[role]
+                sig = dict(pointers, C=c_type, M="i32", N="i32", K="i32", k_split="i32",
+                           **{f"stride_{n}": "i32" for n in strides if f"stride_{n}" not in unit})
+                for cfg in GEMM_CONFIGS[(size, precision, kind)]:
+                    constexprs = dict(variant, DOT_PRECISION=precision, EMULATE_BF16=False, **cfg.kwargs)
+                    constexprs.update({name: 1 for name in unit})
+                    cases.append(make_case(__name__, _gemm_kernel, "_gemm_kernel", sig, constexprs, cfg.num_warps,
+                                           cfg.num_stages, f"{tag} {cfg.label()}",
+                                           divisible=_DIVISIBLE[role] + ("k_split",)))
+                tma_sig = dict(pointers, C=c_type, M="i32", N="i32", K="i32", k_split="i32", stride_a="i32",
+                               stride_b="i32", stride_cm="i32", stride_xm="i32", stride_rm="i32", stride_pm="i32")
+                for cfg in TMA_CONFIGS.get((size, precision, kind), []):
+                    constexprs = dict(variant, **_TMA_LAYOUT[role], DOT_PRECISION=precision, EMULATE_BF16=False,
+                                      **cfg.kwargs)
+                    cases.append(make_case(__name__, _gemm_tma_kernel, "_gemm_tma_kernel", tma_sig, constexprs,
+                                           cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}",
+                                           divisible=_DIVISIBLE[role] + ("k_split",), archs=(90,)))
+    return cases
+
