@@ -106,13 +106,13 @@ def test_markdown_table(vivit_b):
 
 
 def test_readme_table_is_a_fresh_measurement():
-    """The README's device-independent table is what `vivit-kernels bench --skip-timing` prints today (so it cannot
-    go stale): every row, regenerated here."""
+    """docs/performance.md's device-independent table is what `vivit-kernels bench --skip-timing` prints today (so it
+    cannot go stale): every row, regenerated here."""
     from pathlib import Path
 
     from vivit_kernels.measure import measure_all
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
     table = readme[readme.index("| batch | provider | saved for backward"):].split("\n\n")[0]
     fresh = format_markdown(measure_all("vivit-b-16x2", (1, 2, 4, 8), torch.bfloat16)).split("\n\n")[0]
-    assert table == fresh, "README.md's table is stale: regenerate it with `vivit-kernels bench --skip-timing`"
+    assert table == fresh, "docs/performance.md's table is stale: regenerate it with `vivit-kernels bench --skip-timing`"

@@ -100,7 +100,7 @@ if HAS_TRITON:
 
 def aot_cases():
     """The reference rows: each kernel at ViViT-B-like sizes, bf16, in the configs the tutorials use on Hopper."""
-    from .aot import make_case
+    from .ops._aot_cases import make_case
 
     cases = []
     for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3)):

@@ -726,7 +726,7 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 
 def aot_cases(head_dims=AOT_HEAD_DIMS):
-    from ..aot import make_case
+    from ._aot_cases import make_case
 
     cases = []
     for dtype, ty in _TRITON_TYPES.items():

@@ -207,7 +207,7 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 
 
 def aot_cases():
-    from ..aot import make_case
+    from ._aot_cases import make_case
 
     cases = []
     for ty in ("fp16", "bf16", "fp32"):

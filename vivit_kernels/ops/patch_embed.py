@@ -406,7 +406,7 @@ AOT_TUBELETS = ((2, 16, 16), (1, 16, 16), (4, 8, 8), (2, 14, 14))
 
 
 def aot_cases():
-    from ..aot import make_case
+    from ._aot_cases import make_case
 
     cases = []
     # pixel_values contiguous: unit stride along W (the JIT makes it a constant); the other strides are runtime
