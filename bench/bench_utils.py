@@ -41,6 +41,19 @@ def attention_flops(batch: int, heads: int, tokens: int, head_dim: int, backward
     return forward * (3.5 if backward else 1.0)
 
 
+def _runs(info: dict) -> str:
+    """What a provider row ran on this device, in words (the op registry's description; the row's own name for
+    the rows that are not registry implementations: "auto", "eager", torch's separate ops)."""
+    from vivit_kernels.ops.registry import OPS
+
+    op, provider = info.get("op"), info.get("provider")
+    impls = OPS[op].implementations if op in OPS else {}
+    if provider in impls:
+        return impls[provider].runs(DEVICE)
+    return {"auto": "attn='auto' dispatch (the chosen implementation)", "eager": "eager attention (matmul + softmax)",
+            "torch-separate-ops": "torch's separate ops (the reference)"}.get(provider, str(provider))
+
+
 def run(benchmark, fn: Callable[[], object], flops: float | None = None, nbytes: float | None = None,
         rounds: int = 10, warmup: int = 2, **info) -> None:
     """Time ``fn`` (synchronised inside the timed call) and attach derived throughput to extra_info (from the
@@ -63,7 +76,7 @@ def run(benchmark, fn: Callable[[], object], flops: float | None = None, nbytes:
         rounds, warmup = 1, 0
     elif not ON_GPU:
         rounds, warmup = max(rounds, 5), max(warmup, 1)
-    benchmark.extra_info.update(info, device=device_label(), interpreted=interpreted)
+    benchmark.extra_info.update(info, device=device_label(), interpreted=interpreted, runs=_runs(info))
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None and getattr(stats, "stats", None) else None

@@ -54,7 +54,7 @@ def test_attention(benchmark, provider, shape, dtype, mode):
 
     flops = attention_flops(B, H, N, D, mode != "fwd")
     with torch.set_grad_enabled(mode != "fwd"):
-        run(benchmark, step, flops=flops, provider=provider, dtype=dtype, mode=mode)
+        run(benchmark, step, flops=flops, provider=provider, dtype=dtype, mode=mode, op="attention_qkv")
 
 
 SEPARATE = OPS["attention"].implementations

@@ -59,7 +59,8 @@ step "tests under torch $TORCH / Triton $TRITON / transformers $TRANSFORMERS (CP
 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_model.py tests/test_model_parity.py tests/test_model_triton.py tests/test_providers.py \
   tests/test_attention.py tests/test_linear.py tests/test_layer_norm.py tests/test_patch_embed.py \
-  tests/test_checkpoint.py tests/test_ecosystem.py tests/test_compat.py tests/test_acceptance.py
+  tests/test_checkpoint.py tests/test_ecosystem.py tests/test_compat.py tests/test_acceptance.py \
+  tests/test_guard.py tests/test_architecture.py
 
 step "vivit-kernels acceptance --dry-run"
 "$BIN/vivit-kernels" acceptance --dry-run --out acceptance-dry-run

@@ -264,3 +264,20 @@ def test_costs_count_the_flops_of_a_forward():
     assert flops == 2 * 40 * 48 * 32 and nbytes == 4 * (x.numel() + w.numel() + 40 * 48)
     qkv = torch.empty(2, 17, 3, 4, 16)
     assert OPS["attention_qkv"].cost(qkv, 0.25)[0] == 4 * 2 * 4 * 17 * 17 * 16
+
+
+def test_every_custom_op_belongs_to_a_registry_entry_and_has_its_costs():
+    """The registry lists each op's torch.library ops; _costs has a launch count for each (and a FLOP formula for
+    the GEMM / attention / patch ones), and no Triton-backed custom op is left out of the registry."""
+    from torch.utils.flop_counter import flop_registry
+
+    from vivit_kernels.ops import _costs
+
+    listed = {name for op in OPS.values() for name in op.custom_ops}
+    triton_ops = {name for name in _costs.LAUNCHES if name.split("::")[1] not in
+                  ("preprocess_video", "bias_gelu_fast", "bias_gelu_fast_backward")}  # the extension's
+    assert listed == triton_ops
+    for name in listed:
+        packet = getattr(torch.ops.vivit_kernels, name.split("::")[1])
+        if not name.split("::")[1].startswith("layer_norm"):  # no matmul FLOPs in a LayerNorm
+            assert packet.default in flop_registry or packet in flop_registry, name

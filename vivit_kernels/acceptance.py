@@ -886,7 +886,8 @@ def render_report(data: dict) -> str:
               "counts. Training rows time forward + backward. TFLOP/s: 2 M N K per GEMM (4 B H N^2 D for attention; "
               "backward 2x, attention 2.5x); GB/s: bytes read and written once; % of peak: of the measured matmul (same "
               "dtype) or copy above.", "",
-              "| op | shape | mode | provider | ms | TFLOP/s | GB/s | % of peak | check |", "|---|---|---|---|---|---|---|---|---|"]
+              "| op | shape | mode | provider | what ran | ms | TFLOP/s | GB/s | % of peak | check |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data.get("ops", []):
         if r.get("unavailable"):
             check, ms = f"unavailable: {r['unavailable'][:80]}", "-"
@@ -894,7 +895,8 @@ def render_report(data: dict) -> str:
             check = "ok" if r.get("checked") else "**FAIL**"
             ms = "interpreter: correctness run" if r.get("interpreted") else _fmt(r.get("ms"), ".3f")
         frac = r.get("fraction_of_peak")
-        lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {ms} | {_fmt(r.get('tflops'), '.3g')} "
+        lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {r.get('runs', '-')} | {ms} "
+                     f"| {_fmt(r.get('tflops'), '.3g')} "
                      f"| {_fmt(r.get('gbps'), '.3g')} | {_fmt(None if frac is None else 100 * frac, '.0f')} | {check} |")
     lines.append("")
 

@@ -99,8 +99,9 @@ def backend_status() -> dict[str, tuple[bool, str]]:
         "eager": (True, "transformers' modules, eager attention"),
         "sdpa": (True, "transformers' modules, torch.nn.functional.scaled_dot_product_attention"),
         "triton": _triton_status(),
-        "auto": (True, "per op and shape, the fastest of ours / cuBLAS / cuDNN / SDPA measured on this device "
-                       "(on the CPU: torch's implementations, the interpreter is no speed candidate)"),
+        "auto": (True, "per op and shape, the fastest of ours / cuBLAS / cuDNN / SDPA that agrees with the op's "
+                       "reference, measured on this device; then the whole model against transformers' sdpa path, "
+                       "the faster kept (on the CPU: torch's implementations, the interpreter is no speed candidate)"),
     }
 
 

@@ -99,11 +99,13 @@ def training_table(records: list[dict]) -> str:
 
 def ops_table(records: list[dict]) -> str:
     rows = [r for r in records if r.get("time_s") and r.get("table") not in ("inference", "training")]
-    lines = ["| benchmark | provider | dtype | mode | ms (median ± IQR) | TFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| benchmark | provider | what ran | dtype | mode | ms (median ± IQR) | TFLOP/s | GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("op", r["name"].split("[")[0]), r.get("dtype", ""), r.get("mode", ""))):
         tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
-        lines.append(f"| {r['name'].split('[')[0].removeprefix('test_')} | {r.get('provider', '-')} | {r.get('dtype', '-')} "
+        lines.append(f"| {r['name'].split('[')[0].removeprefix('test_')} | {r.get('provider', '-')} | {r.get('runs', '-')} "
+                     f"| {r.get('dtype', '-')} "
                      f"| {r.get('mode', '-')} | {_timing(r)} | {tflops} | {gbps} |")
     return "\n".join(lines)
 

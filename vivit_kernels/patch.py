@@ -54,7 +54,8 @@ def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[d
     or ours, possibly wrapped by PEFT) to ``attn`` in place, and return it.
 
     "triton" / "auto" put our kernels behind its modules ("auto": per op and shape the fastest implementation
-    measured on this GPU; ``pins`` fixes some, e.g. {"attention_qkv": "sdpa-flash"}); "eager" / "sdpa" give
+    that agrees with the op's reference, measured on this GPU, and per input the faster of that and
+    transformers' own sdpa modules; ``pins`` fixes some ops, e.g. {"attention_qkv": "sdpa-flash"}); "eager" / "sdpa" give
     transformers' attention back (keeping our input checks, head_mask and position interpolation). Parameters
     and state dict are untouched.
     """

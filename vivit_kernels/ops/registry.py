@@ -10,7 +10,8 @@ An :class:`Op` names the module holding its Triton kernels, launcher, ``torch.li
 ``register_fake`` / ``register_autograd``) and functional API; its implementations, each an autograd-complete
 callable with the op's call signature below and what it runs on a given device (for tables: "torch.addmm on
 cpu", not a brand name); its reference; its cost (FLOPs and bytes of one forward call); the modules whose
-``aot_cases()`` the compile gate compiles; its tests and its benchmark.
+``aot_cases()`` the compile gate compiles; its ``torch.library`` custom ops (whose FLOP formulas and launch
+counts ``ops/_costs.py`` registers for the device-independent counts); its tests and its benchmark.
 
 Call signatures (what a layer calls; the Backend table in ``backends.py`` is built from these entries):
 
@@ -65,6 +66,7 @@ class Op:
     tests: tuple[str, ...]
     bench: str
     aot_modules: tuple[str, ...] = field(default=())  # modules whose aot_cases() the compile gate compiles
+    custom_ops: tuple[str, ...] = field(default=())  # its torch.library ops (FLOP formulas, launches: ops/_costs.py)
 
     @property
     def ours(self) -> Implementation:
@@ -265,20 +267,27 @@ def _sdpa_rows(fused: bool) -> list[tuple]:
     ]
 
 
+def _ops(*names: str) -> tuple[str, ...]:
+    return tuple(f"vivit_kernels::{n}" for n in names)
+
+
 _GEMM_AOT = ("vivit_kernels.ops._gemm",)  # the shared GEMM engine's kernels
 OPS: dict[str, Op] = {
     "layer_norm": Op(
         "layer_norm",
         _impls(("triton", layer_norm, _triton_here, _ours_runs("LayerNorm kernel")),
                ("torch", layer_norm_ref, _anywhere, _torch_runs("F.layer_norm", "torch's CUDA kernel"))),
-        layer_norm_ref, _layer_norm_cost, "vivit_kernels.ops.layer_norm", ("tests/test_layer_norm.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_layer_norm", ("vivit_kernels.ops.layer_norm",)),
+        layer_norm_ref, _layer_norm_cost, "vivit_kernels.ops.layer_norm",
+        ("tests/test_layer_norm.py", "tests/test_cuda.py"),
+        "bench/test_bench_ops.py::test_layer_norm", ("vivit_kernels.ops.layer_norm",), 
+        custom_ops=_ops("layer_norm_fwd", "layer_norm_bwd")),
     "qkv": Op(
         "qkv",
         _impls(("triton", qkv_projection, _triton_here, _ours_runs("QKV GEMM (three weights read in place)")),
                ("cublas", qkv_concat, _anywhere, _torch_runs("F.linear on torch.cat(weights)", "cuBLAS"))),
         qkv_projection_ref, _qkv_cost, "vivit_kernels.ops.linear", ("tests/test_linear.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_qkv_projection", _GEMM_AOT),
+        "bench/test_bench_ops.py::test_qkv_projection", _GEMM_AOT, 
+        custom_ops=_ops("qkv_fwd", "qkv_bwd")),
     "linear": Op(
         "linear",
         _impls(("triton", linear, _triton_here, _ours_runs("GEMM with fused epilogue")),
@@ -286,7 +295,8 @@ OPS: dict[str, Op] = {
                ("cublas+ext", linear_matmul_ext, _ext_here,
                 _torch_runs("torch.matmul + extension bias_gelu_fast", "cuBLAS + csrc kernel"))),
         linear_ref, _linear_cost, "vivit_kernels.ops.linear", ("tests/test_linear.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_linear", _GEMM_AOT),
+        "bench/test_bench_ops.py::test_linear", _GEMM_AOT, 
+        custom_ops=_ops("linear_fwd", "linear_bwd")),
     "mlp": Op(
         "mlp",
         _impls(("triton", mlp, _triton_here, _ours_runs("two GEMMs (bias + gelu_fast, bias + residual)")),
@@ -295,27 +305,33 @@ OPS: dict[str, Op] = {
                ("cublas+ext", _mlp_with(linear_matmul_ext), _ext_here,
                 _torch_runs("2 x torch.matmul + extension bias_gelu_fast", "cuBLAS + csrc kernel"))),
         mlp_ref, _mlp_cost, "vivit_kernels.ops.linear", ("tests/test_linear.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_mlp", _GEMM_AOT),
+        "bench/test_bench_ops.py::test_mlp", _GEMM_AOT,
+        custom_ops=_ops("mlp_fwd", "mlp_bwd")),
     # on the fused (B, N, 3, H, D) projection output (the model's path) and on separate q, k, v (when a wrapped
     # projection runs its own forward)
     "attention_qkv": Op(
         "attention_qkv",
-        _impls(("triton", flash_attention_qkv, _triton_here, _ours_runs("flash attention on the fused qkv")), *_sdpa_rows(True)),
+        _impls(("triton", flash_attention_qkv, _triton_here, _ours_runs("flash attention on the fused qkv")),
+               *_sdpa_rows(True)),
         _attention_qkv_ref, _attention_qkv_cost, "vivit_kernels.ops.attention",
         ("tests/test_attention.py", "tests/test_cuda.py"), "bench/test_bench_attention.py::test_attention",
-        ("vivit_kernels.ops.attention",)),
+        ("vivit_kernels.ops.attention",), 
+        custom_ops=_ops("flash_attn_qkv_fwd", "flash_attn_qkv_bwd")),
     "attention": Op(
         "attention",
         _impls(("triton", flash_attention, _triton_here, _ours_runs("flash attention")), *_sdpa_rows(False)),
-        attention_ref, _attention_cost, "vivit_kernels.ops.attention", ("tests/test_attention.py", "tests/test_cuda.py"),
-        "bench/test_bench_attention.py::test_attention_separate", ("vivit_kernels.ops.attention",)),
+        attention_ref, _attention_cost, "vivit_kernels.ops.attention",
+        ("tests/test_attention.py", "tests/test_cuda.py"),
+        "bench/test_bench_attention.py::test_attention_separate", ("vivit_kernels.ops.attention",), 
+        custom_ops=_ops("flash_attn_fwd", "flash_attn_bwd")),
     "patch_embed": Op(
         "patch_embed",
         _impls(("triton", patch_embed, _triton_here, _ours_runs("implicit-GEMM tubelet Conv3d + [CLS] + positions")),
                ("torch", patch_embed_ref, _anywhere, _torch_runs("F.conv3d + cat + add", "cuDNN"))),
         patch_embed_ref, _patch_embed_cost, "vivit_kernels.ops.patch_embed",
         ("tests/test_patch_embed.py", "tests/test_cuda.py"), "bench/test_bench_ops.py::test_patch_embed",
-        ("vivit_kernels.ops.patch_embed",)),
+        ("vivit_kernels.ops.patch_embed",), 
+        custom_ops=_ops("patch_embed_fwd", "patch_embed_bwd")),
 }
 
 
