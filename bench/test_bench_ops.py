@@ -40,6 +40,17 @@ def _fn(op: str, provider: str):
     return impl.fn
 
 
+def _step(fn, args: tuple, grad: bool):
+    """One timed call: ``fn(*args)``, and its backward when timing training."""
+    def step():
+        out = fn(*args)
+        if grad:
+            out.sum().backward()
+        return out
+
+    return step
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"] if ON_GPU else ["fp32"])
 @pytest.mark.parametrize("provider", _providers("mlp", True))
@@ -54,14 +65,8 @@ def test_mlp(benchmark, provider, dtype, mode):
     fn = _fn("mlp", provider)
     flops = OPS["mlp"].cost(x, w1, b1, w2, b2, "gelu_fast", r)[0]
 
-    def step():
-        out = fn(x, w1, b1, w2, b2, "gelu_fast", r)
-        if grad:
-            out.sum().backward()
-        return out
-
     with torch.set_grad_enabled(grad):
-        run(benchmark, step, flops=flops * (3 if grad else 1), rounds=ROUNDS, provider=provider, dtype=dtype,
+        run(benchmark, _step(fn, (x, w1, b1, w2, b2, "gelu_fast", r), grad), flops=flops * (3 if grad else 1), rounds=ROUNDS, provider=provider, dtype=dtype,
             mode=mode, op="mlp")
 
 
@@ -127,12 +132,6 @@ def test_linear(benchmark, provider, dtype, epilogue, mode):
     fn = _fn("linear", provider)
     flops = OPS["linear"].cost(x, w, b, activation, r)[0]
 
-    def step():
-        out = fn(x, w, b, activation, r)
-        if grad:
-            out.sum().backward()
-        return out
-
     with torch.set_grad_enabled(grad):
-        run(benchmark, step, flops=flops * (3 if grad else 1), rounds=ROUNDS, provider=provider, dtype=dtype,
+        run(benchmark, _step(fn, (x, w, b, activation, r), grad), flops=flops * (3 if grad else 1), rounds=ROUNDS, provider=provider, dtype=dtype,
             mode=mode, op="linear")

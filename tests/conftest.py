@@ -11,3 +11,20 @@ VIVIT_KERNELS_AUTOTUNE=1 to autotune everywhere.
 import os
 
 os.environ.setdefault("VIVIT_KERNELS_AUTOTUNE", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def private_provider_cache(tmp_path, monkeypatch):
+    """attn="auto" with its own cache file, no pins from the environment, empty memory and fresh log lines."""
+    from vivit_kernels import providers
+    from vivit_kernels._log import forget_said
+
+    monkeypatch.setenv(providers.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(providers.PINS_ENV, raising=False)
+    providers.forget()
+    forget_said()
+    yield
+    providers.forget()

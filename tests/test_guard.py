@@ -19,19 +19,11 @@ import torch
 import vivit_kernels as vk
 from helpers import DEVICE, assert_close
 from vivit_kernels import providers
-from vivit_kernels._log import forget_said
 from vivit_kernels.ops import registry
 from vivit_kernels.ops.registry import OPS, Implementation
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(providers.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(providers.PINS_ENV, raising=False)
-    providers.forget()
-    forget_said()
-    yield
-    providers.forget()
+pytestmark = pytest.mark.usefixtures("private_provider_cache")  # each test its own cache file, empty memory
 
 
 class PathTimer:

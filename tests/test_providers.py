@@ -15,7 +15,6 @@ import torch
 import vivit_kernels as vk
 from helpers import DEVICE, assert_close, check_against_reference
 from vivit_kernels import providers
-from vivit_kernels._log import forget_said
 from vivit_kernels.ops.registry import OPS
 from vivit_kernels.ops.attention import attention_ref
 from vivit_kernels.ops.layer_norm import layer_norm_ref
@@ -23,15 +22,7 @@ from vivit_kernels.ops.linear import linear_ref, mlp_ref, qkv_projection_ref
 from vivit_kernels.ops.patch_embed import patch_embed_ref
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Each test its own cache file and empty memory."""
-    monkeypatch.setenv(providers.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(providers.PINS_ENV, raising=False)
-    providers.forget()
-    forget_said()
-    yield
-    providers.forget()
+pytestmark = pytest.mark.usefixtures("private_provider_cache")  # each test its own cache file, empty memory
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
