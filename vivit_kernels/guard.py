@@ -16,6 +16,7 @@ taken with ``torch.autograd.grad`` (no ``.grad`` is touched), so a guarded forwa
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -124,6 +125,8 @@ def _measure(base, backend, x: torch.Tensor, training: bool, rest: tuple, kwargs
 
     steps = {"kernels": step_on(False), "transformers": step_on(True)}
     timer = providers._TIMER[-1]
+    if timer is providers.cuda_event_timer:  # a whole model per call: fewer repetitions, each round's median
+        timer = functools.partial(timer, warmup=1, repeats=7)
     medians = {name: math.inf for name in steps}
     devices = [x.device] if x.device.type == "cuda" else []
     path.deciding = True
