@@ -43,7 +43,7 @@ ARCHS: dict[int, dict[str, int]] = {
 REFERENCE_MODULES = ("vivit_kernels.aot_reference",)
 
 # the case description and its constructor live beside the ops that list their cases (no import back up to here)
-from .ops._aot_cases import AotCase, make_case  # noqa: E402,F401
+from .ops._aot_cases import AotCase  # noqa: E402
 
 
 @dataclass

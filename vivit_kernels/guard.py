@@ -47,7 +47,7 @@ def _pixel_values(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return x if isinstance(x, torch.Tensor) else None
 
 
-def _why_not_now(base, x: torch.Tensor, kwargs: dict) -> Optional[str]:
+def _why_not_now(x: torch.Tensor, kwargs: dict) -> Optional[str]:
     if x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor) or providers._RECORDING:
         return ""  # tracing shapes (tune's recording, meta init): nothing to say
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -92,7 +92,7 @@ def decide(base, backend, x: torch.Tensor, training: bool, args: tuple = (), kwa
     if entry is not None:
         providers._memory[key] = entry["choice"]
         return entry["choice"]
-    why = _why_not_now(base, x, kwargs)
+    why = _why_not_now(x, kwargs)
     if why is not None:
         if why:
             log_once(f"guard:{why}", "vivit_kernels: attn='auto' cannot compare the whole model with transformers' path "

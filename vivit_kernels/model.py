@@ -63,7 +63,8 @@ def num_tokens(config) -> int:
     return (config.num_frames // t) * (h // p) * (w // q) + 1
 
 
-def _resolve_config(config) -> hf_config.VivitConfig:
+def resolve_config(config) -> hf_config.VivitConfig:
+    """A VivitConfig from a config, a preset name, or None (the defaults); a clear error otherwise."""
     if config is None:
         return VivitConfig()
     if isinstance(config, str):
@@ -151,7 +152,7 @@ class VivitModel(_AttnMixin, ActivationCheckpointingNames, hf.VivitModel):
     config_class = VivitConfig
 
     def __init__(self, config=None, add_pooling_layer: bool = True, attn: Optional[str] = None):
-        super().__init__(_resolve_config(config), add_pooling_layer)
+        super().__init__(resolve_config(config), add_pooling_layer)
         self.set_attn(attn)
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, interpolate_pos_encoding: bool = False,
@@ -171,7 +172,7 @@ class VivitForVideoClassification(_AttnMixin, ActivationCheckpointingNames, hf.V
     config_class = VivitConfig
 
     def __init__(self, config=None, attn: Optional[str] = None):
-        super().__init__(_resolve_config(config))
+        super().__init__(resolve_config(config))
         self.set_attn(attn)
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,

@@ -14,7 +14,7 @@ import torch
 
 from . import providers
 from .guard import decide, key_of
-from .model import VivitConfig, VivitForVideoClassification, image_hw
+from .model import VivitForVideoClassification, image_hw, resolve_config
 
 __all__ = ["model_calls", "tune_model"]
 
@@ -34,16 +34,12 @@ def _materialize(described: tuple, device: torch.device, seed: int = 0) -> tuple
     return tuple(args)
 
 
-def _config(config) -> VivitConfig:
-    return VivitConfig.from_preset(config) if isinstance(config, str) else config
-
-
 def model_calls(config, batch: int, dtype: torch.dtype, modes=("infer", "train")) -> list[tuple]:
     """The distinct op calls (op, described args, training) of one forward of the model at this batch and dtype,
     found on fake tensors (no memory, no math)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    cfg = _config(config)
+    cfg = resolve_config(config)
     calls: dict[tuple, None] = {}
     previous = torch.get_default_dtype()
     with FakeTensorMode(), providers.recording() as seen:
@@ -88,7 +84,7 @@ def tune_model(config, batch: int, dtype: torch.dtype, device: torch.device, mod
 
 
 def _guard_entries(config, batch, dtype, device, modes, bar) -> list[dict]:
-    cfg = _config(config)
+    cfg = resolve_config(config)
     model = VivitForVideoClassification(cfg, attn="auto").to(device=device, dtype=dtype)
     base, backend = model.vivit, model.vivit._vivit_auto_backend
     x = torch.randn(batch, cfg.num_frames, cfg.num_channels, *image_hw(cfg), generator=torch.Generator().manual_seed(0))

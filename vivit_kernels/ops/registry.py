@@ -42,7 +42,7 @@ from .layer_norm import layer_norm, layer_norm_ref
 from .linear import linear, linear_ref, mlp, mlp_ref, qkv_projection, qkv_projection_ref
 from .patch_embed import patch_embed, patch_embed_ref
 
-__all__ = ["Implementation", "Op", "OPS", "names", "ours"]
+__all__ = ["Implementation", "Op", "OPS", "aot_modules", "ours"]
 
 
 @dataclass(frozen=True)
@@ -333,10 +333,6 @@ OPS: dict[str, Op] = {
         ("vivit_kernels.ops.patch_embed",), 
         custom_ops=_ops("patch_embed_fwd", "patch_embed_bwd")),
 }
-
-
-def names() -> tuple[str, ...]:
-    return tuple(OPS)
 
 
 def ours(op: str) -> Callable:
