@@ -38,3 +38,50 @@ def bar_position(frame: np.ndarray) -> int:
     """Column where a frame's blue bar starts (robust to compression noise)."""
     blue = frame[..., 2].astype(np.float32).mean(0)
     return int(np.argmax(np.convolve(blue, np.ones(8), mode="valid")))
+
+
+def motion_frames(direction: str, n_frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A bright square on a dark, noisy background moving ``up`` or ``down`` (one step per frame) from a random
+    start: any one frame says nothing about the direction, two frames do. (n_frames, height, width, 3) uint8."""
+    side = max(4, min(height, width) // 4)
+    step = max(1, (height - side) // max(n_frames, 1))
+    travel = step * (n_frames - 1)
+    x0 = int(rng.integers(0, width - side + 1))
+    y_start = int(rng.integers(0, max(height - side - travel, 0) + 1))
+    frames = rng.integers(0, 40, size=(n_frames, height, width, 3)).astype(np.uint8)
+    colour = rng.integers(180, 256, size=3).astype(np.uint8)
+    for t in range(n_frames):
+        y = y_start + t * step if direction == "down" else y_start + travel - t * step
+        frames[t, y : y + side, x0 : x0 + side] = colour
+    return frames
+
+
+def write_frames(path, frames: np.ndarray, fps: int = 25, codec: str = "mpeg4") -> str:
+    """Encode (T, H, W, 3) uint8 frames as a video file."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.options = {"qscale": "2"} if codec == "mpeg4" else {}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def motion_dataset(root, per_class: int = 24, n_frames: int = 8, height: int = 40, width: int = 48,
+                   seed: int = 0) -> str:
+    """root/{up,down}/NNN.mp4: a dataset whose label needs time (the direction the square moves)."""
+    from pathlib import Path
+
+    rng = np.random.default_rng(seed)
+    for label in ("down", "up"):
+        folder = Path(root) / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            write_frames(folder / f"{i:03d}.mp4", motion_frames(label, n_frames, height, width, rng))
+    return str(root)

@@ -1,4 +1,4 @@
-"""The vivit-kernels command line: info | demo | classify | tune | acceptance | compile-report | bench.
+"""The vivit-kernels command line: info | demo | classify | finetune | tune | acceptance | compile-report | bench.
 
 The heavy imports happen inside each command, after the command has configured the environment: on a
 machine without CUDA, demo and classify turn on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
@@ -242,6 +242,41 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune, parse_views
+
+    if not os.path.exists(args.data):
+        raise UsageError(f"no video folder or manifest at {args.data}")
+    if sum(x is not None for x in (args.model, args.preset, args.from_vit)) == 0:
+        args.preset = "vivit-b-16x2"  # the paper's model with random weights; said below
+        print("vivit-kernels finetune: no --model / --from-vit given: training preset 'vivit-b-16x2' from random "
+              "weights", file=sys.stderr)
+    result = finetune(
+        args.data, args.out, model=args.model, preset=args.preset, from_vit=args.from_vit, inflate=args.inflate,
+        val=args.val, val_fraction=args.val_fraction, num_frames=args.num_frames, tubelet_time=args.tubelet_time,
+        frame_sample_rate=args.frame_sample_rate, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+        warmup=args.warmup, scheduler=args.scheduler, label_smoothing=args.label_smoothing, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        attn=args.attn, workers=args.workers, eval_views=parse_views(args.eval_views), flip=args.flip,
+        resume=args.resume, fsdp=args.fsdp, seed=args.seed, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = result["metrics"]
+        print(f"trained {m['steps']} steps on {result['train_videos']} videos ({len(result['labels'])} labels), "
+              f"{m['train_clips_per_s']} clips/s, peak memory {m['peak_memory_gib']} GiB, {result['world_size']} "
+              f"process(es)")
+        if "multiview_top1" in m:
+            print(f"held-out ({m['multiview_videos']} videos, {m['multiview_views']} views): top-1 "
+                  f"{m['multiview_top1']:.2%}, top-5 {m['multiview_top5']:.2%}")
+        print(f"model: {result['out']} (VivitForVideoClassification.from_pretrained or transformers' "
+              f"AutoModelForVideoClassification; classify with --model {result['out']})")
+        if result["skipped"]:
+            print(f"{len(result['skipped'])} video(s) could not be read and were skipped: listed in "
+                  f"{os.path.join(result['out'], 'finetune_results.json')}")
+    return 0
+
+
 class UsageError(Exception):
     """A mistake in how a command was called: one line, exit status 1."""
 
@@ -340,6 +375,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-sample-rate", type=_positive, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_classify, interpreter=True)
+
+    p = sub.add_parser("finetune", help="fine-tune on your videos (class folders or a manifest) with transformers' "
+                                        "Trainer on our kernels; torchrun for several GPUs")
+    p.add_argument("data", help="root/<label>/<video> (optionally root/train, root/val), or a CSV / JSONL manifest "
+                                "(path, label[, split])")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, the final model, results")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--model", help="a ViViT checkpoint directory to start from")
+    start.add_argument("--preset", choices=presets, help="a preset with random weights (default: vivit-b-16x2 when "
+                                                         "neither --model nor --from-vit is given)")
+    start.add_argument("--from-vit", help="an image ViT checkpoint (transformers ViTModel / "
+                                          "ViTForImageClassification) to inflate, the paper's section 3.4")
+    p.add_argument("--inflate", default="central", choices=["central", "average"],
+                   help="how --from-vit's patch filter becomes a tubelet filter (default: central)")
+    p.add_argument("--val", help="held-out videos (a folder or manifest); default: DATA's val/ or a split of it")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out per label when DATA has no val split")
+    p.add_argument("--num-frames", type=_positive, help="frames per clip (presets and --from-vit; default 32)")
+    p.add_argument("--tubelet-time", type=_positive, default=2, help="--from-vit: time steps per tubelet")
+    p.add_argument("--frame-sample-rate", type=_positive, default=2, help="take every n-th frame (default 2)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="clips per GPU (process) and step")
+    p.add_argument("--grad-accum", type=_positive, default=1)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up: a fraction of the steps (< 1) or steps")
+    p.add_argument("--scheduler", default="cosine", help="transformers' lr_scheduler_type (default: cosine)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 mixed precision (default: on where the GPU supports it)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on q and v (PEFT) and "
+                                                            "the classifier; 0: train everything")
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--attn", default="auto", choices=["eager", "sdpa", "triton", "auto"])
+    p.add_argument("--workers", type=int, help="decoding workers per process (default: half the cores, at most 8)")
+    p.add_argument("--eval-views", default="4x3", help="final evaluation views CLIPSxCROPS (default 4x3)")
+    p.add_argument("--flip", type=float, default=0.5, help="horizontal flip probability (0 for labels that depend "
+                                                           "on left and right)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logging-steps", type=_positive, default=10)
+    p.add_argument("--save-steps", type=_positive, help="save a checkpoint every n steps (default: every epoch)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("tune", help="measure the attn='auto' providers of a model ahead of time and store the choices")
     p.add_argument("--config", default="vivit-b-16x2", choices=presets, help="model preset (default: vivit-b-16x2)")

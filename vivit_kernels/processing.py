@@ -19,7 +19,7 @@ import torch
 
 from .ops.preprocess import preprocess_video
 
-__all__ = ["VideoProcessor", "read_video", "sample_frame_indices", "PROCESSOR_PRESETS"]
+__all__ = ["VideoProcessor", "read_video", "read_clips", "sample_frame_indices", "PROCESSOR_PRESETS"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,14 +162,20 @@ class VideoProcessor:
                 clip = clip.to(device, non_blocking=True)
             _, _, height, width, _ = clip.shape
             rh, rw = self.resized_size(height, width)
-            scale = self.rescale_factor if self.do_rescale else 1.0
-            offset = -1.0 if self.offset else 0.0
-            mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
-            std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
-            views = [preprocess_video(clip, (rh, rw), box, scale, offset, mean, std, dtype)
-                     for box in self.crop_boxes(rh, rw)]
+            views = [self.process_view(clip, (rh, rw), box, dtype) for box in self.crop_boxes(rh, rw)]
             outputs.append(torch.stack(views, 1).flatten(0, 1) if len(views) > 1 else views[0])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
+
+    def process_view(self, clip: torch.Tensor, resize_hw: Sequence[int], box: Sequence[int],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One view with this processor's rescaling and normalisation: uint8 (B, T, H, W, 3) resized to
+        ``resize_hw`` and cropped to ``box`` (top, left, height, width) -> (B, T, 3, height, width), one fused op
+        on the clip's device. Training augmentation (``vivit_kernels.data``) picks its own size and box."""
+        scale = self.rescale_factor if self.do_rescale else 1.0
+        offset = -1.0 if self.offset else 0.0
+        mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
+        std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
+        return preprocess_video(clip, resize_hw, box, scale, offset, mean, std, dtype)
 
 
 def _three(value, name: str) -> list[float]:
@@ -254,6 +260,17 @@ def read_video(
     Decoding seeks to the key frame before the first needed frame instead of decoding from the start, when the
     stream has timestamps to seek by.
     """
+    frames, _ = read_clips(path, num_frames, frame_sample_rate, clips,
+                           None if clips > 1 else np.random.default_rng(seed))
+    return frames[0] if clips == 1 else frames
+
+
+def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int = 1, clips: int = 1,
+               rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, int]:
+    """``read_video`` with the sampling chosen by the caller: one random window drawn from ``rng``, or, with
+    ``rng=None``, ``clips`` windows spread evenly (one clip: the middle window, the evaluation view). Returns
+    the frames ((clips, num_frames, H, W, 3) uint8, always with the clips axis) and the number of frames the
+    video has (fewer than ``num_frames * frame_sample_rate``: its clips repeat frames)."""
     try:
         import av
     except ImportError:
@@ -277,9 +294,11 @@ def read_video(
         if seg_len == 1:
             warnings.warn(f"{path} holds a single frame (an image?): the clip repeats it {num_frames} times",
                           stacklevel=2)
+        state = rng.bit_generator.state if rng is not None else None
         for attempt in range(2):
-            if clips == 1:
-                wanted = [sample_frame_indices(num_frames, frame_sample_rate, seg_len, np.random.default_rng(seed))]
+            if rng is not None:
+                rng.bit_generator.state = state  # the retry over the frames that decode draws the same number
+                wanted = [sample_frame_indices(num_frames, frame_sample_rate, seg_len, rng)]
             else:
                 wanted = _uniform_clips(num_frames, frame_sample_rate, seg_len, clips)
             needed = sorted({int(i) for w in wanted for i in w})
@@ -298,8 +317,7 @@ def read_video(
     if 1 < seg_len < num_frames:  # the clip repeats frames: say so (what a model sees is not the clip it expects)
         warnings.warn(f"{path}: {seg_len} frames decode, fewer than the {num_frames} a clip needs; the clip spreads "
                       f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=2)
-    out = np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted])
-    return out[0] if clips == 1 else out
+    return np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted]), seg_len
 
 
 class _DecodingStopped(Exception):
