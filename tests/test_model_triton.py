@@ -117,6 +117,37 @@ def test_low_precision_model(dtype):
     assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)
 
 
+def test_autocast_runs_our_kernels_in_its_dtype_with_fp32_weights(caplog):
+    """Trainer's bf16 (autocast over fp32 weights): every op of ours runs on bf16 activations with the weights cast
+    as autocast casts them (so: exactly the bf16 model's result), nothing falls back, gradients reach the fp32
+    weights (equal to the bf16 model's gradients)."""
+    cfg, _, tri = make_pair()
+    low = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE)
+    low.load_state_dict(tri.state_dict())
+    low.to(torch.bfloat16)
+    x, y = inputs(cfg)
+    forget_said()
+    with caplog.at_level(logging.WARNING, logger="vivit_kernels"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            launches, _, _ = count_launches(lambda: tri(x, labels=y).loss.backward())
+            out = tri(x).logits
+    assert not [r for r in caplog.records if "dtype" in r.getMessage()], [r.getMessage() for r in caplog.records]
+    assert out.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in tri.parameters())
+    assert launches > 7 * cfg.num_hidden_layers  # forward and backward kernels of ours
+    expected = low(x.to(torch.bfloat16)).logits
+    assert torch.equal(out, expected), (out - expected).abs().max()
+    low(x.to(torch.bfloat16), labels=y).loss.backward()
+    autocast_grads = {n: p.grad.clone() for n, p in tri.named_parameters() if p.grad is not None}
+    tri.zero_grad()
+    tri(x, labels=y).loss.backward()  # fp32: the reference
+    low_grads = dict(low.named_parameters())
+    for name, p in tri.named_parameters():
+        assert name in autocast_grads and autocast_grads[name].dtype == torch.float32, name
+        err_ours = (autocast_grads[name] - p.grad).abs().max().item()
+        err_bf16 = (low_grads[name].grad.float() - p.grad).abs().max().item()
+        assert err_ours <= 3 * err_bf16 + 1e-3, (name, err_ours, err_bf16)  # flash-attention's rule for gradients
+
+
 def test_compile_fullgraph_triton_model():
     torch._dynamo.reset()
     cfg, eager, tri = make_pair()

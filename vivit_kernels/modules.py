@@ -63,9 +63,27 @@ def _why_not_plain(module: nn.Module, kind: type, x: torch.Tensor) -> Optional[s
     if _hooks(module):
         return "has forward hooks"
     weight = getattr(module, "weight", None)
-    if weight is None or weight.dtype != x.dtype or weight.device != x.device:
-        return f"holds {None if weight is None else weight.dtype} weights for {x.dtype} inputs (autocast or a dtype mix)"
+    if weight is None or weight.device != x.device or (weight.dtype != x.dtype and not _autocast_to(weight, x)):
+        return f"holds {None if weight is None else weight.dtype} weights for {x.dtype} inputs (a dtype mix)"
     return None
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """autocast's dtype where it is on for this device type, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_to(param: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether autocast is on and ``x`` is in its dtype while the floating-point ``param`` is not: our ops then
+    take the parameter cast to that dtype (``_w``), as autocast casts weights for F.linear."""
+    return param.is_floating_point() and x.dtype == _autocast_dtype(x.device.type)
+
+
+def _w(param: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``param`` in ``x``'s dtype under autocast (a differentiable cast: gradients reach the fp32 parameter)."""
+    if param is None or param.dtype == x.dtype or not _autocast_to(param, x):
+        return param
+    return param.to(x.dtype)
 
 
 def _plain(module: nn.Module, kind: type, x: torch.Tensor, where: str) -> bool:
@@ -90,8 +108,9 @@ def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, ac
     fused_gelu = isinstance(activation_fn, FastGELUActivation)
     if _plain(module, nn.Linear, x, where):
         if activation_fn is None or fused_gelu:
-            return backend.linear(x, module.weight, module.bias, "gelu_fast" if fused_gelu else None, residual)
-        y = activation_fn(backend.linear(x, module.weight, module.bias))
+            return backend.linear(x, _w(module.weight, x), _w(module.bias, x), "gelu_fast" if fused_gelu else None,
+                                  residual)
+        y = activation_fn(backend.linear(x, _w(module.weight, x), _w(module.bias, x)))
     else:
         y = module(x)
         if activation_fn is not None:
@@ -122,9 +141,9 @@ class KernelLayerNorm(_KernelModule, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._vivit_backend
         if backend is None or self.weight is None or self.bias is None or len(self.normalized_shape) != 1 \
-                or x.dtype != self.weight.dtype:
+                or (x.dtype != self.weight.dtype and not _autocast_to(self.weight, x)):
             return super().forward(x)
-        return backend.layer_norm(x, self.weight, self.bias, self.eps)
+        return backend.layer_norm(x, _w(self.weight, x), _w(self.bias, x), self.eps)
 
 
 class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
@@ -139,7 +158,8 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         backend = self._vivit_backend
         tubelets, proj = self.patch_embeddings, self.patch_embeddings.projection
         if backend is not None and self._fusable(tubelets, proj, pixel_values):
-            embeddings = backend.patch_embed(pixel_values, proj.weight, proj.bias, self.cls_token, pos)
+            x = pixel_values
+            embeddings = backend.patch_embed(x, _w(proj.weight, x), _w(proj.bias, x), _w(self.cls_token, x), _w(pos, x))
         else:
             embeddings = torch.cat((self.cls_token.expand(batch, -1, -1), tubelets(pixel_values)), dim=1) + pos
         return self.dropout(embeddings)
@@ -194,9 +214,9 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         if backend is not None:
             if backend.check_inputs is not None:
                 backend.check_inputs(pixel_values)
-            if torch.is_autocast_enabled(pixel_values.device.type):
-                log_once("autocast", "vivit_kernels: autocast is on, but our kernels compute in the model's own dtype "
-                                      f"({weight.dtype}); cast the model (model.to(torch.bfloat16)) for bf16 kernels")
+            compute = _autocast_dtype(pixel_values.device.type)
+            if compute is not None and weight.is_floating_point():  # autocast: our kernels compute in its dtype
+                return pixel_values.to(compute)
         return pixel_values.to(weight.dtype)
 
     def position_table(self, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -251,7 +271,8 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
                                             for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj")))
         fused = fused and (q_.bias is None) == (k_.bias is None) == (v_.bias is None)
         if fused:
-            qkv = backend.qkv(h, q_.weight, q_.bias, k_.weight, k_.bias, v_.weight, v_.bias).view(batch, tokens, 3, heads, head_dim)
+            qkv = backend.qkv(h, _w(q_.weight, h), _w(q_.bias, h), _w(k_.weight, h), _w(k_.bias, h), _w(v_.weight, h),
+                              _w(v_.bias, h)).view(batch, tokens, 3, heads, head_dim)
             q, k, v = qkv.unbind(2)
         else:
             q, k, v = (self._project(name, h).view(shape) for name in ("q_proj", "k_proj", "v_proj"))
@@ -313,7 +334,8 @@ class KernelVivitLayer(_KernelModule, hf.VivitLayer):
         res = residual if fuse_residual else None
         fc1, fc2 = _name(self, "mlp.fc1"), _name(self, "mlp.fc2")
         if gelu and _plain(mlp.fc1, nn.Linear, h, fc1) and _plain(mlp.fc2, nn.Linear, h, fc2):
-            out = backend.mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, "gelu_fast", res)
+            out = backend.mlp(h, _w(mlp.fc1.weight, h), _w(mlp.fc1.bias, h), _w(mlp.fc2.weight, h),
+                              _w(mlp.fc2.bias, h), "gelu_fast", res)
         else:
             hidden = _linear(backend, mlp.fc1, fc1, h, activation_fn=mlp.activation_fn)
             out = _linear(backend, mlp.fc2, fc2, hidden, residual=res)
