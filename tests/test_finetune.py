@@ -101,7 +101,7 @@ def test_training_clips_are_random_windows_and_evaluation_views_match_the_proces
     evaluation = vdata.VideoClipDataset(items, {"a": 0}, processor, num_frames=4, frame_sample_rate=2, views=(2, 3))
     item = evaluation[0]
     assert item["pixel_values"].shape == (6, 4, 3, 32, 32) and item["labels"] == 0
-    frames, _ = read_clips(path, 4, 2, clips=2)
+    frames = read_clips(path, 4, 2, clips=2).frames
     expected = VideoProcessor.for_image_size(32, 32, spatial_crops=3)(torch.from_numpy(frames))["pixel_values"]
     assert torch.equal(item["pixel_values"], expected), "evaluation preprocessing differs from VideoProcessor's"
 

@@ -1,4 +1,4 @@
-"""The vivit-kernels command line: info | demo | classify | finetune | tune | acceptance | compile-report | bench.
+"""The vivit-kernels command line: info | demo | classify | predict | finetune | tune | acceptance | compile-report | bench.
 
 The heavy imports happen inside each command, after the command has configured the environment: on a
 machine without CUDA, demo and classify turn on the Triton interpreter (TRITON_INTERPRET=1) before any kernel is
@@ -187,22 +187,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _processor_for(model, model_dir):
     """The checkpoint's preprocessor_config.json, else transformers' defaults scaled to the model's size."""
-    from pathlib import Path
-
-    from .model import image_hw
     from .processing import VideoProcessor
 
-    if model_dir and (Path(model_dir) / "preprocessor_config.json").is_file():
-        return VideoProcessor.from_pretrained(model_dir)
-    height, width = image_hw(model.config)
-    return VideoProcessor() if (height, width) == (224, 224) else VideoProcessor.for_image_size(height, width)
+    return VideoProcessor.for_model(model.config, model_dir)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
     from .model import VivitForVideoClassification
-    from .processing import read_video
+    from .processing import read_clips
 
     if not os.path.isfile(args.video):  # before building a model
         raise UsageError(f"no video file {args.video}" + (" (it is a directory)" if os.path.isdir(args.video) else ""))
@@ -219,11 +213,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.crops == 3:
         processor.spatial_crops = 3
     start = time.perf_counter()
-    frames = read_video(args.video, num_frames=cfg.num_frames, frame_sample_rate=args.frame_sample_rate,
-                        clips=args.clips, seed=args.seed)
+    # the evaluation views, as `predict` and finetune's evaluation take them: 1 clip is the middle window
+    frames = read_clips(args.video, cfg.num_frames, args.frame_sample_rate, args.clips).frames
     decoded = time.perf_counter()
-    if args.clips == 1:
-        frames = frames[None]
     pixel_values = processor(torch.from_numpy(frames), device=device, dtype=dtype)["pixel_values"]
     _sync(device)
     processed = time.perf_counter()
@@ -275,6 +267,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             print(f"{len(result['skipped'])} video(s) could not be read and were skipped: listed in "
                   f"{os.path.join(result['out'], 'finetune_results.json')}")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .predict import FAILED_EXIT_CODE, predict_to_file
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    device = _device(args.device)
+    summary = predict_to_file(
+        args.inputs, args.model, args.out, embeddings=args.embeddings, progress=not args.no_progress,
+        retry_errors=args.retry_errors, clips=args.clips, crops=args.crops, top_k=args.top_k,
+        batch_size=args.batch_size, frame_sample_rate=args.frame_sample_rate, workers=args.workers, device=device,
+        dtype=dtype, attn=args.attn)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"this run: {summary['this_run'].summary()}")
+    if summary["skipped_already_done"]:
+        print(f"{summary['skipped_already_done']} video(s) already had a line in {args.out}: skipped")
+    if "embeddings" in summary:
+        print(f"embeddings: {summary['embeddings']['rows']} rows in {summary['embeddings']['file']}")
+    print(f"{summary['out']}: {summary['rows']} lines for {summary['inputs']} inputs, {summary['failed']} failed"
+          + (" (their lines have 'error'; --retry-errors tries them again)" if summary["failed"] else ""))
+    return FAILED_EXIT_CODE if summary["failed"] else 0
 
 
 class UsageError(Exception):
@@ -375,6 +391,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-sample-rate", type=_positive, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_classify, interpreter=True)
+
+    p = sub.add_parser("predict", help="classify a collection (files, folders, globs, manifests) into a resumable "
+                                       "JSONL, with pooled embeddings; torchrun for several GPUs")
+    p.add_argument("inputs", nargs="+", help="video files, folders (recursive), globs, or CSV / JSONL manifests with "
+                                            "a path column")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--out", required=True, help="the JSONL file: one line per video; run again to resume")
+    p.add_argument("--embeddings", help="also write the pooled features: FILE.safetensors or FILE.npy")
+    p.add_argument("--clips", type=_positive, default=1, help="temporal clips per video (default 1: the middle)")
+    p.add_argument("--crops", type=int, default=1, choices=[1, 3], help="spatial crops per clip")
+    p.add_argument("--top-k", type=_positive, default=5)
+    p.add_argument("--batch-size", type=_positive, default=8, help="videos per batch (their views in one forward)")
+    p.add_argument("--frame-sample-rate", type=_positive, default=1)
+    p.add_argument("--workers", type=int, help="decoding workers (default: half the cores, at most 8)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bfloat16 on a GPU, "
+                                                                              "float32 on the CPU")
+    p.add_argument("--attn", choices=["eager", "sdpa", "triton", "auto"], help="default: auto on a GPU, sdpa on "
+                                                                              "the CPU")
+    p.add_argument("--retry-errors", action="store_true", help="try the videos whose earlier line is an error again")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("finetune", help="fine-tune on your videos (class folders or a manifest) with transformers' "
                                         "Trainer on our kernels; torchrun for several GPUs")

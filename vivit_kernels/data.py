@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,7 @@ def manifest_items(file: str | os.PathLike, need_label: bool = True) -> list[Vid
         if need_label and (label is None or str(label) == ""):
             raise ValueError(f"{file}: row {n} ({row['path']}) has no 'label'")
         path = Path(row["path"]).expanduser()
-        items.append(VideoItem(str(path if path.is_absolute() else file.parent / path),
+        items.append(VideoItem(os.path.normpath(path if path.is_absolute() else file.parent / path),
                                None if label is None else str(label)))
     if not items:
         raise ValueError(f"{file}: the manifest lists no videos")
@@ -303,9 +304,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def _load(self, item: VideoItem) -> dict[str, Any]:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
         clips = 1 if self.train else self.views[0]
+        start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:  # counted, not printed once per call
             warnings.simplefilter("always")
-            frames, seg_len = read_clips(item.path, self.num_frames, self.frame_sample_rate, clips, rng)
+            frames, seg_len, duration = read_clips(item.path, self.num_frames, self.frame_sample_rate, clips, rng)
+        decode_s = time.perf_counter() - start
         for w in caught:
             if "frames repeat" not in str(w.message) and item.path not in self._logged:
                 self._logged.add(item.path)
@@ -313,11 +316,14 @@ class VideoClipDataset(torch.utils.data.Dataset):
         clip = torch.from_numpy(frames)  # (clips, T, H, W, 3) uint8
         views = self._views(clip.shape[2], clip.shape[3])
         sample = {"labels": self._label(item), "path": item.path,
-                  "short": seg_len < self.num_frames * self.frame_sample_rate}
+                  "short": seg_len < self.num_frames * self.frame_sample_rate,
+                  "meta": {"video_frames": seg_len, "duration_s": duration, "decode_s": decode_s}}
         if self.preprocess_on == "device":
             sample.update(frames=clip, views=views)
         else:
+            start = time.perf_counter()
             sample["pixel_values"] = process_views(self.processor, clip, views, self.dtype)
+            sample["meta"]["preprocess_s"] = time.perf_counter() - start
         return sample
 
     def _views(self, height: int, width: int) -> list[_View]:
@@ -365,6 +371,8 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": [pair for s in samples for pair in s["skipped"]],
         "short": sum(1 for s in good if s["short"]),
     }
+    batch["paths"] = [s["path"] for s in good]
+    batch["meta"] = [s["meta"] for s in good]  # per video: frames, duration, decode (and worker preprocess) time
     if "counted" in samples[0]:  # evaluation shards: whether each item counts (padding items do not)
         batch["counted"] = torch.tensor([s["counted"] for s in good], dtype=torch.bool)
     if good and "frames" in good[0]:
@@ -389,7 +397,8 @@ class VideoBatchPreparer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.skipped.update(dict(batch.pop("skipped", [])))
         self.short += int(batch.pop("short", 0))
-        batch.pop("index", None)
+        for key in ("index", "paths", "meta"):
+            batch.pop(key, None)
         frames, views = batch.pop("frames", None), batch.pop("views", None)
         if frames is not None:
             batch["pixel_values"] = torch.stack([

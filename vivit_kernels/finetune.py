@@ -92,9 +92,7 @@ def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: 
         config = (VivitConfig.from_preset(preset, **overrides) if isinstance(preset, str)
                   else VivitConfig(**{**preset.to_dict(), **overrides}))
         vivit = VivitForVideoClassification(config, attn=attn)
-        height, width = image_hw(vivit.config)
-        processor = VideoProcessor() if (height, width) == (224, 224) else VideoProcessor.for_image_size(height, width)
-        return vivit, processor
+        return vivit, VideoProcessor.for_model(vivit.config)
     config = transformers.AutoConfig.from_pretrained(model)
     if num_frames and num_frames != config.num_frames:
         raise ValueError(f"num_frames: the checkpoint {model} was trained on {config.num_frames} frames, "
@@ -105,12 +103,7 @@ def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: 
     if not same:
         logger.warning("vivit_kernels finetune: the checkpoint's %d labels differ from the data's %d: the "
                        "classifier starts anew", len(config.id2label), len(splits.id2label))
-    if (Path(model) / "preprocessor_config.json").is_file():
-        processor = VideoProcessor.from_pretrained(model)
-    else:
-        height, width = image_hw(vivit.config)
-        processor = VideoProcessor() if (height, width) == (224, 224) else VideoProcessor.for_image_size(height, width)
-    return vivit, processor
+    return vivit, VideoProcessor.for_model(vivit.config, model)
 
 
 def _add_lora(model, rank: int, alpha: Optional[int]):

@@ -12,14 +12,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .ops.preprocess import preprocess_video
 
-__all__ = ["VideoProcessor", "read_video", "read_clips", "sample_frame_indices", "PROCESSOR_PRESETS"]
+__all__ = ["VideoProcessor", "read_video", "read_clips", "Clips", "sample_frame_indices", "PROCESSOR_PRESETS"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +98,16 @@ class VideoProcessor:
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
         return cls(**{**config, **overrides})
+
+    @classmethod
+    def for_model(cls, config: Any, directory: Optional[str | os.PathLike] = None) -> "VideoProcessor":
+        """A model's processor: ``directory``'s preprocessor_config.json where it has one, else transformers'
+        defaults, scaled to the config's image size when that is not 224x224."""
+        if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
+            return cls.from_pretrained(directory)
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return cls() if (height, width) == (224, 224) else cls.for_image_size(height, width)
 
     @classmethod
     def for_image_size(cls, height: int, width: int, **overrides: Any) -> "VideoProcessor":
@@ -260,17 +270,26 @@ def read_video(
     Decoding seeks to the key frame before the first needed frame instead of decoding from the start, when the
     stream has timestamps to seek by.
     """
-    frames, _ = read_clips(path, num_frames, frame_sample_rate, clips,
-                           None if clips > 1 else np.random.default_rng(seed))
+    frames = read_clips(path, num_frames, frame_sample_rate, clips,
+                        None if clips > 1 else np.random.default_rng(seed)).frames
     return frames[0] if clips == 1 else frames
 
 
+class Clips(NamedTuple):
+    """What ``read_clips`` decoded: ``frames`` (clips, num_frames, H, W, 3) uint8; ``video_frames``, the number of
+    frames the video has (fewer than ``num_frames * frame_sample_rate``: its clips repeat frames); ``duration_s``
+    (None when the stream has no frame rate)."""
+
+    frames: np.ndarray
+    video_frames: int
+    duration_s: Optional[float]
+
+
 def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int = 1, clips: int = 1,
-               rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, int]:
+               rng: Optional[np.random.Generator] = None) -> Clips:
     """``read_video`` with the sampling chosen by the caller: one random window drawn from ``rng``, or, with
-    ``rng=None``, ``clips`` windows spread evenly (one clip: the middle window, the evaluation view). Returns
-    the frames ((clips, num_frames, H, W, 3) uint8, always with the clips axis) and the number of frames the
-    video has (fewer than ``num_frames * frame_sample_rate``: its clips repeat frames)."""
+    ``rng=None``, ``clips`` windows spread evenly (one clip: the middle window, the evaluation view). The frames
+    always have the clips axis; see ``Clips``."""
     try:
         import av
     except ImportError:
@@ -288,6 +307,7 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
         seg_len = stream.frames or _count_frames(container, stream, path)
         if seg_len == 0:
             raise ValueError(f"{path} has no video frames")
@@ -317,7 +337,8 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
     if 1 < seg_len < num_frames:  # the clip repeats frames: say so (what a model sees is not the clip it expects)
         warnings.warn(f"{path}: {seg_len} frames decode, fewer than the {num_frames} a clip needs; the clip spreads "
                       f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=2)
-    return np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted]), seg_len
+    out = np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted])
+    return Clips(out, seg_len, seg_len / fps if fps else None)
 
 
 class _DecodingStopped(Exception):

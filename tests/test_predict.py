@@ -1,0 +1,164 @@
+"""Classifying a collection: inputs (files, folders, globs, manifests), one JSON line per video with errors
+marked, agreement with `classify`, embeddings equal to the model's pooled features, resuming after a crash
+without duplicates or gaps, two processes giving the rows of one. CPU, generated videos, the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vivit_kernels as vk
+from helpers import assert_close
+from videos import motion_dataset, write_video
+from vivit_kernels import cli
+from vivit_kernels import predict as vp
+from vivit_kernels.processing import VideoProcessor, read_clips
+
+pytestmark = pytest.mark.cpu_only
+OPTIONS = dict(workers=0, device="cpu", batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """14 videos in class folders, plus a corrupt and an empty file, and a tiny checkpoint with named labels."""
+    root = tmp_path_factory.mktemp("collection")
+    motion_dataset(root / "videos", per_class=7)
+    (root / "videos" / "up" / "corrupt.mp4").write_bytes(os.urandom(3000))
+    (root / "videos" / "down" / "empty.mp4").write_bytes(b"")
+    torch.manual_seed(0)
+    config = vk.VivitConfig.from_preset("tiny", num_labels=6, id2label={i: f"action_{i}" for i in range(6)})
+    vk.VivitForVideoClassification(config).save_pretrained(root / "model")
+    return root
+
+
+def rows_of(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_inputs_from_files_folders_globs_and_manifests(collection, tmp_path):
+    videos = collection / "videos"
+    every = vp.collect_inputs([videos])
+    assert len(every) == 16 and every == sorted(every)
+    one = str(videos / "up" / "003.mp4")
+    (tmp_path / "list.csv").write_text(f"path\n{one}\n../{Path(one).relative_to(collection.parent)}\n")
+    (tmp_path / "list.jsonl").write_text(json.dumps({"path": one}) + "\n")
+    got = vp.collect_inputs([one, str(videos / "down" / "00*.mp4"), tmp_path / "list.csv", tmp_path / "list.jsonl"])
+    assert got[0] == one and len(got) == 1 + 7, got  # given order; each path once
+    with pytest.raises(FileNotFoundError, match="no file, folder or manifest at"):
+        vp.collect_inputs([tmp_path / "nothing.mp4"])
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        vp.collect_inputs([str(tmp_path / "*.webm")])
+
+
+def test_one_line_per_video_errors_marked_and_classify_agrees(collection, tmp_path, capsys, monkeypatch):
+    out, emb = tmp_path / "preds.jsonl", tmp_path / "emb.safetensors"
+    summary = vp.predict_to_file([collection / "videos"], collection / "model", out, embeddings=emb, clips=2,
+                                 crops=3, top_k=3, **OPTIONS)
+    rows = rows_of(out)
+    assert [r["path"] for r in rows] == vp.collect_inputs([collection / "videos"])
+    failed = {Path(r["path"]).name: r["error"] for r in rows if "error" in r}
+    assert set(failed) == {"corrupt.mp4", "empty.mp4"} and all("not a readable video" in e for e in failed.values())
+    assert summary["failed"] == 2 and summary["rows"] == 16 and summary["this_run"].videos == 16
+    good = [r for r in rows if "error" not in r]
+    assert all(r["views"] == "2x3" and r["frames"] == 8 and len(r["labels"]) == 3 for r in good)
+    assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in good)
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # classify may set it
+    for row in good[:3]:
+        assert cli.main(["classify", row["path"], "--model", str(collection / "model"), "--device", "cpu",
+                         "--top-k", "1", "--clips", "2", "--crops", "3"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[1].split()[-1] == row["labels"][0], (printed, row)
+
+    keys, matrix = vp.read_embeddings(emb)
+    assert keys == [r["path"] for r in good] and matrix.shape == (14, 64)
+    model = vk.VivitForVideoClassification.from_pretrained(collection / "model", attn="sdpa").eval()
+    processor = VideoProcessor.for_model(model.config, collection / "model")
+    processor.spatial_crops = 3
+    for j in (0, 13):
+        frames = read_clips(keys[j], model.config.num_frames, 1, clips=2).frames
+        with torch.no_grad():
+            pooled = model.vivit(processor(torch.from_numpy(frames))["pixel_values"]).last_hidden_state[:, 0].mean(0)
+        assert_close(torch.from_numpy(matrix[j]), pooled, 1e-5, name=f"embedding of {keys[j]}")
+
+
+def test_an_interrupted_run_resumes_without_duplicates_or_gaps(collection, tmp_path, monkeypatch):
+    whole = tmp_path / "whole.jsonl"
+    vp.predict_to_file([collection / "videos"], collection / "model", whole, **OPTIONS)
+    out, emb = tmp_path / "preds.jsonl", tmp_path / "emb.npy"
+    writes = {"n": 0}
+    real_write = vp._Appender.write
+
+    def crash_on_second_batch(self, rows):
+        writes["n"] += 1
+        if writes["n"] == 2:
+            os.write(self.fd, b'{"path": "half a li')  # the machine dies in the middle of a line
+            raise KeyboardInterrupt
+        real_write(self, rows)
+
+    monkeypatch.setattr(vp._Appender, "write", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        vp.predict_to_file([collection / "videos"], collection / "model", out, embeddings=emb, **OPTIONS)
+    monkeypatch.setattr(vp._Appender, "write", real_write)
+    first = out.read_text()
+    assert first.count("\n") == 4 and not first.endswith("\n")  # one batch whole, a half line after it
+    summary = vp.predict_to_file([collection / "videos"], collection / "model", out, embeddings=emb, **OPTIONS)
+    assert summary["skipped_already_done"] == 4 and summary["this_run"].videos == 12
+    assert rows_of(out) == rows_of(whole), "the resumed file differs from an uninterrupted run's"
+    keys, matrix = vp.read_embeddings(emb)
+    assert keys == [r["path"] for r in rows_of(whole) if "error" not in r] and len(set(keys)) == len(keys)
+    again = vp.predict_to_file([collection / "videos"], collection / "model", out, **OPTIONS)
+    assert again["this_run"].videos == 0 and rows_of(out) == rows_of(whole)
+
+
+def test_retry_errors_replaces_the_error_line(collection, tmp_path):
+    videos = tmp_path / "v"
+    (videos / "a").mkdir(parents=True)
+    write_video(videos / "a" / "good.mp4", n_frames=8)
+    (videos / "a" / "later.mp4").write_bytes(b"not yet")
+    out = tmp_path / "p.jsonl"
+    assert vp.predict_to_file([videos], collection / "model", out, **OPTIONS)["failed"] == 1
+    write_video(videos / "a" / "later.mp4", n_frames=8)  # the download finished
+    assert vp.predict_to_file([videos], collection / "model", out, **OPTIONS)["failed"] == 1  # skipped: has a line
+    summary = vp.predict_to_file([videos], collection / "model", out, retry_errors=True, **OPTIONS)
+    rows = rows_of(out)
+    assert summary["failed"] == 0 and len(rows) == 2 and all("error" not in r for r in rows)
+
+
+def test_the_command_exit_status_and_last_line_count_failures(collection, tmp_path, capsys):
+    args = ["predict", str(collection / "videos"), "--model", str(collection / "model"), "--out",
+            str(tmp_path / "p.jsonl"), "--device", "cpu", "--workers", "0", "--no-progress"]
+    assert cli.main(args) == vp.FAILED_EXIT_CODE
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("16 lines for 16 inputs, 2 failed (their lines have 'error'; --retry-errors tries them again)")
+    good = str(collection / "videos" / "up" / "000.mp4")
+    assert cli.main(["predict", good, "--model", str(collection / "model"), "--out", str(tmp_path / "q.jsonl"),
+                     "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("1 lines for 1 inputs, 0 failed")
+
+
+def test_two_processes_write_the_rows_of_one(collection, tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    vp.predict_to_file([collection / "videos"], collection / "model", one, embeddings=tmp_path / "one.npy", **OPTIONS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vivit_kernels.cli",
+           "predict", str(collection / "videos"), "--model", str(collection / "model"), "--out", str(two),
+           "--embeddings", str(tmp_path / "two.npy"), "--device", "cpu", "--workers", "0", "--batch-size", "4",
+           "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0 and "16 lines for 16 inputs, 2 failed" in run.stdout, run.stderr[-3000:]
+    a, b = rows_of(one), rows_of(two)
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x.get("labels") == y.get("labels") and x.get("error") == y.get("error")
+        assert np.allclose(x.get("scores", []), y.get("scores", []), atol=1e-5)
+    keys_a, emb_a = vp.read_embeddings(tmp_path / "one.npy")
+    keys_b, emb_b = vp.read_embeddings(tmp_path / "two.npy")
+    assert keys_a == keys_b and np.allclose(emb_a, emb_b, atol=1e-5)
+    assert not list(tmp_path.glob("two.jsonl.rank*")) and not (tmp_path / "two.npy.parts").exists()

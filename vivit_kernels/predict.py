@@ -1,0 +1,429 @@
+"""Classify a whole collection of videos: batch prediction and embeddings, resumable, on one process or many.
+
+    from vivit_kernels.predict import predict
+    for row in predict(["videos/"], model="runs/mine"):
+        print(row["path"], row["labels"][0], row["scores"][0])
+
+``predict_to_file`` (and ``vivit-kernels predict INPUT... --model CKPT --out preds.jsonl``) writes one JSON line
+per video and can be stopped and run again: videos with a line are skipped, and a line is either whole or not
+there. Under torchrun each rank takes every world-th input, writes its own part file, and rank 0 merges the parts
+in input order at the end. Decoding runs in DataLoader workers; clips of several videos go through the model in
+one batch; preprocessing runs on the GPU (``VideoProcessor``'s fused op) when the model is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import data as vdata
+from ._files import atomic_write_text
+from .processing import VideoProcessor
+
+__all__ = ["collect_inputs", "predict", "predict_to_file", "Predictor", "Timings", "FAILED_EXIT_CODE"]
+
+logger = logging.getLogger("vivit_kernels.predict")
+FAILED_EXIT_CODE = 3  # the command's exit status when some videos could not be read
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Video paths from files, folders (recursive, by video extension, sorted), globs, and manifests (``.csv``
+    with a ``path`` column, ``.jsonl`` with a ``path`` key; relative paths are relative to the manifest), in the
+    order given, each path once."""
+    out: list[str] = []
+    for raw in inputs:
+        text = str(raw)
+        path = Path(text)
+        if path.is_dir():
+            out.extend(vdata.find_videos(path))
+        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
+            out.extend(item.path for item in vdata.manifest_items(path, need_label=False))
+        elif path.is_file():
+            out.append(text)
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {text}")
+            for match in matches:
+                out.extend(vdata.find_videos(match) if Path(match).is_dir() else [match])
+        else:
+            raise FileNotFoundError(f"no file, folder or manifest at {text}")
+    seen: set[str] = set()
+    unique = [p for p in out if not (p in seen or seen.add(p))]
+    if not unique:
+        raise ValueError(f"no videos found in {', '.join(map(str, inputs))}")
+    return unique
+
+
+# ------------------------------------------------------------------------------------------------
+# The model loop
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Timings:
+    """Where the time went: ``waiting_s`` for the DataLoader (decoding is the usual cause), ``preprocess_s``
+    (on the device, or summed over the workers on the CPU), ``model_s`` forward; ``decode_s`` summed over the
+    workers (they run in parallel, so it can exceed the wall time)."""
+
+    videos: int = 0
+    failed: int = 0
+    wall_s: float = 0.0
+    waiting_s: float = 0.0
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+    model_s: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.videos / self.wall_s if self.wall_s else 0.0
+        return (f"{self.videos} videos ({self.failed} failed) in {self.wall_s:.1f} s, {rate:.2f} videos/s; waiting "
+                f"for decoded videos {self.waiting_s:.1f} s, preprocessing {self.preprocess_s:.1f} s, model "
+                f"{self.model_s:.1f} s (decoding took {self.decode_s:.1f} s summed over the decoding processes)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Predictor:
+    """A model and its processor, run over video paths: ``run(paths)`` yields (row, pooled features) per video
+    in input order; rows of videos that could not be read have ``error`` and no features."""
+
+    model: Any
+    processor: VideoProcessor
+    clips: int = 1
+    crops: int = 1
+    top_k: int = 5
+    batch_size: int = 8
+    frame_sample_rate: int = 1
+    workers: int = 0
+    name: str = ""
+    timings: Timings = field(default_factory=Timings)
+
+    def run(self, paths: Sequence[str], progress: bool = False) -> Iterator[tuple[dict[str, Any], Optional[np.ndarray]]]:
+        if not paths:
+            return
+        param = next(self.model.parameters())
+        device, dtype = param.device, param.dtype
+        preprocess_on = "device" if device.type == "cuda" else "worker"
+        items = [vdata.VideoItem(p) for p in paths]
+        dataset = vdata.VideoClipDataset(items, None, self.processor, self.model.config.num_frames,
+                                         self.frame_sample_rate, views=(self.clips, self.crops),
+                                         preprocess_on=preprocess_on, dtype=dtype)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+                                             collate_fn=vdata.collate_clips, pin_memory=device.type == "cuda")
+        preparer = vdata.VideoBatchPreparer(self.processor, device, dtype)
+        views = self.clips * self.crops
+        names = self.model.config.id2label
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(paths), unit="video", desc="predict", dynamic_ncols=True)
+        t = self.timings
+        self.model.eval()
+        start = last = time.perf_counter()
+        position = 0  # the loader keeps the input order: batch n holds paths[n * batch_size:][:batch_size]
+        try:
+            for batch in loader:
+                got = time.perf_counter()
+                t.waiting_s += got - last
+                errors = {p: e for p, e in batch["skipped"]}
+                paths_ok, meta = batch["paths"], batch["meta"]
+                t.decode_s += sum(m["decode_s"] for m in meta)
+                pixels = preparer(batch).get("pixel_values")
+                _sync(device)
+                prepared = time.perf_counter()
+                t.preprocess_s += prepared - got + sum(m.get("preprocess_s", 0.0) for m in meta)
+                results: dict[str, tuple[dict, np.ndarray]] = {}
+                if pixels is not None:
+                    with torch.no_grad():
+                        flat = pixels.to(device, dtype).reshape(-1, *pixels.shape[-4:])
+                        features = self.model.vivit(flat).last_hidden_state[:, 0]
+                        probs = self.model.classifier(features).float().softmax(-1)
+                        probs = probs.view(len(paths_ok), views, -1).mean(1)
+                        pooled = features.float().view(len(paths_ok), views, -1).mean(1)
+                        top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+                    scores, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+                    pooled = pooled.cpu().numpy()
+                    for j, path in enumerate(paths_ok):
+                        row = {"path": path, "labels": [names.get(i, str(i)) for i in indices[j]],
+                               "scores": [round(s, 6) for s in scores[j]], "views": f"{self.clips}x{self.crops}",
+                               "frames": meta[j]["video_frames"], "duration_s": _round(meta[j]["duration_s"]),
+                               "model": self.name, "vivit_kernels": __version__}
+                        results[path] = (row, pooled[j])
+                _sync(device)
+                last = time.perf_counter()
+                t.model_s += last - prepared
+                in_batch = paths[position : position + self.batch_size]
+                position += len(in_batch)
+                for path in in_batch:
+                    t.videos += 1
+                    if path in results:
+                        yield results[path]
+                    else:
+                        t.failed += 1
+                        yield ({"path": path, "error": errors.get(path, "not decoded"), "model": self.name,
+                                "vivit_kernels": __version__}, None)
+                if bar is not None:
+                    bar.update(len(in_batch))
+                    bar.set_postfix(failed=t.failed)
+                last = time.perf_counter()
+        finally:
+            t.wall_s += time.perf_counter() - start
+            if bar is not None:
+                bar.close()
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 3)
+
+
+def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, batch_size: int = 8,
+                   frame_sample_rate: int = 1, workers: Optional[int] = None, device: Any = None,
+                   dtype: Optional[torch.dtype] = None, attn: Optional[str] = None) -> Predictor:
+    """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults: the GPU when there is one,
+    bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU."""
+    from .model import VivitForVideoClassification
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: there is no CUDA device here; use device='cpu'")
+    gpu = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32)
+    attn = attn or ("auto" if gpu else "sdpa")
+    directory = None
+    if isinstance(model, (str, os.PathLike)):
+        directory = model
+        model = VivitForVideoClassification.from_pretrained(model, attn=attn, dtype=dtype)
+    else:
+        model.set_attn(attn)
+    model = model.to(device=device, dtype=dtype).eval()
+    processor = VideoProcessor.for_model(model.config, directory)
+    workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if workers is None else workers
+    return Predictor(model, processor, clips, crops, top_k, batch_size, frame_sample_rate, workers,
+                     name=str(directory) if directory is not None else type(model).__name__)
+
+
+def predict(inputs: Sequence[str | os.PathLike], model: Any, progress: bool = False,
+            **options: Any) -> Iterator[dict[str, Any]]:
+    """One result dict per input video (see the module docstring); ``options`` as ``load_predictor``'s."""
+    predictor = load_predictor(model, **options)
+    for row, _ in predictor.run(collect_inputs(inputs), progress=progress):
+        yield row
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable files
+# ------------------------------------------------------------------------------------------------
+def _read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The whole JSON lines of ``path``; a last line without its newline (a write cut short) is dropped, and with
+    ``repair`` cut off the file, so appends start on a fresh line."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if repair and end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    rows = []
+    for n, line in enumerate(raw[:end].splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not a JSON line ({e}); is this a predictions file?") from None
+    return rows
+
+
+class _Appender:
+    """Appends whole lines: each line is one write of a complete line on an O_APPEND file, flushed to disk."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            os.write(self.fd, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _dist_init() -> tuple[int, int]:
+    """(rank, world): torch.distributed's when torchrun started us (initialised here if needed), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _part(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.rank{rank}.part")
+
+
+def predict_to_file(inputs: Sequence[str | os.PathLike], model: Any, out: str | os.PathLike,
+                    embeddings: Optional[str | os.PathLike] = None, progress: bool = True, retry_errors: bool = False,
+                    **options: Any) -> dict[str, Any]:
+    """Predict every input video into the JSONL file ``out`` (resumable; see the module docstring) and, with
+    ``embeddings`` (``.safetensors`` or ``.npy``), the pooled features, one row per video in the JSONL's order.
+    ``retry_errors``: videos whose earlier line is an error are tried again. Returns a summary dict."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    emb_path = Path(embeddings) if embeddings is not None else None
+    if emb_path is not None and emb_path.suffix not in (".safetensors", ".npy"):
+        raise ValueError(f"embeddings: {emb_path} must end in .safetensors or .npy")
+    rank, world = _dist_init()
+    paths = collect_inputs(inputs)
+    parts_dir = emb_path.with_name(emb_path.name + ".parts") if emb_path is not None else None
+    if rank == 0 and retry_errors and out.is_file():
+        kept = [r for r in _read_rows(out, repair=True) if "error" not in r]
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    if world > 1:
+        torch.distributed.barrier()
+    mine_file = out if world == 1 else _part(out, rank)
+    done = {r["path"] for r in _read_rows(out, repair=world == 1)}
+    for part in out.parent.glob(f"{out.name}.rank*.part"):
+        done |= {r["path"] for r in _read_rows(part, repair=part == mine_file)}
+    if retry_errors:
+        done -= {r["path"] for f in [mine_file] for r in _read_rows(f) if "error" in r}
+    mine = [p for i, p in enumerate(paths) if i % world == rank and p not in done]
+    predictor = load_predictor(model, **options)
+    if parts_dir is not None:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    appender = _Appender(mine_file)
+    seq = len(list(parts_dir.glob(f"rank{rank}-*.safetensors"))) if parts_dir is not None else 0
+    rows: list[dict] = []
+    feats: list[tuple[str, np.ndarray]] = []
+    try:
+        for row, feature in predictor.run(mine, progress=progress and rank == 0):
+            rows.append(row)
+            if feature is not None:
+                feats.append((row["path"], feature))
+            if len(rows) >= predictor.batch_size:
+                seq = _flush(appender, rows, feats, parts_dir, rank, seq)
+                rows, feats = [], []
+        _flush(appender, rows, feats, parts_dir, rank, seq)
+    finally:
+        appender.close()
+    if world > 1:
+        torch.distributed.barrier()
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        summary = _merge(out, paths, world, emb_path, parts_dir)
+    timings = predictor.timings
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, timings)
+        timings = Timings(*(sum(getattr(t, f) for t in gathered) for f in
+                            ("videos", "failed", "wall_s", "waiting_s", "decode_s", "preprocess_s", "model_s")))
+        timings.wall_s /= world
+        torch.distributed.barrier()
+    summary["this_run"] = timings
+    summary["skipped_already_done"] = len(done & set(paths))
+    return summary
+
+
+def _flush(appender: _Appender, rows, feats, parts_dir: Optional[Path], rank: int, seq: int) -> int:
+    """The batch's features first (an atomic part file), then its lines: a line implies its features exist."""
+    if parts_dir is not None and feats:
+        from safetensors.numpy import save_file
+
+        tmp = parts_dir / f".rank{rank}-{seq:07d}.tmp"
+        save_file({"embeddings": np.stack([f for _, f in feats]).astype(np.float32)}, str(tmp),
+                  metadata={"paths": json.dumps([p for p, _ in feats])})
+        os.replace(tmp, parts_dir / f"rank{rank}-{seq:07d}.safetensors")
+        seq += 1
+    appender.write(rows)
+    return seq
+
+
+def _merge(out: Path, paths: list[str], world: int, emb_path: Optional[Path], parts_dir: Optional[Path]) -> dict:
+    """Rank 0: every line (the file and the ranks' parts) once, in input order, written atomically; the part
+    files removed; the embeddings gathered in the same order."""
+    rows: dict[str, dict] = {}
+    for r in _read_rows(out):
+        rows[r["path"]] = r
+    parts = sorted(out.parent.glob(f"{out.name}.rank*.part"))
+    for part in parts:
+        for r in _read_rows(part):
+            rows[r["path"]] = r
+    order = {p: i for i, p in enumerate(paths)}
+    ordered = sorted(rows.values(), key=lambda r: (order.get(r["path"], len(order)), r["path"]))
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    for part in parts:
+        part.unlink()
+    failed = [r for r in ordered if "error" in r]
+    summary = {"out": str(out), "rows": len(ordered), "failed": len(failed), "inputs": len(paths),
+               "missing": len(set(paths) - set(rows))}
+    if emb_path is not None and parts_dir is not None:
+        from safetensors import safe_open
+
+        feats: dict[str, np.ndarray] = {}
+        if emb_path.is_file():  # an earlier run's file: its rows stay, new parts add to it
+            feats.update(zip(*read_embeddings(emb_path)))
+        files = sorted(parts_dir.glob("rank*-*.safetensors"))
+        for file in files:
+            with safe_open(str(file), "np") as f:
+                names = json.loads(f.metadata()["paths"])
+                values = f.get_tensor("embeddings")
+            feats.update(zip(names, values))
+        keep = [r["path"] for r in ordered if r["path"] in feats]
+        matrix = np.stack([feats[p] for p in keep]) if keep else np.zeros((0, 0), np.float32)
+        _write_embeddings(emb_path, keep, matrix)
+        for file in files:  # now in the file: the parts go
+            file.unlink()
+        with contextlib.suppress(OSError):
+            parts_dir.rmdir()
+        without = sum(1 for r in ordered if "error" not in r and r["path"] not in feats)
+        if without:
+            logger.warning("vivit_kernels predict: %d video(s) have a line but no embeddings row (an earlier run "
+                           "without --embeddings wrote them); delete their lines to compute them again", without)
+        summary["embeddings"] = {"file": str(emb_path), "rows": len(keep), "without": without}
+    return summary
+
+
+def _write_embeddings(path: Path, keys: list[str], matrix: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({"embeddings": matrix}, str(tmp), metadata={"paths": json.dumps(keys)})
+    else:
+        with open(tmp, "wb") as f:
+            np.save(f, matrix)
+        atomic_write_text(path.with_name(path.name + ".paths.json"), json.dumps(keys) + "\n")
+    os.replace(tmp, path)
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """(paths, matrix) from an embeddings file ``predict_to_file`` wrote."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            return json.loads(f.metadata()["paths"]), f.get_tensor("embeddings")
+    keys = json.loads(path.with_name(path.name + ".paths.json").read_text(encoding="utf-8"))
+    return keys, np.load(path)
+
