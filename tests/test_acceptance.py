@@ -41,9 +41,11 @@ def test_dry_run_writes_every_section(tmp_path):
     assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS}
     assert data["auto"] and {a["op"] for a in data["auto"]} >= {"layer_norm", "mlp", "attention_qkv"}
     assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out
+    (row,) = data["predict"]  # predict end to end: videos/s and where the time went
+    assert row["videos"] == 2 and row["time_s"] > 0 and 0 < row["waiting_share"] + row["model_share"] <= 1.0
     report = (tmp_path / "report.md").read_text()
     for heading in ("## 1. Environment", "## 2. Correctness", "## 3. Per-op speed", "## 4. The seed's tables",
-                    "## 5. attn=\"auto\" choices", "## Skipped"):
+                    "### End to end: predict over generated videos", "## 5. attn=\"auto\" choices", "## Skipped"):
         assert heading in report, heading
     assert "**Dry run**" in report and "verdict: **PASS" in report
     assert (tmp_path / "inference_latency.png").exists()

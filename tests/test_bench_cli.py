@@ -49,3 +49,12 @@ def test_tables_follow_the_seed_convention():
     assert "| 20 | 1 | fp16 | triton | 10.00 ± 0.50 | 100.0 | 350.0 | 100.0 |" in table
     assert "| 20 | 1 | fp16 | transformers-eager | 20.00 ± 1.00 | 0.0 | 700.0 | 0.0 |" in table
     assert "| 20 | 1 | fp16 | auto | interpreter: correctness run | - | - | - |" in table
+
+
+def test_the_predict_row_shows_videos_per_second_and_where_the_time_went():
+    records = [dict(table="predict", provider="predict vivit-b-16x2", name="test_predict_end_to_end", dtype="bfloat16",
+                    videos=16, workers=8, time_s=2.0, iqr_s=0.1, rounds=3, waiting_share=0.6, preprocess_share=0.05,
+                    model_share=0.3)]
+    table = bench_report.predict_table(records)
+    assert "| predict vivit-b-16x2 | bfloat16 | 16 | 8 | 2.00 ± 0.10 | 8.00 | 60% | 5% | 30% |" in table
+    assert "predict" not in bench_report.ops_table(records)

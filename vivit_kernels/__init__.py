@@ -18,6 +18,9 @@ _EXPORTS = {
     "VivitForVideoClassification": "model",
     "apply_vivit_kernels": "model",
     "CheckpointError": "model",
+    "VivitFactorizedConfig": "models",
+    "VivitFactorizedModel": "models",
+    "VivitFactorizedForVideoClassification": "models",
     "VideoProcessor": "processing",
     "read_video": "processing",
     "ops": None,
@@ -45,4 +48,5 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from . import functional, ops
     from .model import PRESETS, CheckpointError, VivitConfig, VivitForVideoClassification, VivitModel, apply_vivit_kernels
+    from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification, VivitFactorizedModel
     from .processing import VideoProcessor, read_video

@@ -776,6 +776,65 @@ def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str
     })
 
 
+def _predict_row(run: Acceptance) -> None:
+    """``predict`` end to end on generated videos (decoding in workers, preprocessing, the model): videos/s and
+    where the time went, so the run shows whether decoding or the model limits us."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .model import VivitForVideoClassification
+    from .predict import load_predictor
+
+    try:
+        import av
+    except ImportError:
+        run.skip("seed", "predict end to end", "PyAV is not installed (pip install av): no videos to decode")
+        return
+    gpu = run.device.type == "cuda"
+    count, frames, height, width = (16, 64, 240, 320) if gpu else (2, 8, 48, 64)
+    folder = Path(tempfile.mkdtemp(prefix="vivit_predict_"))
+    try:
+        paths = []
+        rng = torch.Generator().manual_seed(0)
+        for i in range(count):
+            path = folder / f"{i:03d}.mp4"
+            with av.open(str(path), mode="w") as container:
+                stream = container.add_stream("mpeg4", rate=25)
+                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                for _ in range(frames):
+                    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=rng).numpy()
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            paths.append(str(path))
+        torch.manual_seed(0)
+        model = VivitForVideoClassification(run.plan.preset)
+        dtype = torch.bfloat16 if gpu else torch.float32
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2))
+        predictor = load_predictor(model, batch_size=8 if gpu else 2, workers=workers, device=run.device, dtype=dtype,
+                                   attn="auto" if gpu else "sdpa")
+        list(predictor.run(paths))  # warm-up: workers, kernels, auto's measurements
+        predictor.timings = type(predictor.timings)()
+        passes = 2 if gpu else 1
+        for _ in range(passes):
+            list(predictor.run(paths))
+        t = predictor.timings
+        if t.failed:
+            raise RuntimeError(f"{t.failed} generated video(s) failed to decode")
+        run.data.setdefault("predict", []).append({
+            "table": "predict", "name": "predict end to end", "provider": f"predict {run.plan.preset}",
+            "dtype": str(dtype).removeprefix("torch."), "videos": count, "workers": workers,
+            "time_s": t.wall_s / passes, "rounds": passes, "waiting_share": t.waiting_s / t.wall_s,
+            "preprocess_share": t.preprocess_s / t.wall_s, "model_share": t.model_s / t.wall_s,
+            "video": f"{frames} frames of {width}x{height}", "device": run.data["environment"].get("device")})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def section_seed(run: Acceptance) -> None:
     plan = run.plan
     # (table, provider, batch, dtype, kind), most valuable first: inference in the first dtype (bf16 on a GPU),
@@ -786,6 +845,7 @@ def section_seed(run: Acceptance) -> None:
     for table, provider, batch, dtype, kind in rows:
         run.step("seed", f"{table} {provider} batch {batch} {dtype}", kind,
                  lambda t=table, p=provider, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
+    run.step("seed", "predict end to end", "train", lambda: _predict_row(run))
     if run.device.type != "cuda":
         run.skip("seed", COMPILED, "torch.compile of transformers' model is timed on a GPU only")
         return
@@ -906,6 +966,12 @@ def render_report(data: dict) -> str:
               "(base / value - 1). Peak memory: torch.cuda.max_memory_allocated over one call, weights included.", "",
               "### Inference", "", bench_report.inference_table(seed), "", "### Training", "",
               bench_report.training_table(seed), ""]
+    if data.get("predict"):
+        video = data["predict"][0].get("video", "")
+        lines += ["### End to end: predict over generated videos", "",
+                  f"{video} videos, decoded with PyAV in DataLoader workers; the shares say whether decoding "
+                  "(waiting for decoded videos) or the model limits the run.", "",
+                  bench_report.predict_table(data["predict"]), ""]
     for name in ("inference_latency.png", "inference_memory.png"):
         if data.get("plots") and name in data["plots"]:
             lines.append(f"![{name[:-4]}]({name})")

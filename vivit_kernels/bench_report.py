@@ -97,8 +97,22 @@ def training_table(records: list[dict]) -> str:
     return _seed_table(records, "training", "num_training_steps", "num_training_steps", "time per step")
 
 
+def predict_table(records: list[dict]) -> str:
+    """End to end rows (bench/test_bench_predict.py): videos/s from the median, and where the time went."""
+    rows = [r for r in records if r.get("table") == "predict" and r.get("time_s")]
+    lines = ["| benchmark | dtype | videos | decode workers | s per pass (median ± IQR) | videos/s | waiting for "
+             "decoded videos | preprocess | model |", "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: f"{100 * v:.0f}%" if v is not None else "-"  # noqa: E731
+    for r in rows:
+        iqr = f" ± {r['iqr_s']:.2f}" if r.get("iqr_s") is not None and (r.get("rounds") or 0) > 1 else ""
+        lines.append(f"| {r.get('provider', r['name'])} | {r.get('dtype', '-')} | {r.get('videos', '-')} | "
+                     f"{r.get('workers', '-')} | {r['time_s']:.2f}{iqr} | {r.get('videos', 0) / r['time_s']:.2f} | "
+                     f"{pct(r.get('waiting_share'))} | {pct(r.get('preprocess_share'))} | {pct(r.get('model_share'))} |")
+    return "\n".join(lines)
+
+
 def ops_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("time_s") and r.get("table") not in ("inference", "training")]
+    rows = [r for r in records if r.get("time_s") and r.get("table") not in ("inference", "training", "predict")]
     lines = ["| benchmark | provider | what ran | dtype | mode | ms (median ± IQR) | TFLOP/s | GB/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("op", r["name"].split("[")[0]), r.get("dtype", ""), r.get("mode", ""))):
@@ -162,6 +176,10 @@ def write_report(out_dir: Path, benchmark_json: Optional[Path], measurements_md:
                   "transformers' eager model, as the seed defines them (base / value - 1).", ""]
         parts += ["## Inference", "", inference_table(records), "", "## Training", "", training_table(records), "",
                   "## Per op", "", ops_table(records), ""]
+        if any(r.get("table") == "predict" for r in records):
+            parts += ["## End to end: predict over a set of videos", "", predict_table(records), "",
+                      "A large share waiting for decoded videos means decoding limits the run (more --workers, or "
+                      "a faster decoder); a large model share means the GPU does.", ""]
         plots = write_plots(records, out_dir)
         for path in plots:
             parts.append(f"![{path.stem}]({path.name})")

@@ -180,8 +180,11 @@ def _build(provider: str, config, dtype: torch.dtype) -> torch.nn.Module:
     import transformers
 
     from .model import VivitForVideoClassification
+    from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification
 
     with _default_dtype(dtype):
+        if isinstance(config, VivitFactorizedConfig):  # transformers has none: its attention is our eager / sdpa
+            return VivitFactorizedForVideoClassification(copy.deepcopy(config), attn=provider.split("-")[-1])
         if provider.startswith("transformers-"):
             hf_config = transformers.VivitConfig(**copy.deepcopy(config).to_dict())
             hf_config._attn_implementation = provider.split("-", 1)[1]

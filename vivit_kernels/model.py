@@ -193,3 +193,7 @@ class VivitForVideoClassification(_AttnMixin, ActivationCheckpointingNames, hf.V
         out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                     attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
+
+
+# the paper's factorised models, registered with transformers' Auto classes whenever our model classes are used
+from . import models as _factorized_models  # noqa: E402,F401

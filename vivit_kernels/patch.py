@@ -15,7 +15,7 @@ from transformers.models.vivit import modeling_vivit as hf
 
 from .backends import Backend, get_backend
 from .guard import guard_pre_hook
-from .modules import KERNEL_SUBCLASSES, KernelLayerNorm
+from .modules import KERNEL_SUBCLASSES, KernelLayerNorm, _KernelModule
 
 __all__ = ["apply_vivit_kernels"]
 
@@ -45,8 +45,9 @@ def _swap_class(module: nn.Module, base: type, to_kernel: bool) -> None:
         module.__class__ = next(c for c in current.__mro__[1:] if issubclass(c, base) and not issubclass(c, kernel))
 
 
-def _vivit_bases(model: nn.Module) -> list[hf.VivitModel]:
-    return [m for m in model.modules() if isinstance(m, hf.VivitModel)]
+def _vivit_bases(model: nn.Module) -> list[nn.Module]:
+    """transformers' VivitModels and the base models of the factorised ViViTs (``_vivit_base``) inside ``model``."""
+    return [m for m in model.modules() if isinstance(m, hf.VivitModel) or getattr(type(m), "_vivit_base", False)]
 
 
 def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[dict[str, str]] = None) -> nn.Module:
@@ -61,7 +62,8 @@ def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[d
     """
     bases = _vivit_bases(model)
     if not bases:
-        raise ValueError(f"apply_vivit_kernels: no transformers VivitModel inside this {type(model).__name__}")
+        raise ValueError(f"apply_vivit_kernels: no ViViT base model (transformers' VivitModel, or our factorised "
+                         f"model) inside this {type(model).__name__}")
     backend = get_backend(attn, pins)
     if attn not in (None, "eager", "sdpa") and backend is None:  # Triton missing: get_backend warned
         attn = "sdpa"
@@ -81,9 +83,9 @@ def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[d
             for cls in KERNEL_SUBCLASSES:
                 if isinstance(module, cls) and not (cls is nn.LayerNorm and type(module) not in (nn.LayerNorm, KernelLayerNorm)):
                     _swap_class(module, cls, backend is not None or cls in _ALWAYS)
-                    if isinstance(module, KERNEL_SUBCLASSES[cls]):
-                        module._vivit_table = backend
-                        module._vivit_name = f"{prefix}.{name}".strip(".") if name else prefix or type(base).__name__
+            if isinstance(module, _KernelModule):  # our subclasses, and the factorised models' own modules
+                module._vivit_table = backend
+                module._vivit_name = f"{prefix}.{name}".strip(".") if name else prefix or type(base).__name__
     return model
 
 
