@@ -8,7 +8,6 @@ weights: the speed is the weights'-independent part); the small preset in fp32 o
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -32,12 +31,13 @@ def videos(tmp_path_factory):
 
 def test_predict_end_to_end(benchmark, videos):
     import vivit_kernels as vk
+    from vivit_kernels.data import default_workers
     from vivit_kernels.predict import load_predictor
 
     torch.manual_seed(0)
     preset, dtype = ("vivit-b-16x2", torch.bfloat16) if ON_GPU else ("small", torch.float32)
     model = vk.VivitForVideoClassification(preset)
-    workers = min(8, max(1, (os.cpu_count() or 2) // 2))
+    workers = default_workers()
     predictor = load_predictor(model, batch_size=8 if ON_GPU else 2, workers=workers, device=DEVICE, dtype=dtype,
                                attn="auto" if ON_GPU else "sdpa")
     run(benchmark, lambda: list(predictor.run(videos)), rounds=3, warmup=1, table="predict", provider=f"predict {preset}",

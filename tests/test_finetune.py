@@ -243,13 +243,15 @@ def test_two_processes_with_torchrun_train_and_write_one_checkpoint(motion, tmp_
            "--batch-size", "4", "--attn", "sdpa", "--workers", "0", "--eval-views", "1x1", "--val-fraction", "0.25",
            "--device", "cpu", "--no-progress"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
+    said = f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-3000:]}"
+    assert run.returncode == 0, said
     results = json.loads((out / "finetune_results.json").read_text())
-    assert results["world_size"] == 2 and results["parallel"] == "ddp"
+    assert results["world_size"] == 2 and results["parallel"] == "ddp", (results, said)
     # 72 training videos, 4 per process and step, 2 processes: 9 steps in the epoch, one checkpoint
-    assert results["metrics"]["steps"] == 9 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-9"]
-    assert results["metrics"]["multiview_videos"] == 24  # every held-out video once, over both ranks
-    assert run.stdout.count("trained 9 steps") == 1, run.stdout  # rank 0 reports
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert results["metrics"]["steps"] == 9 and checkpoints == ["checkpoint-9"], (results["metrics"], checkpoints, said)
+    assert results["metrics"]["multiview_videos"] == 24, (results["metrics"], said)  # each held-out video once
+    assert run.stdout.count("trained 9 steps") == 1, said  # rank 0 reports
     vk.VivitForVideoClassification.from_pretrained(out)
 
 

@@ -152,7 +152,8 @@ def test_two_processes_write_the_rows_of_one(collection, tmp_path):
            "--embeddings", str(tmp_path / "two.npy"), "--device", "cpu", "--workers", "0", "--batch-size", "4",
            "--no-progress"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode != 0 and "16 lines for 16 inputs, 2 failed" in run.stdout, run.stderr[-3000:]
+    said = f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-3000:]}"
+    assert run.returncode != 0 and "16 lines for 16 inputs, 2 failed" in run.stdout, said
     a, b = rows_of(one), rows_of(two)
     assert [r["path"] for r in a] == [r["path"] for r in b]
     for x, y in zip(a, b):
@@ -162,3 +163,13 @@ def test_two_processes_write_the_rows_of_one(collection, tmp_path):
     keys_b, emb_b = vp.read_embeddings(tmp_path / "two.npy")
     assert keys_a == keys_b and np.allclose(emb_a, emb_b, atol=1e-5)
     assert not list(tmp_path.glob("two.jsonl.rank*")) and not (tmp_path / "two.npy.parts").exists()
+
+
+def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert vp._rank_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        expected = torch.device("cuda", 1) if torch.cuda.device_count() > 1 else None
+        if expected is not None:
+            assert vp._rank_device(None) == expected
+        assert vp._rank_device("cuda:0") == torch.device("cuda", 0)  # a device named by the user is kept

@@ -779,12 +779,12 @@ def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str
 def _predict_row(run: Acceptance) -> None:
     """``predict`` end to end on generated videos (decoding in workers, preprocessing, the model): videos/s and
     where the time went, so the run shows whether decoding or the model limits us."""
-    import os
     import shutil
     import tempfile
 
     import torch
 
+    from .data import default_workers
     from .model import VivitForVideoClassification
     from .predict import load_predictor
 
@@ -814,7 +814,7 @@ def _predict_row(run: Acceptance) -> None:
         torch.manual_seed(0)
         model = VivitForVideoClassification(run.plan.preset)
         dtype = torch.bfloat16 if gpu else torch.float32
-        workers = min(8, max(1, (os.cpu_count() or 2) // 2))
+        workers = default_workers()
         predictor = load_predictor(model, batch_size=8 if gpu else 2, workers=workers, device=run.device, dtype=dtype,
                                    attn="auto" if gpu else "sdpa")
         list(predictor.run(paths))  # warm-up: workers, kernels, auto's measurements

@@ -33,7 +33,7 @@ import torch
 from .processing import VideoProcessor, read_clips
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoItem", "VideoSplits", "find_videos", "folder_items", "manifest_items",
-           "load_video_splits", "label_maps", "Augment", "VideoClipDataset", "collate_clips", "VideoBatchPreparer"]
+           "load_video_splits", "label_maps", "default_workers", "Augment", "VideoClipDataset", "collate_clips", "VideoBatchPreparer"]
 
 logger = logging.getLogger("vivit_kernels.data")
 
@@ -59,6 +59,11 @@ class VideoSplits:
     id2label: dict[int, str]
     label2id: dict[str, int]
     source: str = ""
+
+
+def default_workers() -> int:
+    """Decoding workers per process when none is asked for: half the cores, at least 1, at most 8."""
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
 
 
 def find_videos(root: str | os.PathLike) -> list[str]:

@@ -304,7 +304,7 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
     if lora_rank:
         vivit = _add_lora(vivit, lora_rank, lora_alpha)
     bf16 = (not use_cpu and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
-    workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if workers is None else workers
+    workers = vdata.default_workers() if workers is None else workers
     preprocess_on = preprocess_on or ("worker" if use_cpu else "device")
     augment = vdata.Augment(scale=tuple(scale), flip=flip)
     train_set = vdata.VideoClipDataset(splits.train, splits.label2id, processor, config.num_frames,

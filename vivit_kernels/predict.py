@@ -214,7 +214,7 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
         model.set_attn(attn)
     model = model.to(device=device, dtype=dtype).eval()
     processor = VideoProcessor.for_model(model.config, directory)
-    workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if workers is None else workers
+    workers = vdata.default_workers() if workers is None else workers
     return Predictor(model, processor, clips, crops, top_k, batch_size, frame_sample_rate, workers,
                      name=str(directory) if directory is not None else type(model).__name__)
 
@@ -265,17 +265,27 @@ class _Appender:
         os.close(self.fd)
 
 
-def _dist_init() -> tuple[int, int]:
-    """(rank, world): torch.distributed's when torchrun started us (initialised here if needed), else (0, 1)."""
+def _dist_init(device: torch.device) -> tuple[int, int]:
+    """(rank, world): torch.distributed's when torchrun started us (initialised here if needed: NCCL for GPUs,
+    gloo for the CPU), else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _rank_device(device: Any) -> torch.device:
+    """The device this process runs on: under torchrun, a GPU of its own (cuda:LOCAL_RANK) unless one was named."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    return device
 
 
 def _part(out: Path, rank: int) -> Path:
@@ -293,7 +303,8 @@ def predict_to_file(inputs: Sequence[str | os.PathLike], model: Any, out: str | 
     emb_path = Path(embeddings) if embeddings is not None else None
     if emb_path is not None and emb_path.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"embeddings: {emb_path} must end in .safetensors or .npy")
-    rank, world = _dist_init()
+    options["device"] = _rank_device(options.get("device"))
+    rank, world = _dist_init(options["device"])
     paths = collect_inputs(inputs)
     parts_dir = emb_path.with_name(emb_path.name + ".parts") if emb_path is not None else None
     if rank == 0 and retry_errors and out.is_file():
