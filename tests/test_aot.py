@@ -16,8 +16,11 @@ from vivit_kernels.ops import patch_embed as pe_mod
 
 @pytest.fixture(scope="module")
 def results():
-    # one compile process per core (2 here; a GPU server has many more), at most 16
-    return aot.run(aot.collect_cases(), archs=(80, 90), jobs=max(2, min(16, os.cpu_count() or 2)), progress=False)
+    # one compile process per core (2 here; a GPU server has many more), at most 16. The SASS is read back for
+    # sm_90 only: the tests below assert on sm_90's SASS (wgmma, TMA, hot loops), and nvdisasm is most of the
+    # gate's time; sm_80 still gets registers, spills and shared memory (`vivit-kernels compile-report` reads both)
+    return aot.run(aot.collect_cases(), archs=(80, 90), jobs=max(2, min(16, os.cpu_count() or 2)), progress=False,
+                   sass_archs=(90,))
 
 
 def test_every_shipped_config_passes_the_gate(results):
