@@ -107,7 +107,7 @@ def _shipped_tiles():
     seen = {}
     tables = (("fwd", attn_mod.FWD_ROWS), ("dkdv", attn_mod.DKDV_ROWS), ("dq", attn_mod.DQ_ROWS))
     for table_name, table in tables:
-        for (block_d, size, arch), configs in table.items():  # sm_80's rows and sm_90's
+        for (block_d, size, arch, short), configs in table.items():  # sm_80's rows and sm_90's, long and short
             for cfg in configs:
                 seen[(table_name, block_d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])] = cfg
     return sorted(seen.items())
@@ -243,13 +243,19 @@ def test_autotuner_benchmarks_only_the_matching_table_row(kernel, table, monkeyp
     """On a GPU the autotuner times only the shipped configs of the call's (BLOCK_D, element size, architecture)
     row; the architecture is the device's, read at launch (here made each in turn)."""
     tuner, rows = getattr(attn_mod, kernel), getattr(attn_mod, table)
-    for (block_d, size, arch), row in rows.items():
+    for (block_d, size, arch, short), row in rows.items():
         monkeypatch.setattr(attn_mod, "arch_of", lambda device, arch=arch: arch)
         dtype = torch.float16 if size == 2 else torch.float32
-        pruned = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
+        n = attn_mod.SHORT_N if short else attn_mod.SHORT_N + 1  # the short rows up to SHORT_N tokens
+        pruned = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=dtype), "N": n}, BLOCK_D=block_d)
         got = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned)
         want = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in row)
-        assert got == want, (block_d, size, arch)
+        assert got == want, (block_d, size, arch, short)
+    # a 17-token temporal sequence and a 197-token spatial one take the short rows' tiles on sm_90
+    monkeypatch.setattr(attn_mod, "arch_of", lambda device: 90)
+    for n in (17, 197):
+        pruned = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=torch.bfloat16), "N": n}, BLOCK_D=64)
+        assert max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in pruned) <= 64, n
     assert attn_mod.arch_of.__name__ == "<lambda>"  # (the real one reads the device's compute capability)
 
 

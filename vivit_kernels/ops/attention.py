@@ -38,7 +38,8 @@ from ._triton import (
     resolve_tf32,
 )
 
-__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM",
+           "SHORT_N"]
 
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
@@ -98,18 +99,56 @@ DQ_CONFIGS_SM90: dict[tuple[int, int], list[KernelConfig]] = {
 }
 
 
-def _by_arch(common: dict, sm90: dict) -> dict:
-    """Rows keyed (BLOCK_D, element size, arch): sm_90's 2-byte rows from ``sm90``, everything else ``common``."""
+# Short sequences (at most SHORT_N tokens: the factorised encoder's 197 spatial and 17 temporal tokens, the
+# factorised models' per-frame and per-position attention): tiles of 32 to 64 rows and columns, so a 17-token
+# sequence is not one mostly-masked 128-wide tile. 2-byte rows only (the fp32 rows are small already); on sm_90
+# the MMA's M dimension stays at 64 (BLOCK_M forward and dQ, BLOCK_N dK/dV) so that it issues wgmma.
+SHORT_N = 256
+FWD_SHORT: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)),
+    (64, 2): _cfgs((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)),
+    (128, 2): _cfgs((64, 32, 4, 2), (32, 32, 4, 2)),
+}
+DKDV_SHORT: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((32, 32, 4, 2), (32, 64, 4, 2)),
+    (64, 2): _cfgs((32, 32, 4, 2), (32, 64, 4, 2)),
+    (128, 2): _cfgs((32, 32, 4, 2), (32, 64, 4, 2)),
+}
+DQ_SHORT: dict[tuple[int, int], list[KernelConfig]] = {
+    (32, 2): _cfgs((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, 2): _cfgs((64, 32, 4, 2), (32, 32, 4, 2)),
+    (128, 2): _cfgs((32, 32, 4, 2)),  # 64 x 32 on 4 warps spills on sm_80 at BLOCK_D 128
+}
+FWD_SHORT_SM90 = {k: _cfgs((64, 32, 4, 2), (64, 64, 4, 2)) for k in FWD_SHORT}
+DKDV_SHORT_SM90 = {(32, 2): _cfgs((32, 64, 4, 2), (64, 64, 4, 2)), (64, 2): _cfgs((32, 64, 4, 2), (64, 64, 4, 2)),
+                   (128, 2): _cfgs((32, 64, 4, 2))}  # 64 x 64 on 4 warps spills at BLOCK_D 128
+DQ_SHORT_SM90 = {k: _cfgs((64, 32, 4, 2), (64, 64, 4, 2)) for k in DQ_SHORT}
+
+
+def _by_arch(common: dict, sm90: dict, short: dict, short_sm90: dict) -> dict:
+    """Rows keyed (BLOCK_D, element size, arch, short sequence): sm_90's 2-byte rows from ``sm90`` (``short_sm90``
+    for short sequences), sm_80's from ``common`` (``short``); rows a short table lacks are the long ones."""
     out = {}
     for (block_d, size), configs in common.items():
-        out[(block_d, size, 80)] = configs
-        out[(block_d, size, 90)] = sm90.get((block_d, size), configs)
+        out[(block_d, size, 80, False)] = configs
+        out[(block_d, size, 90, False)] = sm90.get((block_d, size), configs)
+        out[(block_d, size, 80, True)] = short.get((block_d, size), configs)
+        out[(block_d, size, 90, True)] = short_sm90.get((block_d, size), out[(block_d, size, 90, False)])
     return out
 
 
-FWD_ROWS = _by_arch(FWD_CONFIGS, FWD_CONFIGS_SM90)
-DKDV_ROWS = _by_arch(DKDV_CONFIGS, DKDV_CONFIGS_SM90)
-DQ_ROWS = _by_arch(DQ_CONFIGS, DQ_CONFIGS_SM90)
+FWD_ROWS = _by_arch(FWD_CONFIGS, FWD_CONFIGS_SM90, FWD_SHORT, FWD_SHORT_SM90)
+DKDV_ROWS = _by_arch(DKDV_CONFIGS, DKDV_CONFIGS_SM90, DKDV_SHORT, DKDV_SHORT_SM90)
+DQ_ROWS = _by_arch(DQ_CONFIGS, DQ_CONFIGS_SM90, DQ_SHORT, DQ_SHORT_SM90)
+
+
+def unique_configs(rows: dict, block_d: int, size: int, arch: int) -> list[KernelConfig]:
+    """The configs an architecture may launch for (BLOCK_D, element size), long and short rows, each once."""
+    seen: dict[str, KernelConfig] = {}
+    for short in (False, True):
+        for cfg in rows[(block_d, size, arch, short)]:
+            seen.setdefault(cfg.label(), cfg)
+    return list(seen.values())
 PREPROCESS_CONFIG = KernelConfig.make(4, 1, BLOCK_M=64)
 # Under the interpreter one config per kernel (autotuning would run every config, slowly, on the CPU);
 # large tiles mean fewer interpreted loop iterations. Every shipped tile shape is tested separately.
@@ -411,7 +450,8 @@ if HAS_TRITON:
         tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, EMULATE_BF16), mask=mask)
 
     def _row(named_args, kwargs):
-        return kwargs["BLOCK_D"], named_args["Q"].element_size(), arch_of(named_args["Q"].device)
+        q = named_args["Q"]
+        return kwargs["BLOCK_D"], q.element_size(), arch_of(q.device), int(named_args["N"]) <= SHORT_N
 
     # GRID_BUCKET (the programs of the launch, to a power of two): a first call at batch 1 does not fix the tiles of
     # batch 8
@@ -758,7 +798,7 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                         tma_too = kernel is _attn_fwd_kernel and arch == 90 and size == 2
                         for use_tma in (True, False) if tma_too else (False,):
                             tma_meta = {"USE_TMA": use_tma} if kernel is _attn_fwd_kernel else {}
-                            for cfg in rows[(block_d, size, arch)]:
+                            for cfg in unique_configs(rows, block_d, size, arch):
                                 cases.append(make_case(
                                     __name__, kernel, name, sig, {**meta, **cfg.kwargs, **tma_meta},
                                     cfg.num_warps, cfg.num_stages, f"{tag} {'tma ' if use_tma else ''}{cfg.label()}",
