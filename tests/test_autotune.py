@@ -81,16 +81,18 @@ def test_gemm_autotune_prunes_keys_and_picks_the_fastest():
         assert sorted(timer.benchmarked) == _keys(dgelu_row)
 
 
+@pytest.mark.parametrize("tokens", [70, 300], ids=["short-row", "long-row"])
 @pytest.mark.parametrize("tuner_name, table_name, favour_index", [
-    ("_attn_fwd_tuned", "FWD_CONFIGS", -1), ("_attn_bwd_dkdv_tuned", "DKDV_CONFIGS", 1),
-    ("_attn_bwd_dq_tuned", "DQ_CONFIGS", 0),
+    ("_attn_fwd_tuned", "FWD_ROWS", -1), ("_attn_bwd_dkdv_tuned", "DKDV_ROWS", 1),
+    ("_attn_bwd_dq_tuned", "DQ_ROWS", 0),
 ])
-def test_attention_autotune(tuner_name, table_name, favour_index):
+def test_attention_autotune(tuner_name, table_name, favour_index, tokens):
     tuner = getattr(attn_mod, tuner_name)
-    row = getattr(attn_mod, table_name)[(64, 2)]  # head_dim 64, 2-byte elements
+    # head_dim 64, 2-byte elements, this device's architecture; up to SHORT_N tokens the short sequences' row
+    row = getattr(attn_mod, table_name)[(64, 2, attn_mod.arch_of(DEVICE), tokens <= attn_mod.SHORT_N)]
     _reset(tuner)
     timer = FakeTimer(_triton.config_key(row[favour_index]))
-    qkv = torch.randn(1, 70, 3, 2, 64, device=DEVICE).to(torch.float16).requires_grad_()
+    qkv = torch.randn(1, tokens, 3, 2, 64, device=DEVICE).to(torch.float16).requires_grad_()
     with _triton.autotuning(timer):
         out = attn_mod.flash_attention_qkv(qkv)
         out.backward(torch.randn_like(out))
@@ -109,7 +111,7 @@ def test_attention_key_separates_sequence_lengths():
         for n in (40, 40, 90):
             q = torch.randn(1, n, 2, 32, device=DEVICE).half()
             attn_mod.flash_attention(q, q, q)
-    row = attn_mod.FWD_CONFIGS[(32, 2)]
+    row = attn_mod.FWD_ROWS[(32, 2, attn_mod.arch_of(DEVICE), True)]  # both lengths are short sequences
     assert len(timer.benchmarked) == 2 * len(row)  # N=40 tuned once, N=90 tuned again
     assert len(tuner.cache) == 2
 
