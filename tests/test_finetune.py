@@ -144,6 +144,10 @@ def test_unreadable_videos_are_logged_once_skipped_and_counted(tmp_path, caplog)
     logged = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert len(logged) == 2 and all(any(b in m for b in bad) for m in logged), logged  # once per file
 
+    unknown = vdata.VideoClipDataset([vdata.VideoItem(str(root / "up" / "000.mp4"), "sideways")], splits.label2id,
+                                     processor, 4, 2)
+    with pytest.raises(KeyError, match="'sideways'"):  # an error of the data, never a skipped file
+        unknown[0]
     evaluation = vdata.VideoClipDataset(splits.train, splits.label2id, processor, 4, 2)
     model = vk.VivitForVideoClassification(tiny_config(num_labels=2), attn="sdpa")
     result = evaluate_clips(model, evaluation, batch_size=4)

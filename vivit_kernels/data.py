@@ -282,8 +282,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         skipped: list[tuple[str, str]] = []
         for attempt in range(min(len(self.items), 64 if self.train else 1)):
             item = self.items[(index + attempt) % len(self.items)]
+            label = self._label(item)  # a label the model lacks is an error of the data, not of the file
             try:
-                sample = self._load(item)
+                sample = self._load(item, label)
             except Exception as e:  # noqa: BLE001 - any decoder failure: log, count, go on
                 error = " ".join(f"{type(e).__name__}: {e}".split())
                 if item.path not in self._logged:
@@ -306,7 +307,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise KeyError(f"label {item.label!r} of {item.path} is not one of the model's labels")
         return self.label2id[item.label]
 
-    def _load(self, item: VideoItem) -> dict[str, Any]:
+    def _load(self, item: VideoItem, label: int) -> dict[str, Any]:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
         clips = 1 if self.train else self.views[0]
         start = time.perf_counter()
@@ -320,7 +321,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 logger.warning("vivit_kernels.data: %s", w.message)
         clip = torch.from_numpy(frames)  # (clips, T, H, W, 3) uint8
         views = self._views(clip.shape[2], clip.shape[3])
-        sample = {"labels": self._label(item), "path": item.path,
+        sample = {"labels": label, "path": item.path,
                   "short": seg_len < self.num_frames * self.frame_sample_rate,
                   "meta": {"video_frames": seg_len, "duration_s": duration, "decode_s": decode_s}}
         if self.preprocess_on == "device":

@@ -127,11 +127,13 @@ def _dist() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_clips(model, dataset: vdata.VideoClipDataset, batch_size: int = 8, device: Any = None,
-                   workers: int = 0, dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict[str, Any]:
+                   workers: int = 0, dtype: Optional[torch.dtype] = None, progress: bool = False,
+                   autocast: Optional[torch.dtype] = None) -> dict[str, Any]:
     """Top-1 / top-5 accuracy and the loss of the view-averaged probabilities over ``dataset``'s videos (each
     video's views, clips x crops, averaged after the softmax). Under torch.distributed each rank takes every
     world-th video and the counts are summed; every rank runs the same number of forwards (FSDP needs it).
-    Videos that cannot be read are left out and listed in ``skipped``."""
+    Videos that cannot be read are left out and listed in ``skipped``. ``autocast``: run the forwards under
+    autocast to that dtype (what bf16 training does)."""
     rank, world = _dist()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = dtype or next(model.parameters()).dtype
@@ -162,7 +164,8 @@ def evaluate_clips(model, dataset: vdata.VideoClipDataset, batch_size: int = 8, 
             counted, labels = torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
         flat = pixels.to(device, dtype).reshape(-1, *shape)
         step = batch_size * views
-        logits = torch.cat([model(flat[i : i + step]).logits.float() for i in range(0, flat.shape[0], step)])
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = torch.cat([model(flat[i : i + step]).logits.float() for i in range(0, flat.shape[0], step)])
         probs = logits.softmax(-1).view(labels.shape[0], -1, logits.shape[-1]).mean(1).cpu()
         top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
         sums[0] += counted.sum()
@@ -235,7 +238,7 @@ class VideoTrainer(transformers.Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         result = evaluate_clips(self.model, dataset, batch_size=self.args.per_device_eval_batch_size,
                                 device=self.args.device, workers=self.eval_workers,
-                                progress=not self.args.disable_tqdm)
+                                progress=not self.args.disable_tqdm, autocast=torch.bfloat16 if self.args.bf16 else None)
         self.preparer.skipped.update(result["skipped"])
         metrics = {f"{metric_key_prefix}_{k}": result[k] for k in ("top1", "top5", "loss", "videos")}
         metrics[f"{metric_key_prefix}_seconds"] = round(result["seconds"], 2)
@@ -338,7 +341,8 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
         final_set = vdata.VideoClipDataset(splits.val, splits.label2id, processor, config.num_frames,
                                            frame_sample_rate, views=views, preprocess_on=preprocess_on)
         final = evaluate_clips(trainer.model, final_set, batch_size=max(1, batch_size // (views[0] * views[1])),
-                               device=args.device, workers=workers, progress=progress)
+                               device=args.device, workers=workers, progress=progress,
+                               autocast=torch.bfloat16 if bf16 else None)
     rank, world = _dist()
     skipped = dict(trainer.preparer.skipped)
     short = trainer.preparer.short
