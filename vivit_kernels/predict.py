@@ -304,7 +304,17 @@ def predict_to_file(inputs: Sequence[str | os.PathLike], model: Any, out: str | 
     if emb_path is not None and emb_path.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"embeddings: {emb_path} must end in .safetensors or .npy")
     options["device"] = _rank_device(options.get("device"))
+    ours = torch.distributed.is_available() and not torch.distributed.is_initialized()
     rank, world = _dist_init(options["device"])
+    try:
+        return _predict_to_file(inputs, model, out, emb_path, progress, retry_errors, rank, world, options)
+    finally:
+        if ours and world > 1 and torch.distributed.is_initialized():  # the process group we made goes with us
+            torch.distributed.destroy_process_group()
+
+
+def _predict_to_file(inputs, model, out: Path, emb_path: Optional[Path], progress: bool, retry_errors: bool,
+                     rank: int, world: int, options: dict) -> dict[str, Any]:
     paths = collect_inputs(inputs)
     parts_dir = emb_path.with_name(emb_path.name + ".parts") if emb_path is not None else None
     if rank == 0 and retry_errors and out.is_file():
