@@ -22,7 +22,7 @@ from vivit_kernels.finetune import evaluate_clips, finetune, parse_views
 from vivit_kernels.inflate import inflate_patch_filter, repeat_position_table, vivit_from_vit
 from vivit_kernels.processing import VideoProcessor, read_clips
 
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from videos import motion_dataset, motion_frames, write_frames, write_video
 
 pytestmark = pytest.mark.cpu_only
@@ -108,8 +108,9 @@ def test_training_clips_are_random_windows_and_evaluation_views_match_the_proces
     on_device = vdata.VideoClipDataset(items, {"a": 0}, processor, 4, 2, views=(2, 3), preprocess_on="device")
     batch = vdata.collate_clips([on_device[0]])
     assert "frames" in batch and batch["frames"][0].dtype == torch.uint8
-    prepared = vdata.VideoBatchPreparer(processor, "cpu")(batch)
-    assert torch.equal(prepared["pixel_values"][0], expected), "device preprocessing differs from the worker's"
+    prepared = vdata.VideoBatchPreparer(processor, DEVICE)(batch)  # on a GPU: the extension's CUDA kernel
+    assert prepared["pixel_values"].device.type == DEVICE.type
+    assert_close(prepared["pixel_values"][0], expected.to(DEVICE), 1e-5, name="device preprocessing vs the worker's")
 
 
 def test_flip_and_scale_jitter(tmp_path):

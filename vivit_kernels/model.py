@@ -17,7 +17,6 @@ module tree, state dict, config, loading, saving, output classes, gradient check
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -26,9 +25,9 @@ from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
 from ._compat import ActivationCheckpointingNames
-from .checkpoint import CheckpointError, atomic_save, check_local, local_dir
+from .checkpoint import CheckpointError
 from .modules import _UNMASKED
-from .patch import apply_vivit_kernels, attn_of
+from .patch import AttnMixin, apply_vivit_kernels
 from .presets import PRESETS
 
 __all__ = ["VivitConfig", "VivitModel", "VivitForVideoClassification", "apply_vivit_kernels", "PRESETS",
@@ -88,59 +87,7 @@ def _expand_head_mask(config, head_mask, device, dtype) -> Optional[torch.Tensor
     return head_mask.to(dtype).view(layers, 1, heads, 1, 1)
 
 
-class _AttnMixin:
-    """``attn``, ``set_attn``, ``from_pretrained(..., attn=...)`` and an atomic ``save_pretrained``."""
-
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        """Not custom modeling: the module tree, parameters and checkpoints are transformers' own ViViT, so its
-        checkpoint conversions (the hub's 4.x key names) apply to our classes as to its own."""
-        return False
-
-    @property
-    def attn(self) -> str:
-        """The backend every forward uses: "eager", "sdpa", "triton" or "auto"."""
-        return attn_of(self)
-
-    def set_attn(self, attn: Optional[str], pins: Optional[dict[str, str]] = None):
-        """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward; with "auto",
-        ``pins`` fixes the provider of some ops (see ``vivit_kernels.providers``)."""
-        apply_vivit_kernels(self, attn, pins)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: Optional[str] = None, **kwargs):
-        """transformers' ``from_pretrained`` (every argument of it: dtype, device_map, revision, ...), then
-        ``set_attn(attn)``. A local directory is checked first, so errors name the file that is wrong."""
-        directory = local_dir(pretrained_model_name_or_path)
-        if directory is not None:
-            check_local(directory)
-        try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as e:
-            if directory is not None and type(e).__name__ == "StrictDataclassFieldValidationError":
-                raise CheckpointError(f"{directory / 'config.json'}: {' '.join(str(e).split())}") from None
-            raise
-        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True gives (model, info)
-        loaded.set_attn(attn)
-        return model
-
-    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        """transformers' ``save_pretrained``, written into a temporary directory beside ``save_directory`` and
-        renamed into place file by file: an interrupted save never leaves a truncated file.
-
-        Weights are saved under the model's own (transformers 5.x) names by default: transformers 5.24 writes the
-        hub's 4.x names, which its Trainer cannot resume from (it reloads checkpoints with a plain
-        ``load_state_dict``). ``save_original_format=True`` writes the 4.x names, for transformers 4.x readers.
-        """
-        kwargs["save_original_format"] = save_original_format
-        directory = Path(save_directory)
-        if kwargs.get("push_to_hub"):  # transformers names the repo after the directory it saves into: not ours
-            kwargs.setdefault("repo_id", directory.resolve().name)
-        return atomic_save(lambda tmp: super(_AttnMixin, self).save_pretrained(tmp, *args, **kwargs), directory)
-
-
-class VivitModel(_AttnMixin, ActivationCheckpointingNames, hf.VivitModel):
+class VivitModel(AttnMixin, ActivationCheckpointingNames, hf.VivitModel):
     """transformers' ``VivitModel`` with ``attn`` (see the module docstring).
 
     Args:
@@ -166,7 +113,7 @@ class VivitModel(_AttnMixin, ActivationCheckpointingNames, hf.VivitModel):
         return super().forward(pixel_values, interpolate_pos_encoding, attention_mask, **kwargs)
 
 
-class VivitForVideoClassification(_AttnMixin, ActivationCheckpointingNames, hf.VivitForVideoClassification):
+class VivitForVideoClassification(AttnMixin, ActivationCheckpointingNames, hf.VivitForVideoClassification):
     """transformers' ``VivitForVideoClassification`` with ``attn`` (see the module docstring)."""
 
     config_class = VivitConfig

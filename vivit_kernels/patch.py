@@ -8,16 +8,18 @@ VivitModel also gets the whole-model guard's pre-hook (``guard.py``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from torch import nn
 from transformers.models.vivit import modeling_vivit as hf
 
 from .backends import Backend, get_backend
+from .checkpoint import CheckpointError, atomic_save, check_local, local_dir
 from .guard import guard_pre_hook
 from .modules import KERNEL_SUBCLASSES, KernelLayerNorm, _KernelModule
 
-__all__ = ["apply_vivit_kernels"]
+__all__ = ["apply_vivit_kernels", "attn_of", "AttnMixin"]
 
 _ALWAYS = (hf.VivitEmbeddings, hf.VivitAttention)  # swapped for every backend (input checks, head_mask, positions)
 _dynamic: dict[tuple[type, type], type] = {}
@@ -106,3 +108,54 @@ def attn_of(model: nn.Module) -> str:
     return getattr(bases[0], "_vivit_attn", bases[0].config._attn_implementation) if bases else "eager"
 
 
+class AttnMixin:
+    """``attn``, ``set_attn``, ``from_pretrained(..., attn=...)`` and an atomic ``save_pretrained``: what our model
+    classes (Model 1's in ``model.py``, the factorised ones in ``models/``) add to transformers' PreTrainedModel."""
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Not custom modeling: the module tree, parameters and checkpoints are transformers' own ViViT, so its
+        checkpoint conversions (the hub's 4.x key names) apply to our classes as to its own."""
+        return False
+
+    @property
+    def attn(self) -> str:
+        """The backend every forward uses: "eager", "sdpa", "triton" or "auto"."""
+        return attn_of(self)
+
+    def set_attn(self, attn: Optional[str], pins: Optional[dict[str, str]] = None):
+        """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward; with "auto",
+        ``pins`` fixes the provider of some ops (see ``vivit_kernels.providers``)."""
+        apply_vivit_kernels(self, attn, pins)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: Optional[str] = None, **kwargs):
+        """transformers' ``from_pretrained`` (every argument of it: dtype, device_map, revision, ...), then
+        ``set_attn(attn)``. A local directory is checked first, so errors name the file that is wrong."""
+        directory = local_dir(pretrained_model_name_or_path)
+        if directory is not None:
+            check_local(directory)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as e:
+            if directory is not None and type(e).__name__ == "StrictDataclassFieldValidationError":
+                raise CheckpointError(f"{directory / 'config.json'}: {' '.join(str(e).split())}") from None
+            raise
+        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True gives (model, info)
+        loaded.set_attn(attn)
+        return model
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """transformers' ``save_pretrained``, written into a temporary directory beside ``save_directory`` and
+        renamed into place file by file: an interrupted save never leaves a truncated file.
+
+        Weights are saved under the model's own (transformers 5.x) names by default: transformers 5.24 writes the
+        hub's 4.x names, which its Trainer cannot resume from (it reloads checkpoints with a plain
+        ``load_state_dict``). ``save_original_format=True`` writes the 4.x names, for transformers 4.x readers.
+        """
+        kwargs["save_original_format"] = save_original_format
+        directory = Path(save_directory)
+        if kwargs.get("push_to_hub"):  # transformers names the repo after the directory it saves into: not ours
+            kwargs.setdefault("repo_id", directory.resolve().name)
+        return atomic_save(lambda tmp: super(AttnMixin, self).save_pretrained(tmp, *args, **kwargs), directory)

@@ -210,8 +210,10 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
     if isinstance(model, (str, os.PathLike)):
         directory = model
         model = VivitForVideoClassification.from_pretrained(model, attn=attn, dtype=dtype)
-    else:
-        model.set_attn(attn)
+    else:  # ours or transformers' own model (apply_vivit_kernels takes both)
+        from .patch import apply_vivit_kernels
+
+        apply_vivit_kernels(model, attn)
     model = model.to(device=device, dtype=dtype).eval()
     processor = VideoProcessor.for_model(model.config, directory)
     workers = vdata.default_workers() if workers is None else workers

@@ -28,7 +28,8 @@ from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
-from ..modules import _KernelModule, _plain, _w
+from ..modules import _KernelModule, _autocast_dtype, _plain, _w
+from ..patch import AttnMixin
 
 __all__ = ["ATTENTION_TYPES", "FACTORIZED_PRESETS", "VivitFactorizedConfig", "VivitFactorizedModel",
            "VivitFactorizedForVideoClassification", "factorized_reference_forward"]
@@ -120,12 +121,11 @@ class FactorizedEncoderEmbeddings(_KernelModule, nn.Module):
                 f"{config.num_frames} frames of {config.num_channels}x{expected_hw[0]}x{expected_hw[1]} "
                 "(interpolate_pos_encoding is not supported by the factorised models)")
         proj = self.patch_embeddings.projection
-        x = pixel_values.to(proj.weight.dtype) if not torch.is_autocast_enabled(pixel_values.device.type) else pixel_values
-        clips = x.reshape(batch * steps, t, channels, height, width)  # a view for a contiguous clip: no copy
+        autocast = _autocast_dtype(pixel_values.device.type)  # None, or the dtype our kernels then compute in
+        clips = pixel_values.to(autocast or proj.weight.dtype)
+        clips = clips.reshape(batch * steps, t, channels, height, width)  # a view for a contiguous clip: no copy
         backend = self._vivit_backend
         if backend is not None and _plain(proj, nn.Conv3d, clips, "embeddings.patch_embeddings.projection"):
-            compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            clips = clips.to(compute)
             out = backend.patch_embed(clips, _w(proj.weight, clips), _w(proj.bias, clips), _w(self.cls_token, clips),
                                       _w(self.position_embeddings, clips))
         else:
@@ -155,29 +155,7 @@ class VivitFactorizedPreTrainedModel(hf.VivitPreTrainedModel):
             nn.init.zeros_(module.temporal_position_embeddings)
 
 
-class _AttnMixin:
-    """``attn`` / ``set_attn`` / ``from_pretrained(..., attn=...)`` as Model 1's classes have them."""
-
-    @property
-    def attn(self) -> str:
-        from ..patch import attn_of
-
-        return attn_of(self)
-
-    def set_attn(self, attn: Optional[str], pins: Optional[dict[str, str]] = None):
-        from ..patch import apply_vivit_kernels
-
-        apply_vivit_kernels(self, attn, pins)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: Optional[str] = None, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        (model[0] if isinstance(model, tuple) else model).set_attn(attn)
-        return model
-
-
-class VivitFactorizedModel(_AttnMixin, VivitFactorizedPreTrainedModel):
+class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
     """The factorised encoder's base model: ``last_hidden_state`` is the temporal encoder's output (after its
     LayerNorm), [CLS] first, then one token per temporal index.
 
@@ -239,7 +217,7 @@ class VivitFactorizedModel(_AttnMixin, VivitFactorizedPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
-class VivitFactorizedForVideoClassification(_AttnMixin, VivitFactorizedPreTrainedModel):
+class VivitFactorizedForVideoClassification(AttnMixin, VivitFactorizedPreTrainedModel):
     """The factorised encoder with a linear classifier on the temporal [CLS]."""
 
     def __init__(self, config=None, attn: Optional[str] = None):
