@@ -4,6 +4,7 @@ ONNX export."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -171,6 +172,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_file: str, attn: str
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save(state, out_file)
+        dist.barrier()  # no rank tears down while another still talks to it
+        del model, opt, state
+        gc.collect()  # the shards (DTensors on the group's mesh) go before the group does
     finally:
         dist.destroy_process_group()
 

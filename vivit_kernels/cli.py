@@ -235,24 +235,19 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune, parse_views
-
     if not os.path.exists(args.data):
         raise UsageError(f"no video folder or manifest at {args.data}")
     if sum(x is not None for x in (args.model, args.preset, args.from_vit)) == 0:
         args.preset = "vivit-b-16x2"  # the paper's model with random weights; said below
         print("vivit-kernels finetune: no --model / --from-vit given: training preset 'vivit-b-16x2' from random "
               "weights", file=sys.stderr)
-    result = finetune(
-        args.data, args.out, model=args.model, preset=args.preset, from_vit=args.from_vit, inflate=args.inflate,
-        val=args.val, val_fraction=args.val_fraction, num_frames=args.num_frames, tubelet_time=args.tubelet_time,
-        frame_sample_rate=args.frame_sample_rate, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
-        warmup=args.warmup, scheduler=args.scheduler, label_smoothing=args.label_smoothing, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        attn=args.attn, workers=args.workers, eval_views=parse_views(args.eval_views), flip=args.flip,
-        resume=args.resume, fsdp=args.fsdp, seed=args.seed, logging_steps=args.logging_steps,
-        save_steps=args.save_steps, device=args.device, progress=not args.no_progress)
+    try:
+        result = _finetune_from_args(args)
+    finally:  # torchrun: Trainer's process group goes before the interpreter does (a live gloo group can abort exit)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         m = result["metrics"]
         print(f"trained {m['steps']} steps on {result['train_videos']} videos ({len(result['labels'])} labels), "
@@ -267,6 +262,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             print(f"{len(result['skipped'])} video(s) could not be read and were skipped: listed in "
                   f"{os.path.join(result['out'], 'finetune_results.json')}")
     return 0
+
+
+def _finetune_from_args(args: argparse.Namespace) -> dict:
+    from .finetune import finetune, parse_views
+
+    return finetune(
+        args.data, args.out, model=args.model, preset=args.preset, from_vit=args.from_vit, inflate=args.inflate,
+        val=args.val, val_fraction=args.val_fraction, num_frames=args.num_frames, tubelet_time=args.tubelet_time,
+        frame_sample_rate=args.frame_sample_rate, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+        warmup=args.warmup, scheduler=args.scheduler, label_smoothing=args.label_smoothing, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        attn=args.attn, workers=args.workers, eval_views=parse_views(args.eval_views), flip=args.flip,
+        resume=args.resume, fsdp=args.fsdp, seed=args.seed, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, device=args.device, progress=not args.no_progress)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
