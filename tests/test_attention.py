@@ -187,7 +187,7 @@ def test_compile_fullgraph_forward_backward():
     "args, exc, match",
     [
         ((torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 32)), ValueError, "must have one shape"),
-        ((torch.randn(4, 2, 32),) * 3, ValueError, r"must be 4-D \(batch, tokens, heads, head_dim\)"),
+        ((torch.randn(4, 2, 32),) * 3, ValueError, r"must be \(batch, tokens, heads, head_dim\) or \(batch, batch2"),
         ((torch.randn(1, 4, 2, 160),) * 3, ValueError, "head_dim <= 128, got 160"),
         ((torch.ones(1, 4, 2, 32, dtype=torch.int32),) * 3, ValueError, "supports float16, bfloat16 and float32"),
         ((torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32).half(), torch.randn(1, 4, 2, 32)), ValueError, "share a dtype"),
@@ -291,6 +291,42 @@ def test_fused_qkv_opcheck_and_errors():
                           (torch.randn_like(out), qkv.detach(), out, lse, 0.2, False))
     with pytest.raises(ValueError, match=r"qkv must be \(batch, tokens, 3, heads, head_dim\)"):
         flash_attention_qkv(torch.randn(2, 19, 2, 2, 32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grid", [(2, 4, 17, 2, 64), (1, 16, 5, 3, 80), (2, 3, 1, 1, 32)],
+                         ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("over", ["space", "time", "half-heads"])
+def test_two_batch_dimensions_read_factorised_views_in_place(grid, over, dtype):
+    """(B1, B2, N, 3, H, D) views of one (B, T, S, 3, H, D) projection output: per temporal index over space (B2 = T),
+    per spatial position over time (the transpose, B2 = S), and a head slice of the latter (Model 4). Values and the
+    dqkv gradient follow the flash-attention tolerance rule against the reference on the same views; the output lands
+    in the (time, space) memory order of the tensor the view reads; opcheck agrees with the fake's strides."""
+    B, T, S, H, D = grid
+    base = torch.randn(B, T, S, 3, H, D).to(DEVICE, dtype).requires_grad_()
+    view = {"space": lambda t: t, "time": lambda t: t.transpose(1, 2),
+            "half-heads": lambda t: t.transpose(1, 2)[..., H // 2:, :]}[over]
+    grad = torch.randn(view(base).unbind(-3)[0].shape, device=DEVICE)
+
+    def run(fn, cast=None):
+        leaf = base.detach().to(cast or dtype).requires_grad_()
+        out = fn(view(leaf))
+        out.backward(grad.to(out.dtype))
+        return out.detach(), leaf.grad
+
+    out, dqkv = run(flash_attention_qkv)
+    ref_fn = lambda qkv: attention_ref(*qkv.unbind(-3))  # noqa: E731
+    ref, dref = run(ref_fn, torch.float32)
+    if dtype == torch.float32:
+        assert_close(out, ref, 1e-4, name="out")
+        assert_close(dqkv, dref, 1e-4, name="dqkv")
+    else:
+        low, dlow = run(ref_fn)
+        assert_within_rule(out, ref, low, factor=2.0, name="out")
+        assert_within_rule(dqkv, dref, dlow, factor=3.0, name="dqkv")
+    if over != "space":  # written in (time, space) order: transposing back gives contiguous memory
+        assert out.transpose(1, 2).is_contiguous(), out.stride()
+    torch.library.opcheck(torch.ops.vivit_kernels.flash_attn_qkv_fwd.default, (view(base.detach()), 0.2, False))
 
 
 def _record_tma(monkeypatch) -> list[bool]:

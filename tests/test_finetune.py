@@ -231,6 +231,27 @@ def test_finetune_with_lora_writes_a_plain_vivit_checkpoint(motion, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("preset", ["tiny-fsa", "tiny-fdp"])
+def test_a_factorised_model_finetunes_saves_and_predicts(motion, tmp_path, preset):
+    """Models 3 and 4 through the same job as Model 1: a preset, Trainer, the multi-view evaluation, a checkpoint
+    transformers' Auto classes read, and predict on it (features: the mean of the tokens, not a [CLS])."""
+    from vivit_kernels.models import FACTORIZED_PRESETS, VivitFactorizedConfig, VivitFactorizedForVideoClassification
+    from vivit_kernels.predict import predict_to_file
+
+    config = VivitFactorizedConfig(**{**FACTORIZED_PRESETS[preset], **MOTION})
+    result = finetune(motion, tmp_path / "m", preset=config, max_steps=2, batch_size=4, lr=1e-3, val_fraction=0.25,
+                      eval_views=(1, 1), **RUN)
+    assert result["start"]["attention_type"] == config.attention_type and result["metrics"]["steps"] == 2
+    model = transformers.AutoModelForVideoClassification.from_pretrained(tmp_path / "m")
+    assert type(model) is VivitFactorizedForVideoClassification and model.config.num_labels == 2
+    videos = sorted(str(p) for p in Path(motion).rglob("*") if p.is_file())[:3]
+    summary = predict_to_file(videos, str(tmp_path / "m"), tmp_path / "p.jsonl", embeddings=tmp_path / "e.npy",
+                              progress=False, device="cpu", workers=0)
+    assert summary["rows"] == 3 and summary["failed"] == 0, summary
+    features = np.load(tmp_path / "e.npy")
+    assert features.shape == (3, config.hidden_size) and np.isfinite(features).all()
+
+
 def test_finetune_rejects_bad_combinations(motion, tmp_path):
     with pytest.raises(ValueError, match="exactly one starting point"):
         finetune(motion, tmp_path / "x", **RUN)

@@ -249,6 +249,12 @@ def run_cli(args: argparse.Namespace) -> int:
         (out / "measurements.json").write_text(json.dumps([r.to_json() for r in rows], indent=1), encoding="utf-8")
         measurements_md = (f"`vivit-kernels bench --skip-timing --measure-config {args.measure_config} --dtype "
                            f"{args.dtype}`, {args.measure_config}, {args.dtype}:\n\n" + format_markdown(rows))
+        if args.measure_config == "vivit-b-16x2":  # the paper's four models exist at ViViT-B/16x2
+            from .measure import format_models_markdown, measure_models
+
+            models = measure_models(1, dtype, progress=lambda m: print(f"[measure] {m}", file=sys.stderr, flush=True))
+            measurements_md += ("\n\n### The paper's four models\n\n`vivit_kernels.measure.measure_models()`:\n\n"
+                                + format_models_markdown(models))
         (out / "measurements.md").write_text(measurements_md + "\n", encoding="utf-8")
         print(measurements_md)
     benchmark_json = None

@@ -274,7 +274,8 @@ def _finetune_from_args(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
         warmup=args.warmup, scheduler=args.scheduler, label_smoothing=args.label_smoothing, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        attn=args.attn, workers=args.workers, eval_views=parse_views(args.eval_views), flip=args.flip,
+        attention_type=args.attention_type, attn=args.attn, workers=args.workers,
+        eval_views=parse_views(args.eval_views), flip=args.flip,
         resume=args.resume, fsdp=args.fsdp, seed=args.seed, logging_steps=args.logging_steps,
         save_steps=args.save_steps, device=args.device, progress=not args.no_progress)
 
@@ -367,6 +368,7 @@ def _one_line_warnings(command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .models import ATTENTION_TYPES, FACTORIZED_PRESETS
     from .presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="vivit-kernels", description=__doc__.splitlines()[0])
@@ -431,12 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: checkpoints, the final model, results")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--model", help="a ViViT checkpoint directory to start from")
-    start.add_argument("--preset", choices=presets, help="a preset with random weights (default: vivit-b-16x2 when "
-                                                         "neither --model nor --from-vit is given)")
+    start.add_argument("--preset", choices=presets + sorted(FACTORIZED_PRESETS),
+                       help="a preset with random weights (the -fe / -fsa / -fdp ones: the paper's Models 2, 3, 4; "
+                            "default: vivit-b-16x2 when neither --model nor --from-vit is given)")
     start.add_argument("--from-vit", help="an image ViT checkpoint (transformers ViTModel / "
                                           "ViTForImageClassification) to inflate, the paper's section 3.4")
     p.add_argument("--inflate", default="central", choices=["central", "average"],
                    help="how --from-vit's patch filter becomes a tubelet filter (default: central)")
+    p.add_argument("--attention-type", choices=list(ATTENTION_TYPES),
+                   help="--from-vit: build the paper's Model 2, 3 or 4 (default: Model 1, transformers' ViViT)")
     p.add_argument("--val", help="held-out videos (a folder or manifest); default: DATA's val/ or a split of it")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out per label when DATA has no val split")
     p.add_argument("--num-frames", type=_positive, help="frames per clip (presets and --from-vit; default 32)")

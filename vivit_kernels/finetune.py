@@ -69,10 +69,12 @@ def processor_for_vit(vit_path: Optional[str], image_size: int) -> VideoProcesso
 
 def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: Optional[str] = None,
                 from_vit: Any = None, inflate: str = "central", num_frames: Optional[int] = None,
-                tubelet_time: int = 2, attn: Optional[str] = "auto"):
-    """(model, processor) for the dataset's labels, from exactly one of: a ViViT checkpoint (``model``), a
-    preset name or VivitConfig (random weights) or an image ViT (``from_vit``, inflated)."""
+                tubelet_time: int = 2, attn: Optional[str] = "auto", attention_type: Optional[str] = None):
+    """(model, processor) for the dataset's labels, from exactly one of: a ViViT checkpoint (``model``: Model 1 or
+    a factorised one), a preset name or config (random weights; the factorised presets and VivitFactorizedConfig
+    build Models 2-4) or an image ViT (``from_vit``, inflated; ``attention_type`` for Models 2-4)."""
     from .model import VivitConfig, VivitForVideoClassification, image_hw
+    from .models import FACTORIZED_PRESETS, VivitFactorizedConfig, VivitFactorizedForVideoClassification
 
     given = [name for name, v in (("model", model), ("preset", preset), ("from_vit", from_vit)) if v is not None]
     if len(given) != 1:
@@ -83,22 +85,29 @@ def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: 
         from .inflate import vivit_from_vit
 
         vivit = vivit_from_vit(from_vit, num_frames=num_frames or 32, tubelet_time=tubelet_time, inflate=inflate,
-                               id2label=splits.id2label, attn=attn)
+                               id2label=splits.id2label, attn=attn, attention_type=attention_type)
         processor = processor_for_vit(from_vit if isinstance(from_vit, (str, os.PathLike)) else None,
                                       image_hw(vivit.config)[0])
         return vivit, processor
-    if preset is not None:  # a preset name, or a VivitConfig of one's own
+    if attention_type is not None:
+        raise ValueError("attention_type builds a factorised model from an image ViT (from_vit); a preset or "
+                         "checkpoint says its own model")
+    if preset is not None:  # a preset name, or a VivitConfig / VivitFactorizedConfig of one's own
         overrides = {**labels, **({"num_frames": num_frames} if num_frames else {})}
-        config = (VivitConfig.from_preset(preset, **overrides) if isinstance(preset, str)
-                  else VivitConfig(**{**preset.to_dict(), **overrides}))
-        vivit = VivitForVideoClassification(config, attn=attn)
+        factorised = preset in FACTORIZED_PRESETS if isinstance(preset, str) else isinstance(preset, VivitFactorizedConfig)
+        kind, cls = ((VivitFactorizedConfig, VivitFactorizedForVideoClassification) if factorised
+                     else (VivitConfig, VivitForVideoClassification))
+        config = (kind.from_preset(preset, **overrides) if isinstance(preset, str)
+                  else kind(**{**preset.to_dict(), **overrides}))
+        vivit = cls(config, attn=attn)
         return vivit, VideoProcessor.for_model(vivit.config)
     config = transformers.AutoConfig.from_pretrained(model)
+    cls = VivitFactorizedForVideoClassification if isinstance(config, VivitFactorizedConfig) else VivitForVideoClassification
     if num_frames and num_frames != config.num_frames:
         raise ValueError(f"num_frames: the checkpoint {model} was trained on {config.num_frames} frames, "
                          f"--num-frames asks for {num_frames}")
     same = {int(k): v for k, v in config.id2label.items()} == splits.id2label
-    vivit = VivitForVideoClassification.from_pretrained(model, attn=attn, **({} if same else
+    vivit = cls.from_pretrained(model, attn=attn, **({} if same else
                                                         {**labels, "ignore_mismatched_sizes": True}))
     if not same:
         logger.warning("vivit_kernels finetune: the checkpoint's %d labels differ from the data's %d: the "
@@ -263,6 +272,7 @@ def _checkpoints(out: Path) -> list[Path]:
 
 def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional[str] = None,
              preset: Optional[str] = None, from_vit: Any = None, inflate: str = "central",
+             attention_type: Optional[str] = None,
              val: Optional[str | os.PathLike] = None, val_fraction: float = 0.1, num_frames: Optional[int] = None,
              tubelet_time: int = 2, frame_sample_rate: int = 2, epochs: float = 3.0, max_steps: int = -1,
              batch_size: int = 8, grad_accum: int = 1, lr: float = 5e-5, weight_decay: float = 0.05,
@@ -276,8 +286,9 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
              callbacks: Optional[list] = None) -> dict[str, Any]:
     """Fine-tune (or train) ViViT on ``data`` (see ``vivit_kernels.data.load_video_splits``) into ``out``.
 
-    Starting point: exactly one of ``model`` (a ViViT checkpoint directory), ``preset`` (random weights) or
-    ``from_vit`` (an image ViT, inflated with ``inflate``). Evaluation during training takes one view per video
+    Starting point: exactly one of ``model`` (a ViViT checkpoint directory), ``preset`` (random weights; the
+    ``*-fe`` / ``*-fsa`` / ``*-fdp`` presets are the paper's Models 2, 3, 4) or ``from_vit`` (an image ViT, inflated
+    with ``inflate``; ``attention_type`` makes it Model 2, 3 or 4). Evaluation during training takes one view per video
     (the middle clip, center crop), each epoch; the final evaluation takes ``eval_views`` (clips x crops). The
     final model, its ``preprocessor_config.json`` and ``finetune_results.json`` are written to ``out``
     (Trainer's ``checkpoint-N`` folders beside them; ``resume=True`` continues from the latest: run it with the
@@ -302,7 +313,8 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
         raise ValueError("fsdp with LoRA is not supported here: LoRA trains few weights, so DDP (the default) is the "
                          "right choice for it")
     splits = vdata.load_video_splits(data, val, val_fraction)
-    vivit, processor = build_model(splits, model, preset, from_vit, inflate, num_frames, tubelet_time, attn)
+    vivit, processor = build_model(splits, model, preset, from_vit, inflate, num_frames, tubelet_time, attn,
+                                   attention_type)
     config = vivit.config
     if lora_rank:
         vivit = _add_lora(vivit, lora_rank, lora_alpha)
@@ -360,7 +372,8 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
     results = {"metrics": metrics, "out": str(out), "labels": splits.id2label, "train_videos": len(splits.train),
                "val_videos": len(splits.val), "skipped": skipped, "short_clips": short,
                "start": {"model": model, "preset": preset, "from_vit": None if from_vit is None else str(from_vit),
-                         "inflate": inflate if from_vit is not None else None},
+                         "inflate": inflate if from_vit is not None else None,
+                         "attention_type": getattr(vivit.config, "attention_type", "spatio_temporal")},
                "attn": attn, "world_size": world, "parallel": _parallel(trainer, world), "bf16": bf16, "lora_rank": lora_rank}
     to_save = trainer.model
     if lora_rank:

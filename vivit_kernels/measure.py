@@ -33,7 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 
-__all__ = ["GPUS", "Measurement", "measure", "measure_all", "format_markdown", "NO_LAUNCH_ATEN", "PROVIDERS"]
+__all__ = ["GPUS", "Measurement", "measure", "measure_all", "format_markdown", "NO_LAUNCH_ATEN", "PROVIDERS",
+           "MODEL_VARIANTS", "measure_models", "format_models_markdown"]
 
 # Datasheet peaks (dense), for the roofline floor only.
 GPUS: dict[str, dict[str, float]] = {
@@ -265,4 +266,56 @@ def format_markdown(rows: list[Measurement], baseline: str = "transformers-sdpa"
     lines.append(f"x: ratio to {baseline} at the same batch. *roofline: a floor, not a prediction: per op "
                  "max(FLOPs / peak, bytes / bandwidth) from datasheet peaks, summed over this provider's ops; they "
                  "cannot run faster on that GPU. Not a measurement.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's four models at ViViT-B/16x2
+# ------------------------------------------------------------------------------------------------
+# (name, preset, the paper's Table 2 FLOPs (1e9) and parameters (1e6) for ViViT-B, tubelet 16x2, as we read the
+# table; its FLOPs count a multiply-add once, ours (torch's FLOP counter) twice)
+MODEL_VARIANTS = (
+    ("Model 1: spatio-temporal (transformers' ViViT)", "vivit-b-16x2", 455.2, 88.9),
+    ("Model 2: factorised encoder (12 + 4 layers)", "vivit-b-16x2-fe", 284.4, 115.1),
+    ("Model 3: factorised self-attention", "vivit-b-16x2-fsa", 372.3, 117.3),
+    ("Model 4: factorised dot-product", "vivit-b-16x2-fdp", 277.1, 88.9),
+)
+
+
+def measure_models(batch: int = 1, dtype: torch.dtype = torch.bfloat16, provider: str = "triton",
+                   progress: Optional[Callable[[str], None]] = None) -> list[tuple[str, float, float, int, Measurement]]:
+    """(name, paper GFLOPs, paper M params, our parameter count, measurement) per model of ``MODEL_VARIANTS``."""
+    from .model import VivitConfig, VivitForVideoClassification
+    from .models import FACTORIZED_PRESETS, VivitFactorizedConfig, VivitFactorizedForVideoClassification
+
+    rows = []
+    for name, preset, paper_gflops, paper_params in MODEL_VARIANTS:
+        if progress:
+            progress(f"measuring {preset}")
+        config = (VivitFactorizedConfig.from_preset(preset) if preset in FACTORIZED_PRESETS
+                  else VivitConfig.from_preset(preset))
+        with torch.device("meta"):
+            cls = VivitFactorizedForVideoClassification if preset in FACTORIZED_PRESETS else VivitForVideoClassification
+            params = sum(p.numel() for p in cls(config, attn="eager").parameters())
+        rows.append((name, paper_gflops, paper_params, params, measure(provider, config, batch, dtype)))
+    return rows
+
+
+def format_models_markdown(rows: list[tuple[str, float, float, int, Measurement]]) -> str:
+    """The four models side by side, each with its ratio to Model 1 and the paper's Table 2 figures."""
+    first = rows[0][4]
+    lines = ["| model | params (M) | paper params (M) | GFLOP / forward (multiply-add = 2) | x | paper GFLOPs "
+             "(multiply-add = 1) | x | saved for backward (GiB) | x | inference peak live (GiB) | x | "
+             "launches / forward |", "|" + "---|" * 12]
+    paper_first = rows[0][1]
+    for name, paper_gflops, paper_params, params, m in rows:
+        lines.append(f"| {name} | {params / 1e6:.1f} | {paper_params:.1f} | {m.flops / 1e9:.0f} | "
+                     f"{m.flops / first.flops:.2f} | {paper_gflops:.1f} | {paper_gflops / paper_first:.2f} | "
+                     f"{m.saved_bytes / 2**30:.3f} | {m.saved_bytes / first.saved_bytes:.2f} | "
+                     f"{m.peak_live_bytes / 2**30:.4f} | {m.peak_live_bytes / first.peak_live_bytes:.2f} | "
+                     f"{m.launches} |")
+    m = rows[0][4]
+    lines += ["", f"Batch {m.batch}, {m.dtype}, provider {m.provider}, 32 frames of 224x224 (FakeTensorMode counts; "
+              "exact on any machine). x: ratio to Model 1. The paper's columns are its Table 2 as we read it "
+              "(ViViT-B, tubelet 16x2); its runtime column we have not reproduced: no GPU has run these models."]
     return "\n".join(lines)

@@ -245,18 +245,35 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         return torch.cat((table[:, :1], patch), dim=1)
 
 
+def _reference_attention(config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         dropout: float) -> torch.Tensor:
+    """transformers' attention for the factorised groups' (B1, B2, N, H, D) views when no kernel runs: SDPA where
+    the model's attention implementation is "sdpa" (the two batch dims folded, a copy for a transposed view),
+    else the eager reference."""
+    if config._attn_implementation != "sdpa":
+        return attention_ref(q, k, v, scale, dropout)
+    shape = q.shape
+    q, k, v = (t.reshape(-1, *shape[-3:]).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).reshape(shape)
+
+
 class KernelVivitAttention(_KernelModule, hf.VivitAttention):
     """transformers' attention, plus ``head_mask`` and attention probabilities from any backend, and (with a
     kernel backend) the three projections in one GEMM that reads the three weights in place and flash attention."""
 
     _vivit_layer_index: int = 0
+    # The factorised models (models/factorized.py) set (temporal indices, spatial heads) on their attention
+    # modules: the tokens are (batch, T * S) in (time, space) order, heads [0, spatial heads) attend over the S
+    # tokens of their temporal index, the others over the T tokens of their spatial position.
+    _vivit_axes: Optional[tuple[int, int]] = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 head_mask: Optional[torch.Tensor] = None, **kwargs):
         layer_mask = None if head_mask is None else head_mask[self._vivit_layer_index]
         probabilities = _collecting_attentions() and self.config._attn_implementation != "eager"
-        if self._vivit_backend is None and layer_mask is None and not probabilities:  # also auto's guard
-            return super().forward(hidden_states, attention_mask, **kwargs)  # transformers', unchanged
+        if self._vivit_backend is None and layer_mask is None and not probabilities and self._vivit_axes is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)  # transformers', unchanged (auto's guard)
         return self.attend(hidden_states, attention_mask, layer_mask)
 
     def attend(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -279,6 +296,15 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
         dropout = self.attention_dropout if self.training else 0.0
         why = ("head_mask" if head_mask is not None else "output_attentions" if _collecting_attentions()
                else "an attention mask" if attention_mask is not None else "attention dropout" if dropout > 0 else None)
+        if self._vivit_axes is not None:
+            if head_mask is not None or attention_mask is not None:
+                raise ValueError("the factorised attention takes no head_mask or attention mask")
+            context = self._factorised(backend, qkv if fused else None, q, k, v, dropout, why)
+            context = context.reshape(batch, tokens, heads * head_dim)  # a view: the groups write (time, space) order
+            if backend is None:
+                out = self.o_proj(context)
+                return (out if residual is None else out + residual), None
+            return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), None
         if backend is None or why is not None:
             if backend is not None:
                 log_once(f"eager:{why}", f"vivit_kernels: attention with {why} runs eager attention (the flash kernel "
@@ -292,6 +318,33 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
             out = self.o_proj(context)
             return (out if residual is None else out + residual), probs
         return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), probs
+
+    def _factorised(self, backend: Optional[Backend], qkv: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, dropout: float, why: Optional[str]) -> torch.Tensor:
+        """The context (batch, T, S, heads, head_dim) of the factorised attention (``_vivit_axes``): each head
+        group reads its (batch, T, S, ...) or (batch, S, T, ...) view of the projections in place, and the
+        kernels write the temporal group's output in (time, space) token order, so no group is copied."""
+        steps, spatial = self._vivit_axes
+        batch, tokens, heads, head_dim = q.shape
+        grid = (batch, steps, tokens // steps)
+        kernels = backend is not None and why is None
+        if backend is not None and why is not None:
+            log_once(f"eager:{why}", f"vivit_kernels: factorised attention with {why} runs eager attention")
+
+        def split(t: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:  # the non-empty (view, over time) groups
+            groups = ((t[..., :spatial, :], False), (t.transpose(1, 2)[..., spatial:, :], True))
+            return [(g, over_time) for g, over_time in groups if g.shape[-2]]
+
+        if kernels and qkv is not None:
+            outs = [(backend.attention_qkv(g, self.scaling), t) for g, t in split(qkv.view(*grid, 3, heads, head_dim))]
+        else:
+            outs = []
+            for (qg, over_time), (kg, _), (vg, _) in zip(*(split(t.view(*grid, heads, head_dim)) for t in (q, k, v))):
+                o = (backend.attention(qg, kg, vg, self.scaling) if kernels
+                     else _reference_attention(self.config, qg, kg, vg, self.scaling, dropout))
+                outs.append((o, over_time))
+        outs = [o.transpose(1, 2) if over_time else o for o, over_time in outs]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # Model 4: the two head groups side by side
 
     def _project(self, name: str, h: torch.Tensor) -> torch.Tensor:
         backend = self._vivit_backend

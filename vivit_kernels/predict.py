@@ -29,6 +29,7 @@ import torch
 from . import __version__
 from . import data as vdata
 from ._files import atomic_write_text
+from .models import pool_tokens
 from .processing import VideoProcessor
 
 __all__ = ["collect_inputs", "predict", "predict_to_file", "Predictor", "Timings", "FAILED_EXIT_CODE"]
@@ -153,7 +154,7 @@ class Predictor:
                 if pixels is not None:
                     with torch.no_grad():
                         flat = pixels.to(device, dtype).reshape(-1, *pixels.shape[-4:])
-                        features = self.model.vivit(flat).last_hidden_state[:, 0]
+                        features = pool_tokens(self.model.config, self.model.vivit(flat).last_hidden_state)
                         probs = self.model.classifier(features).float().softmax(-1)
                         probs = probs.view(len(paths_ok), views, -1).mean(1)
                         pooled = features.float().view(len(paths_ok), views, -1).mean(1)
@@ -198,7 +199,11 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
                    dtype: Optional[torch.dtype] = None, attn: Optional[str] = None) -> Predictor:
     """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults: the GPU when there is one,
     bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU."""
+    import transformers
+
+    from .checkpoint import check_local, local_dir
     from .model import VivitForVideoClassification
+    from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -209,7 +214,11 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
     directory = None
     if isinstance(model, (str, os.PathLike)):
         directory = model
-        model = VivitForVideoClassification.from_pretrained(model, attn=attn, dtype=dtype)
+        if local_dir(model) is not None:
+            check_local(local_dir(model))  # a clear error naming the file that is missing or wrong
+        factorised = isinstance(transformers.AutoConfig.from_pretrained(model), VivitFactorizedConfig)
+        cls = VivitFactorizedForVideoClassification if factorised else VivitForVideoClassification
+        model = cls.from_pretrained(model, attn=attn, dtype=dtype)
     else:  # ours or transformers' own model (apply_vivit_kernels takes both)
         from .patch import apply_vivit_kernels
 

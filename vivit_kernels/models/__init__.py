@@ -12,7 +12,8 @@ from .factorized import (
     VivitFactorizedForVideoClassification,
     VivitFactorizedModel,
     factorized_reference_forward,
+    pool_tokens,
 )
 
 __all__ = ["ATTENTION_TYPES", "FACTORIZED_PRESETS", "VivitFactorizedConfig", "VivitFactorizedModel",
-           "VivitFactorizedForVideoClassification", "factorized_reference_forward"]
+           "VivitFactorizedForVideoClassification", "factorized_reference_forward", "pool_tokens"]

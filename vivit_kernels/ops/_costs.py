@@ -29,27 +29,23 @@ def _elt(t: torch.Tensor) -> int:
 
 # -- FLOPs: 2 * M * N * K per matmul; attention 4 B H N^2 D forward, 2.5x that backward ------------------
 @register_flop_formula(torch.ops.vivit_kernels.flash_attn_fwd)
-def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
-    B, N, H, D = q_shape
-    return 4 * B * H * N * N * D
+def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:  # (B, N, H, D) or (B1, B2, N, H, D)
+    return 4 * math.prod(q_shape) * q_shape[-3]
 
 
 @register_flop_formula(torch.ops.vivit_kernels.flash_attn_bwd)
 def _(do_shape, q_shape, *args, **kwargs) -> int:
-    B, N, H, D = q_shape
-    return 10 * B * H * N * N * D
+    return 10 * math.prod(q_shape) * q_shape[-3]
 
 
 @register_flop_formula(torch.ops.vivit_kernels.flash_attn_qkv_fwd)
-def _(qkv_shape, *args, **kwargs) -> int:
-    B, N, _, H, D = qkv_shape
-    return 4 * B * H * N * N * D
+def _(qkv_shape, *args, **kwargs) -> int:  # (B, N, 3, H, D) or (B1, B2, N, 3, H, D)
+    return 4 * math.prod(qkv_shape) // 3 * qkv_shape[-4]
 
 
 @register_flop_formula(torch.ops.vivit_kernels.flash_attn_qkv_bwd)
 def _(do_shape, qkv_shape, *args, **kwargs) -> int:
-    B, N, _, H, D = qkv_shape
-    return 10 * B * H * N * N * D
+    return 10 * math.prod(qkv_shape) // 3 * qkv_shape[-4]
 
 
 @register_flop_formula(torch.ops.vivit_kernels.linear_fwd)
@@ -143,8 +139,8 @@ def _mlp_bwd_transient(args) -> int:
 
 
 def _flash_bwd_transient(args) -> int:
-    B, N, H, _ = args[0].shape  # the output gradient
-    return B * H * N * 4  # delta = rowsum(dO * O), fp32
+    do = args[0].shape  # the output gradient, (..., N, H, D)
+    return math.prod(do[:-1]) * 4  # delta = rowsum(dO * O), fp32
 
 
 TRANSIENT_BYTES: dict[str, Callable[[tuple], int]] = {

@@ -167,13 +167,24 @@ if HAS_TRITON:
     from ._triton import autotuned, load_operand, to_dot_operand, to_output
 
     @triton.jit
-    def _program_ids(N, H, BLOCK: tl.constexpr):
-        """One flat grid axis (no 65535 limit on batch * heads): pid -> (tile index, batch, head)."""
+    def _program_ids(N, H, B2, BLOCK: tl.constexpr, TWO_BATCH: tl.constexpr):
+        """One flat grid axis (no 65535 limit on batch * heads): pid -> (tile index, batch, second batch index,
+        head, flat (batch, head) index). TWO_BATCH: (B1, B2, N, H, D) inputs, two batch dimensions with a stride
+        each, so one launch reads sequences that are not one stride apart in place (a factorised model's tokens of
+        one spatial position across time); without it the second index is 0 and its strides are never read (the
+        kernel is the one-batch-dimension kernel, its registers unchanged)."""
         pid = tl.program_id(0).to(tl.int64)
         num_tiles = tl.cdiv(N, BLOCK)
         tile = pid % num_tiles
         bh = pid // num_tiles
-        return tile, bh // H, bh % H, bh
+        b = bh // H
+        if TWO_BATCH:
+            b1 = b // B2
+            b2 = b % B2
+        else:
+            b1 = b
+            b2 = b * 0
+        return tile, b1, b2, bh % H, bh
 
     @triton.jit
     def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale,
@@ -231,21 +242,22 @@ if HAS_TRITON:
     @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE,  # q/k/v/o: (B, N, H, D) with unit stride in D; LSE: (B, H, N) fp32
-        stride_qb, stride_qn, stride_qh,
-        stride_kb, stride_kn, stride_kh,
-        stride_vb, stride_vn, stride_vh,
-        stride_ob, stride_on, stride_oh,
-        N, H, qk_scale,  # qk_scale = softmax_scale * log2(e)
+        stride_qb, stride_qb2, stride_qn, stride_qh,
+        stride_kb, stride_kb2, stride_kn, stride_kh,
+        stride_vb, stride_vb2, stride_vn, stride_vh,
+        stride_ob, stride_ob2, stride_on, stride_oh,
+        N, H, B2, qk_scale,  # qk_scale = softmax_scale * log2(e); B2: the second batch dimension's size
         GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
         USE_TMA: tl.constexpr = False,  # q/k/v tiles through tensor descriptors (sm_90), output through one too
+        TWO_BATCH: tl.constexpr = False,  # (B1, B2, N, H, D) inputs: see _program_ids
     ):
-        tile, b, h, bh = _program_ids(N, H, BLOCK_M)
-        Q += b * stride_qb + h * stride_qh
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
-        O += b * stride_ob + h * stride_oh
+        tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_M, TWO_BATCH)
+        Q += b * stride_qb + b2 * stride_qb2 + h * stride_qh
+        K += b * stride_kb + b2 * stride_kb2 + h * stride_kh
+        V += b * stride_vb + b2 * stride_vb2 + h * stride_vh
+        O += b * stride_ob + b2 * stride_ob2 + h * stride_oh
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
@@ -297,18 +309,18 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_preprocess_kernel(
         O, DO, DELTA,  # o/do: (B, N, H, D); DELTA: (B, H, N) fp32
-        stride_ob, stride_on, stride_oh,
-        stride_db, stride_dn, stride_dh,
-        N, H,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        stride_ob, stride_ob2, stride_on, stride_oh,
+        stride_db, stride_db2, stride_dn, stride_dh,
+        N, H, B2,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TWO_BATCH: tl.constexpr = False,
     ):
         """delta = rowsum(dO * O), the softmax-backward correction term, in fp32."""
-        tile, b, h, bh = _program_ids(N, H, BLOCK_M)
+        tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_M, TWO_BATCH)
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(O + b * stride_ob + b2 * stride_ob2 + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * stride_db + b2 * stride_db2 + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta, mask=offs_m < N)
 
@@ -347,25 +359,25 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,  # (B, N, H, D) each, LSE/DELTA (B, H, N) fp32
-        stride_qb, stride_qn, stride_qh,
-        stride_kb, stride_kn, stride_kh,
-        stride_vb, stride_vn, stride_vh,
-        stride_db, stride_dn, stride_dh,
-        stride_dkb, stride_dkn, stride_dkh,
-        stride_dvb, stride_dvn, stride_dvh,
-        N, H, qk_scale, softmax_scale,
+        stride_qb, stride_qb2, stride_qn, stride_qh,
+        stride_kb, stride_kb2, stride_kn, stride_kh,
+        stride_vb, stride_vb2, stride_vn, stride_vh,
+        stride_db, stride_db2, stride_dn, stride_dh,
+        stride_dkb, stride_dkb2, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvb2, stride_dvn, stride_dvh,
+        N, H, B2, qk_scale, softmax_scale,
         GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, TWO_BATCH: tl.constexpr = False,
     ):
-        tile, b, h, bh = _program_ids(N, H, BLOCK_N)
+        tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_N, TWO_BATCH)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        k = load_operand(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
-        v = load_operand(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
-        Q += b * stride_qb + h * stride_qh
-        DO += b * stride_db + h * stride_dh
+        k = load_operand(K + b * stride_kb + b2 * stride_kb2 + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
+        v = load_operand(V + b * stride_vb + b2 * stride_vb2 + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
+        Q += b * stride_qb + b2 * stride_qb2 + h * stride_qh
+        DO += b * stride_db + b2 * stride_db2 + h * stride_dh
         LSE += bh * N
         DELTA += bh * N
 
@@ -382,8 +394,8 @@ if HAS_TRITON:
                 HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
             )
         dk = dk * softmax_scale
-        DK += b * stride_dkb + h * stride_dkh
-        DV += b * stride_dvb + h * stride_dvh
+        DK += b * stride_dkb + b2 * stride_dkb2 + h * stride_dkh
+        DV += b * stride_dvb + b2 * stride_dvb2 + h * stride_dvh
         tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], to_output(dk, DK.dtype.element_ty, EMULATE_BF16), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], to_output(dv, DV.dtype.element_ty, EMULATE_BF16), mask=kv_mask)
 
@@ -413,26 +425,26 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ,
-        stride_qb, stride_qn, stride_qh,
-        stride_kb, stride_kn, stride_kh,
-        stride_vb, stride_vn, stride_vh,
-        stride_db, stride_dn, stride_dh,
-        stride_dqb, stride_dqn, stride_dqh,
-        N, H, qk_scale, softmax_scale,
+        stride_qb, stride_qb2, stride_qn, stride_qh,
+        stride_kb, stride_kb2, stride_kn, stride_kh,
+        stride_vb, stride_vb2, stride_vn, stride_vh,
+        stride_db, stride_db2, stride_dn, stride_dh,
+        stride_dqb, stride_dqb2, stride_dqn, stride_dqh,
+        N, H, B2, qk_scale, softmax_scale,
         GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, TWO_BATCH: tl.constexpr = False,
     ):
-        tile, b, h, bh = _program_ids(N, H, BLOCK_M)
+        tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_M, TWO_BATCH)
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        q = load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask, EMULATE_BF16, True)
-        do = load_operand(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask, EMULATE_BF16, True)
+        q = load_operand(Q + b * stride_qb + b2 * stride_qb2 + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask, EMULATE_BF16, True)
+        do = load_operand(DO + b * stride_db + b2 * stride_db2 + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask, EMULATE_BF16, True)
         lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
-        K += b * stride_kb + h * stride_kh
-        V += b * stride_vb + h * stride_vh
+        K += b * stride_kb + b2 * stride_kb2 + h * stride_kh
+        V += b * stride_vb + b2 * stride_vb2 + h * stride_vh
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         n_full = (N // BLOCK_N) * BLOCK_N
@@ -446,7 +458,7 @@ if HAS_TRITON:
                 HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
             )
         dq = dq * softmax_scale
-        DQ += b * stride_dqb + h * stride_dqh
+        DQ += b * stride_dqb + b2 * stride_dqb2 + h * stride_dqh
         tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, EMULATE_BF16), mask=mask)
 
     def _row(named_args, kwargs):
@@ -456,16 +468,38 @@ if HAS_TRITON:
     # GRID_BUCKET (the programs of the launch, to a power of two): a first call at batch 1 does not fix the tiles of
     # batch 8
     _KEY = ["N", "HEAD_DIM", "DOT_PRECISION", "GRID_BUCKET"]
-    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_ROWS, _row, _KEY + ["USE_TMA"])
-    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, DKDV_ROWS, _row, _KEY)
-    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, DQ_ROWS, _row, _KEY)
+    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_ROWS, _row, _KEY + ["USE_TMA", "TWO_BATCH"])
+    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, DKDV_ROWS, _row, _KEY + ["TWO_BATCH"])
+    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, DQ_ROWS, _row, _KEY + ["TWO_BATCH"])
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, second batch, token, head) strides of a (B, N, H, D) or (B1, B2, N, H, D) tensor."""
+    if t.dim() == 4:
+        return t.stride(0), 0, t.stride(1), t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _dims(q: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(B1, B2, N, H, D) of a (B, N, H, D) (B2 = 1) or (B1, B2, N, H, D) tensor."""
+    if q.dim() == 4:
+        B, N, H, D = q.shape
+        return B, 1, N, H, D
+    return tuple(q.shape)
+
+
+def empty_in_layout(shape, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor of ``shape`` (as many dims as ``ref``) whose dims lie in memory in the order of ``ref``'s
+    strides, the last innermost: the output of an attention over a permuted view (the tokens of one spatial
+    position across time) lands in the token order of the tensor the view reads, so the next GEMM reads it as
+    rows without a copy. For an ordinary (B, N, H, D) view it is the contiguous (B, N, H, D) tensor."""
+    nd = len(shape)
+    order = sorted(range(nd - 1), key=lambda d: -ref.stride(d)) + [nd - 1]  # stable: ties keep their order
+    buf = ref.new_empty([shape[d] for d in order], dtype=dtype or ref.dtype)
+    return buf.permute([order.index(d) for d in range(nd)])
 
 
 def flat_grid(N: int, B: int, H: int, block: int) -> tuple[int]:
@@ -497,8 +531,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"flash_attention: {name} must be 4-D (batch, tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() not in (4, 5):
+            raise ValueError(f"flash_attention: {name} must be (batch, tokens, heads, head_dim) or (batch, batch2, "
+                             f"tokens, heads, head_dim), got shape {tuple(t.shape)}")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
             f"flash_attention: q, k, v must have one shape (batch, tokens, heads, head_dim), got "
@@ -508,20 +543,19 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention supports float16, bfloat16 and float32, got {q.dtype}")
-    B, N, H, D = q.shape
-    if min(B, N, H, D) < 1:
+    if min(q.shape) < 1:
         raise ValueError(f"flash_attention: every dimension must be >= 1, got {tuple(q.shape)}")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention supports head_dim <= {MAX_HEAD_DIM}, got {D}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     check_launchable(q, k, v, what="flash_attention")
 
 
 def _check_extent(*tensors: torch.Tensor) -> None:
     """Offsets inside one (batch, head) slice are 32-bit in the kernels; batch/head offsets are 64-bit."""
     for t in tensors:
-        if (t.shape[1] - 1) * t.stride(1) + t.shape[3] >= 2**31:
+        if (t.shape[-3] - 1) * t.stride(-3) + t.shape[-1] >= 2**31:
             raise ValueError(
-                f"flash_attention: one (batch, head) slice spans {t.shape[1]} x stride {t.stride(1)} elements, "
+                f"flash_attention: one (batch, head) slice spans {t.shape[-3]} x stride {t.stride(-3)} elements, "
                 "more than 32-bit offsets allow"
             )
 
@@ -532,20 +566,23 @@ FORCED_TMA: bool | None = None
 
 
 def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig | None = None):
-    B, N, H, D = q.shape
+    """(out, lse (B1 * B2, H, N) fp32) for q, k, v (B, N, H, D) or (B1, B2, N, H, D); out is laid out in q's
+    memory order (``empty_in_layout``)."""
+    B1, B2, N, H, D = _dims(q)
+    B = B1 * B2
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     _check_extent(q, k, v)
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    out = empty_in_layout(q.shape, q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     use_tma = FORCED_TMA if FORCED_TMA is not None else (q.element_size() == 2 and tma_compatible(q, k, v, out))
     meta = dict(
         HEAD_DIM=D, BLOCK_D=block_d_for(D), DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
-        EMULATE_BF16=emulate_bf16(q.dtype), USE_TMA=use_tma,
+        EMULATE_BF16=emulate_bf16(q.dtype), USE_TMA=use_tma, TWO_BATCH=q.dim() == 5,
     )
     if use_tma:
         ensure_tma_allocator()
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, H, softmax_scale * LOG2E,
-            grid_bucket(B, H, N))
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, H, B2,
+            softmax_scale * LOG2E, grid_bucket(B, H, N))
     _launch(_attn_fwd_tuned, _attn_fwd_kernel, "BLOCK_M", B, H, N, args, meta, config)
     return out, lse
 
@@ -556,22 +593,24 @@ def _bwd(
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """(dq, dk, dv), written into ``grads`` (e.g. the three slices of one dqkv tensor) when given."""
-    B, N, H, D = q.shape
+    B1, B2, N, H, D = _dims(q)
+    B = B1 * B2
     do, q, k, v = unit_last(do), unit_last(q), unit_last(k), unit_last(v)
     _check_extent(do, q, k, v, out)
     block_d = block_d_for(D)
     delta = torch.empty_like(lse)
     _launch(
         None, _attn_bwd_preprocess_kernel, "BLOCK_M", B, H, N,
-        (out, do, delta, *_strides(out), *_strides(do), N, H), dict(HEAD_DIM=D, BLOCK_D=block_d), PREPROCESS_CONFIG,
+        (out, do, delta, *_strides(out), *_strides(do), N, H, B2),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, TWO_BATCH=q.dim() == 5), PREPROCESS_CONFIG,
     )
-    dq, dk, dv = grads if grads is not None else (torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = grads if grads is not None else (empty_in_layout(t.shape, t) for t in (q, k, v))
     meta = dict(
         HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
-        EMULATE_BF16=emulate_bf16(q.dtype),
+        EMULATE_BF16=emulate_bf16(q.dtype), TWO_BATCH=q.dim() == 5,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    scales = (N, H, softmax_scale * LOG2E, softmax_scale, grid_bucket(B, H, N))
+    scales = (N, H, B2, softmax_scale * LOG2E, softmax_scale, grid_bucket(B, H, N))
     _launch(
         _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", B, H, N,
         (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *scales), meta, dkdv_config,
@@ -590,15 +629,20 @@ def _bwd(
 def flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, N, H, D), logsumexp (B, H, N) fp32) of softmax(q k^T * scale) v."""
+    """(out (B, N, H, D) or (B1, B2, N, H, D) in q's memory order, logsumexp (B1 * B2, H, N) fp32) of
+    softmax(q k^T * scale) v."""
     return _fwd(q, k, v, softmax_scale, allow_tf32)
+
+
+def _fake_fwd(q):
+    B1, B2, N, H, D = _dims(q)
+    return empty_in_layout(q.shape, q), q.new_empty((B1 * B2, H, N), dtype=torch.float32)
 
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, softmax_scale, allow_tf32):
-    B, N, H, D = q.shape
     torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "q, k, v must have one shape")
-    return q.new_empty((B, N, H, D)), q.new_empty((B, H, N), dtype=torch.float32)
+    return _fake_fwd(q)
 
 
 @torch.library.custom_op("vivit_kernels::flash_attn_bwd", mutates_args=())
@@ -618,7 +662,7 @@ def flash_attn_bwd(
 
 @flash_attn_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(empty_in_layout(t.shape, t) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -649,12 +693,15 @@ def flash_attention(
         q, k, v: (batch, tokens, heads, head_dim) in float16, bfloat16 or float32, on a CUDA device (or on
             the CPU under TRITON_INTERPRET=1). Strided views, e.g. slices of one fused qkv tensor, are read
             in place; a tensor whose last dimension is not contiguous is copied once. head_dim <= 128.
+            (batch, batch2, tokens, heads, head_dim) views take two batch dimensions with a stride each: the
+            tokens of one spatial position across time, ``x.view(B, T, S, H, D).transpose(1, 2)``, in place.
         softmax_scale: defaults to head_dim ** -0.5.
         allow_tf32: float32 products: None (default) follows torch's matmul precision setting, as every op
             does (strict IEEE under torch's default "highest", so results match an fp32 reference); True lets the
             tensor cores use TF32, False never.
     Returns:
-        (batch, tokens, heads, head_dim), contiguous, in the input dtype.
+        q's shape in the input dtype, its dims in q's memory order (``empty_in_layout``): contiguous for the
+        usual (batch, tokens, heads, head_dim) views, (B, T, S, H, D) memory for the transposed view above.
     """
     _check_inputs(q, k, v)
     if softmax_scale is None:
@@ -664,19 +711,19 @@ def flash_attention(
     return flash_attn_fwd(q, k, v, float(softmax_scale), resolve_tf32(allow_tf32))[0]
 
 
-# The same attention on the fused (B, N, 3, H, D) projection output: the backward writes dq, dk and dv into
-# one dqkv tensor (the three slices the forward read), so autograd has no separate gradients to stack.
+# The same attention on the fused (B, N, 3, H, D) projection output (or a (B1, B2, N, 3, H, D) view of it): the
+# backward writes dq, dk and dv into one dqkv tensor (the three slices the forward read), so autograd has no
+# separate gradients to stack.
 @torch.library.custom_op("vivit_kernels::flash_attn_qkv_fwd", mutates_args=())
 def flash_attn_qkv_fwd(qkv: torch.Tensor, softmax_scale: float, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, N, H, D), logsumexp (B, H, N) fp32) for q, k, v = qkv.unbind(2)."""
-    return _fwd(*qkv.unbind(2), softmax_scale, allow_tf32)
+    """(out (..., N, H, D), logsumexp (B1 * B2, H, N) fp32) for q, k, v = qkv.unbind(-3)."""
+    return _fwd(*qkv.unbind(-3), softmax_scale, allow_tf32)
 
 
 @flash_attn_qkv_fwd.register_fake
 def _(qkv, softmax_scale, allow_tf32):
-    B, N, three, H, D = qkv.shape
-    torch._check(three == 3, lambda: "qkv must be (B, N, 3, H, D)")
-    return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+    torch._check(qkv.shape[-3] == 3, lambda: "qkv must be (B, N, 3, H, D) or (B1, B2, N, 3, H, D)")
+    return _fake_fwd(qkv.unbind(-3)[0])
 
 
 @torch.library.custom_op("vivit_kernels::flash_attn_qkv_bwd", mutates_args=())
@@ -684,15 +731,15 @@ def flash_attn_qkv_bwd(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
     allow_tf32: bool,
 ) -> torch.Tensor:
-    """dqkv (B, N, 3, H, D): dq, dk, dv written straight into its three slices."""
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _bwd(grad_out, *qkv.unbind(2), out, lse, softmax_scale, allow_tf32, grads=dqkv.unbind(2))
+    """dqkv (qkv's shape and memory order): dq, dk, dv written straight into its three slices."""
+    dqkv = empty_in_layout(qkv.shape, qkv)
+    _bwd(grad_out, *qkv.unbind(-3), out, lse, softmax_scale, allow_tf32, grads=dqkv.unbind(-3))
     return dqkv
 
 
 @flash_attn_qkv_bwd.register_fake
 def _(grad_out, qkv, out, lse, softmax_scale, allow_tf32):
-    return qkv.new_empty(qkv.shape)
+    return empty_in_layout(qkv.shape, qkv)
 
 
 def _qkv_setup_context(ctx, inputs, output):
@@ -712,12 +759,15 @@ flash_attn_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_con
 
 
 def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None) -> torch.Tensor:
-    """:func:`flash_attention` of ``q, k, v = qkv.unbind(2)`` for a fused projection output qkv (B, N, 3, H, D);
-    its backward returns one dqkv tensor instead of three gradients that autograd would stack into one."""
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+    """:func:`flash_attention` of ``q, k, v = qkv.unbind(-3)`` for a fused projection output qkv (B, N, 3, H, D),
+    or a (B1, B2, N, 3, H, D) view of one (e.g. ``qkv.view(B, T, S, 3, H, D).transpose(1, 2)``: attention over
+    time per spatial position, read in place); its backward returns one dqkv tensor (in qkv's memory order)
+    instead of three gradients that autograd would stack into one."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() not in (5, 6) or qkv.shape[-3] != 3:
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"flash_attention_qkv: qkv must be (batch, tokens, 3, heads, head_dim), got {shape}")
-    q, k, v = qkv.unbind(2)
+        raise ValueError("flash_attention_qkv: qkv must be (batch, tokens, 3, heads, head_dim) or (batch, batch2, "
+                         f"tokens, 3, heads, head_dim), got {shape}")
+    q, k, v = qkv.unbind(-3)
     _check_inputs(q, k, v)
     if softmax_scale is None:
         softmax_scale = qkv.shape[-1] ** -0.5
@@ -745,8 +795,8 @@ def attention_ref(
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(q, k.transpose(2, 3)) * softmax_scale
+    q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # (..., H, N, D): one or two batch dims
+    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -754,7 +804,7 @@ def attention_ref(
         probs = F.dropout(probs, p=dropout_p, training=True)
     if head_mask is not None:
         probs = probs * head_mask
-    out = torch.matmul(probs, v).transpose(1, 2)
+    out = torch.matmul(probs, v).transpose(-3, -2)
     return (out, probs) if return_probs else out
 
 
@@ -774,19 +824,21 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for head_dim in head_dims:
             block_d = block_d_for(head_dim)
-            base = dict(HEAD_DIM=head_dim, BLOCK_D=block_d)
-            strides = lambda *ts: {f"stride_{t}{d}": "i32" for t in ts for d in "bnh"}  # noqa: E731
-            pre = dict(O=f"*{ty}", DO=f"*{ty}", DELTA="*fp32", N="i32", H="i32", **strides("o", "d"))
-            cases.append(make_case(__name__, _attn_bwd_preprocess_kernel, "_attn_bwd_preprocess_kernel", pre,
-                                   {**base, **PREPROCESS_CONFIG.kwargs}, PREPROCESS_CONFIG.num_warps,
-                                   PREPROCESS_CONFIG.num_stages, f"{ty} d={head_dim} {PREPROCESS_CONFIG.label()}"))
+            base = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, TWO_BATCH=False)
+            strides = lambda *ts: {f"stride_{t}{d}": "i32" for t in ts for d in ("b", "b2", "n", "h")}  # noqa: E731
+            pre = dict(O=f"*{ty}", DO=f"*{ty}", DELTA="*fp32", N="i32", H="i32", B2="i32", **strides("o", "d"))
+            for two in (False, True) if dtype == torch.bfloat16 else (False,):
+                cases.append(make_case(__name__, _attn_bwd_preprocess_kernel, "_attn_bwd_preprocess_kernel", pre,
+                                       {**base, **PREPROCESS_CONFIG.kwargs, "TWO_BATCH": two}, PREPROCESS_CONFIG.num_warps,
+                                       PREPROCESS_CONFIG.num_stages,
+                                       f"{ty} d={head_dim} {'2-batch ' if two else ''}{PREPROCESS_CONFIG.label()}"))
             for precision in precisions:
                 meta = dict(base, DOT_PRECISION=precision, EMULATE_BF16=False)
                 tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} d={head_dim}"
                 fwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", O=f"*{ty}", LSE="*fp32", N="i32", H="i32",
-                           qk_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "o"))
+                           B2="i32", qk_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "o"))
                 bwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32", N="i32",
-                           H="i32", qk_scale="fp32", softmax_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "d"))
+                           H="i32", B2="i32", qk_scale="fp32", softmax_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "d"))
                 dkdv = dict(bwd, DK=f"*{ty}", DV=f"*{ty}", **strides("dk", "dv"))
                 dq = dict(bwd, DQ=f"*{ty}", **strides("dq"))
                 for arch in (80, 90):  # each architecture compiles the rows it launches
@@ -803,4 +855,12 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                                     __name__, kernel, name, sig, {**meta, **cfg.kwargs, **tma_meta},
                                     cfg.num_warps, cfg.num_stages, f"{tag} {'tma ' if use_tma else ''}{cfg.label()}",
                                     archs=(arch,)))
+                            # two batch dimensions (the factorised models' views): the short rows they launch, in
+                            # bf16 (what they run in on a GPU; fp16's registers are the same, fp32's rows are not
+                            # gated in this variant: the gate's time)
+                            for cfg in rows[(block_d, size, arch, True)] if dtype == torch.bfloat16 else ():
+                                cases.append(make_case(
+                                    __name__, kernel, name, sig, {**meta, **cfg.kwargs, **tma_meta, "TWO_BATCH": True},
+                                    cfg.num_warps, cfg.num_stages,
+                                    f"{tag} 2-batch {'tma ' if use_tma else ''}{cfg.label()}", archs=(arch,)))
     return cases

@@ -19,8 +19,9 @@ Call signatures (what a layer calls; the Backend table in ``backends.py`` is bui
 - ``qkv(x, wq, bq, wk, bk, wv, bv) -> (..., 3 * out)``: the three projections in one GEMM (weights read in place)
 - ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
 - ``mlp(x, w1, b1, w2, b2, activation, residual=None) -> fc2(act(fc1(x))) + residual``
-- ``attention(q, k, v, softmax_scale) -> (B, N, H, D)`` for q, k, v (B, N, H, D)
-- ``attention_qkv(qkv, softmax_scale) -> (B, N, H, D)`` for the fused (B, N, 3, H, D) projection output
+- ``attention(q, k, v, softmax_scale) -> (B, N, H, D)`` for q, k, v (B, N, H, D); or (B1, B2, N, H, D) throughout
+- ``attention_qkv(qkv, softmax_scale) -> (B, N, H, D)`` for the fused (B, N, 3, H, D) projection output, or a
+  (B1, B2, N, 3, H, D) view of one (the factorised models' attention over time: a second batch dim, in place)
 - ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
 
 Every float32 path follows torch's matmul precision setting (``allow_tf32=None`` everywhere: IEEE products unless
@@ -118,16 +119,19 @@ def _torch_runs(call: str, cuda_library: str) -> Callable[[torch.device], str]:
 # Vendor implementations: the same functions through torch (cuBLAS / cuBLASLt / cuDNN / SDPA on CUDA)
 # ------------------------------------------------------------------------------------------------
 def _sdpa(backend: str, fused: bool) -> Callable:
-    """SDPA restricted to one backend, on (B, N, 3, H, D) qkv (fused) or q, k, v (B, N, H, D)."""
+    """SDPA restricted to one backend, on (B, N, 3, H, D) qkv (fused) or q, k, v (B, N, H, D); a second batch
+    dimension (B1, B2, ...) is folded into the first (a copy where the view does not fold)."""
 
     def attention(*args):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         *tensors, scale = args
-        q, k, v = (t.transpose(1, 2) for t in (tensors[0].unbind(2) if fused else tensors))
+        q, k, v = tensors[0].unbind(-3) if fused else tensors
+        shape = q.shape
+        q, k, v = (t.reshape(-1, *shape[-3:]).transpose(1, 2) for t in (q, k, v))
         with sdpa_kernel(getattr(SDPBackend, backend)):
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).reshape(shape)
 
     attention.__name__ = f"sdpa_{backend.lower()}"
     return attention
@@ -198,7 +202,7 @@ def _linear_runs(device: torch.device) -> str:
 
 
 def _attention_qkv_ref(qkv, softmax_scale):
-    return attention_ref(*qkv.unbind(2), softmax_scale)
+    return attention_ref(*qkv.unbind(-3), softmax_scale)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,14 +235,12 @@ def _mlp_cost(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
     return 4.0 * m * c * ff, _bytes(x, w1, b1, w2, b2, residual) + m * c * x.element_size()
 
 
-def _attention_cost(q, k, v, softmax_scale):
-    b, n, h, d = q.shape
-    return 4.0 * b * h * n * k.shape[1] * d, 2 * _bytes(q) + _bytes(k, v)
+def _attention_cost(q, k, v, softmax_scale):  # (B, N, H, D) or (B1, B2, N, H, D)
+    return 4.0 * q.numel() * k.shape[-3], 2 * _bytes(q) + _bytes(k, v)
 
 
-def _attention_qkv_cost(qkv, softmax_scale):
-    b, n, _, h, d = qkv.shape
-    return 4.0 * b * h * n * n * d, _bytes(qkv) * 4 / 3
+def _attention_qkv_cost(qkv, softmax_scale):  # (B, N, 3, H, D) or (B1, B2, N, 3, H, D)
+    return 4.0 * (qkv.numel() // 3) * qkv.shape[-4], _bytes(qkv) * 4 / 3
 
 
 def _patch_embed_cost(pixel_values, weight, bias, cls_token, pos_embed):
