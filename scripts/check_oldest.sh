@@ -10,7 +10,7 @@
 #   3. the compile gate for sm_90 under Triton 3.6: every shipped kernel config compiles, without spills,
 #      within shared memory (vivit-kernels compile-report --arch 90);
 #   4. the CPU test suite's model, kernel and ecosystem tests under those versions: eager / sdpa / auto models against
-#      transformers 5.17, and the Triton kernels in Triton 3.6's interpreter;
+#      transformers 5.17, the factorised models (Models 2-4), and the Triton kernels in Triton 3.6's interpreter;
 #   5. `vivit-kernels acceptance --dry-run`.
 # The venv reuses this machine's site-packages for everything else (the nvidia-* wheels, pytest, peft, ...):
 # only torch, triton and transformers are replaced, so nothing big is downloaded twice. The checks run on a
@@ -60,7 +60,7 @@ step "tests under torch $TORCH / Triton $TRITON / transformers $TRANSFORMERS (CP
   tests/test_model.py tests/test_model_parity.py tests/test_model_triton.py tests/test_providers.py \
   tests/test_attention.py tests/test_linear.py tests/test_layer_norm.py tests/test_patch_embed.py \
   tests/test_checkpoint.py tests/test_ecosystem.py tests/test_compat.py tests/test_acceptance.py \
-  tests/test_guard.py tests/test_architecture.py
+  tests/test_guard.py tests/test_architecture.py tests/test_factorized.py
 
 step "vivit-kernels acceptance --dry-run"
 "$BIN/vivit-kernels" acceptance --dry-run --out acceptance-dry-run

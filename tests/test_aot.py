@@ -42,7 +42,19 @@ def test_gate_covers_every_attention_config(results):
                     variants = 2 if table is attn_mod.FWD_ROWS and arch == 90 and size == 2 else 1
                     expected += len(attn_mod.unique_configs(table, block_d, size, arch)) * n_dtypes * variants
     expected += 2 * 3 * n_dims  # the delta pre-processing kernel, per arch, dtype and head_dim
-    assert len([r for r in results if r.case.name.startswith("attn")]) == expected
+    # two batch dimensions (the factorised models' views, TWO_BATCH): bf16's short rows, every variant, + the
+    # pre-processing kernel per arch
+    for head_dim in attn_mod.AOT_HEAD_DIMS:
+        block_d = attn_mod.block_d_for(head_dim)
+        for table in (attn_mod.FWD_ROWS, attn_mod.DKDV_ROWS, attn_mod.DQ_ROWS):
+            for arch in (80, 90):
+                variants = 2 if table is attn_mod.FWD_ROWS and arch == 90 else 1
+                expected += len(table[(block_d, 2, arch, True)]) * variants
+    expected += 2 * n_dims
+    attention = [r for r in results if r.case.name.startswith("attn")]
+    assert len(attention) == expected
+    two = [r for r in attention if dict(r.case.constexprs).get("TWO_BATCH")]
+    assert two and all("2-batch" in r.case.label and "bf16" in r.case.label for r in two)
 
 
 def test_gate_covers_every_gemm_config(results):
@@ -163,7 +175,7 @@ def test_compile_report_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "attn_bwd_preprocess" in out.stdout and "0 failing" in out.stdout
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert len(rows) == 3 * len(attn_mod.AOT_HEAD_DIMS) and all(r["ok"] for r in rows)
+    assert len(rows) == 4 * len(attn_mod.AOT_HEAD_DIMS) and all(r["ok"] for r in rows)  # 3 dtypes + bf16 2-batch
 
 
 def test_reference_rows_compile_and_ours_keep_up():

@@ -368,8 +368,7 @@ def _one_line_warnings(command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .models import ATTENTION_TYPES, FACTORIZED_PRESETS
-    from .presets import PRESETS
+    from .presets import ATTENTION_TYPES, FACTORIZED_PRESETS, PRESETS
 
     parser = argparse.ArgumentParser(prog="vivit-kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vivit_kernels {__version__}")

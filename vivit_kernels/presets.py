@@ -18,3 +18,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 32, "num_frames": 4, "tubelet_size": [2, 16, 16], "hidden_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "intermediate_size": 128, "num_labels": 10},
 }
+
+# The paper's Models 2, 3, 4 (vivit_kernels.models: VivitFactorizedConfig fields), under scenic's names
+ATTENTION_TYPES = ("factorized_encoder", "factorized_self_attention", "factorized_dot_product")
+
+FACTORIZED_PRESETS: dict[str, dict[str, Any]] = {
+    # ViViT-B/16x2 (32 frames of 224x224: 16 temporal indices x 196 patches) as the paper trains them on Kinetics
+    "vivit-b-16x2-fe": {"attention_type": "factorized_encoder", "num_temporal_layers": 4, "num_labels": 400},
+    "vivit-b-16x2-fsa": {"attention_type": "factorized_self_attention", "num_labels": 400},
+    "vivit-b-16x2-fdp": {"attention_type": "factorized_dot_product", "num_labels": 400},
+    # for CPU tests: the tiny preset's sizes (Model 2: its 2 layers spatial, plus 1 temporal layer)
+    "tiny-fe": {"attention_type": "factorized_encoder", "num_temporal_layers": 1, **PRESETS["tiny"]},
+    "tiny-fsa": {"attention_type": "factorized_self_attention", **PRESETS["tiny"]},
+    "tiny-fdp": {"attention_type": "factorized_dot_product", **PRESETS["tiny"]},
+}

@@ -40,24 +40,10 @@ from transformers.models.vivit import modeling_vivit as hf
 from ..modules import KernelVivitLayer, _KernelModule, _autocast_dtype, _hooks, _plain, _w
 from ..patch import AttnMixin
 
+from ..presets import ATTENTION_TYPES, FACTORIZED_PRESETS  # plain data (the command line lists them)
+
 __all__ = ["ATTENTION_TYPES", "FACTORIZED_PRESETS", "VivitFactorizedConfig", "VivitFactorizedModel", "pool_tokens",
            "VivitFactorizedForVideoClassification", "factorized_reference_forward"]
-
-# scenic's names for the paper's Models 2, 3, 4
-ATTENTION_TYPES = ("factorized_encoder", "factorized_self_attention", "factorized_dot_product")
-
-_TINY = {"image_size": 32, "num_frames": 4, "tubelet_size": [2, 16, 16], "hidden_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "intermediate_size": 128, "num_labels": 10}
-FACTORIZED_PRESETS: dict[str, dict[str, Any]] = {
-    # ViViT-B/16x2 (32 frames of 224x224: 16 temporal indices x 196 patches) as the paper trains them on Kinetics
-    "vivit-b-16x2-fe": {"attention_type": "factorized_encoder", "num_temporal_layers": 4, "num_labels": 400},
-    "vivit-b-16x2-fsa": {"attention_type": "factorized_self_attention", "num_labels": 400},
-    "vivit-b-16x2-fdp": {"attention_type": "factorized_dot_product", "num_labels": 400},
-    # for CPU tests: the tiny preset's sizes (Model 2: 2 spatial + 1 temporal layers)
-    "tiny-fe": {"attention_type": "factorized_encoder", "num_temporal_layers": 1, **_TINY},
-    "tiny-fsa": {"attention_type": "factorized_self_attention", **_TINY},
-    "tiny-fdp": {"attention_type": "factorized_dot_product", **_TINY},
-}
 
 
 @strict
