@@ -6,6 +6,9 @@
   by tile from q, k and the logsumexp: delta = rowsum(dO * O) first, then dK/dV (one program per key tile,
   looping over query tiles) and dQ (one program per query tile, looping over key tiles), so no atomics.
   Every N >= 1 works: the last query and key tiles are masked. head_dim up to 128 is padded to a power of two.
+  With ``TWO_BATCH`` (a compile-time flag) the inputs are (B1, B2, N, H, D) views with a stride per batch dim, so
+  the factorised models' attention over time reads ``qkv.view(B, T, S, 3, H, D).transpose(1, 2)`` in place;
+  outputs and gradients are allocated in the input's memory order (``empty_in_layout``).
 - ``flash_attn_fwd`` / ``flash_attn_bwd``: ``torch.library`` custom ops (with fake implementations and
   autograd), so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see through them.
 - ``flash_attention(q, k, v, softmax_scale=None)``: the functional API; ``flash_attention_qkv(qkv)`` the same on
@@ -241,7 +244,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE,  # q/k/v/o: (B, N, H, D) with unit stride in D; LSE: (B, H, N) fp32
+        Q, K, V, O, LSE,  # q/k/v/o: (B, N, H, D), or (B1, B2, N, H, D) with TWO_BATCH, unit stride in D; LSE: (B, H, N) fp32
         stride_qb, stride_qb2, stride_qn, stride_qh,
         stride_kb, stride_kb2, stride_kn, stride_kh,
         stride_vb, stride_vb2, stride_vn, stride_vh,
@@ -358,7 +361,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV,  # (B, N, H, D) each, LSE/DELTA (B, H, N) fp32
+        Q, K, V, DO, LSE, DELTA, DK, DV,  # (B, N, H, D) (or (B1, B2, N, H, D)) each, LSE/DELTA (B, H, N) fp32
         stride_qb, stride_qb2, stride_qn, stride_qh,
         stride_kb, stride_kb2, stride_kn, stride_kh,
         stride_vb, stride_vb2, stride_vn, stride_vh,
