@@ -113,29 +113,54 @@ def _shipped_tiles():
     return sorted(seen.items())
 
 
-@pytest.mark.parametrize("key, cfg", _shipped_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else "")
-def test_every_shipped_tile_config(key, cfg):
-    """Each shipped tile shape, forced (no autotuning), forward and backward against the reference; N spans
-    full tiles and a partial one for both the query and the key tiles."""
+def _forced_tile(key, cfg, two_batch: bool):
     table, block_d, bm, bn = key
     head_dim = block_d if block_d != 128 else 80
     N = 2 * max(bm, bn) + 3
-    qkv = torch.randn(1, N, 3, 2, head_dim, device=DEVICE)
-    q, k, v = qkv.unbind(2)
-    do = torch.randn(1, N, 2, head_dim, device=DEVICE)
-    ref = qkv.clone().requires_grad_()
-    out_ref = attention_ref(*ref.unbind(2))
+    if two_batch:  # (1, 2, N, 3, 2, D): the transposed view the factorised models' attention over time reads
+        qkv = torch.randn(1, N, 2, 3, 2, head_dim, device=DEVICE).transpose(1, 2)
+    else:
+        qkv = torch.randn(1, N, 3, 2, head_dim, device=DEVICE)
+    q, k, v = qkv.unbind(-3)
+    do = torch.randn(q.shape, device=DEVICE)
+    ref = qkv.detach().clone().requires_grad_()
+    out_ref = attention_ref(*ref.unbind(-3))
     out_ref.backward(do)
     out, lse = attn_mod._fwd(q, k, v, head_dim**-0.5, False, config=cfg if table == "fwd" else None)
     assert_close(out, out_ref, 1e-4, name="out")
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * head_dim**-0.5
-    assert_close(lse, torch.logsumexp(scores, -1), 1e-4, name="logsumexp")
+    scores = torch.einsum("...nhd,...mhd->...hnm", q, k) * head_dim**-0.5
+    assert_close(lse, torch.logsumexp(scores, -1).reshape(lse.shape), 1e-4, name="logsumexp")
     dq, dk, dv = attn_mod._bwd(
         do, q, k, v, out, lse, head_dim**-0.5, False,
         dkdv_config=cfg if table == "dkdv" else None, dq_config=cfg if table == "dq" else None,
     )
     for i, (name, g) in enumerate((("dq", dq), ("dk", dk), ("dv", dv))):
-        assert_close(g, ref.grad[:, :, i], 1e-4, name=name)
+        assert_close(g, ref.grad.select(-3, i), 1e-4, name=name)
+
+
+@pytest.mark.parametrize("key, cfg", _shipped_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else "")
+def test_every_shipped_tile_config(key, cfg):
+    """Each shipped tile shape, forced (no autotuning), forward and backward against the reference; N spans
+    full tiles and a partial one for both the query and the key tiles."""
+    _forced_tile(key, cfg, two_batch=False)
+
+
+def _two_batch_tiles():
+    """The tile shapes the compile gate compiles with TWO_BATCH: the 2-byte short rows."""
+    seen = {}
+    for table_name, table in (("fwd", attn_mod.FWD_ROWS), ("dkdv", attn_mod.DKDV_ROWS), ("dq", attn_mod.DQ_ROWS)):
+        for (block_d, size, arch, short), configs in table.items():
+            if size == 2 and short:
+                for cfg in configs:
+                    seen[(table_name, block_d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])] = cfg
+    return sorted(seen.items())
+
+
+@pytest.mark.parametrize("key, cfg", _two_batch_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else "")
+def test_every_two_batch_tile_config(key, cfg):
+    """The same with two batch dimensions, on a transposed view (B2 = 2, the second batch stride smaller than the
+    token stride)."""
+    _forced_tile(key, cfg, two_batch=True)
 
 
 @pytest.mark.cpu_only

@@ -207,17 +207,18 @@ def test_models_2_3_4_from_a_vit_compute_the_vit_per_frame_at_initialisation():
         patches = torch.cat([vit.layernorm(p) for p in patches], 1)  # (batch, 2 * 4, hidden): (time, space) order
 
         fe = vivit_from_vit(vit, num_frames=4, inflate="average", attention_type="factorized_encoder", attn="triton")
-        base = fe.vivit.eval()
+        base = fe.vivit.to(DEVICE).eval()
         x = base.embeddings(video.to(DEVICE))
         for layer in base.spatial_layers:
             x = layer(x)
         cls = base.spatial_layernorm(x)[:, 0].view(2, 2, -1)
         for s in range(2):
-            assert_close(cls[:, s], per_frame[s][:, 0], 1e-4, name=f"Model 2: step {s}'s [CLS]")
+            assert_close(cls[:, s], per_frame[s][:, 0].to(DEVICE), 1e-4, name=f"Model 2: step {s}'s [CLS]")
 
         fsa = vivit_from_vit(vit, num_frames=4, inflate="average", attention_type="factorized_self_attention",
-                             attn="triton").eval()
-        assert_close(fsa.vivit(video.to(DEVICE)).last_hidden_state, patches, 1e-4, name="Model 3 = the ViT per frame")
+                             attn="triton").to(DEVICE).eval()
+        assert_close(fsa.vivit(video.to(DEVICE)).last_hidden_state, patches.to(DEVICE), 1e-4,
+                     name="Model 3 = the ViT per frame")
 
         fdp = vivit_from_vit(vit, num_frames=4, inflate="average", attention_type="factorized_dot_product").eval()
         vit_state = vit.state_dict()
