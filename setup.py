@@ -1,7 +1,8 @@
 """Builds vivit_kernels._C, the C++/CUDA extension in csrc/ (install torch first, then
 ``pip install --no-build-isolation -e .``).
 
-- With nvcc found (CUDA_HOME, else /usr/local/cuda, else nvcc on PATH): a CUDAExtension with the CPU and CUDA implementations, for
+- With nvcc found (CUDA_HOME, else /usr/local/cuda, else nvcc on PATH): a CUDAExtension with the CPU and CUDA
+  implementations, for
   the architectures in VIVIT_KERNELS_CUDA_ARCHS (default "8.0;9.0", i.e. sm_80 and sm_90), plus PTX of the newest
   one (a newer GPU JIT-compiles it; an older one gets an error naming its architecture and this variable).
 - Without nvcc, or with VIVIT_KERNELS_SKIP_CUDA_BUILD=1: a CppExtension with the CPU implementations only.
@@ -67,10 +68,13 @@ def extensions():
         archs_macro = archs.replace(";", "/")
         ext = CUDAExtension(
             "vivit_kernels._C",
-            sources + sorted(f for f in glob.glob(os.path.join(csrc, "cuda", "*.cu")) if not f.endswith("instantiate.cu")),
+            sources
+            + sorted(f for f in glob.glob(os.path.join(csrc, "cuda", "*.cu")) if not f.endswith("instantiate.cu")),
             include_dirs=_nvidia_wheel_includes(),
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false", "-lineinfo",
-                                                     f"-DVIVIT_KERNELS_CUDA_ARCHS={archs_macro}"]},
+            extra_compile_args={
+                "cxx": cxx,
+                "nvcc": ["-O3", "--fmad=false", "-lineinfo", f"-DVIVIT_KERNELS_CUDA_ARCHS={archs_macro}"],
+            },
         )
     else:
         if _flag("VIVIT_KERNELS_SKIP_CUDA_BUILD"):

@@ -4,7 +4,7 @@ times through pytest-benchmark and stores derived figures (TFLOP/s, GB/s) in ``e
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -35,10 +35,20 @@ def device_label() -> str:
     return f"CPU {platform.machine()} x{os.cpu_count()} (CPU timing, not a GPU figure)"
 
 
-def attention_flops(batch: int, heads: int, tokens: int, head_dim: int, backward: bool) -> float:
-    """Matmul FLOPs of attention: 4 B H N^2 D forward (QK^T and PV); the backward is 2.5x the forward."""
-    forward = 4.0 * batch * heads * tokens * tokens * head_dim
-    return forward * (3.5 if backward else 1.0)
+def op_flops(op: str, args: tuple, backward: bool = False) -> float:
+    """Matmul FLOPs of one call of registry op ``op`` on ``args`` (the entry's formula), with its backward when
+    ``backward`` (the entry's backward_ratio: 2x for the GEMMs, 2.5x for attention)."""
+    from vivit_kernels.ops.registry import OPS
+
+    entry = OPS[op]
+    return entry.flops(*args) * ((1 + entry.backward_ratio) if backward else 1.0)
+
+
+def op_bytes(op: str, args: tuple) -> float:
+    """Bytes one forward call of registry op ``op`` must move (the entry's formula)."""
+    from vivit_kernels.ops.registry import OPS
+
+    return OPS[op].bytes(*args)
 
 
 def _runs(info: dict) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, attention_flops, run
-from vivit_kernels.backends import auto_backend
+from vivit_kernels.auto.backends import auto_backend
 from vivit_kernels.ops.registry import OPS
+
+from bench_utils import DEVICE, DTYPES, ON_GPU, op_flops, run
 
 SHAPES = [(1, 12, 3137, 64), (8, 12, 3137, 64)] if ON_GPU else [(1, 2, 65, 32)]
 CANDIDATES = OPS["attention_qkv"].implementations
@@ -52,7 +53,7 @@ def test_attention(benchmark, provider, shape, dtype, mode):
             out.backward(grad)
         return out
 
-    flops = attention_flops(B, H, N, D, mode != "fwd")
+    flops = op_flops("attention_qkv", (qkv, D**-0.5), mode != "fwd")
     with torch.set_grad_enabled(mode != "fwd"):
         run(benchmark, step, flops=flops, provider=provider, dtype=dtype, mode=mode, op="attention_qkv")
 
@@ -63,7 +64,9 @@ SEPARATE = OPS["attention"].implementations
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=lambda s: "B{}-H{}-N{}-D{}".format(*s))
-@pytest.mark.parametrize("provider", [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in SEPARATE])
+@pytest.mark.parametrize(
+    "provider", [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in SEPARATE]
+)
 def test_attention_separate(benchmark, provider, shape, dtype, mode):
     """The same attention on separate q, k, v (B, N, H, D): the path a wrapped projection (e.g. LoRA) takes."""
     B, H, N, D = shape
@@ -71,7 +74,9 @@ def test_attention_separate(benchmark, provider, shape, dtype, mode):
     why = impl.available(DEVICE)
     if why:
         pytest.skip(f"{provider} on {DEVICE.type}: {why}")
-    q, k, v = (torch.randn(B, N, H, D, device=DEVICE, dtype=DTYPES[dtype], requires_grad=mode != "fwd") for _ in range(3))
+    q, k, v = (
+        torch.randn(B, N, H, D, device=DEVICE, dtype=DTYPES[dtype], requires_grad=mode != "fwd") for _ in range(3)
+    )
     try:
         impl.fn(q.detach(), k.detach(), v.detach(), D**-0.5)
     except RuntimeError as e:
@@ -84,5 +89,5 @@ def test_attention_separate(benchmark, provider, shape, dtype, mode):
         return out
 
     with torch.set_grad_enabled(mode != "fwd"):
-        run(benchmark, step, flops=attention_flops(B, H, N, D, mode != "fwd"), provider=provider, dtype=dtype,
+        run(benchmark, step, flops=op_flops("attention", (q, k, v), mode != "fwd"), provider=provider, dtype=dtype,
             mode=mode, op="attention")

@@ -15,10 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
 from vivit_kernels import VivitConfig
-from vivit_kernels.acceptance import build_seed_model, peak_memory_mb, seed_step
 from vivit_kernels.model import image_hw
+from vivit_kernels.tools.acceptance import build_seed_model, peak_memory_mb, seed_step
+
+from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
 
 CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
 BATCHES = [1, 2, 4, 8] if ON_GPU else [1, 2]

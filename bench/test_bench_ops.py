@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, run
-from vivit_kernels.backends import auto_backend
+from vivit_kernels.auto.backends import auto_backend
 from vivit_kernels.ops.registry import OPS
+
+from bench_utils import DEVICE, DTYPES, ON_GPU, op_bytes, op_flops, run
 
 B, N, C, FF = (8, 3137, 768, 3072) if ON_GPU else (1, 65, 64, 256)
 T, HW, TUBE = (32, 224, (2, 16, 16)) if ON_GPU else (4, 32, (2, 16, 16))
@@ -22,10 +23,10 @@ AUTO = auto_backend()
 
 
 def _providers(op: str, reference: bool) -> list:
-    """pytest params: the registered candidates (ours marked triton), "auto", and torch's separate ops where they
-    are not already a candidate."""
+    """pytest params: the registered candidates (ours marked triton), "auto" (for the ops the model's backend runs),
+    and torch's separate ops (the reference) where they are not already a candidate."""
     out = [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in OPS[op].implementations]
-    return out + ["auto"] + (["torch-separate-ops"] if reference else [])
+    return out + (["auto"] if OPS[op].backend else []) + (["torch-separate-ops"] if reference else [])
 
 
 def _fn(op: str, provider: str):
@@ -63,11 +64,10 @@ def test_mlp(benchmark, provider, dtype, mode):
     b2 = torch.zeros(C, device=DEVICE, dtype=dt, requires_grad=grad)
     r = torch.randn(B, N, C, device=DEVICE, dtype=dt)
     fn = _fn("mlp", provider)
-    flops = OPS["mlp"].cost(x, w1, b1, w2, b2, "gelu_fast", r)[0]
-
+    args = (x, w1, b1, w2, b2, "gelu_fast", r)
     with torch.set_grad_enabled(grad):
-        run(benchmark, _step(fn, (x, w1, b1, w2, b2, "gelu_fast", r), grad), flops=flops * (3 if grad else 1), rounds=ROUNDS, provider=provider, dtype=dtype,
-            mode=mode, op="mlp")
+        run(benchmark, _step(fn, args, grad), flops=op_flops("mlp", args, grad), rounds=ROUNDS, provider=provider,
+            dtype=dtype, mode=mode, op="mlp")
 
 
 @pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
@@ -77,7 +77,7 @@ def test_layer_norm(benchmark, provider, dtype):
     x = torch.randn(B, N, C, device=DEVICE, dtype=dt)
     w, b = torch.ones(C, device=DEVICE, dtype=dt), torch.zeros(C, device=DEVICE, dtype=dt)
     fn = _fn("layer_norm", provider)
-    nbytes = OPS["layer_norm"].cost(x, w, b, 1e-6)[1]
+    nbytes = op_bytes("layer_norm", (x, w, b, 1e-6))
     with torch.no_grad():
         run(benchmark, lambda: fn(x, w, b, 1e-6), nbytes=nbytes, rounds=ROUNDS, provider=provider, dtype=dtype,
             op="layer_norm")
@@ -94,7 +94,7 @@ def test_patch_embed(benchmark, provider, dtype):
     n = (T // t) * (HW // p) * (HW // q)
     pos = torch.zeros(1, n + 1, C, device=DEVICE, dtype=dt)
     fn = _fn("patch_embed", provider)
-    flops = OPS["patch_embed"].cost(x, w, bias, cls, pos)[0]
+    flops = op_flops("patch_embed", (x, w, bias, cls, pos))
     with torch.no_grad():
         run(benchmark, lambda: fn(x, w, bias, cls, pos), flops=flops, rounds=ROUNDS, provider=provider, dtype=dtype,
             op="patch_embed")
@@ -112,7 +112,7 @@ def test_qkv_projection(benchmark, provider, dtype):
         args += [(torch.randn(C, C, device=DEVICE) * C**-0.5).to(dt), torch.zeros(C, device=DEVICE, dtype=dt)]
     fn = _fn("qkv", provider)
     with torch.no_grad():
-        run(benchmark, lambda: fn(*args), flops=OPS["qkv"].cost(*args)[0], rounds=ROUNDS, provider=provider, dtype=dtype,
+        run(benchmark, lambda: fn(*args), flops=op_flops("qkv", args), rounds=ROUNDS, provider=provider, dtype=dtype,
             op="qkv")
 
 
@@ -130,8 +130,22 @@ def test_linear(benchmark, provider, dtype, epilogue, mode):
     b = torch.zeros(out_features, device=DEVICE, dtype=dt, requires_grad=grad)
     r = torch.randn(B, N, C, device=DEVICE, dtype=dt) if activation is None else None
     fn = _fn("linear", provider)
-    flops = OPS["linear"].cost(x, w, b, activation, r)[0]
-
+    args = (x, w, b, activation, r)
     with torch.set_grad_enabled(grad):
-        run(benchmark, _step(fn, (x, w, b, activation, r), grad), flops=flops * (3 if grad else 1), rounds=ROUNDS, provider=provider, dtype=dtype,
-            mode=mode, op="linear")
+        run(benchmark, _step(fn, args, grad), flops=op_flops("linear", args, grad), rounds=ROUNDS, provider=provider,
+            dtype=dtype, mode=mode, op="linear")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", ["bf16"] if ON_GPU else ["fp32"])
+@pytest.mark.parametrize("provider", _providers("bias_gelu_fast", True))
+def test_bias_gelu_fast(benchmark, provider, dtype, mode):
+    """The extension's bias + gelu_fast (one elementwise pass each way) against torch's tanh GELU and the separate
+    ops, on the MLP's hidden activations."""
+    dt, grad = DTYPES[dtype], mode != "fwd"
+    x = torch.randn(B, N, FF, device=DEVICE, dtype=dt, requires_grad=grad)
+    b = torch.zeros(FF, device=DEVICE, dtype=dt, requires_grad=grad)
+    fn = _fn("bias_gelu_fast", provider)
+    with torch.set_grad_enabled(grad):
+        run(benchmark, _step(fn, (x, b), grad), nbytes=op_bytes("bias_gelu_fast", (x, b)) * (3 if grad else 1),
+            rounds=ROUNDS, provider=provider, dtype=dtype, mode=mode, op="bias_gelu_fast")

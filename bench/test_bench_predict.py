@@ -40,8 +40,17 @@ def test_predict_end_to_end(benchmark, videos):
     workers = default_workers()
     predictor = load_predictor(model, batch_size=8 if ON_GPU else 2, workers=workers, device=DEVICE, dtype=dtype,
                                attn="auto" if ON_GPU else "sdpa")
-    run(benchmark, lambda: list(predictor.run(videos)), rounds=3, warmup=1, table="predict", provider=f"predict {preset}",
-        dtype=str(dtype).removeprefix("torch."), videos=len(videos), workers=workers)
+    run(
+        benchmark,
+        lambda: list(predictor.run(videos)),
+        rounds=3,
+        warmup=1,
+        table="predict",
+        provider=f"predict {preset}",
+        dtype=str(dtype).removeprefix("torch."),
+        videos=len(videos),
+        workers=workers,
+    )
     t = predictor.timings
     assert t.failed == 0 and t.videos % len(videos) == 0
     benchmark.extra_info.update(waiting_share=t.waiting_s / t.wall_s, preprocess_share=t.preprocess_s / t.wall_s,

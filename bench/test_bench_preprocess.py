@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_utils import run
 from vivit_kernels.processing import VideoProcessor
+
+from bench_utils import run
 
 FRAMES, HEIGHT, WIDTH = 32, 360, 640
 OUT_BYTES = FRAMES * 3 * 224 * 224 * 4
@@ -19,7 +20,9 @@ IN_BYTES = FRAMES * HEIGHT * WIDTH * 3
 
 @pytest.fixture(scope="module")
 def video():
-    return torch.randint(0, 256, (1, FRAMES, HEIGHT, WIDTH, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, 256, (1, FRAMES, HEIGHT, WIDTH, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def test_transformers_processor(benchmark, video):
@@ -40,5 +43,11 @@ def test_ours_cpu(benchmark, video):
 def test_ours_cuda(benchmark, video):
     processor = VideoProcessor()
     on_gpu = video.cuda()
-    run(benchmark, lambda: processor(on_gpu), nbytes=IN_BYTES + OUT_BYTES, rounds=50, provider="vivit_kernels (CUDA op)",
-        device_kind="cuda")
+    run(
+        benchmark,
+        lambda: processor(on_gpu),
+        nbytes=IN_BYTES + OUT_BYTES,
+        rounds=50,
+        provider="vivit_kernels (CUDA op)",
+        device_kind="cuda",
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vivit_kernels.acceptance import update_readme  # noqa: E402
+from vivit_kernels.tools.acceptance import update_readme  # noqa: E402
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ LOG="$OUT_DIR/acceptance-$(date -u +%F).log"  # moved into the run's directory a
     || { echo "install failed"; exit 2; }
   echo "== installed in $(( $(date +%s) - start )) s (extension for sm_${arch/./})"
   date_tag=$(date -u +%F)
-  gpu=$("$PY" -c "from vivit_kernels.acceptance import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name()))")
+  gpu=$("$PY" -c "from vivit_kernels.tools.acceptance import gpu_slug; import torch; print(gpu_slug(torch.cuda.get_device_name()))")
   echo "$OUT_DIR/$gpu-$date_tag" > "$OUT_DIR/.last-run"
   "$PY" -m vivit_kernels acceptance --out "$OUT_DIR/$gpu-$date_tag" --budget-s "$BUDGET"
   code=$?

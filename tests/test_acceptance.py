@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from vivit_kernels import acceptance
-from vivit_kernels.ops.registry import OPS
-from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
+from vivit_kernels.ops.layer_norm import layer_norm
+from vivit_kernels.ops.registry import OPS, Implementation, backend_ops
+from vivit_kernels.tools.acceptance import checks
 
 
 def test_dry_run_writes_every_section(tmp_path):
@@ -27,19 +28,21 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {"torch", "triton", "transformers", "vivit_kernels"} <= set(env["versions"])
     assert env["peak_matmul_tflops"] > 0 and env["peak_copy_gbps"] > 0 and env["peak_matmul"].startswith("fp32")
     cases = {(c["case"].split(" (")[0], c["dtype"]) for c in data["correctness"]}
-    for name in ("attention_qkv", "qkv_projection", "linear o_proj+residual", "linear fc1+gelu_fast", "mlp",
-                 "layer_norm", "patch_embed"):
-        assert {(name, "bf16"), (name, "fp32")} <= cases, name
+    for op in backend_ops():  # every op a layer runs, each variant of its sample inputs, from the registry
+        for variant in OPS[op].variants:
+            name = op if variant is None else f"{op} {variant}"
+            assert {(name, "bf16"), (name, "fp32")} <= cases, name
     assert {("model", "bf16"), ("model", "fp32")} <= cases
     assert any(c["case"].startswith("extension ops") for c in data["correctness"])
     assert all(c["ok"] for c in data["correctness"]) and not data["failures"]
     ours = {(r["op"], r["mode"]) for r in data["ops"] if r["provider"] == "triton" and r["checked"]}
-    assert ours == {(op, mode) for op in OPS for mode in ("infer", "train")}
+    assert ours == {(op, mode) for op in backend_ops() for mode in ("infer", "train")}
     assert all(r["interpreted"] for r in data["ops"] if r["provider"] == "triton")  # never a speed figure
     assert any(r["provider"] == "auto" and r["ms"] for r in data["ops"])
     seed = {(r["table"], r["provider"]) for r in data["seed"]}
     assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS}
-    assert data["auto"] and {a["op"] for a in data["auto"]} >= {"layer_norm", "mlp", "attention_qkv"}
+    # every op a layer runs (the per-op section asks auto for each), and the whole model
+    assert {a["op"] for a in data["auto"]} == set(backend_ops()) | {"model"}
     assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out
     (row,) = data["predict"]  # predict end to end: videos/s and where the time went
     assert row["videos"] == 2 and row["time_s"] > 0 and 0 < row["waiting_share"] + row["model_share"] <= 1.0
@@ -77,20 +80,19 @@ def _run(tmp_path, device, budget_s=600.0, sections=("correctness",)):
 
 
 def test_a_wrong_kernel_fails_the_run_naming_op_shape_and_dtype(tmp_path, device, monkeypatch):
-    def cases(plan):
-        make = lambda: (torch.randn(2, 17, 64), 1 + 0.1 * torch.randn(64), 0.1 * torch.randn(64))  # noqa: E731
-        wrong = lambda x, w, b: layer_norm(x, w, b, 1e-6) * 1.01  # noqa: E731 - our kernel, 1% off
-        return [("layer_norm (1% off)", "x 2x17x64", wrong, lambda x, w, b: layer_norm_ref(x, w, b, 1e-6), make)]
-
-    monkeypatch.setattr(acceptance, "op_cases", cases)
+    ours = OPS["layer_norm"].implementations["triton"]
+    wrong = Implementation("triton", lambda x, w, b, eps: layer_norm(x, w, b, eps) * 1.01, ours.available, ours.runs)
+    monkeypatch.setitem(OPS["layer_norm"].implementations, "triton", wrong)  # our kernel, 1% off
+    monkeypatch.setattr(checks, "_layer_ops", lambda: ["layer_norm"])
     run = _run(tmp_path, device)
     assert acceptance.execute(run) == 1
-    failed = [f for f in run.data["failures"] if f["name"] == "layer_norm (1% off)"]
-    assert {f["dtype"] for f in failed} == {"bf16", "fp32"} and {f["shape"] for f in failed} == {"x 2x17x64"}
+    failed = [f for f in run.data["failures"] if f["name"] == "layer_norm"]
+    assert {f["dtype"] for f in failed} == {"bf16", "fp32"} and {f["shape"] for f in failed} == {"1x67x64, 64, 64"}
     assert "max abs error" in failed[0]["error"]
     report = (tmp_path / "report.md").read_text()
-    assert "verdict: **FAIL" in report and "| layer_norm (1% off) | x 2x17x64 | fp32 | **FAIL** |" in report
-    assert [c["ok"] for c in run.data["correctness"] if c["case"].startswith("model")] == [True, True]
+    assert "verdict: **FAIL" in report and "| layer_norm | 1x67x64, 64, 64 | fp32 | **FAIL** |" in report
+    # the model runs the registry's implementation too: its checks catch the same wrong kernel
+    assert [c["ok"] for c in run.data["correctness"] if c["case"].startswith("model")] == [False, False]
 
 
 def test_a_spent_budget_skips_and_lists_what_it_skipped(tmp_path, device):
@@ -100,7 +102,9 @@ def test_a_spent_budget_skips_and_lists_what_it_skipped(tmp_path, device):
     assert not data["correctness"] and not data["seed"]
     skipped = {s["section"] for s in data["skipped"]}
     assert {"environment", "correctness", "ops", "seed"} <= skipped
-    assert all("time budget" in s["why"] for s in data["skipped"] if s["section"] != "seed" or "compile" not in s["name"])
+    assert all(
+        "time budget" in s["why"] for s in data["skipped"] if s["section"] != "seed" or "compile" not in s["name"]
+    )
     assert "## Skipped" in (tmp_path / "report.md").read_text()
 
 
@@ -108,8 +112,8 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, device, monkeypatch
     def interrupted(run):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(acceptance, "section_ops", interrupted)
-    monkeypatch.setattr(acceptance, "op_cases", lambda plan: [])  # correctness: the model and the extension
+    monkeypatch.setattr(checks, "section_ops", interrupted)
+    monkeypatch.setattr(checks, "_layer_ops", lambda: [])  # correctness: the model and the extension
     run = _run(tmp_path, device, sections=("correctness", "ops"))
     with pytest.raises(KeyboardInterrupt):
         acceptance.execute(run)

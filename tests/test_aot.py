@@ -8,9 +8,9 @@ import os
 import pytest
 
 from vivit_kernels import aot
+from vivit_kernels.ops import _gemm
 from vivit_kernels.ops import attention as attn_mod
 from vivit_kernels.ops import layer_norm as ln_mod
-from vivit_kernels.ops import _gemm
 from vivit_kernels.ops import patch_embed as pe_mod
 
 
@@ -63,7 +63,7 @@ def test_gate_covers_every_gemm_config(results):
     variants = _gemm.gemm_launch_variants()
     for name, table, n_archs in (("gemm", _gemm.GEMM_CONFIGS, 2), ("gemm_tma", _gemm.TMA_CONFIGS, 1)):
         expected = 0
-        for (size, precision, kind), configs in table.items():
+        for (size, _precision, kind), configs in table.items():
             n_variants = sum(1 for _, v in variants if _gemm._kind(v) == kind)
             expected += len(configs) * n_variants * (2 if size == 2 else 1)  # fp16 and bf16 share the 2-byte rows
         assert len([r for r in results if r.case.name == name]) == n_archs * expected, name
@@ -129,7 +129,7 @@ def test_gate_covers_layer_norm_and_patch_embed(results):
     assert len([r for r in results if r.case.name.startswith("layer_norm")]) == 2 * 2 * 3 * len(ln_mod.LN_CONFIGS)
     expected = 0
     for table, rows in pe_mod.PATCH_CONFIGS.items():
-        for (size, precision), configs in rows.items():
+        for (size, _precision), configs in rows.items():
             # + the forward's no-bias variant / the dW kernel's unsplit one, for ViViT-B's tubelet
             per_tubelet = len(pe_mod.AOT_TUBELETS) + (1 if table != "dx" else 0)
             expected += len(configs) * per_tubelet * (2 if size == 2 else 1)
@@ -144,7 +144,9 @@ def test_results_are_real_measurements(results):
 
 def test_gate_catches_a_spilling_config():
     """fp32 attention with IEEE products and 64 x 64 tiles on 4 warps spills: the gate must say so."""
-    cases = [c for c in attn_mod.aot_cases(head_dims=(64,)) if c.kernel == "_attn_fwd_kernel" and c.label.startswith("fp32 ")]
+    cases = [
+        c for c in attn_mod.aot_cases(head_dims=(64,)) if c.kernel == "_attn_fwd_kernel" and c.label.startswith("fp32 ")
+    ]
     constexprs = dict(cases[0].constexprs, BLOCK_M=64, BLOCK_N=64)
     bad = aot.AotCase(cases[0].module, cases[0].kernel, cases[0].signature, tuple(sorted(constexprs.items())), 4, 3,
                       "fp32 d=64 64x64 w4 s3", cases[0].divisible)

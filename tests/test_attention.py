@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close, assert_within_rule, run_without_interpreter
 from vivit_kernels.ops import attention as attn_mod
 from vivit_kernels.ops.attention import attention_ref, flash_attention, flash_attention_qkv
+
+from helpers import DEVICE, assert_close, assert_within_rule, run_without_interpreter
 
 pytestmark = pytest.mark.triton
 
@@ -107,7 +108,7 @@ def _shipped_tiles():
     seen = {}
     tables = (("fwd", attn_mod.FWD_ROWS), ("dkdv", attn_mod.DKDV_ROWS), ("dq", attn_mod.DQ_ROWS))
     for table_name, table in tables:
-        for (block_d, size, arch, short), configs in table.items():  # sm_80's rows and sm_90's, long and short
+        for (block_d, _size, _arch, _short), configs in table.items():  # sm_80's rows and sm_90's, long and short
             for cfg in configs:
                 seen[(table_name, block_d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])] = cfg
     return sorted(seen.items())
@@ -138,7 +139,9 @@ def _forced_tile(key, cfg, two_batch: bool):
         assert_close(g, ref.grad.select(-3, i), 1e-4, name=name)
 
 
-@pytest.mark.parametrize("key, cfg", _shipped_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else "")
+@pytest.mark.parametrize(
+    "key, cfg", _shipped_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else ""
+)
 def test_every_shipped_tile_config(key, cfg):
     """Each shipped tile shape, forced (no autotuning), forward and backward against the reference; N spans
     full tiles and a partial one for both the query and the key tiles."""
@@ -149,14 +152,16 @@ def _two_batch_tiles():
     """The tile shapes the compile gate compiles with TWO_BATCH: the 2-byte short rows."""
     seen = {}
     for table_name, table in (("fwd", attn_mod.FWD_ROWS), ("dkdv", attn_mod.DKDV_ROWS), ("dq", attn_mod.DQ_ROWS)):
-        for (block_d, size, arch, short), configs in table.items():
+        for (block_d, size, _arch, short), configs in table.items():
             if size == 2 and short:
                 for cfg in configs:
                     seen[(table_name, block_d, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])] = cfg
     return sorted(seen.items())
 
 
-@pytest.mark.parametrize("key, cfg", _two_batch_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else "")
+@pytest.mark.parametrize(
+    "key, cfg", _two_batch_tiles(), ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else ""
+)
 def test_every_two_batch_tile_config(key, cfg):
     """The same with two batch dimensions, on a transposed view (B2 = 2, the second batch stride smaller than the
     token stride)."""
@@ -211,11 +216,19 @@ def test_compile_fullgraph_forward_backward():
 @pytest.mark.parametrize(
     "args, exc, match",
     [
-        ((torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 32)), ValueError, "must have one shape"),
+        (
+            (torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 32)),
+            ValueError,
+            "must have one shape",
+        ),
         ((torch.randn(4, 2, 32),) * 3, ValueError, r"must be \(batch, tokens, heads, head_dim\) or \(batch, batch2"),
         ((torch.randn(1, 4, 2, 160),) * 3, ValueError, "head_dim <= 128, got 160"),
         ((torch.ones(1, 4, 2, 32, dtype=torch.int32),) * 3, ValueError, "supports float16, bfloat16 and float32"),
-        ((torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32).half(), torch.randn(1, 4, 2, 32)), ValueError, "share a dtype"),
+        (
+            (torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32).half(), torch.randn(1, 4, 2, 32)),
+            ValueError,
+            "share a dtype",
+        ),
         ((torch.randn(1, 0, 2, 32),) * 3, ValueError, "every dimension must be >= 1"),
     ],
 )
@@ -279,7 +292,9 @@ def test_autotuner_benchmarks_only_the_matching_table_row(kernel, table, monkeyp
     # a 17-token temporal sequence and a 197-token spatial one take the short rows' tiles on sm_90
     monkeypatch.setattr(attn_mod, "arch_of", lambda device: 90)
     for n in (17, 197):
-        pruned = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=torch.bfloat16), "N": n}, BLOCK_D=64)
+        pruned = tuner.early_config_prune(
+            tuner.configs, {"Q": torch.empty(1, dtype=torch.bfloat16), "N": n}, BLOCK_D=64
+        )
         assert max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in pruned) <= 64, n
     assert attn_mod.arch_of.__name__ == "<lambda>"  # (the real one reads the device's compute capability)
 
@@ -368,7 +383,9 @@ def _record_tma(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 77, 2, 64), (1, 130, 3, 80), (1, 33, 1, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 77, 2, 64), (1, 130, 3, 80), (1, 33, 1, 32)], ids=lambda s: "x".join(map(str, s))
+)
 def test_forward_through_tensor_descriptors(shape, dtype, monkeypatch):
     """The sm_90 forward (its default for fp16 / bf16 when strides allow), forced: q, k, v are strided slices of the
     fused (B, N, 3, H, D) tensor, the descriptors zero-fill rows past N and columns past head_dim (80 -> 128), the

@@ -12,12 +12,11 @@ import inspect
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close
-from vivit_kernels.ops import _triton
+from vivit_kernels.ops import _gemm, _triton
 from vivit_kernels.ops import attention as attn_mod
-
-from vivit_kernels.ops import _gemm
 from vivit_kernels.ops import patch_embed as pe
+
+from helpers import DEVICE, assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -123,7 +122,11 @@ def test_patch_embed_autotune():
     timer = FakeTimer(_triton.config_key(row[-1]))
     x = torch.randn(1, 4, 3, 32, 32, device=DEVICE)
     w = torch.randn(16, 3, 2, 16, 16, device=DEVICE) * 0.05
-    b, cls, pos = torch.randn(16, device=DEVICE), torch.randn(1, 1, 16, device=DEVICE), torch.randn(1, 9, 16, device=DEVICE)
+    b, cls, pos = (
+        torch.randn(16, device=DEVICE),
+        torch.randn(1, 1, 16, device=DEVICE),
+        torch.randn(1, 9, 16, device=DEVICE),
+    )
     with _triton.autotuning(timer):
         out = pe.patch_embed(x, w, b, cls, pos, allow_tf32=False)
     assert sorted(timer.benchmarked) == _keys(row)

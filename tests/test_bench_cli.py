@@ -25,7 +25,12 @@ def test_bench_command_writes_the_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Inference" in report
     rows = [line for line in report.splitlines() if line.startswith("| 2 | 2 | fp32 |")]  # num_batches, batch, dtype
-    assert {line.split("|")[4].strip() for line in rows} >= {"triton", "auto", "transformers-eager", "transformers-sdpa"}
+    assert {line.split("|")[4].strip() for line in rows} >= {
+        "triton",
+        "auto",
+        "transformers-eager",
+        "transformers-sdpa",
+    }
     providers_section = report.split('## Providers chosen by attn="auto"')[1].split("\n## ")[0]
     assert "| op | shapes | mode |" in providers_section and "| mlp |" in providers_section  # what auto chose
     assert "CPU" in report  # says which machine timed it

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import vivit_kernels as vk
+
 from helpers import DEVICE, assert_close
 
 CFG = dict(image_size=32, num_frames=4, tubelet_size=[2, 16, 16], hidden_size=32, num_hidden_layers=2,
@@ -49,7 +50,12 @@ def test_round_trips_with_transformers(head, tmp_path):
     """Our save loads in transformers, transformers' save (the hub's 4.x names) loads in ours, outputs equal."""
     model = ours(head)
     model.save_pretrained(tmp_path / "ours")
-    same_outputs(model, (transformers.VivitForVideoClassification if head else transformers.VivitModel).from_pretrained(tmp_path / "ours"))
+    same_outputs(
+        model,
+        (transformers.VivitForVideoClassification if head else transformers.VivitModel).from_pretrained(
+            tmp_path / "ours"
+        ),
+    )
     ref = theirs(head)
     ref.save_pretrained(tmp_path / "theirs")
     same_outputs(ref, (vk.VivitForVideoClassification if head else vk.VivitModel).from_pretrained(tmp_path / "theirs"))
@@ -160,11 +166,17 @@ def test_corrupt_safetensors_names_the_file(content, tmp_path):
         vk.VivitForVideoClassification.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("config, match", [
-    ("[1, 2]", r"config\.json must hold a JSON object of config fields, got a list"),
-    ("{not json", r"config\.json is not valid JSON"),
-    (json.dumps({**CFG, "model_type": "vivit", "hidden_size": "sixty-four"}), r"config\.json: .*hidden_size.*sixty-four"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ("[1, 2]", r"config\.json must hold a JSON object of config fields, got a list"),
+        ("{not json", r"config\.json is not valid JSON"),
+        (
+            json.dumps({**CFG, "model_type": "vivit", "hidden_size": "sixty-four"}),
+            r"config\.json: .*hidden_size.*sixty-four",
+        ),
+    ],
+)
 def test_bad_config_json_names_the_file(config, match, tmp_path):
     ours().save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(config)

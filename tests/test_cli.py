@@ -27,7 +27,11 @@ def test_demo_runs_every_available_backend():
     out = run("demo", "--preset", "tiny", "--repeats", "1")
     assert out.returncode == 0, out.stderr
     assert "RANDOM weights" in out.stdout
-    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()[:1] in (["eager"], ["sdpa"], ["triton"], ["auto"])}
+    rows = {
+        line.split()[0]: line
+        for line in out.stdout.splitlines()
+        if line.split()[:1] in (["eager"], ["sdpa"], ["triton"], ["auto"])
+    }
     assert set(rows) == {"eager", "sdpa", "triton", "auto"}, out.stdout  # triton in the interpreter here
     for name in ("sdpa", "triton", "auto"):
         assert float(rows[name].split()[2]) < 1e-4, out.stdout
@@ -66,8 +70,11 @@ def test_classify_missing_file_is_one_line_before_any_model(tmp_path):
     assert len(lines) == 1 and out.stdout == ""  # nothing built, nothing printed
 
 
-@pytest.mark.parametrize("content, fragment", [(b"", "is not a readable video"), (b"just text", "is not a readable video")],
-                         ids=["empty", "text"])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(b"", "is not a readable video"), (b"just text", "is not a readable video")],
+    ids=["empty", "text"],
+)
 def test_classify_unreadable_files(tmp_path, content, fragment):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(content)
@@ -92,7 +99,9 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
         pytest.skip("this machine has a GPU")
     video = tmp_path / "v.mp4"
     video.write_bytes(b"x")
-    lines = _one_line_error(run("classify", str(video), "--device", "cuda"), "--device cuda: there is no CUDA device here")
+    lines = _one_line_error(
+        run("classify", str(video), "--device", "cuda"), "--device cuda: there is no CUDA device here"
+    )
     assert len(lines) == 1
 
 

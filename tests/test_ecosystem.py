@@ -12,8 +12,9 @@ import torch
 import transformers
 
 import vivit_kernels as vk
-from helpers import DEVICE, assert_close
 from vivit_kernels._compat import training_checkpointing_argument
+
+from helpers import DEVICE, assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -126,7 +127,9 @@ def test_trainer_trains_checkpoints_resumes_and_reloads(gradient_checkpointing, 
     trainer = _trainer(model, tmp_path, **{training_checkpointing_argument(): gradient_checkpointing})
     result = trainer.train()
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
-    assert model.attn == "triton" and all(l.gradient_checkpointing == gradient_checkpointing for l in model.vivit.layers)
+    assert model.attn == "triton" and all(
+        layer.gradient_checkpointing == gradient_checkpointing for layer in model.vivit.layers
+    )
     for step in (2, 4):
         files = os.listdir(tmp_path / f"checkpoint-{step}")
         assert "config.json" in files and "model.safetensors" in files, files
@@ -142,9 +145,11 @@ def test_trainer_trains_checkpoints_resumes_and_reloads(gradient_checkpointing, 
         resumed = _trainer(fresh, tmp_path / "again")
         assert resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2")).global_step == 4
         at_2 = vk.VivitForVideoClassification.from_pretrained(tmp_path / "checkpoint-2")
-        moved = [n for (n, a), b in zip(fresh.named_parameters(), at_2.parameters()) if not torch.equal(a.cpu(), b)]
+        pairs = zip(fresh.named_parameters(), at_2.parameters(), strict=True)
+        moved = [n for (n, a), b in pairs if not torch.equal(a.cpu(), b)]
         assert moved, "resuming trained nothing"
-        for (n, a), b in zip(fresh.named_parameters(), model.parameters()):  # the uninterrupted run's weights
+        # the uninterrupted run's weights
+        for (n, a), b in zip(fresh.named_parameters(), model.parameters(), strict=True):
             assert_close(a, b, 1e-5, name=n)
 
 

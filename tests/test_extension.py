@@ -42,7 +42,7 @@ def _ptxas_report(arch: str, directory: Path) -> str:
 def _registers_by_kernel(log: str) -> dict[str, int]:
     names = re.findall(r"Function properties for (\w+)", log)
     regs = re.findall(r"Used (\d+) registers", log)
-    return dict(zip(names, map(int, regs)))
+    return dict(zip(names, map(int, regs), strict=True))
 
 
 @needs_nvcc
@@ -123,7 +123,8 @@ def _cuobjdump() -> str:
 
 
 def _setup_extensions(env: dict) -> tuple[str, list[str], list[str]]:
-    """(extension class name, its sources, its C++ flags) that setup.py would build under ``env`` (nothing is compiled)."""
+    """(extension class name, its sources, its C++ flags) that setup.py would build under ``env`` (nothing is
+    compiled)."""
     code = (
         "import runpy, sys\n"
         f"mod = runpy.run_path({str(ROOT / 'setup.py')!r}, run_name='setup_probe')\n"
@@ -200,6 +201,10 @@ print(w[0].message)
     assert "shapes (1, 2, 3, 16, 16) (3, 4)" in out.stdout
     assert "warnings 2" in out.stdout  # one per op, not per call
     assert "not available (ImportError: blocked for the test)" in out.stdout
-    info = subprocess.run([sys.executable, "-c", code.split("import torch")[0] +
-                           "from vivit_kernels.cli import main\nmain(['info'])"], capture_output=True, text=True, timeout=300)
+    info = subprocess.run(
+        [sys.executable, "-c", code.split("import torch")[0] + "from vivit_kernels.cli import main\nmain(['info'])"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "not available" in info.stdout and "PyTorch fallbacks in use" in info.stdout

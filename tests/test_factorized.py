@@ -10,8 +10,9 @@ import torch
 import transformers
 
 import vivit_kernels as vk
-from helpers import DEVICE, assert_close
 from vivit_kernels.models import VivitFactorizedConfig, factorized_reference_forward
+
+from helpers import DEVICE, assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -86,8 +87,12 @@ def test_our_kernels_run_every_layer_and_the_patch_embedding(preset):
     config = model.config
     # per block: Model 2's layers 7 launches; Model 3 two (LayerNorm, QKV, attention, output projection) + the MLP's
     # LayerNorm and 2 GEMMs; Model 4 one more attention launch than Model 1's 7 (the two head groups)
-    per_layer = {"factorized_encoder": 7, "factorized_self_attention": 11, "factorized_dot_product": 8}[config.attention_type]
-    layers = config.num_hidden_layers + (config.num_temporal_layers if config.attention_type == "factorized_encoder" else 0)
+    per_layer = {"factorized_encoder": 7, "factorized_self_attention": 11, "factorized_dot_product": 8}[
+        config.attention_type
+    ]
+    layers = config.num_hidden_layers + (
+        config.num_temporal_layers if config.attention_type == "factorized_encoder" else 0
+    )
     assert sum(launched.values()) >= per_layer * layers + 1, launched
     assert any("patch" in k for k in launched), launched
 
@@ -158,7 +163,7 @@ def test_device_free_costs_of_the_four_models_follow_the_paper_and_are_in_the_do
     more for backward. docs/model.md's table is this measurement (regenerated here, so it cannot go stale)."""
     from pathlib import Path
 
-    from vivit_kernels.measure import format_models_markdown, measure_models
+    from vivit_kernels.tools.measure import format_models_markdown, measure_models
 
     rows = measure_models()
     (_, paper1, _, _, m1), *factorised = rows
@@ -170,8 +175,10 @@ def test_device_free_costs_of_the_four_models_follow_the_paper_and_are_in_the_do
     assert m2.saved_bytes <= m1.saved_bytes < m4.saved_bytes < m3.saved_bytes
     docs = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
     table = docs[docs.index("| model | params (M) |"):].split("\n\n")[0]
-    assert table == format_models_markdown(rows).split("\n\n")[0], \
-        "docs/model.md's table is stale: regenerate it with vivit_kernels.measure.format_models_markdown(measure_models())"
+    assert table == format_models_markdown(rows).split("\n\n")[0], (
+        "docs/model.md's table is stale: regenerate it with "
+        "vivit_kernels.tools.measure.format_models_markdown(measure_models())"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import vivit_kernels as vk
 from vivit_kernels import data as vdata
 from vivit_kernels.finetune import evaluate_clips, finetune, parse_views
 from vivit_kernels.inflate import inflate_patch_filter, repeat_position_table, vivit_from_vit
-from vivit_kernels.processing import VideoProcessor, read_clips
+from vivit_kernels.processing import VideoProcessor
+from vivit_kernels.video import read_clips
 
 from helpers import DEVICE, assert_close
 from videos import motion_dataset, motion_frames, write_frames, write_video
@@ -168,7 +169,10 @@ def test_finetune_learns_a_label_that_needs_time_and_saves_a_checkpoint_both_rea
     assert metrics["multiview_top1"] >= 0.75, metrics
     assert metrics["train_clips_per_s"] > 0 and metrics["peak_memory_gib"] > 0
     saved = json.loads((out / "finetune_results.json").read_text())
-    assert saved["metrics"]["multiview_top1"] == metrics["multiview_top1"] and saved["labels"] == {"0": "down", "1": "up"}
+    assert saved["metrics"]["multiview_top1"] == metrics["multiview_top1"] and saved["labels"] == {
+        "0": "down",
+        "1": "up",
+    }
 
     ours = vk.VivitForVideoClassification.from_pretrained(out, attn="sdpa").eval()
     theirs = transformers.AutoModelForVideoClassification.from_pretrained(out).eval()
@@ -218,7 +222,8 @@ def test_resume_continues_from_the_saved_step(motion, tmp_path):
     assert [part[s]["learning_rate"] for s in (3, 4)] == [whole[s]["learning_rate"] for s in (3, 4)]
     at_2 = vk.VivitForVideoClassification.from_pretrained(tmp_path / "part" / "checkpoint-2")
     final = vk.VivitForVideoClassification.from_pretrained(tmp_path / "part")
-    assert any(not torch.equal(x, y) for x, y in zip(at_2.parameters(), final.parameters())), "resuming trained nothing"
+    pairs = zip(at_2.parameters(), final.parameters(), strict=True)
+    assert any(not torch.equal(x, y) for x, y in pairs), "resuming trained nothing"
 
 
 def test_finetune_with_lora_writes_a_plain_vivit_checkpoint(motion, tmp_path):
@@ -346,7 +351,9 @@ def test_inflation_errors_name_both_sides():
 def test_finetune_from_a_vit_checkpoint_on_disk(motion, tmp_path):
     vit = small_vit(num_labels=5)
     vit.save_pretrained(tmp_path / "vit")
-    transformers.ViTImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(
+        tmp_path / "vit"
+    )
     result = finetune(motion, tmp_path / "out", from_vit=str(tmp_path / "vit"), inflate="average", num_frames=4,
                       max_steps=2, batch_size=4, lr=1e-3, val_fraction=0.25, eval_views=(1, 1), **RUN)
     assert result["start"]["from_vit"] == str(tmp_path / "vit") and result["start"]["inflate"] == "average"

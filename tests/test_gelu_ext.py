@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, check_against_reference
 from vivit_kernels.ops import _extension
 from vivit_kernels.ops.gelu import bias_gelu_fast, bias_gelu_fast_ref
+
+from helpers import DEVICE, check_against_reference
 
 needs_ext = pytest.mark.skipif(not _extension.available(), reason=f"extension not built: {_extension.error()}")
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from helpers import DEVICE, assert_close
 from vivit_kernels import providers
 from vivit_kernels.ops import registry
 from vivit_kernels.ops.registry import OPS, Implementation
 
+from helpers import DEVICE, assert_close
 
 pytestmark = pytest.mark.usefixtures("private_provider_cache")  # each test its own cache file, empty memory
 
@@ -91,7 +91,7 @@ def test_kernels_kept_when_faster():
         out = auto(x).logits
     [entry] = _model_entries()
     assert entry["choice"] == "kernels"
-    assert {e["op"] for e in _op_entries()} >= {"patch_embed", "layer_norm", "qkv", "attention_qkv", "mlp"}
+    assert {e["op"] for e in _op_entries()} == set(registry.backend_ops()) - {"attention"}  # q, k, v fused
     with torch.no_grad():
         assert_close(out, sdpa(x).logits, 1e-4, name="auto on its per-op choices")
 
@@ -112,7 +112,7 @@ def test_training_is_guarded_separately_and_leaves_no_trace():
     cpu_rng = torch.get_rng_state()
     with providers.timer(timer):
         auto.vivit._vivit_auto_backend.path.transformers = False
-        from vivit_kernels.guard import decide
+        from vivit_kernels.auto.guard import decide
 
         assert decide(auto.vivit, auto.vivit._vivit_auto_backend, x, training=True) == "kernels"
     assert torch.equal(torch.get_rng_state(), cpu_rng)
@@ -164,7 +164,7 @@ def test_tuned_auto_is_not_slower_than_sdpa_on_this_cpu():
     with torch.no_grad():
         auto(x)  # tunes: per op, then the whole model
         assert _model_entries(), "the whole model was not compared"
-        for attempt in range(3):
+        for _attempt in range(3):
             a, s = [], []
             for _ in range(15):
                 t = time.perf_counter()
@@ -186,7 +186,9 @@ def test_a_candidate_that_disagrees_with_the_reference_is_never_chosen(monkeypat
     def wrong(x, w, b, activation=None, residual=None):
         return good.fn(x, w, b, activation, residual) * 1.01
 
-    monkeypatch.setitem(OPS["linear"].implementations, "cublas", Implementation("cublas", wrong, good.available, good.runs))
+    monkeypatch.setitem(
+        OPS["linear"].implementations, "cublas", Implementation("cublas", wrong, good.available, good.runs)
+    )
     timed = []
 
     def timer(fn, args, training, device):
@@ -231,15 +233,22 @@ def test_gradients_are_checked_for_training_calls(monkeypatch):
 
 
 def test_every_registry_entry_names_its_pieces():
-    """From an op's entry, in one step: kernel module, reference, candidates, tests, benchmark, AOT modules."""
+    """From an op's entry, in one step: kernel module, custom ops, reference, candidates, costs, sample inputs,
+    tests, benchmark, AOT modules. No candidate is the reference itself (it would be checked against itself)."""
     import importlib
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     for name, op in OPS.items():
+        assert op.name == name
         module = importlib.import_module(op.module)
         assert op.reference.__name__ in vars(module) or op.reference.__module__ == registry.__name__, name
-        assert next(iter(op.implementations)) == "triton", name
+        if op.kernel_module.startswith("vivit_kernels."):
+            importlib.import_module(op.kernel_module)
+        else:
+            assert (root / op.kernel_module).is_file(), op.kernel_module
+        assert next(iter(op.implementations)) == ("triton" if op.backend else "extension"), name
+        assert all(impl.fn is not op.reference for impl in op.implementations.values()), name
         for path in op.tests:
             assert (root / path).is_file(), path
         bench_file, _, bench_test = op.bench.partition("::")
@@ -248,28 +257,35 @@ def test_every_registry_entry_names_its_pieces():
             assert hasattr(importlib.import_module(m), "aot_cases"), m
         for impl in op.implementations.values():
             assert impl.runs(torch.device("cpu")) and impl.runs(torch.device("cuda")), (name, impl.name)
+        for variant in op.variants:  # sample inputs at a shape, their FLOPs and bytes
+            args = op.sample_inputs(registry.Shape.awkward(), torch.float32, "cpu", False, variant)
+            assert op.flops(*args) >= 0 and op.bytes(*args) > 0, (name, variant)
 
 
 def test_costs_count_the_flops_of_a_forward():
     x, w = torch.empty(4, 10, 32), torch.empty(48, 32)
-    flops, nbytes = OPS["linear"].cost(x, w, None)
-    assert flops == 2 * 40 * 48 * 32 and nbytes == 4 * (x.numel() + w.numel() + 40 * 48)
+    assert OPS["linear"].flops(x, w, None) == 2 * 40 * 48 * 32
+    assert OPS["linear"].bytes(x, w, None) == 4 * (x.numel() + w.numel() + 40 * 48)
     qkv = torch.empty(2, 17, 3, 4, 16)
-    assert OPS["attention_qkv"].cost(qkv, 0.25)[0] == 4 * 2 * 4 * 17 * 17 * 16
+    assert OPS["attention_qkv"].flops(qkv, 0.25) == 4 * 2 * 4 * 17 * 17 * 16
 
 
 def test_every_custom_op_belongs_to_a_registry_entry_and_has_its_costs():
-    """The registry lists each op's torch.library ops; _costs has a launch count for each (and a FLOP formula for
-    the GEMM / attention / patch ones), and no Triton-backed custom op is left out of the registry."""
+    """Every torch.library op of ours belongs to one registry entry, which gives its launch count and (the GEMM /
+    attention / patch ones) a FLOP formula torch's counter knows; none is left out of the registry."""
     from torch.utils.flop_counter import flop_registry
 
-    from vivit_kernels.ops import _costs
+    from vivit_kernels.ops import _extension
 
-    listed = {name for op in OPS.values() for name in op.custom_ops}
-    triton_ops = {name for name in _costs.LAUNCHES if name.split("::")[1] not in
-                  ("preprocess_video", "bias_gelu_fast", "bias_gelu_fast_backward")}  # the extension's
-    assert listed == triton_ops
+    listed = [name for op in OPS.values() for name in op.custom_ops]
+    assert len(listed) == len(set(listed))  # one entry each
+    ours = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("vivit_kernels::")}
+    if not _extension.available():  # the extension's C++ ops exist only where it is built
+        ours |= {n for n in listed if n.split("::")[1] in ("preprocess_video", "bias_gelu_fast",
+                                                             "bias_gelu_fast_backward")}
+    assert set(listed) == ours
     for name in listed:
-        packet = getattr(torch.ops.vivit_kernels, name.split("::")[1])
-        if not name.split("::")[1].startswith("layer_norm"):  # no matmul FLOPs in a LayerNorm
+        spec = next(op.custom_ops[name] for op in OPS.values() if name in op.custom_ops)
+        if spec.flops is not None:
+            packet = getattr(torch.ops.vivit_kernels, name.split("::")[1])
             assert packet.default in flop_registry or packet in flop_registry, name

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from helpers import DEVICE, check_against_reference
 from vivit_kernels.ops import layer_norm as ln_mod
 from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
+
+from helpers import DEVICE, check_against_reference
 
 pytestmark = pytest.mark.triton
 

@@ -3,16 +3,15 @@ device."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close, check_against_reference
-from vivit_kernels.ops import _triton
-from vivit_kernels.ops import _gemm
+from vivit_kernels.ops import _gemm, _triton
 from vivit_kernels.ops import linear as lin
 from vivit_kernels.ops.activations import gelu_fast as gelu_fast_ref
 from vivit_kernels.ops.linear import linear, linear_ref, mlp, mlp_ref
+
+from helpers import DEVICE, assert_close, check_against_reference
 
 pytestmark = pytest.mark.triton
 
@@ -53,7 +52,9 @@ MLP_CASES = [(shape, dtype) for shape in [(17, 32, 200), (197, 96, 384), (1, 40,
 MLP_CASES.append(((3, 768, 3072), torch.bfloat16))  # ViViT-B's MLP (one dtype: the interpreter is slow here)
 
 
-@pytest.mark.parametrize("shape, dtype", MLP_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "shape, dtype", MLP_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+)
 def test_mlp(shape, dtype):
     """fc2(gelu_fast(fc1(x))) + residual; intermediate sizes that are and are not tile multiples."""
     tokens, hidden, inter = shape
@@ -108,9 +109,17 @@ def test_ops_on_the_tma_path(op, dtype, monkeypatch):
     w2, b2 = leaf(torch.randn(hidden, 96) * 96**-0.5), leaf(0.1 * torch.randn(hidden))
     r = leaf(torch.randn(2, tokens, 96))
     if op == "linear+residual":
-        fn, ref, args = (lambda x, w, b, r: linear(x, w, b, None, r)), (lambda x, w, b, r: linear_ref(x, w, b, None, r)), (x, w1, b1, r)
+        fn, ref, args = (
+            (lambda x, w, b, r: linear(x, w, b, None, r)),
+            (lambda x, w, b, r: linear_ref(x, w, b, None, r)),
+            (x, w1, b1, r),
+        )
     elif op == "linear+gelu_fast":
-        fn, ref, args = (lambda x, w, b: linear(x, w, b, "gelu_fast")), (lambda x, w, b: linear_ref(x, w, b, "gelu_fast")), (x, w1, b1)
+        fn, ref, args = (
+            (lambda x, w, b: linear(x, w, b, "gelu_fast")),
+            (lambda x, w, b: linear_ref(x, w, b, "gelu_fast")),
+            (x, w1, b1),
+        )
     elif op == "mlp":
         fn = lambda x, w1, b1, w2, b2: mlp(x, w1, b1, w2, b2, residual=x)  # noqa: E731
         ref = lambda x, w1, b1, w2, b2: mlp_ref(x, w1, b1, w2, b2, residual=x)  # noqa: E731
@@ -131,8 +140,11 @@ def test_other_activations_run_through_torch(activation):
     )
     w2 = leaf(torch.randn(32, 48))
     check_against_reference(
-        lambda x, w, b, w2: mlp(x, w, b, w2, None, activation), lambda x, w, b, w2: mlp_ref(x, w, b, w2, None, activation),
-        (x, w, b, w2), torch.float32, name=f"mlp {activation}",
+        lambda x, w, b, w2: mlp(x, w, b, w2, None, activation),
+        lambda x, w, b, w2: mlp_ref(x, w, b, w2, None, activation),
+        (x, w, b, w2),
+        torch.float32,
+        name=f"mlp {activation}",
     )
 
 
@@ -155,7 +167,7 @@ def _shipped_gemm_configs():
     tensor-descriptor kernel's (the interpreter runs tensor descriptors too)."""
     seen = {}
     for path, table in (("pointer", _gemm.GEMM_CONFIGS), ("tma", _gemm.TMA_CONFIGS)):
-        for (size, precision, kind), configs in table.items():
+        for (_size, _precision, kind), configs in table.items():
             for cfg in configs:
                 seen.setdefault((path, kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]), cfg)
     return sorted(seen.items())
@@ -166,7 +178,9 @@ def _tma_here(path: str) -> None:
         pytest.skip("the tensor-descriptor kernel is sm_90's; this GPU runs the pointer kernel")
 
 
-@pytest.mark.parametrize("key, cfg", _shipped_gemm_configs(), ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else "")
+@pytest.mark.parametrize(
+    "key, cfg", _shipped_gemm_configs(), ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else ""
+)
 def test_every_shipped_gemm_tile(key, cfg):
     """Each shipped tile shape of both kernels, forced, on sizes that leave partial tiles in M, N and K, in each
     epilogue kind: forward (+ bias, pre-activation, gelu_fast), residual, the gelu backward, the grouped QKV
@@ -188,7 +202,9 @@ def test_every_shipped_gemm_tile(key, cfg):
         b1, b2 = torch.randn(2, K, N, device=DEVICE) * K**-0.5
         bias1, bias2 = torch.randn(2, N, device=DEVICE)
         out3 = torch.empty(M, 3 * N, device=DEVICE)
-        _gemm.gemm(a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg, path=path)
+        _gemm.gemm(
+            a, bmat, out3, bias=bias, groups="n", more_b=(b1, b2), more_bias=(bias1, bias2), config=cfg, path=path
+        )
         assert_close(out3, torch.cat([ab + bias, a @ b1 + bias1, a @ b2 + bias2], 1), 1e-4, name="n groups")
         a3 = torch.randn(M, 3 * K, device=DEVICE)
         out = torch.empty(M, N, device=DEVICE)
@@ -230,7 +246,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, r, "none", False, False))
     torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, None, "gelu_fast", True, False))
     w2 = leaf(torch.randn(32, 48))
-    torch.library.opcheck(torch.ops.vivit_kernels.mlp_fwd.default, (x, w, b, w2, None, x.detach().clone().requires_grad_(), True, False))
+    torch.library.opcheck(
+        torch.ops.vivit_kernels.mlp_fwd.default, (x, w, b, w2, None, x.detach().clone().requires_grad_(), True, False)
+    )
 
 
 def test_compile_fullgraph():
@@ -252,19 +270,28 @@ def test_compile_fullgraph():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*leaves)
     compiled.backward()
     assert_close(compiled, eager, 1e-3, name="out")
-    for g, t in zip(grads, leaves):
+    for g, t in zip(grads, leaves, strict=True):
         assert_close(t.grad, g, 1e-4, name="grad")
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: linear(torch.randn(3, 8), torch.randn(4, 9)), r"weight must be \(out_features, 8\) to take 8 input features, got \(4, 9\)"),
+        (
+            lambda: linear(torch.randn(3, 8), torch.randn(4, 9)),
+            r"weight must be \(out_features, 8\) to take 8 input features, got \(4, 9\)",
+        ),
         (lambda: linear(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5)), r"bias must be \(4,\)"),
         (lambda: linear(torch.randn(3, 8), torch.randn(4, 8).half()), "must be torch.float32 like x"),
         (lambda: linear(torch.ones(3, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64)), "supports float16"),
-        (lambda: linear(torch.randn(3, 8), torch.randn(4, 8), residual=torch.randn(3, 5)), r"residual must be \(3, 4\)"),
-        (lambda: mlp(torch.randn(3, 8), torch.randn(16, 8), None, torch.randn(8, 15), None), r"w2 must be \(out_features, 16\)"),
+        (
+            lambda: linear(torch.randn(3, 8), torch.randn(4, 8), residual=torch.randn(3, 5)),
+            r"residual must be \(3, 4\)",
+        ),
+        (
+            lambda: mlp(torch.randn(3, 8), torch.randn(16, 8), None, torch.randn(8, 15), None),
+            r"w2 must be \(out_features, 16\)",
+        ),
     ],
 )
 def test_bad_inputs(call, match):

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from helpers import DEVICE
-from vivit_kernels.measure import format_markdown, measure
-from vivit_kernels.ops import _costs
+from vivit_kernels.ops import registry
 from vivit_kernels.ops._triton import LAUNCHES
+from vivit_kernels.tools.measure import format_markdown, measure
+
+from helpers import DEVICE
 
 GIB = 2**30
 
@@ -21,7 +22,9 @@ GIB = 2**30
 def vivit_b():
     """transformers SDPA and eager, and our triton path: ViViT-B, batch 1, bf16."""
     pytest.importorskip("transformers")
-    return {p: measure(p, "vivit-b-16x2", 1, torch.bfloat16) for p in ("triton", "transformers-sdpa", "transformers-eager")}
+    return {
+        p: measure(p, "vivit-b-16x2", 1, torch.bfloat16) for p in ("triton", "transformers-sdpa", "transformers-eager")
+    }
 
 
 def test_calibration_matches_transformers_figures(vivit_b):
@@ -45,10 +48,10 @@ def test_saved_bytes_match_the_analytic_count():
     the fused qkv tensor, the attention output (also the output projection's input) with its fp32 logsumexp,
     and the MLP input with the FC1 pre-activation."""
     cfg = vk.VivitConfig.from_preset("vivit-b-16x2")
-    B, elt = 2, 2
+    B, elt, f32 = 2, 2, 4
     N, C, F, H = vk.model.num_tokens(cfg), cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    act, stats = B * N * C * elt, B * N * 4
-    per_layer = (act + 2 * stats) + act + 3 * act + (act + B * H * N * 4) + (act + 2 * stats) + act + B * N * F * elt
+    act, stats = B * N * C * elt, B * N * f32
+    per_layer = (act + 2 * stats) + act + 3 * act + (act + B * H * N * f32) + (act + 2 * stats) + act + B * N * F * elt
     pixels = B * cfg.num_frames * 3 * 224 * 224 * elt
     head = (act + 2 * stats) + act  # final LayerNorm input + stats, its output (the classifier reads row 0 of it)
     expected = pixels + cfg.num_hidden_layers * per_layer + head
@@ -72,12 +75,16 @@ def test_launch_table_matches_real_launches():
 
 @pytest.mark.parametrize("op, args, triton_launches", [
     ("vivit_kernels::flash_attn_bwd", None, 3),
-    ("vivit_kernels::mlp_bwd", (None,) * 7 + (True,), 4),
-    ("vivit_kernels::mlp_bwd", (None,) * 7 + (False,), 3),
-    ("vivit_kernels::linear_bwd", (None,) * 4 + (True,), 2),
+    ("vivit_kernels::mlp_bwd", (None,) * 6 + ([True] * 5,), 4),  # dH, dW2, dX, dW1
+    ("vivit_kernels::mlp_bwd", (None,) * 6 + ([False, True, True, True, True],), 3),  # no dX
+    ("vivit_kernels::mlp_bwd", (None,) * 6 + ([True, False, False, False, False],), 2),  # frozen: dH, dX
+    ("vivit_kernels::linear_bwd", (None,) * 4 + (True, True, True), 2),
+    ("vivit_kernels::linear_bwd", (None,) * 4 + (True, False, False), 1),  # a frozen weight: dX alone
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] * 7,), 4),  # dX, dWq, dWk, dWv
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,), 1),
 ])
 def test_backward_launch_entries(op, args, triton_launches):
-    assert _costs.launches(op, args) == triton_launches
+    assert registry.launches(op, args) == triton_launches
 
 
 @pytest.mark.triton
@@ -110,9 +117,11 @@ def test_readme_table_is_a_fresh_measurement():
     cannot go stale): every row, regenerated here."""
     from pathlib import Path
 
-    from vivit_kernels.measure import measure_all
+    from vivit_kernels.tools.measure import measure_all
 
     readme = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
     table = readme[readme.index("| batch | provider | saved for backward"):].split("\n\n")[0]
     fresh = format_markdown(measure_all("vivit-b-16x2", (1, 2, 4, 8), torch.bfloat16)).split("\n\n")[0]
-    assert table == fresh, "docs/performance.md's table is stale: regenerate it with `vivit-kernels bench --skip-timing`"
+    assert table == fresh, (
+        "docs/performance.md's table is stale: regenerate it with `vivit-kernels bench --skip-timing`"
+    )

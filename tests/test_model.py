@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 import vivit_kernels as vk
+
 from helpers import DEVICE, assert_close
 
 BACKENDS = ["eager", "sdpa", pytest.param("triton", marks=pytest.mark.triton)]
@@ -26,7 +27,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial values everywhere (the default init leaves biases, cls and position tables at zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             p.add_((0.1 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
     return model
 
@@ -222,7 +223,7 @@ def test_head_mask_oracle(attn, mask_shape):
         expected = oracle(x, output_attentions=True)
         got = ours(x, head_mask=mask.to(DEVICE), output_attentions=True)
     assert_close(got.last_hidden_state, expected.last_hidden_state, 1e-5, name="last_hidden_state")
-    for i, (a, b) in enumerate(zip(got.attentions, expected.attentions)):
+    for i, (a, b) in enumerate(zip(got.attentions, expected.attentions, strict=True)):
         # transformers 4.x returned the probabilities after the head mask was applied
         assert_close(a, b * per_layer[i].to(DEVICE).view(1, heads, 1, 1), 1e-5, name=f"attentions[{i}]")
 

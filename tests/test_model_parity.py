@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import vivit_kernels as vk
+
 from helpers import DEVICE, assert_close
 
 ATOL = {"eager": 1e-5, "sdpa": 1e-5, "triton": 1e-4}
@@ -99,10 +100,10 @@ def test_matches_transformers(name, layout, attn, tmp_path):
             assert_close(out.last_hidden_state, theirs.last_hidden_state, atol, name="last_hidden_state")
             assert_close(out.pooler_output, theirs.pooler_output, atol, name="pooler_output")
         assert len(out.hidden_states) == len(theirs.hidden_states)
-        for i, (a, b) in enumerate(zip(out.hidden_states, theirs.hidden_states)):
+        for i, (a, b) in enumerate(zip(out.hidden_states, theirs.hidden_states, strict=True)):
             assert_close(a, b, atol, name=f"hidden_states[{i}]")
     assert len(full.attentions) == len(theirs.attentions)
-    for i, (a, b) in enumerate(zip(full.attentions, theirs.attentions)):
+    for i, (a, b) in enumerate(zip(full.attentions, theirs.attentions, strict=True)):
         assert_close(a, b, atol, name=f"attentions[{i}]")
 
 
@@ -118,10 +119,10 @@ def test_tuple_output_order_matches_transformers(head, tmp_path):
         theirs = ref(x, output_hidden_states=True, return_dict=False, **kwargs)
         mine = ours(x, output_hidden_states=True, return_dict=False, **kwargs)
     assert isinstance(mine, tuple) and len(mine) == len(theirs)
-    for i, (a, b) in enumerate(zip(mine, theirs)):
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
         if isinstance(b, tuple):
             assert len(a) == len(b)
-            for j, (aa, bb) in enumerate(zip(a, b)):
+            for j, (aa, bb) in enumerate(zip(a, b, strict=True)):
                 assert_close(aa, bb, 1e-5, name=f"out[{i}][{j}]")
         else:
             assert_close(a, b, 1e-5, name=f"out[{i}]")

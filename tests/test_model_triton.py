@@ -4,14 +4,16 @@ attn="eager"; what is fused and what falls back to a module's own forward."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import vivit_kernels as vk
-from helpers import DEVICE, assert_close, run_without_interpreter
 from vivit_kernels._log import forget_said
+
+from helpers import DEVICE, assert_close, run_without_interpreter
 
 pytestmark = pytest.mark.triton
 
@@ -62,7 +64,7 @@ def test_outputs_and_every_gradient_match_eager(name):
     out_e = eager(x, labels=labels, output_hidden_states=True)
     out_t = tri(x, labels=labels, output_hidden_states=True)
     assert_close(out_t.logits, out_e.logits, 1e-4, name="logits")
-    for i, (a, b) in enumerate(zip(out_t.hidden_states, out_e.hidden_states)):
+    for i, (a, b) in enumerate(zip(out_t.hidden_states, out_e.hidden_states, strict=True)):
         assert_close(a, b, 1e-4, name=f"hidden_states[{i}]")
     out_e.loss.backward()
     out_t.loss.backward()
@@ -91,7 +93,7 @@ def test_attentions_and_head_mask_use_eager_attention_with_one_log_line(caplog):
         tri(x, output_attentions=True, head_mask=mask)
     out_e = eager(x, output_attentions=True, head_mask=mask)
     assert_close(out_t.last_hidden_state, out_e.last_hidden_state, 1e-5, name="last_hidden_state")
-    for a, b in zip(out_t.attentions, out_e.attentions):
+    for a, b in zip(out_t.attentions, out_e.attentions, strict=True):
         assert_close(a, b, 1e-5, name="attentions")
     lines = [r.message for r in caplog.records if "eager attention" in r.message]
     assert len(lines) == 1 and "head_mask" in lines[0], lines
@@ -177,8 +179,8 @@ def test_training_steps_match_eager():
             opt.step()
             losses[name].append(loss.item())
     assert losses["triton"][-1] < losses["triton"][0]  # it trains
-    for a, b in zip(losses["triton"], losses["eager"]):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), losses
+    for a, b in zip(losses["triton"], losses["eager"], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4), losses
 
 
 def test_interpolated_positions_match_eager():
@@ -383,3 +385,66 @@ def test_cpu_without_interpreter_is_a_clear_model_error():
         pytest.skip("targets GPU-less machines")
     assert "ERR attn='triton' runs Triton kernels, which need a CUDA device" in out.stdout, out.stdout + out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout and "attn='sdpa'" in out.stdout
+
+
+def _dispatched_ours(fn) -> set[str]:
+    """The vivit_kernels custom ops dispatched while ``fn`` runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "vivit_kernels":
+                seen.add(f"vivit_kernels::{func.__name__.split('.')[0]}")
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return seen
+
+
+def _train_step(model, x, labels):
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x, labels=labels).loss.backward()
+
+    return step
+
+
+@pytest.mark.parametrize("op", __import__("vivit_kernels.ops.registry", fromlist=["backend_ops"]).backend_ops())
+def test_an_op_switched_off_runs_transformers_path(op):
+    """ops={op: False}: that op's kernels never run (forward or backward), the others do, and the model still
+    equals eager (outputs and every gradient)."""
+    from vivit_kernels.ops.registry import OPS, backend_ops
+
+    cfg, eager, tri = make_pair()
+    tri.set_attn("triton", ops={op: False})
+    x, labels = inputs(cfg)
+    ran = _dispatched_ours(_train_step(tri, x, labels))
+    assert not ran & set(OPS[op].custom_ops), ran
+    others = {name for other in backend_ops() if other != op and other != "attention" for name in OPS[other].custom_ops}
+    if op == "qkv":  # without the fused projection, attention runs on separate q, k, v: "attention", not "_qkv"
+        others = others - set(OPS["attention_qkv"].custom_ops) | set(OPS["attention"].custom_ops)
+    # (attention_qkv off: transformers' attention on the fused projection's q, k, v, not our "attention" op)
+    assert ran == others, ran ^ others
+    _train_step(eager, x, labels)()
+    with torch.no_grad():
+        assert_close(tri(x).logits, eager(x).logits, 1e-4, name=f"logits without {op}")
+    assert_same_grads(tri, eager)
+
+
+def test_only_the_ops_asked_for_run_and_unknown_names_are_errors():
+    from vivit_kernels.ops.registry import OPS
+
+    cfg, eager, tri = make_pair()
+    tri.set_attn("triton", ops=["qkv", "attention_qkv", "mlp"])  # attention_qkv reads qkv's fused output
+    x, labels = inputs(cfg)
+    ran = _dispatched_ours(_train_step(tri, x, labels))
+    assert ran == {name for op in ("qkv", "attention_qkv", "mlp") for name in OPS[op].custom_ops}, ran
+    with pytest.raises(ValueError, match="unknown op 'softmax'; the ops a ViViT layer runs: layer_norm"):
+        tri.set_attn("triton", ops={"softmax": False})
+    with pytest.raises(ValueError, match="attn='triton' or 'auto', got attn='sdpa'"):
+        tri.set_attn("sdpa", ops=["mlp"])
+    with pytest.raises(TypeError, match="got the string 'mlp'"):
+        tri.set_attn("triton", ops="mlp")

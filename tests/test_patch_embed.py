@@ -3,13 +3,13 @@ test device."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close, check_against_reference
 from vivit_kernels.ops import patch_embed as pe
 from vivit_kernels.ops.patch_embed import patch_embed, patch_embed_ref
+
+from helpers import DEVICE, assert_close, check_against_reference
 
 pytestmark = pytest.mark.triton
 
@@ -37,7 +37,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, tubelet, hidden", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "shape, tubelet, hidden", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+)
 def test_patch_embed(shape, tubelet, hidden, dtype):
     check_against_reference(patch_embed, patch_embed_ref, inputs(*shape, tubelet, hidden), dtype, name="patch_embed")
 
@@ -51,8 +53,11 @@ def test_vivit_b_sized_tubelets():
 def test_strided_pixels_read_in_place():
     """A channels-last-in-memory clip, a frame-strided view, and a batch slice: no copies needed."""
     x, w, b, cls, pos = (t.detach() for t in inputs(2, 8, 3, 32, 32, (2, 16, 16), 32, pixel_grad=False))
-    views = [x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), torch.randn(2, 16, 3, 32, 32, device=DEVICE)[:, ::2],
-             x[1:]]
+    views = [
+        x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3),
+        torch.randn(2, 16, 3, 32, 32, device=DEVICE)[:, ::2],
+        x[1:],
+    ]
     for v in views:
         assert not v.is_contiguous() or v.data_ptr() != x.data_ptr()
         assert_close(patch_embed(v, w, b, cls, pos), patch_embed_ref(v, w, b, cls, pos), 1e-4, name="strided")

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from helpers import assert_close
-from videos import motion_dataset, write_video
 from vivit_kernels import cli
 from vivit_kernels import predict as vp
-from vivit_kernels.processing import VideoProcessor, read_clips
+from vivit_kernels.processing import VideoProcessor
+from vivit_kernels.video import read_clips
+
+from helpers import assert_close
+from videos import motion_dataset, write_video
 
 pytestmark = pytest.mark.cpu_only
 OPTIONS = dict(workers=0, device="cpu", batch_size=4, progress=False)
@@ -27,7 +29,8 @@ OPTIONS = dict(workers=0, device="cpu", batch_size=4, progress=False)
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
-    """14 videos in class folders, plus a corrupt and an empty file, and a tiny checkpoint with named labels."""
+    """14 videos in class folders, plus a corrupt and an empty file, and a tiny checkpoint with named labels and its
+    own clip sampling (frame_sample_rate 1)."""
     root = tmp_path_factory.mktemp("collection")
     motion_dataset(root / "videos", per_class=7)
     (root / "videos" / "up" / "corrupt.mp4").write_bytes(os.urandom(3000))
@@ -35,6 +38,9 @@ def collection(tmp_path_factory):
     torch.manual_seed(0)
     config = vk.VivitConfig.from_preset("tiny", num_labels=6, id2label={i: f"action_{i}" for i in range(6)})
     vk.VivitForVideoClassification(config).save_pretrained(root / "model")
+    # the checkpoint's own clip sampling (finetune saves it): every frame; predict and classify read it back
+    processor = VideoProcessor.for_image_size(32, 32, frame_sample_rate=1)
+    (root / "model" / "preprocessor_config.json").write_text(json.dumps(processor.to_dict()))
     return root
 
 
@@ -147,16 +153,36 @@ def test_the_command_exit_status_and_last_line_count_failures(collection, tmp_pa
 def test_two_processes_write_the_rows_of_one(collection, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     vp.predict_to_file([collection / "videos"], collection / "model", one, embeddings=tmp_path / "one.npy", **OPTIONS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vivit_kernels.cli",
-           "predict", str(collection / "videos"), "--model", str(collection / "model"), "--out", str(two),
-           "--embeddings", str(tmp_path / "two.npy"), "--device", "cpu", "--workers", "0", "--batch-size", "4",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vivit_kernels.cli",
+        "predict",
+        str(collection / "videos"),
+        "--model",
+        str(collection / "model"),
+        "--out",
+        str(two),
+        "--embeddings",
+        str(tmp_path / "two.npy"),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     said = f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-3000:]}"
     assert run.returncode != 0 and "16 lines for 16 inputs, 2 failed" in run.stdout, said
     a, b = rows_of(one), rows_of(two)
     assert [r["path"] for r in a] == [r["path"] for r in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys() and x.get("labels") == y.get("labels") and x.get("error") == y.get("error")
         assert np.allclose(x.get("scores", []), y.get("scores", []), atol=1e-5)
     keys_a, emb_a = vp.read_embeddings(tmp_path / "one.npy")

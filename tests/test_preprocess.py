@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE
 from vivit_kernels.ops import _extension
 from vivit_kernels.ops.preprocess import preprocess_video, preprocess_video_ref
 from vivit_kernels.processing import VideoProcessor
+
+from helpers import DEVICE
 
 needs_ext = pytest.mark.skipif(not _extension.available(), reason=f"extension not built: {_extension.error()}")
 
@@ -133,7 +134,9 @@ def test_fallback_without_extension_warns_once_and_matches(monkeypatch):
     monkeypatch.setattr(_extension, "_error", "ImportError: (simulated)")
     monkeypatch.setattr(_extension, "_warned", set())
     video = random_video(2, 90, 120).to(DEVICE)
-    with pytest.warns(UserWarning, match=r"preprocess_video: the C\+\+/CUDA extension .* not available .* PyTorch fallback"):
+    with pytest.warns(
+        UserWarning, match=r"preprocess_video: the C\+\+/CUDA extension .* not available .* PyTorch fallback"
+    ):
         a = preprocess_video(video, [96, 128], [0, 0, 64, 64])
     import warnings
 
@@ -152,7 +155,9 @@ def test_presets_and_from_pretrained(tmp_path):
     assert torch.allclose(default, (original - 0.5) / 0.5, atol=1e-6)  # transformers' default: [-3, 1]
     import json
 
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(VideoProcessor(crop_size={"height": 96, "width": 96}).to_dict()))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(VideoProcessor(crop_size={"height": 96, "width": 96}).to_dict())
+    )
     loaded = VideoProcessor.from_pretrained(tmp_path)
     assert loaded(video)["pixel_values"].shape[-2:] == (96, 96)
     transformers = pytest.importorskip("transformers")

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from vivit_kernels.processing import VideoProcessor
+from vivit_kernels.video import read_video, sample_frame_indices
+
 from helpers import DEVICE
-from vivit_kernels.processing import VideoProcessor, read_video, sample_frame_indices
 from videos import bar_position, frame_pattern, write_video
 
 av = pytest.importorskip("av")
@@ -33,19 +35,19 @@ def test_sampled_frames_are_the_right_frames(video, seed):
     assert frames.shape == (8, 48, 64, 3) and frames.dtype == np.uint8
     indices = sample_frame_indices(8, 3, 60, np.random.default_rng(seed))
     got = [bar_position(f) for f in frames]
-    assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
+    assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices), strict=True)), (got, indices)
 
 
 def test_multi_clip_sampling(video):
-    from vivit_kernels.processing import _uniform_clips
+    from vivit_kernels.video import _uniform_clips
 
     clips = read_video(video, num_frames=4, frame_sample_rate=2, clips=4)
     assert clips.shape == (4, 4, 48, 64, 3)
     windows = _uniform_clips(4, 2, 60, 4)
     assert [w[0] for w in windows] == sorted({w[0] for w in windows})  # four windows, in order, no overlap
-    for clip, indices in zip(clips, windows):
+    for clip, indices in zip(clips, windows, strict=True):
         got = [bar_position(f) for f in clip]
-        assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
+        assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices), strict=True)), (got, indices)
 
 
 def test_short_video_repeats_frames_and_says_so(tmp_path):
@@ -81,7 +83,7 @@ def test_truncated_faststart_file_gives_the_frames_that_decode(tmp_path, codec, 
     assert 0 < decodable < 150 and frames.shape == (8, 48, 64, 3)
     indices = sample_frame_indices(8, 1, decodable, np.random.default_rng(0))
     got = [bar_position(f) for f in frames]
-    assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices))), (got, indices)
+    assert all(abs(a - b) <= 2 for a, b in zip(got, expected_positions(indices), strict=True)), (got, indices)
 
 
 def test_a_file_cut_inside_its_header_is_a_clear_error(tmp_path):
@@ -97,7 +99,9 @@ def test_an_image_named_mp4_warns_that_it_is_a_single_frame(tmp_path):
 
     image = tmp_path / "photo.mp4"
     Image.fromarray(frame_pattern(3, 48, 64)).save(image, format="PNG")
-    with pytest.warns(UserWarning, match=r"photo\.mp4 holds a single frame \(an image\?\): the clip repeats it 8 times"):
+    with pytest.warns(
+        UserWarning, match=r"photo\.mp4 holds a single frame \(an image\?\): the clip repeats it 8 times"
+    ):
         frames = read_video(image, num_frames=8)
     assert frames.shape == (8, 48, 64, 3) and all((f == frames[0]).all() for f in frames)
 

@@ -13,63 +13,42 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from helpers import DEVICE, assert_close, check_against_reference
 from vivit_kernels import providers
-from vivit_kernels.ops.registry import OPS
-from vivit_kernels.ops.attention import attention_ref
-from vivit_kernels.ops.layer_norm import layer_norm_ref
-from vivit_kernels.ops.linear import linear_ref, mlp_ref, qkv_projection_ref
-from vivit_kernels.ops.patch_embed import patch_embed_ref
+from vivit_kernels.ops.registry import OPS, Shape, backend_ops
 
+from helpers import DEVICE, assert_close, check_against_reference
 
 pytestmark = pytest.mark.usefixtures("private_provider_cache")  # each test its own cache file, empty memory
-
-
-def leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.to(DEVICE).requires_grad_()
-
-
-def _inputs(op: str):
-    """(arguments, eager reference) of each op at small awkward shapes."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape, scale=1.0):
-        return leaf(torch.randn(*shape, generator=g) * scale)
-
-    if op == "layer_norm":
-        return (r(2, 17, 48), r(48), r(48), 1e-6), layer_norm_ref
-    if op == "qkv":
-        return (r(2, 17, 32), r(32, 32, scale=0.2), r(32), r(32, 32, scale=0.2), r(32), r(32, 32, scale=0.2), r(32)), \
-            qkv_projection_ref
-    if op == "linear":
-        return (r(2, 17, 32), r(48, 32, scale=0.2), r(48), "gelu_fast", None), linear_ref
-    if op == "mlp":
-        return (r(2, 17, 32), r(64, 32, scale=0.2), r(64), r(32, 64, scale=0.2), r(32), "gelu_fast", r(2, 17, 32)), mlp_ref
-    if op == "attention_qkv":
-        return (r(2, 19, 3, 2, 32), 32**-0.5), lambda qkv, s: attention_ref(*qkv.unbind(2), s)
-    if op == "attention":
-        return (r(2, 19, 2, 32), r(2, 19, 2, 32), r(2, 19, 2, 32), 32**-0.5), attention_ref
-    if op == "patch_embed":
-        return (r(2, 4, 3, 32, 32), r(16, 3, 2, 16, 16, scale=0.05), r(16), r(1, 1, 16), r(1, 9, 16)), patch_embed_ref
-    raise KeyError(op)
 
 
 def _cases():
     for op, entry in OPS.items():
         for name in entry.implementations:
             marks = [pytest.mark.triton] if name == "triton" else []
-            yield pytest.param(op, name, marks=marks, id=f"{op}-{name}")
+            for dtype in entry.dtypes:
+                for variant in entry.variants:
+                    yield pytest.param(
+                        op,
+                        name,
+                        dtype,
+                        variant,
+                        marks=marks,
+                        id=f"{op}-{name}-{str(dtype).removeprefix('torch.')}" + (f"-{variant}" if variant else ""),
+                    )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("op, name", list(_cases()))
-def test_every_candidate_equals_the_reference(op, name, dtype):
-    impl = OPS[op].implementations[name]
-    fn, why = impl.fn, impl.available(DEVICE)
+@pytest.mark.parametrize("op, name, dtype, variant", list(_cases()))
+def test_every_candidate_equals_the_reference(op, name, dtype, variant):
+    """Every registered implementation of every op against the op's reference (an independent definition: no
+    candidate is the reference itself, tests/test_guard.py), on the registry's sample inputs at small awkward
+    shapes, forward and every input gradient."""
+    entry = OPS[op]
+    impl = entry.implementations[name]
+    why = impl.available(DEVICE)
     if why is not None:
         pytest.skip(f"{op}/{name} cannot run on {DEVICE.type}: {why}")
-    args, ref = _inputs(op)
-    check_against_reference(fn, ref, args, dtype, name=f"{op}/{name}")
+    args = entry.sample_inputs(Shape.awkward(), torch.float32, DEVICE, True, variant)
+    check_against_reference(impl.fn, entry.reference, args, dtype, name=f"{op}/{name}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,10 +94,12 @@ def test_keys_separate_shapes_dtypes_grad_modes_devices_and_versions(monkeypatch
         x, w, b, eps = _x()
         providers.choose("layer_norm", (x.requires_grad_(), w, b, eps), {})  # training: forward + backward timed
         assert timer.calls == 4 * n
-    described = tuple(providers._describe(a) for a in _x())
+    described = tuple(providers.describe(a) for a in _x())
     base = providers.make_key("layer_norm", described, False, "cpu")
     assert providers.make_key("layer_norm", described, False, "meta") != base  # another device
-    monkeypatch.setattr(providers, "_versions", lambda: "torch=0 triton=0 vivit_kernels=0")
+    from vivit_kernels.auto import cache
+
+    monkeypatch.setattr(cache, "versions", lambda: "torch=0 triton=0 vivit_kernels=0")
     assert providers.make_key("layer_norm", described, False, "cpu") != base  # other versions
 
 
@@ -158,10 +139,12 @@ def test_bad_cache_files_are_ignored_with_a_warning(content):
 def _write_entries(cache_dir: str, worker: int, n: int) -> None:
     import os
 
+    from vivit_kernels.auto import cache
+
     os.environ[providers.CACHE_ENV] = cache_dir
     for i in range(n):
-        providers._store(f"layer_norm(w{worker}-{i}) infer | cpu | v", providers.Timing({"torch": 1.0}, "torch"),
-                         "layer_norm", (), False, "cpu")
+        cache.store(f"layer_norm(w{worker}-{i}) infer | cpu | v",
+                    cache.entry("layer_norm", (), False, "cpu", {"torch": 1.0}, "torch", {}, lambda name: name))
 
 
 def test_concurrent_writers_leave_a_valid_file_with_every_entry(tmp_path):
@@ -289,13 +272,31 @@ def test_tune_command_fills_the_cache_and_info_shows_it(tmp_path):
     import sys
 
     env = {**os.environ, providers.CACHE_ENV: str(tmp_path / "tuned"), "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-m", "vivit_kernels", "tune", "--config", "tiny", "--batch", "2",
-                          "--dtype", "float32", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vivit_kernels",
+            "tune",
+            "--preset",
+            "tiny",
+            "--batch",
+            "2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert table[0] == "| op | shapes | mode | candidate | what ran | median ms | chosen |"
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[1:]]
-    assert {r[0] for r in rows} == {"patch_embed", "layer_norm", "qkv", "attention_qkv", "linear", "mlp", "model"}
+    assert {r[0] for r in rows} == set(backend_ops()) - {"attention"} | {"model"}  # q, k, v fused: no "attention"
     # every column names what ran on this device, never a GPU library the CPU does not have
     assert all(r[4].endswith("on cpu") for r in rows if r[0] != "model"), rows
     assert not any("cuBLAS" in r[4] or "cuDNN" in r[4] for r in rows)

@@ -73,7 +73,9 @@ def test_plain(device):
     assert device.type == "cpu"
 """, "--device", "cpu", env={"TRITON_INTERPRET": "0"})
     result.assert_outcomes(passed=1, skipped=1)
-    result.stdout.fnmatch_lines(["*Triton kernels need a CUDA GPU or the Triton interpreter*without TRITON_INTERPRET=0*"])
+    result.stdout.fnmatch_lines(
+        ["*Triton kernels need a CUDA GPU or the Triton interpreter*without TRITON_INTERPRET=0*"]
+    )
 
 
 def test_cuda_tests_skip_off_cuda_and_device_option(pytester):

@@ -22,7 +22,7 @@ _EXPORTS = {
     "VivitFactorizedModel": "models",
     "VivitFactorizedForVideoClassification": "models",
     "VideoProcessor": "processing",
-    "read_video": "processing",
+    "read_video": "video",
     "ops": None,
     "functional": None,
 }
@@ -47,6 +47,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import functional, ops
-    from .model import PRESETS, CheckpointError, VivitConfig, VivitForVideoClassification, VivitModel, apply_vivit_kernels
+    from .model import (
+        PRESETS,
+        CheckpointError,
+        VivitConfig,
+        VivitForVideoClassification,
+        VivitModel,
+        apply_vivit_kernels,
+    )
     from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification, VivitFactorizedModel
-    from .processing import VideoProcessor, read_video
+    from .processing import VideoProcessor
+    from .video import read_video

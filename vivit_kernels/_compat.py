@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
-__all__ = ["version_tuple", "installed_versions", "triton_version", "CompileRecord", "recording_compilations", "fix_interpreter_scalars",
-           "ActivationCheckpointingNames", "training_checkpointing_argument"]
+__all__ = [
+    "version_tuple",
+    "installed_versions",
+    "triton_version",
+    "CompileRecord",
+    "recording_compilations",
+    "fix_interpreter_scalars",
+    "ActivationCheckpointingNames",
+    "training_checkpointing_argument",
+]
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -45,7 +53,7 @@ def installed_versions(names) -> dict[str, str]:
     return out
 
 
-def triton_version() -> Optional[tuple[int, ...]]:
+def triton_version() -> tuple[int, ...] | None:
     """Triton's version, or None without Triton."""
     try:
         import triton
@@ -90,7 +98,9 @@ def recording_compilations() -> Iterator[CompileRecord]:
             micros = getattr(times, "ir_initialization", 0) + sum(d for _, d in getattr(times, "lowering_stages", ()))
             record.seconds += (micros + getattr(times, "store_results", 0)) / 1e6
         if previous is not None:
-            previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit, **kwargs)
+            previous(
+                src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit, **kwargs
+            )
 
     knobs.compilation.listener = listener
     try:

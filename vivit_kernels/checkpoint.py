@@ -9,8 +9,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read: names the file and what is wrong with it."""
 
 
-def local_dir(path) -> Optional[Path]:
+def local_dir(path) -> Path | None:
     """``path`` as a local checkpoint directory, None when it names a hub repository; an error when it is
     plainly meant as a local path (absolute, ./, ../, ~) that does not exist (instead of asking the hub)."""
     if not isinstance(path, (str, os.PathLike)):
@@ -62,7 +62,9 @@ def check_local(directory: Path) -> None:
         except Exception as e:  # noqa: BLE001
             # torch's message suggests weights_only=False: never offered here; keep only what it found
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            reason = f"it references {found.group(1)}" if found else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            reason = (
+                f"it references {found.group(1)}" if found else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            )
             raise CheckpointError(
                 f"{weights} is not a weights-only checkpoint of plain tensors and is refused ({reason}): loading it "
                 "could run code stored in the file. Convert a file you trust to safetensors.") from None

@@ -18,22 +18,38 @@ goes to the next readable video, so an epoch never stops for one bad file; in ev
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .processing import VideoProcessor, read_clips
+from .processing import VideoProcessor
+from .video import read_clips
 
-__all__ = ["VIDEO_EXTENSIONS", "VideoItem", "VideoSplits", "find_videos", "folder_items", "manifest_items",
-           "load_video_splits", "label_maps", "default_workers", "Augment", "VideoClipDataset", "collate_clips", "VideoBatchPreparer"]
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "VideoItem",
+    "VideoSplits",
+    "find_videos",
+    "folder_items",
+    "manifest_items",
+    "load_video_splits",
+    "label_maps",
+    "default_workers",
+    "Augment",
+    "VideoClipDataset",
+    "collate_clips",
+    "VideoBatchPreparer",
+]
 
 logger = logging.getLogger("vivit_kernels.data")
 
@@ -47,7 +63,7 @@ class VideoItem:
     """One video: its path and (for training data) its label name."""
 
     path: str
-    label: Optional[str] = None
+    label: str | None = None
 
 
 @dataclass
@@ -122,13 +138,42 @@ def manifest_items(file: str | os.PathLike, need_label: bool = True) -> list[Vid
     return items
 
 
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Video paths from files, folders (recursive, by video extension, sorted), globs, and manifests (``.csv``
+    with a ``path`` column, ``.jsonl`` with a ``path`` key; relative paths are relative to the manifest), in the
+    order given, each path once."""
+    out: list[str] = []
+    for raw in inputs:
+        text = str(raw)
+        path = Path(text)
+        if path.is_dir():
+            out.extend(find_videos(path))
+        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
+            out.extend(item.path for item in manifest_items(path, need_label=False))
+        elif path.is_file():
+            out.append(text)
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {text}")
+            for match in matches:
+                out.extend(find_videos(match) if Path(match).is_dir() else [match])
+        else:
+            raise FileNotFoundError(f"no file, folder or manifest at {text}")
+    seen: set[str] = set()
+    unique = [p for p in out if not (p in seen or seen.add(p))]
+    if not unique:
+        raise ValueError(f"no videos found in {', '.join(map(str, inputs))}")
+    return unique
+
+
 def label_maps(items: Iterable[VideoItem]) -> tuple[dict[int, str], dict[str, int]]:
     """``id2label`` and ``label2id`` over the items' labels, sorted by name."""
     names = sorted({i.label for i in items if i.label is not None})
     return dict(enumerate(names)), {name: i for i, name in enumerate(names)}
 
 
-def load_video_splits(data: str | os.PathLike, val: Optional[str | os.PathLike] = None,
+def load_video_splits(data: str | os.PathLike, val: str | os.PathLike | None = None,
                       val_fraction: float = 0.1) -> VideoSplits:
     """Training and held-out videos from ``data``:
 
@@ -146,8 +191,8 @@ def load_video_splits(data: str | os.PathLike, val: Optional[str | os.PathLike] 
     if data.is_file():
         rows = manifest_items(data)
         splits = _manifest_splits(data)
-        train = [r for r, s in zip(rows, splits) if s != "val"]
-        held = [r for r, s in zip(rows, splits) if s == "val"]
+        train = [r for r, s in zip(rows, splits, strict=True) if s != "val"]
+        held = [r for r, s in zip(rows, splits, strict=True) if s == "val"]
         explicit = any(s == "val" for s in splits)
     elif data.is_dir():
         sub = {name: _split_dir(data, name) for name in _SPLIT_NAMES}
@@ -174,7 +219,7 @@ def load_video_splits(data: str | os.PathLike, val: Optional[str | os.PathLike] 
     return VideoSplits(train, held, id2label, label2id, str(data))
 
 
-def _split_dir(root: Path, split: str) -> Optional[Path]:
+def _split_dir(root: Path, split: str) -> Path | None:
     for name in _SPLIT_NAMES[split]:
         if (root / name).is_dir():
             return root / name
@@ -252,8 +297,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
     runs the preprocessing on the model's device.
     """
 
-    def __init__(self, items: Sequence[VideoItem], label2id: Optional[dict[str, int]], processor: VideoProcessor,
-                 num_frames: int, frame_sample_rate: int = 1, train: bool = False, augment: Optional[Augment] = None,
+    def __init__(self, items: Sequence[VideoItem], label2id: dict[str, int] | None, processor: VideoProcessor,
+                 num_frames: int, frame_sample_rate: int = 1, train: bool = False, augment: Augment | None = None,
                  views: tuple[int, int] = (1, 1), preprocess_on: str = "worker", dtype: torch.dtype = torch.float32):
         if preprocess_on not in ("worker", "device"):
             raise ValueError(f"preprocess_on must be 'worker' or 'device', got {preprocess_on!r}")
@@ -409,5 +454,5 @@ class VideoBatchPreparer:
         if frames is not None:
             batch["pixel_values"] = torch.stack([
                 process_views(self.processor, f.to(self.device, non_blocking=True), v, self.dtype)
-                for f, v in zip(frames, views)])
+                for f, v in zip(frames, views, strict=True)])
         return batch

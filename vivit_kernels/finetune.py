@@ -23,13 +23,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import transformers
 
 from . import data as vdata
 from ._compat import training_checkpointing_argument
+from ._devices import run_defaults
 from ._files import atomic_write_text
 from .processing import VideoProcessor
 
@@ -55,7 +56,7 @@ def parse_views(text: str | tuple[int, int]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 # Model and processor
 # ------------------------------------------------------------------------------------------------
-def processor_for_vit(vit_path: Optional[str], image_size: int) -> VideoProcessor:
+def processor_for_vit(vit_path: str | None, image_size: int) -> VideoProcessor:
     """The ViT's own normalisation (its preprocessor_config.json, else ViTImageProcessor's defaults: x / 255,
     mean = std = 0.5) with ViViT's geometry (short side 256/224 of the crop, center crop)."""
     config: dict[str, Any] = {}
@@ -67,9 +68,9 @@ def processor_for_vit(vit_path: Optional[str], image_size: int) -> VideoProcesso
         image_std=config.get("image_std", 0.5))
 
 
-def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: Optional[str] = None,
-                from_vit: Any = None, inflate: str = "central", num_frames: Optional[int] = None,
-                tubelet_time: int = 2, attn: Optional[str] = "auto", attention_type: Optional[str] = None):
+def build_model(splits: vdata.VideoSplits, model: str | None = None, preset: str | None = None,
+                from_vit: Any = None, inflate: str = "central", num_frames: int | None = None,
+                tubelet_time: int = 2, attn: str | None = "auto", attention_type: str | None = None):
     """(model, processor) for the dataset's labels, from exactly one of: a ViViT checkpoint (``model``: Model 1 or
     a factorised one), a preset name or config (random weights; the factorised presets and VivitFactorizedConfig
     build Models 2-4) or an image ViT (``from_vit``, inflated; ``attention_type`` for Models 2-4)."""
@@ -94,7 +95,9 @@ def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: 
                          "checkpoint says its own model")
     if preset is not None:  # a preset name, or a VivitConfig / VivitFactorizedConfig of one's own
         overrides = {**labels, **({"num_frames": num_frames} if num_frames else {})}
-        factorised = preset in FACTORIZED_PRESETS if isinstance(preset, str) else isinstance(preset, VivitFactorizedConfig)
+        factorised = (
+            preset in FACTORIZED_PRESETS if isinstance(preset, str) else isinstance(preset, VivitFactorizedConfig)
+        )
         kind, cls = ((VivitFactorizedConfig, VivitFactorizedForVideoClassification) if factorised
                      else (VivitConfig, VivitForVideoClassification))
         config = (kind.from_preset(preset, **overrides) if isinstance(preset, str)
@@ -102,7 +105,11 @@ def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: 
         vivit = cls(config, attn=attn)
         return vivit, VideoProcessor.for_model(vivit.config)
     config = transformers.AutoConfig.from_pretrained(model)
-    cls = VivitFactorizedForVideoClassification if isinstance(config, VivitFactorizedConfig) else VivitForVideoClassification
+    cls = (
+        VivitFactorizedForVideoClassification
+        if isinstance(config, VivitFactorizedConfig)
+        else VivitForVideoClassification
+    )
     if num_frames and num_frames != config.num_frames:
         raise ValueError(f"num_frames: the checkpoint {model} was trained on {config.num_frames} frames, "
                          f"--num-frames asks for {num_frames}")
@@ -115,7 +122,7 @@ def build_model(splits: vdata.VideoSplits, model: Optional[str] = None, preset: 
     return vivit, VideoProcessor.for_model(vivit.config, model)
 
 
-def _add_lora(model, rank: int, alpha: Optional[int]):
+def _add_lora(model, rank: int, alpha: int | None):
     try:
         import peft
     except ImportError:
@@ -136,8 +143,8 @@ def _dist() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_clips(model, dataset: vdata.VideoClipDataset, batch_size: int = 8, device: Any = None,
-                   workers: int = 0, dtype: Optional[torch.dtype] = None, progress: bool = False,
-                   autocast: Optional[torch.dtype] = None) -> dict[str, Any]:
+                   workers: int = 0, dtype: torch.dtype | None = None, progress: bool = False,
+                   autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Top-1 / top-5 accuracy and the loss of the view-averaged probabilities over ``dataset``'s videos (each
     video's views, clips x crops, averaged after the softmax). Under torch.distributed each rank takes every
     world-th video and the counts are summed; every rank runs the same number of forwards (FSDP needs it).
@@ -233,7 +240,7 @@ class VideoTrainer(transformers.Trainer):
         inputs.pop("counted", None)
         return super()._prepare_inputs(inputs)
 
-    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, step = time.perf_counter(), self.state.global_step
         last_time, last_step = self._last_log
         if "loss" in logs and step > last_step:
@@ -245,9 +252,15 @@ class VideoTrainer(transformers.Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        result = evaluate_clips(self.model, dataset, batch_size=self.args.per_device_eval_batch_size,
-                                device=self.args.device, workers=self.eval_workers,
-                                progress=not self.args.disable_tqdm, autocast=torch.bfloat16 if self.args.bf16 else None)
+        result = evaluate_clips(
+            self.model,
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
+            workers=self.eval_workers,
+            progress=not self.args.disable_tqdm,
+            autocast=torch.bfloat16 if self.args.bf16 else None,
+        )
         self.preparer.skipped.update(result["skipped"])
         metrics = {f"{metric_key_prefix}_{k}": result[k] for k in ("top1", "top5", "loss", "videos")}
         metrics[f"{metric_key_prefix}_seconds"] = round(result["seconds"], 2)
@@ -270,36 +283,65 @@ def _checkpoints(out: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[-1]))
 
 
-def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional[str] = None,
-             preset: Optional[str] = None, from_vit: Any = None, inflate: str = "central",
-             attention_type: Optional[str] = None,
-             val: Optional[str | os.PathLike] = None, val_fraction: float = 0.1, num_frames: Optional[int] = None,
-             tubelet_time: int = 2, frame_sample_rate: int = 2, epochs: float = 3.0, max_steps: int = -1,
-             batch_size: int = 8, grad_accum: int = 1, lr: float = 5e-5, weight_decay: float = 0.05,
-             warmup: float = 0.1, scheduler: str = "cosine", label_smoothing: float = 0.0,
-             bf16: Optional[bool] = None, gradient_checkpointing: bool = False, lora_rank: int = 0,
-             lora_alpha: Optional[int] = None, attn: str = "auto", workers: Optional[int] = None,
-             eval_views: str | tuple[int, int] = (4, 3), flip: float = 0.5, scale: tuple[float, float] = (256 / 224, 320 / 224),
-             resume: bool = False, fsdp: bool = False, seed: int = 0, logging_steps: int = 10,
-             save_steps: Optional[int] = None, save_total_limit: int = 2, preprocess_on: Optional[str] = None,
-             device: Optional[str] = None, progress: bool = True,
-             callbacks: Optional[list] = None) -> dict[str, Any]:
+def finetune(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    preset: str | None = None,
+    from_vit: Any = None,
+    inflate: str = "central",
+    attention_type: str | None = None,
+    val: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    num_frames: int | None = None,
+    tubelet_time: int = 2,
+    frame_sample_rate: int | None = None,
+    epochs: float = 3.0,
+    max_steps: int = -1,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 5e-5,
+    weight_decay: float = 0.05,
+    warmup: float = 0.1,
+    scheduler: str = "cosine",
+    label_smoothing: float = 0.0,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    lora_rank: int = 0,
+    lora_alpha: int | None = None,
+    attn: str | None = None,
+    workers: int | None = None,
+    eval_views: str | tuple[int, int] = (4, 3),
+    flip: float = 0.5,
+    scale: tuple[float, float] = (256 / 224, 320 / 224),
+    resume: bool = False,
+    fsdp: bool = False,
+    seed: int = 0,
+    logging_steps: int = 10,
+    save_steps: int | None = None,
+    save_total_limit: int = 2,
+    preprocess_on: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
     """Fine-tune (or train) ViViT on ``data`` (see ``vivit_kernels.data.load_video_splits``) into ``out``.
 
     Starting point: exactly one of ``model`` (a ViViT checkpoint directory), ``preset`` (random weights; the
     ``*-fe`` / ``*-fsa`` / ``*-fdp`` presets are the paper's Models 2, 3, 4) or ``from_vit`` (an image ViT, inflated
     with ``inflate``; ``attention_type`` makes it Model 2, 3 or 4). Evaluation during training takes one view per video
     (the middle clip, center crop), each epoch; the final evaluation takes ``eval_views`` (clips x crops). The
-    final model, its ``preprocessor_config.json`` and ``finetune_results.json`` are written to ``out``
+    final model, its ``preprocessor_config.json`` (with the clip sampling, ``frame_sample_rate``: by default the
+    starting checkpoint's, else every 2nd frame) and ``finetune_results.json`` are written to ``out``
     (Trainer's ``checkpoint-N`` folders beside them; ``resume=True`` continues from the latest: run it with the
     same arguments, since the learning-rate schedule is the checkpoint's). ``callbacks``: Trainer callbacks.
     Returns the results dict that file holds.
     """
     out = Path(out)
     views = parse_views(eval_views)
-    use_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    if not use_cpu and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: there is no CUDA device here; use device='cpu'")
+    run_device, _, attn = run_defaults(device, None, attn)  # our kernels (auto) on a GPU, sdpa on the CPU
+    use_cpu = run_device.type == "cpu"
     earlier = _checkpoints(out) if out.is_dir() else []
     if resume and not earlier:
         raise FileNotFoundError(f"resume: {out} holds no checkpoint-N folder to continue from")
@@ -316,6 +358,9 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
     vivit, processor = build_model(splits, model, preset, from_vit, inflate, num_frames, tubelet_time, attn,
                                    attention_type)
     config = vivit.config
+    # the checkpoint's own clip sampling unless told (video.DEFAULT_FRAME_SAMPLE_RATE without one); saved with the
+    # model, so predict and classify read the model back with the sampling it was trained on
+    frame_sample_rate = processor.frame_sample_rate = processor.sample_rate(frame_sample_rate)
     if lora_rank:
         vivit = _add_lora(vivit, lora_rank, lora_alpha)
     bf16 = (not use_cpu and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
@@ -331,16 +376,36 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
         fsdp_args = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["VivitLayer"],
                                                    "reshard_after_forward": True}}
     args = transformers.TrainingArguments(
-        output_dir=str(out), num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size, gradient_accumulation_steps=grad_accum, learning_rate=lr,
-        weight_decay=weight_decay, warmup_steps=warmup, lr_scheduler_type=scheduler,
-        label_smoothing_factor=label_smoothing, bf16=bf16, seed=seed, use_cpu=use_cpu,
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=scheduler,
+        label_smoothing_factor=label_smoothing,
+        bf16=bf16,
+        seed=seed,
+        use_cpu=use_cpu,
         **{training_checkpointing_argument(): gradient_checkpointing},
-        dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0,
-        dataloader_pin_memory=not use_cpu, remove_unused_columns=False, report_to=[], logging_steps=logging_steps,
-        save_strategy="steps" if save_steps else "epoch", save_steps=save_steps or 500,
-        save_total_limit=save_total_limit, eval_strategy="epoch" if eval_set is not None else "no",
-        ddp_find_unused_parameters=False, disable_tqdm=not progress, ddp_backend="gloo" if use_cpu and _launched_world() > 1 else None, **fsdp_args)
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_pin_memory=not use_cpu,
+        remove_unused_columns=False,
+        report_to=[],
+        logging_steps=logging_steps,
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,
+        save_total_limit=save_total_limit,
+        eval_strategy="epoch" if eval_set is not None else "no",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not progress,
+        ddp_backend="gloo" if use_cpu and _launched_world() > 1 else None,
+        **fsdp_args,
+    )
     trainer = VideoTrainer(model=vivit, args=args, train_dataset=train_set, eval_dataset=eval_set,
                            processor=processor, eval_workers=workers, callbacks=callbacks)
     if fsdp and not trainer.is_fsdp_enabled:
@@ -369,12 +434,27 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model: Optional
                "peak_memory_gib": round(peak_memory_gib(args.device), 3)}
     if final:
         metrics.update({f"multiview_{k}": final[k] for k in ("top1", "top5", "loss", "videos", "views")})
-    results = {"metrics": metrics, "out": str(out), "labels": splits.id2label, "train_videos": len(splits.train),
-               "val_videos": len(splits.val), "skipped": skipped, "short_clips": short,
-               "start": {"model": model, "preset": preset, "from_vit": None if from_vit is None else str(from_vit),
-                         "inflate": inflate if from_vit is not None else None,
-                         "attention_type": getattr(vivit.config, "attention_type", "spatio_temporal")},
-               "attn": attn, "world_size": world, "parallel": _parallel(trainer, world), "bf16": bf16, "lora_rank": lora_rank}
+    results = {
+        "metrics": metrics,
+        "out": str(out),
+        "labels": splits.id2label,
+        "train_videos": len(splits.train),
+        "val_videos": len(splits.val),
+        "skipped": skipped,
+        "short_clips": short,
+        "start": {
+            "model": model,
+            "preset": preset,
+            "from_vit": None if from_vit is None else str(from_vit),
+            "inflate": inflate if from_vit is not None else None,
+            "attention_type": getattr(vivit.config, "attention_type", "spatio_temporal"),
+        },
+        "attn": attn,
+        "world_size": world,
+        "parallel": _parallel(trainer, world),
+        "bf16": bf16,
+        "lora_rank": lora_rank,
+    }
     to_save = trainer.model
     if lora_rank:
         to_save = to_save.merge_and_unload()  # the final checkpoint is a plain ViViT transformers reads

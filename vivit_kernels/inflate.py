@@ -28,7 +28,7 @@ step gives the ViT's features; with "central", each step embeds as the ViT embed
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -69,8 +69,8 @@ def _vit_base(vit: Any):
 
 
 def vivit_from_vit(vit: Any, num_frames: int = 32, tubelet_time: int = 2, inflate: str = "central",
-                   id2label: Optional[dict[int, str]] = None, attn: Optional[str] = None,
-                   attention_type: Optional[str] = None, **config_overrides: Any):
+                   id2label: dict[int, str] | None = None, attn: str | None = None,
+                   attention_type: str | None = None, **config_overrides: Any):
     """A ``VivitForVideoClassification`` (or, with ``attention_type``, a ``VivitFactorizedForVideoClassification``
     of that type) initialised from ``vit`` (a transformers ViT model or a checkpoint path / hub name that
     ``ViTModel.from_pretrained`` reads). ``id2label`` names the new classifier's labels."""
@@ -130,8 +130,8 @@ def vivit_from_vit(vit: Any, num_frames: int = 32, tubelet_time: int = 2, inflat
     return model
 
 
-def _from_vit(name: str, value: torch.Tensor, source: dict, config, attention_type: Optional[str], grid: int,
-              inflate: str) -> Optional[torch.Tensor]:
+def _from_vit(name: str, value: torch.Tensor, source: dict, config, attention_type: str | None, grid: int,
+              inflate: str) -> torch.Tensor | None:
     """The ViT's weight for the ViViT's parameter ``name`` (None: it keeps its initialisation)."""
     if name == "embeddings.patch_embeddings.projection.weight":
         return inflate_patch_filter(source[name], config.tubelet_size[0], inflate)

@@ -42,7 +42,9 @@ def transformers_attention_forward(
                 "vivit_kernels attention has no attention mask or dropout; using transformers' SDPA for those calls",
                 stacklevel=2,
             )
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling)
     return out, None
 

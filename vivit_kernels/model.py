@@ -17,7 +17,7 @@ module tree, state dict, config, loading, saving, output classes, gradient check
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -28,7 +28,7 @@ from ._compat import ActivationCheckpointingNames
 from .checkpoint import CheckpointError
 from .modules import _UNMASKED
 from .patch import AttnMixin, apply_vivit_kernels
-from .presets import PRESETS
+from .presets import PRESETS, image_hw, num_tokens
 
 __all__ = ["VivitConfig", "VivitModel", "VivitForVideoClassification", "apply_vivit_kernels", "PRESETS",
            "CheckpointError", "image_hw", "num_tokens"]
@@ -42,24 +42,11 @@ class VivitConfig(hf_config.VivitConfig):
     """transformers' ``VivitConfig`` (same fields, defaults and config.json), with named presets."""
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "VivitConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> VivitConfig:
         """A preset ("vivit-b-16x2", "vivit-l-16x2", "small", "tiny") with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
-
-
-def image_hw(config) -> tuple[int, int]:
-    """(height, width) of the frames a ViViT config was built for."""
-    size = config.image_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def num_tokens(config) -> int:
-    """Tokens per clip: the tubelet grid of the configured input, plus [CLS]."""
-    t, p, q = config.tubelet_size
-    h, w = image_hw(config)
-    return (config.num_frames // t) * (h // p) * (w // q) + 1
 
 
 def resolve_config(config) -> hf_config.VivitConfig:
@@ -69,11 +56,13 @@ def resolve_config(config) -> hf_config.VivitConfig:
     if isinstance(config, str):
         return VivitConfig.from_preset(config)
     if not isinstance(config, hf_config.VivitConfig):
-        raise TypeError(f"config must be a VivitConfig or a preset name ({', '.join(PRESETS)}), got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a VivitConfig or a preset name ({', '.join(PRESETS)}), got {type(config).__name__}"
+        )
     return config
 
 
-def _expand_head_mask(config, head_mask, device, dtype) -> Optional[torch.Tensor]:
+def _expand_head_mask(config, head_mask, device, dtype) -> torch.Tensor | None:
     """(H,) or (layers, H) -> (layers, 1, H, 1, 1), transformers 4.x's rule; None stays None."""
     if head_mask is None:
         return None
@@ -98,12 +87,12 @@ class VivitModel(AttnMixin, ActivationCheckpointingNames, hf.VivitModel):
 
     config_class = VivitConfig
 
-    def __init__(self, config=None, add_pooling_layer: bool = True, attn: Optional[str] = None):
+    def __init__(self, config=None, add_pooling_layer: bool = True, attn: str | None = None):
         super().__init__(resolve_config(config), add_pooling_layer)
         self.set_attn(attn)
 
-    def forward(self, pixel_values: Optional[torch.Tensor] = None, interpolate_pos_encoding: bool = False,
-                attention_mask: Optional[torch.Tensor] = None, *, head_mask: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                attention_mask: torch.Tensor | None = None, *, head_mask: torch.Tensor | None = None, **kwargs):
         """transformers' forward; ``head_mask`` (num_heads,) or (num_hidden_layers, num_heads) multiplies each
         layer's attention probabilities (transformers 4.x's meaning), with eager attention for that call."""
         if head_mask is not None:
@@ -118,12 +107,12 @@ class VivitForVideoClassification(AttnMixin, ActivationCheckpointingNames, hf.Vi
 
     config_class = VivitConfig
 
-    def __init__(self, config=None, attn: Optional[str] = None):
+    def __init__(self, config=None, attn: str | None = None):
         super().__init__(resolve_config(config))
         self.set_attn(attn)
 
-    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                interpolate_pos_encoding: bool = False, *, head_mask: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                interpolate_pos_encoding: bool = False, *, head_mask: torch.Tensor | None = None, **kwargs):
         """transformers' forward (``labels`` second, as in transformers 5); ``head_mask`` as in VivitModel.
 
         Written out (ten lines) instead of calling transformers' because transformers 5.24's forward fails with
@@ -134,7 +123,9 @@ class VivitForVideoClassification(AttnMixin, ActivationCheckpointingNames, hf.Vi
             kwargs["head_mask"] = _expand_head_mask(self.config, head_mask, self.device, self.dtype)
         if kwargs.get("attention_mask") is None:
             kwargs[_UNMASKED] = True
-        outputs = self.vivit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        outputs = self.vivit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         logits = self.classifier(outputs.last_hidden_state[:, 0, :])
         loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
         out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,

@@ -13,7 +13,6 @@ module runs transformers' own forward.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +22,11 @@ from transformers.activations import FastGELUActivation
 from transformers.models.vivit import modeling_vivit as hf
 
 from ._log import log_once
-from .backends import Backend
-from .ops.attention import attention_ref
+from .auto.backends import Backend
+from .ops.attention import attention_ref, sdpa_attention
 
-__all__ = ["KernelLayerNorm", "KernelVivitEmbeddings", "KernelVivitAttention", "KernelVivitLayer", "KERNEL_SUBCLASSES"]
+__all__ = ["KernelLayerNorm", "KernelVivitEmbeddings", "KernelVivitAttention", "KernelVivitLayer", "KERNEL_SUBCLASSES",
+           "KernelModule", "autocast_dtype", "has_hooks", "plain", "compute_weight", "kernel_mlp"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def _is_capture_hook(hook) -> bool:
     return getattr(hook, "__name__", "") == "output_capturing_hook"
 
 
-def _hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     """Whether calling around ``module`` (instead of calling it) would skip hooks someone relies on."""
     if module._forward_pre_hooks or any(not _is_capture_hook(h) for h in module._forward_hooks.values()):
         return True
@@ -55,12 +55,12 @@ def _collecting_attentions() -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _why_not_plain(module: nn.Module, kind: type, x: torch.Tensor) -> Optional[str]:
+def _why_not_plain(module: nn.Module, kind: type, x: torch.Tensor) -> str | None:
     """None when ``module`` is exactly ``kind`` (or our kernel subclass of it), has no hooks and matches x's
     dtype and device; otherwise why not."""
     if not (type(module) is kind or type(module) in _KERNEL_CLASSES.get(kind, ())):
         return f"is a {type(module).__module__}.{type(module).__qualname__}, not a plain {kind.__name__}"
-    if _hooks(module):
+    if has_hooks(module):
         return "has forward hooks"
     weight = getattr(module, "weight", None)
     if weight is None or weight.device != x.device or (weight.dtype != x.dtype and not _autocast_to(weight, x)):
@@ -68,25 +68,25 @@ def _why_not_plain(module: nn.Module, kind: type, x: torch.Tensor) -> Optional[s
     return None
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """autocast's dtype where it is on for this device type, else None."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _autocast_to(param: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether autocast is on and ``x`` is in its dtype while the floating-point ``param`` is not: our ops then
-    take the parameter cast to that dtype (``_w``), as autocast casts weights for F.linear."""
-    return param.is_floating_point() and x.dtype == _autocast_dtype(x.device.type)
+    take the parameter cast to that dtype (``compute_weight``), as autocast casts weights for F.linear."""
+    return param.is_floating_point() and x.dtype == autocast_dtype(x.device.type)
 
 
-def _w(param: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+def compute_weight(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """``param`` in ``x``'s dtype under autocast (a differentiable cast: gradients reach the fp32 parameter)."""
     if param is None or param.dtype == x.dtype or not _autocast_to(param, x):
         return param
     return param.to(x.dtype)
 
 
-def _plain(module: nn.Module, kind: type, x: torch.Tensor, where: str) -> bool:
+def plain(module: nn.Module, kind: type, x: torch.Tensor, where: str) -> bool:
     """Whether ``module`` (at ``where`` in the model) may be computed around instead of called; logs once why not."""
     why = _why_not_plain(module, kind, x)
     if why is not None:
@@ -96,21 +96,77 @@ def _plain(module: nn.Module, kind: type, x: torch.Tensor, where: str) -> bool:
     return why is None
 
 
+# --------------------------------------------------------------------------------------------------
+# PEFT's LoRA Linear: its base GEMM stays on our kernels, the low-rank update is added to the output
+# --------------------------------------------------------------------------------------------------
+def _lora_adapters(module: nn.Module, x: torch.Tensor) -> list | None:
+    """For a PEFT LoRA ``Linear`` whose forward we can reproduce (plain nn.Linear base and adapters, no DoRA or other
+    variant, no LoRA bias, not merged with adapters disabled, no hooks): the (A, B, dropout, scaling) of each active
+    adapter (empty when merged or disabled: the base layer alone). None for anything else (it runs its own forward)."""
+    if type(module).__name__ != "Linear" or not type(module).__module__.startswith("peft.tuners.lora"):
+        return None
+    if has_hooks(module) or _why_not_plain(module.base_layer, nn.Linear, x) is not None:
+        return None
+    if module.disable_adapters or module.merged:
+        return None if module.disable_adapters and module.merged else []  # PEFT would unmerge first: its forward
+    adapters = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name) or \
+                getattr(module, "lora_bias", {}).get(name):
+            return None
+        if any(type(m) is not nn.Linear or m.bias is not None or has_hooks(m) for m in (a, b)) or \
+                type(drop) not in (nn.Dropout, nn.Identity):
+            return None
+        adapters.append((a.weight, b.weight, drop, module.scaling[name]))
+    return adapters
+
+
+def _linear_parts(module: nn.Module, x: torch.Tensor, where: str) -> tuple[nn.Linear, list] | None:
+    """(the plain nn.Linear whose GEMM our kernels run, the LoRA adapters to add to its output) for a plain
+    nn.Linear (no adapters) or a PEFT LoRA Linear we reproduce; None (logged once) for anything else."""
+    if _why_not_plain(module, nn.Linear, x) is None:
+        return module, []
+    adapters = _lora_adapters(module, x)
+    if adapters is not None:
+        return module.base_layer, adapters
+    plain(module, nn.Linear, x, where)  # says why it runs its own forward
+    return None
+
+
+def add_lora_(out: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
+    """``out += scaling * dropout(x) @ A^T @ B^T`` for each adapter, in place (two GEMMs each: the down
+    projection, then the up projection accumulating into ``out``: PEFT's LoRA as written, scaling folded in)."""
+    out2 = out.view(-1, out.shape[-1])  # a view: the update lands in ``out`` (an error, never a silent copy)
+    for a, b, drop, scaling in adapters:
+        down = F.linear(drop(x), compute_weight(a, x))
+        out2.addmm_(down.reshape(-1, down.shape[-1]), compute_weight(b, x).t(), alpha=scaling)
+    return out
+
+
 def _name(module: nn.Module, child: str) -> str:
     return f"{getattr(module, '_vivit_name', type(module).__name__)}.{child}"
 
 
 def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, activation_fn=None,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + activation_fn(module(x))`` for a linear submodule: one GEMM with the bias, gelu_fast and the
-    residual in its epilogue when it is a plain nn.Linear (another activation runs after it in torch), else the
-    module's own forward followed by the activation and the residual."""
+    residual in its epilogue when it is a plain nn.Linear and the linear op is on (another activation runs after it
+    in torch), else the module's own forward followed by the activation and the residual."""
     fused_gelu = isinstance(activation_fn, FastGELUActivation)
-    if _plain(module, nn.Linear, x, where):
-        if activation_fn is None or fused_gelu:
-            return backend.linear(x, _w(module.weight, x), _w(module.bias, x), "gelu_fast" if fused_gelu else None,
-                                  residual)
-        y = activation_fn(backend.linear(x, _w(module.weight, x), _w(module.bias, x)))
+    parts = _linear_parts(module, x, where) if backend.linear is not None else None
+    if parts is not None:
+        base, adapters = parts
+        w, b = compute_weight(base.weight, x), compute_weight(base.bias, x)
+        if not adapters and (activation_fn is None or fused_gelu):
+            return backend.linear(x, w, b, "gelu_fast" if fused_gelu else None, residual)
+        # LoRA: its update goes in before the activation (and the residual) the base GEMM would have fused
+        y = add_lora_(backend.linear(x, w, b, None, residual if activation_fn is None else None), x, adapters)
+        if activation_fn is None:
+            return y
+        y = activation_fn(y)
     else:
         y = module(x)
         if activation_fn is not None:
@@ -121,32 +177,33 @@ def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, ac
 # --------------------------------------------------------------------------------------------------
 # Modules: transformers' ViViT modules with a kernel forward (same parameters and names)
 # --------------------------------------------------------------------------------------------------
-class _KernelModule:
+class KernelModule:
     """``_vivit_table``: the backend apply_vivit_kernels gave this module; ``_vivit_backend``: the one this
     forward uses (None: transformers' own forward, also when attn="auto" chose transformers' path)."""
 
-    _vivit_table: Optional[Backend] = None
+    _vivit_table: Backend | None = None
 
     @property
-    def _vivit_backend(self) -> Optional[Backend]:
+    def _vivit_backend(self) -> Backend | None:
         table = self._vivit_table
         if table is not None and table.path is not None and table.path.transformers:
             return None
         return table
 
 
-class KernelLayerNorm(_KernelModule, nn.LayerNorm):
+class KernelLayerNorm(KernelModule, nn.LayerNorm):
     """nn.LayerNorm that runs the backend's LayerNorm kernel (same parameters; eps and affine as configured)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self._vivit_backend
-        if backend is None or self.weight is None or self.bias is None or len(self.normalized_shape) != 1 \
+        if backend is None or backend.layer_norm is None or self.weight is None or self.bias is None \
+                or len(self.normalized_shape) != 1 \
                 or (x.dtype != self.weight.dtype and not _autocast_to(self.weight, x)):
             return super().forward(x)
-        return backend.layer_norm(x, _w(self.weight, x), _w(self.bias, x), self.eps)
+        return backend.layer_norm(x, compute_weight(self.weight, x), compute_weight(self.bias, x), self.eps)
 
 
-class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
+class KernelVivitEmbeddings(KernelModule, hf.VivitEmbeddings):
     """transformers' embeddings with clear input errors, the (T', h, w) position interpolation, Conv3d's handling
     of sizes that are not tubelet multiples, and (with a kernel backend) the fused patch-embedding kernel."""
 
@@ -154,12 +211,22 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         pixel_values = self._checked(pixel_values, interpolate_pos_encoding)
         batch, frames, _, height, width = pixel_values.shape
         t, p, q = self._tubelet
-        pos = self.position_table((frames // t, height // p, width // q)) if interpolate_pos_encoding else self.position_embeddings
+        pos = (
+            self.position_table((frames // t, height // p, width // q))
+            if interpolate_pos_encoding
+            else self.position_embeddings
+        )
         backend = self._vivit_backend
         tubelets, proj = self.patch_embeddings, self.patch_embeddings.projection
-        if backend is not None and self._fusable(tubelets, proj, pixel_values):
+        if backend is not None and backend.patch_embed is not None and self._fusable(tubelets, proj, pixel_values):
             x = pixel_values
-            embeddings = backend.patch_embed(x, _w(proj.weight, x), _w(proj.bias, x), _w(self.cls_token, x), _w(pos, x))
+            embeddings = backend.patch_embed(
+                x,
+                compute_weight(proj.weight, x),
+                compute_weight(proj.bias, x),
+                compute_weight(self.cls_token, x),
+                compute_weight(pos, x),
+            )
         else:
             embeddings = torch.cat((self.cls_token.expand(batch, -1, -1), tubelets(pixel_values)), dim=1) + pos
         return self.dropout(embeddings)
@@ -169,11 +236,11 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         return tuple(self.patch_embeddings.projection.kernel_size)
 
     def _fusable(self, tubelets: nn.Module, proj: nn.Module, x: torch.Tensor) -> bool:
-        if type(tubelets) is not hf.VivitTubeletEmbeddings or _hooks(tubelets):
+        if type(tubelets) is not hf.VivitTubeletEmbeddings or has_hooks(tubelets):
             log_once("patch_embeddings", "vivit_kernels: the patch embeddings module is replaced or hooked: it runs "
                                           "its own forward")
             return False
-        if not _plain(proj, nn.Conv3d, x, _name(self, "patch_embeddings.projection")):
+        if not plain(proj, nn.Conv3d, x, _name(self, "patch_embeddings.projection")):
             return False
         return (tuple(proj.stride) == tuple(proj.kernel_size) and proj.padding in ((0, 0, 0), "valid")
                 and tuple(proj.dilation) == (1, 1, 1) and proj.groups == 1 and proj.padding_mode == "zeros")
@@ -214,7 +281,7 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         if backend is not None:
             if backend.check_inputs is not None:
                 backend.check_inputs(pixel_values)
-            compute = _autocast_dtype(pixel_values.device.type)
+            compute = autocast_dtype(pixel_values.device.type)
             if compute is not None and weight.is_floating_point():  # autocast: our kernels compute in its dtype
                 return pixel_values.to(compute)
         return pixel_values.to(weight.dtype)
@@ -245,20 +312,17 @@ class KernelVivitEmbeddings(_KernelModule, hf.VivitEmbeddings):
         return torch.cat((table[:, :1], patch), dim=1)
 
 
-def _reference_attention(config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         dropout: float) -> torch.Tensor:
-    """transformers' attention for the factorised groups' (B1, B2, N, H, D) views when no kernel runs: SDPA where
-    the model's attention implementation is "sdpa" (the two batch dims folded, a copy for a transposed view),
-    else the eager reference."""
+def _transformers_attention(config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            dropout: float) -> torch.Tensor:
+    """transformers' attention on (B, N, H, D) or (B1, B2, N, H, D) views when no kernel runs (the attention ops
+    switched off, the factorised groups without a backend): SDPA where the model's attention implementation is
+    "sdpa", else the eager reference."""
     if config._attn_implementation != "sdpa":
         return attention_ref(q, k, v, scale, dropout)
-    shape = q.shape
-    q, k, v = (t.reshape(-1, *shape[-3:]).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
-    return out.transpose(1, 2).reshape(shape)
+    return sdpa_attention(q, k, v, scale, dropout)
 
 
-class KernelVivitAttention(_KernelModule, hf.VivitAttention):
+class KernelVivitAttention(KernelModule, hf.VivitAttention):
     """transformers' attention, plus ``head_mask`` and attention probabilities from any backend, and (with a
     kernel backend) the three projections in one GEMM that reads the three weights in place and flash attention."""
 
@@ -266,30 +330,34 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
     # The factorised models (models/factorized.py) set (temporal indices, spatial heads) on their attention
     # modules: the tokens are (batch, T * S) in (time, space) order, heads [0, spatial heads) attend over the S
     # tokens of their temporal index, the others over the T tokens of their spatial position.
-    _vivit_axes: Optional[tuple[int, int]] = None
+    _vivit_axes: tuple[int, int] | None = None
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                head_mask: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                head_mask: torch.Tensor | None = None, **kwargs):
         layer_mask = None if head_mask is None else head_mask[self._vivit_layer_index]
         probabilities = _collecting_attentions() and self.config._attn_implementation != "eager"
         if self._vivit_backend is None and layer_mask is None and not probabilities and self._vivit_axes is None:
             return super().forward(hidden_states, attention_mask, **kwargs)  # transformers', unchanged (auto's guard)
         return self.attend(hidden_states, attention_mask, layer_mask)
 
-    def attend(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-               head_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None):
+    def attend(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               head_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None):
         """(o_proj(attention(h)) + residual, probabilities or None)."""
         backend = self._vivit_backend
         batch, tokens, _ = h.shape
         heads, head_dim = self.num_attention_heads, self.head_dim
         shape = (batch, tokens, heads, head_dim)
         q_, k_, v_ = self.q_proj, self.k_proj, self.v_proj
-        fused = backend is not None and all(_plain(m, nn.Linear, h, _name(self, n))
-                                            for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj")))
-        fused = fused and (q_.bias is None) == (k_.bias is None) == (v_.bias is None)
-        if fused:
-            qkv = backend.qkv(h, _w(q_.weight, h), _w(q_.bias, h), _w(k_.weight, h), _w(k_.bias, h), _w(v_.weight, h),
-                              _w(v_.bias, h)).view(batch, tokens, 3, heads, head_dim)
+        parts = [_linear_parts(m, h, _name(self, n)) for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj"))] \
+            if backend is not None and backend.qkv is not None else [None]
+        fused = all(p is not None for p in parts) and len({p[0].bias is None for p in parts}) == 1
+        if fused:  # one GEMM reading the three base weights in place; LoRA updates added to their thirds
+            qkv = backend.qkv(h, *(compute_weight(t, h) for base, _ in parts for t in (base.weight, base.bias)))
+            thirds = qkv.view(batch, tokens, 3, -1)
+            for i, (_, adapters) in enumerate(parts):
+                if adapters:
+                    add_lora_(thirds[:, :, i], h, adapters)
+            qkv = qkv.view(batch, tokens, 3, heads, head_dim)
             q, k, v = qkv.unbind(2)
         else:
             q, k, v = (self._project(name, h).view(shape) for name in ("q_proj", "k_proj", "v_proj"))
@@ -310,17 +378,20 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
                 log_once(f"eager:{why}", f"vivit_kernels: attention with {why} runs eager attention (the flash kernel "
                                           "returns no probabilities and applies no mask or dropout)")
             context, probs = attention_ref(q, k, v, self.scaling, dropout, head_mask, attention_mask, return_probs=True)
-        else:
-            context = backend.attention_qkv(qkv, self.scaling) if fused else backend.attention(q, k, v, self.scaling)
-            probs = None
+        elif fused and backend.attention_qkv is not None:  # on the fused projection output
+            context, probs = backend.attention_qkv(qkv, self.scaling), None
+        elif not fused and backend.attention is not None:  # on separate q, k, v (a projection runs its own forward)
+            context, probs = backend.attention(q, k, v, self.scaling), None
+        else:  # that attention op switched off: transformers' attention
+            context, probs = _transformers_attention(self.config, q, k, v, self.scaling, dropout), None
         context = context.reshape(batch, tokens, heads * head_dim)
         if backend is None:
             out = self.o_proj(context)
             return (out if residual is None else out + residual), probs
         return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), probs
 
-    def _factorised(self, backend: Optional[Backend], qkv: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor, dropout: float, why: Optional[str]) -> torch.Tensor:
+    def _factorised(self, backend: Backend | None, qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, dropout: float, why: str | None) -> torch.Tensor:
         """The context (batch, T, S, heads, head_dim) of the factorised attention (``_vivit_axes``): each head
         group reads its (batch, T, S, ...) or (batch, S, T, ...) view of the projections in place, and the
         kernels write the temporal group's output in (time, space) token order, so no group is copied."""
@@ -335,13 +406,15 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
             groups = ((t[..., :spatial, :], False), (t.transpose(1, 2)[..., spatial:, :], True))
             return [(g, over_time) for g, over_time in groups if g.shape[-2]]
 
-        if kernels and qkv is not None:
+        if kernels and qkv is not None and backend.attention_qkv is not None:
             outs = [(backend.attention_qkv(g, self.scaling), t) for g, t in split(qkv.view(*grid, 3, heads, head_dim))]
         else:
             outs = []
-            for (qg, over_time), (kg, _), (vg, _) in zip(*(split(t.view(*grid, heads, head_dim)) for t in (q, k, v))):
-                o = (backend.attention(qg, kg, vg, self.scaling) if kernels
-                     else _reference_attention(self.config, qg, kg, vg, self.scaling, dropout))
+            groups = zip(*(split(t.view(*grid, heads, head_dim)) for t in (q, k, v)), strict=True)
+            for (qg, over_time), (kg, _), (vg, _) in groups:
+                o = (backend.attention(qg, kg, vg, self.scaling) if kernels and qkv is None and backend.attention
+                     is not None
+                     else _transformers_attention(self.config, qg, kg, vg, self.scaling, dropout))
                 outs.append((o, over_time))
         outs = [o.transpose(1, 2) if over_time else o for o, over_time in outs]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # Model 4: the two head groups side by side
@@ -353,12 +426,14 @@ class KernelVivitAttention(_KernelModule, hf.VivitAttention):
         return _linear(backend, getattr(self, name), _name(self, name), h)
 
 
-class KernelVivitLayer(_KernelModule, hf.VivitLayer):
+class KernelVivitLayer(KernelModule, hf.VivitLayer):
     """transformers' pre-norm block on our kernels: LayerNorm, QKV GEMM, flash attention, output projection with
     the residual in its epilogue, LayerNorm, and the MLP in two GEMMs (bias + gelu_fast, bias + residual):
     7 launches when the modules are plain."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         if kwargs.pop(_UNMASKED, False):
             attention_mask = None  # the all-visible mask transformers materialises while exporting (no padding)
         backend = self._vivit_backend
@@ -367,7 +442,7 @@ class KernelVivitLayer(_KernelModule, hf.VivitLayer):
         fuse_residual = not (self.training and self.dropout.p > 0)
         h = self.layernorm_before(hidden_states)
         attention = self.attention
-        if isinstance(attention, KernelVivitAttention) and not _hooks(attention) and fuse_residual \
+        if isinstance(attention, KernelVivitAttention) and not has_hooks(attention) and fuse_residual \
                 and not _collecting_attentions():
             head_mask = kwargs.get("head_mask")
             layer_mask = None if head_mask is None else head_mask[attention._vivit_layer_index]
@@ -376,23 +451,29 @@ class KernelVivitLayer(_KernelModule, hf.VivitLayer):
             out, _ = attention(h, attention_mask, **kwargs)
             x = self.dropout(out) + hidden_states
         del h  # not kept alive through the MLP (the peak of live activations)
-        return self._mlp(backend, self.layernorm_after(x), x, fuse_residual)
+        return kernel_mlp(self, backend, self.layernorm_after(x), x, fuse_residual)
 
-    def _mlp(self, backend: Backend, h: torch.Tensor, residual: torch.Tensor, fuse_residual: bool) -> torch.Tensor:
-        mlp = self.mlp
-        if type(mlp) is not hf.VivitMLP or _hooks(mlp):
-            log_once("mlp", "vivit_kernels: the MLP module is replaced or hooked: it runs its own forward")
-            return self.dropout(mlp(h)) + residual
-        gelu = isinstance(mlp.activation_fn, FastGELUActivation)
-        res = residual if fuse_residual else None
-        fc1, fc2 = _name(self, "mlp.fc1"), _name(self, "mlp.fc2")
-        if gelu and _plain(mlp.fc1, nn.Linear, h, fc1) and _plain(mlp.fc2, nn.Linear, h, fc2):
-            out = backend.mlp(h, _w(mlp.fc1.weight, h), _w(mlp.fc1.bias, h), _w(mlp.fc2.weight, h),
-                              _w(mlp.fc2.bias, h), "gelu_fast", res)
-        else:
-            hidden = _linear(backend, mlp.fc1, fc1, h, activation_fn=mlp.activation_fn)
-            out = _linear(backend, mlp.fc2, fc2, hidden, residual=res)
-        return out if fuse_residual else self.dropout(out) + residual
+
+def kernel_mlp(layer: nn.Module, backend: Backend, h: torch.Tensor, residual: torch.Tensor,
+               fuse_residual: bool) -> torch.Tensor:
+    """``residual + dropout(layer.mlp(h))`` on the backend: one mlp op (two GEMMs: bias + gelu_fast, bias +
+    residual) where the MLP is transformers' plain VivitMLP with gelu_fast and the op is on, else its two linears
+    through ``_linear``; a replaced or hooked MLP runs its own forward. Shared by every block that has an ``mlp``
+    and a ``dropout`` (Model 1's layer, Model 3's factorised block)."""
+    mlp = layer.mlp
+    if type(mlp) is not hf.VivitMLP or has_hooks(mlp):
+        log_once("mlp", "vivit_kernels: the MLP module is replaced or hooked: it runs its own forward")
+        return layer.dropout(mlp(h)) + residual
+    gelu = isinstance(mlp.activation_fn, FastGELUActivation)
+    res = residual if fuse_residual else None
+    fc1, fc2 = _name(layer, "mlp.fc1"), _name(layer, "mlp.fc2")
+    if backend.mlp is not None and gelu and plain(mlp.fc1, nn.Linear, h, fc1) and plain(mlp.fc2, nn.Linear, h, fc2):
+        out = backend.mlp(h, compute_weight(mlp.fc1.weight, h), compute_weight(mlp.fc1.bias, h),
+                          compute_weight(mlp.fc2.weight, h), compute_weight(mlp.fc2.bias, h), "gelu_fast", res)
+    else:
+        hidden = _linear(backend, mlp.fc1, fc1, h, activation_fn=mlp.activation_fn)
+        out = _linear(backend, mlp.fc2, fc2, hidden, residual=res)
+    return out if fuse_residual else layer.dropout(out) + residual
 
 
 # Passed down by our forwards when the caller gave no attention mask: videos have no padding, so the layers may

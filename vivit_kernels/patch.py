@@ -9,15 +9,14 @@ VivitModel also gets the whole-model guard's pre-hook (``guard.py``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from torch import nn
 from transformers.models.vivit import modeling_vivit as hf
 
-from .backends import Backend, get_backend
+from .auto.backends import Backend, OpSwitches, get_backend
+from .auto.guard import guard_pre_hook
 from .checkpoint import CheckpointError, atomic_save, check_local, local_dir
-from .guard import guard_pre_hook
-from .modules import KERNEL_SUBCLASSES, KernelLayerNorm, _KernelModule
+from .modules import KERNEL_SUBCLASSES, KernelLayerNorm, KernelModule
 
 __all__ = ["apply_vivit_kernels", "attn_of", "AttnMixin"]
 
@@ -52,26 +51,32 @@ def _vivit_bases(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, hf.VivitModel) or getattr(type(m), "_vivit_base", False)]
 
 
-def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[dict[str, str]] = None) -> nn.Module:
+def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: dict[str, str] | None = None,
+                        ops: OpSwitches = None) -> nn.Module:
     """Switch a transformers ViViT model (``VivitModel`` / ``VivitForVideoClassification``, loaded by transformers
     or ours, possibly wrapped by PEFT) to ``attn`` in place, and return it.
 
     "triton" / "auto" put our kernels behind its modules ("auto": per op and shape the fastest implementation
     that agrees with the op's reference, measured on this GPU, and per input the faster of that and
-    transformers' own sdpa modules; ``pins`` fixes some ops, e.g. {"attention_qkv": "sdpa-flash"}); "eager" / "sdpa" give
+    transformers' own sdpa modules; ``pins`` fixes some ops, e.g. {"attention_qkv": "sdpa-flash"}); "eager" / "sdpa"
+    give
     transformers' attention back (keeping our input checks, head_mask and position interpolation). Parameters
     and state dict are untouched.
+
+    ``ops`` (with "triton" / "auto") keeps chosen ops on transformers' path, as Liger's per-kernel switches do:
+    the op names of the registry a layer runs (``vivit_kernels.ops.registry.backend_ops()``), either those to run
+    on our kernels (``ops=["qkv", "mlp"]``) or a mapping that turns some off (``ops={"layer_norm": False}``).
     """
     bases = _vivit_bases(model)
     if not bases:
         raise ValueError(f"apply_vivit_kernels: no ViViT base model (transformers' VivitModel, or our factorised "
                          f"model) inside this {type(model).__name__}")
-    backend = get_backend(attn, pins)
+    backend = get_backend(attn, pins, ops)
     if attn not in (None, "eager", "sdpa") and backend is None:  # Triton missing: get_backend warned
         attn = "sdpa"
     for base in bases:
         if attn == "auto" and base is not bases[0]:
-            backend = get_backend(attn, pins)  # each model its own whole-model path
+            backend = get_backend(attn, pins, ops)  # each model its own whole-model path
         if attn in ("eager", "sdpa", "auto"):  # auto: transformers' path, when its guard picks it, is sdpa's
             base.set_attn_implementation("sdpa" if attn == "auto" else attn)
         base._vivit_attn = attn or base.config._attn_implementation
@@ -83,15 +88,17 @@ def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: Optional[d
                     module._vivit_layer_index = index
         for name, module in base.named_modules():
             for cls in KERNEL_SUBCLASSES:
-                if isinstance(module, cls) and not (cls is nn.LayerNorm and type(module) not in (nn.LayerNorm, KernelLayerNorm)):
+                if isinstance(module, cls) and not (
+                    cls is nn.LayerNorm and type(module) not in (nn.LayerNorm, KernelLayerNorm)
+                ):
                     _swap_class(module, cls, backend is not None or cls in _ALWAYS)
-            if isinstance(module, _KernelModule):  # our subclasses, and the factorised models' own modules
+            if isinstance(module, KernelModule):  # our subclasses, and the factorised models' own modules
                 module._vivit_table = backend
                 module._vivit_name = f"{prefix}.{name}".strip(".") if name else prefix or type(base).__name__
     return model
 
 
-def _set_guard(base: nn.Module, backend: Optional[Backend]) -> None:
+def _set_guard(base: nn.Module, backend: Backend | None) -> None:
     """The whole-model guard's pre-hook on ``base`` for attn="auto" (removed for any other attn)."""
     for key, hook in list(base._forward_pre_hooks.items()):
         if hook is guard_pre_hook:
@@ -123,16 +130,18 @@ class AttnMixin:
         """The backend every forward uses: "eager", "sdpa", "triton" or "auto"."""
         return attn_of(self)
 
-    def set_attn(self, attn: Optional[str], pins: Optional[dict[str, str]] = None):
+    def set_attn(self, attn: str | None, pins: dict[str, str] | None = None, ops: OpSwitches = None):
         """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward; with "auto",
-        ``pins`` fixes the provider of some ops (see ``vivit_kernels.providers``)."""
-        apply_vivit_kernels(self, attn, pins)
+        ``pins`` fixes the provider of some ops (see ``vivit_kernels.auto.choose``); ``ops`` keeps some ops on
+        transformers' path (see ``apply_vivit_kernels``)."""
+        apply_vivit_kernels(self, attn, pins, ops)
         return self
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: str | None = None, ops: OpSwitches = None,
+                        **kwargs):
         """transformers' ``from_pretrained`` (every argument of it: dtype, device_map, revision, ...), then
-        ``set_attn(attn)``. A local directory is checked first, so errors name the file that is wrong."""
+        ``set_attn(attn, ops=ops)``. A local directory is checked first, so errors name the file that is wrong."""
         directory = local_dir(pretrained_model_name_or_path)
         if directory is not None:
             check_local(directory)
@@ -143,7 +152,7 @@ class AttnMixin:
                 raise CheckpointError(f"{directory / 'config.json'}: {' '.join(str(e).split())}") from None
             raise
         loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True gives (model, info)
-        loaded.set_attn(attn)
+        loaded.set_attn(attn, ops=ops)
         return model
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):

@@ -14,60 +14,30 @@ one batch; preprocessing runs on the GPU (``VideoProcessor``'s fused op) when th
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
 from . import data as vdata
+from ._devices import run_defaults, synchronize
 from ._files import atomic_write_text
+from .data import collect_inputs
 from .models import pool_tokens
 from .processing import VideoProcessor
 
-__all__ = ["collect_inputs", "predict", "predict_to_file", "Predictor", "Timings", "FAILED_EXIT_CODE"]
+__all__ = ["collect_inputs", "classify", "predict", "predict_to_file", "Predictor", "Timings", "FAILED_EXIT_CODE"]
 
 logger = logging.getLogger("vivit_kernels.predict")
 FAILED_EXIT_CODE = 3  # the command's exit status when some videos could not be read
-
-
-# ------------------------------------------------------------------------------------------------
-# Inputs
-# ------------------------------------------------------------------------------------------------
-def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """Video paths from files, folders (recursive, by video extension, sorted), globs, and manifests (``.csv``
-    with a ``path`` column, ``.jsonl`` with a ``path`` key; relative paths are relative to the manifest), in the
-    order given, each path once."""
-    out: list[str] = []
-    for raw in inputs:
-        text = str(raw)
-        path = Path(text)
-        if path.is_dir():
-            out.extend(vdata.find_videos(path))
-        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
-            out.extend(item.path for item in vdata.manifest_items(path, need_label=False))
-        elif path.is_file():
-            out.append(text)
-        elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"no file matches {text}")
-            for match in matches:
-                out.extend(vdata.find_videos(match) if Path(match).is_dir() else [match])
-        else:
-            raise FileNotFoundError(f"no file, folder or manifest at {text}")
-    seen: set[str] = set()
-    unique = [p for p in out if not (p in seen or seen.add(p))]
-    if not unique:
-        raise ValueError(f"no videos found in {', '.join(map(str, inputs))}")
-    return unique
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,11 +64,6 @@ class Timings:
                 f"{self.model_s:.1f} s (decoding took {self.decode_s:.1f} s summed over the decoding processes)")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Predictor:
     """A model and its processor, run over video paths: ``run(paths)`` yields (row, pooled features) per video
@@ -110,21 +75,28 @@ class Predictor:
     crops: int = 1
     top_k: int = 5
     batch_size: int = 8
-    frame_sample_rate: int = 1
+    frame_sample_rate: int | None = None  # None: the checkpoint's (its processor's), else the default
     workers: int = 0
     name: str = ""
     timings: Timings = field(default_factory=Timings)
 
-    def run(self, paths: Sequence[str], progress: bool = False) -> Iterator[tuple[dict[str, Any], Optional[np.ndarray]]]:
+    def run(self, paths: Sequence[str], progress: bool = False) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
         if not paths:
             return
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
         preprocess_on = "device" if device.type == "cuda" else "worker"
         items = [vdata.VideoItem(p) for p in paths]
-        dataset = vdata.VideoClipDataset(items, None, self.processor, self.model.config.num_frames,
-                                         self.frame_sample_rate, views=(self.clips, self.crops),
-                                         preprocess_on=preprocess_on, dtype=dtype)
+        dataset = vdata.VideoClipDataset(
+            items,
+            None,
+            self.processor,
+            self.model.config.num_frames,
+            self.processor.sample_rate(self.frame_sample_rate),
+            views=(self.clips, self.crops),
+            preprocess_on=preprocess_on,
+            dtype=dtype,
+        )
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                                              collate_fn=vdata.collate_clips, pin_memory=device.type == "cuda")
         preparer = vdata.VideoBatchPreparer(self.processor, device, dtype)
@@ -147,7 +119,7 @@ class Predictor:
                 paths_ok, meta = batch["paths"], batch["meta"]
                 t.decode_s += sum(m["decode_s"] for m in meta)
                 pixels = preparer(batch).get("pixel_values")
-                _sync(device)
+                synchronize(device)
                 prepared = time.perf_counter()
                 t.preprocess_s += prepared - got + sum(m.get("preprocess_s", 0.0) for m in meta)
                 results: dict[str, tuple[dict, np.ndarray]] = {}
@@ -167,7 +139,7 @@ class Predictor:
                                "frames": meta[j]["video_frames"], "duration_s": _round(meta[j]["duration_s"]),
                                "model": self.name, "vivit_kernels": __version__}
                         results[path] = (row, pooled[j])
-                _sync(device)
+                synchronize(device)
                 last = time.perf_counter()
                 t.model_s += last - prepared
                 in_batch = paths[position : position + self.batch_size]
@@ -190,27 +162,59 @@ class Predictor:
                 bar.close()
 
 
-def _round(value: Optional[float]) -> Optional[float]:
+    def classify(self, path: str | os.PathLike) -> dict[str, Any]:
+        """One video in this process (no workers): its ``clips`` evenly spread windows (1: the middle one, as the
+        evaluation takes it) x ``crops`` crops through the model, the softmax averaged over the views. The row has
+        the top-k ``labels`` and ``scores``, the ``views``, and the milliseconds of decoding, preprocessing (on the
+        model's device) and the forward."""
+        import copy
+
+        from .patch import attn_of
+        from .video import read_clips
+
+        param = next(self.model.parameters())
+        device, dtype = param.device, param.dtype
+        processor = copy.copy(self.processor)
+        processor.spatial_crops = self.crops
+        config = self.model.config
+        start = time.perf_counter()
+        clips = read_clips(path, config.num_frames, processor.sample_rate(self.frame_sample_rate), self.clips)
+        decoded = time.perf_counter()
+        pixel_values = processor(torch.from_numpy(clips.frames), device=device, dtype=dtype)["pixel_values"]
+        synchronize(device)
+        processed = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(pixel_values).logits.float()
+        synchronize(device)
+        done = time.perf_counter()
+        probs = logits.softmax(-1).mean(0)
+        top = probs.topk(min(self.top_k, probs.numel()))
+        return {"path": str(path), "views": pixel_values.shape[0], "frames": config.num_frames,
+                "pixels": tuple(pixel_values.shape[-2:]),
+                "labels": [config.id2label.get(i, str(i)) for i in top.indices.tolist()],
+                "scores": top.values.tolist(), "decode_ms": 1e3 * (decoded - start),
+                "preprocess_ms": 1e3 * (processed - decoded), "forward_ms": 1e3 * (done - processed),
+                "device": device.type, "attn": attn_of(self.model)}
+
+
+def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
 def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, batch_size: int = 8,
-                   frame_sample_rate: int = 1, workers: Optional[int] = None, device: Any = None,
-                   dtype: Optional[torch.dtype] = None, attn: Optional[str] = None) -> Predictor:
-    """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults: the GPU when there is one,
-    bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU."""
+                   frame_sample_rate: int | None = None, workers: int | None = None, device: Any = None,
+                   dtype: torch.dtype | None = None, attn: str | None = None) -> Predictor:
+    """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults (``_devices.run_defaults``): the
+    GPU when there is one, bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU. ``frame_sample_rate``:
+    the checkpoint's own (saved by ``finetune``), else ``video.DEFAULT_FRAME_SAMPLE_RATE``."""
     import transformers
 
     from .checkpoint import check_local, local_dir
     from .model import VivitForVideoClassification
     from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: there is no CUDA device here; use device='cpu'")
-    gpu = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32)
-    attn = attn or ("auto" if gpu else "sdpa")
+    device, dtype, attn = run_defaults(device, dtype, attn)
     directory = None
     if isinstance(model, (str, os.PathLike)):
         directory = model
@@ -228,6 +232,14 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
     workers = vdata.default_workers() if workers is None else workers
     return Predictor(model, processor, clips, crops, top_k, batch_size, frame_sample_rate, workers,
                      name=str(directory) if directory is not None else type(model).__name__)
+
+
+def classify(video: str | os.PathLike, model: Any, **options: Any) -> dict[str, Any]:
+    """Classify one video file (``Predictor.classify``); ``options`` as ``load_predictor``'s. A missing file is an
+    error before any model is built."""
+    if not os.path.isfile(video):
+        raise FileNotFoundError(f"no video file {video}" + (" (it is a directory)" if os.path.isdir(video) else ""))
+    return load_predictor(model, workers=0, **options).classify(video)
 
 
 def predict(inputs: Sequence[str | os.PathLike], model: Any, progress: bool = False,
@@ -304,7 +316,7 @@ def _part(out: Path, rank: int) -> Path:
 
 
 def predict_to_file(inputs: Sequence[str | os.PathLike], model: Any, out: str | os.PathLike,
-                    embeddings: Optional[str | os.PathLike] = None, progress: bool = True, retry_errors: bool = False,
+                    embeddings: str | os.PathLike | None = None, progress: bool = True, retry_errors: bool = False,
                     **options: Any) -> dict[str, Any]:
     """Predict every input video into the JSONL file ``out`` (resumable; see the module docstring) and, with
     ``embeddings`` (``.safetensors`` or ``.npy``), the pooled features, one row per video in the JSONL's order.
@@ -324,7 +336,7 @@ def predict_to_file(inputs: Sequence[str | os.PathLike], model: Any, out: str | 
             torch.distributed.destroy_process_group()
 
 
-def _predict_to_file(inputs, model, out: Path, emb_path: Optional[Path], progress: bool, retry_errors: bool,
+def _predict_to_file(inputs, model, out: Path, emb_path: Path | None, progress: bool, retry_errors: bool,
                      rank: int, world: int, options: dict) -> dict[str, Any]:
     paths = collect_inputs(inputs)
     parts_dir = emb_path.with_name(emb_path.name + ".parts") if emb_path is not None else None
@@ -376,7 +388,7 @@ def _predict_to_file(inputs, model, out: Path, emb_path: Optional[Path], progres
     return summary
 
 
-def _flush(appender: _Appender, rows, feats, parts_dir: Optional[Path], rank: int, seq: int) -> int:
+def _flush(appender: _Appender, rows, feats, parts_dir: Path | None, rank: int, seq: int) -> int:
     """The batch's features first (an atomic part file), then its lines: a line implies its features exist."""
     if parts_dir is not None and feats:
         from safetensors.numpy import save_file
@@ -390,7 +402,7 @@ def _flush(appender: _Appender, rows, feats, parts_dir: Optional[Path], rank: in
     return seq
 
 
-def _merge(out: Path, paths: list[str], world: int, emb_path: Optional[Path], parts_dir: Optional[Path]) -> dict:
+def _merge(out: Path, paths: list[str], world: int, emb_path: Path | None, parts_dir: Path | None) -> dict:
     """Rank 0: every line (the file and the ranks' parts) once, in input order, written atomically; the part
     files removed; the embeddings gathered in the same order."""
     rows: dict[str, dict] = {}
@@ -413,13 +425,13 @@ def _merge(out: Path, paths: list[str], world: int, emb_path: Optional[Path], pa
 
         feats: dict[str, np.ndarray] = {}
         if emb_path.is_file():  # an earlier run's file: its rows stay, new parts add to it
-            feats.update(zip(*read_embeddings(emb_path)))
+            feats.update(zip(*read_embeddings(emb_path), strict=True))
         files = sorted(parts_dir.glob("rank*-*.safetensors"))
         for file in files:
             with safe_open(str(file), "np") as f:
                 names = json.loads(f.metadata()["paths"])
                 values = f.get_tensor("embeddings")
-            feats.update(zip(names, values))
+            feats.update(zip(names, values, strict=True))
         keep = [r["path"] for r in ordered if r["path"] in feats]
         matrix = np.stack([feats[p] for p in keep]) if keep else np.zeros((0, 0), np.float32)
         _write_embeddings(emb_path, keep, matrix)

@@ -1,5 +1,6 @@
-"""Named model configurations (fields of transformers' VivitConfig). Plain data, no imports: the command line
-lists them in --help without importing torch or transformers."""
+"""Named model configurations (fields of transformers' VivitConfig) and the arithmetic every module does on a
+config (``image_hw``, ``num_tokens``). Plain Python, no imports: the command line lists the presets in --help
+without importing torch or transformers."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ FACTORIZED_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-fsa": {"attention_type": "factorized_self_attention", **PRESETS["tiny"]},
     "tiny-fdp": {"attention_type": "factorized_dot_product", **PRESETS["tiny"]},
 }
+
+
+def image_hw(config) -> tuple[int, int]:
+    """(height, width) of the frames a ViViT config was built for (``image_size`` is an int or a pair)."""
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def num_tokens(config) -> int:
+    """Tokens per clip: the tubelet grid of the configured input, plus [CLS]."""
+    t, p, q = config.tubelet_size
+    h, w = image_hw(config)
+    return (config.num_frames // t) * (h // p) * (w // q) + 1

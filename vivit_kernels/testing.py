@@ -16,7 +16,7 @@ import math
 import torch
 
 __all__ = ["assert_close", "max_abs_diff", "assert_within_rule", "check_against_reference", "compare_to_reference",
-           "judge", "run_with_grads", "Comparison"]
+           "judge", "judge_outputs", "grad_eps", "run_with_grads", "Comparison"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = "") -> None:
@@ -63,14 +63,20 @@ class Comparison:
         return math.isfinite(self.error) and self.error <= self.allowed
 
     def message(self) -> str:
-        return f"{self.name}: max abs error {self.error:.3g} > allowed {self.allowed:.3g}" + (f" ({self.detail})" if self.detail else "")
+        return f"{self.name}: max abs error {self.error:.3g} > allowed {self.allowed:.3g}" + (
+            f" ({self.detail})" if self.detail else ""
+        )
 
 
 def run_with_grads(fn, inputs, dtype: torch.dtype, grad_seed: int = 1):
     """``fn(*inputs)`` with the floating-point inputs cast to ``dtype`` (leaves keep requires_grad), backward of a
     seeded random output gradient: (output, [input gradient or None])."""
-    leaves = [t.detach().to(dtype).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-              for t in inputs]
+    leaves = [
+        t.detach().to(dtype).requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+        else t
+        for t in inputs
+    ]
     out = fn(*leaves)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
@@ -103,26 +109,43 @@ def judge(name: str, out: torch.Tensor, ref_fp32: torch.Tensor, torch_lowp: torc
     return Comparison(name, error, allowed, detail)
 
 
+def grad_eps(ref: torch.Tensor) -> float:
+    """The rule's additive slack for a gradient (or any output of large magnitude): 1e-4 of its largest value, at
+    least 1e-4."""
+    return 1e-4 * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+
+
+def judge_outputs(out: torch.Tensor, grads, ref, low=None, fp32_atol: float = 1e-4, name: str = "",
+                  grad_names=None) -> list[Comparison]:
+    """The rule over one call: its output and every input gradient the reference has. ``ref``: (output, gradients)
+    of the reference in fp32; ``low``: the same in the tested dtype (None when that is fp32). Outputs within 2x
+    PyTorch's own same-dtype error (+ eps), gradients within 3x (+ 1e-4 of their magnitude); fp32 strict. A
+    gradient the reference has and ``grads`` lacks (None) fails; ``grad_names`` name the gradients."""
+    ref_out, ref_grads = ref
+    low_out, low_grads = low if low is not None else (None, [None] * len(ref_grads))
+    prefix = f"{name} " if name else ""
+    results = [judge(f"{prefix}out", out, ref_out, low_out, 2.0, fp32_atol=fp32_atol)]
+    names = grad_names or [f"grad[{i}]" for i in range(len(ref_grads))]
+    for label, g, rg, lg in zip(names, grads, ref_grads, low_grads, strict=True):
+        if rg is None:
+            continue
+        if g is None:
+            results.append(Comparison(f"{prefix}{label}", math.inf, 0.0, "no gradient where the reference has one"))
+            continue
+        results.append(judge(f"{prefix}{label}", g, rg, lg, 3.0, eps=grad_eps(rg), fp32_atol=fp32_atol))
+    return results
+
+
 def compare_to_reference(ours, ref, inputs, dtype: torch.dtype, grad_seed: int = 1, fp32_atol: float = 1e-4,
                          name: str = "") -> list[Comparison]:
     """Run ``ours`` in ``dtype`` and ``ref`` in fp32 (and in ``dtype`` when that is not fp32) on the same inputs;
-    judge the output and the gradient of every input that requires one.
-
-    fp32: max abs difference <= fp32_atol (scaled by the reference's magnitude when it is large).
-    fp16 / bf16: the flash-attention rule, output error <= 2x PyTorch's own same-dtype error (+ eps),
-    gradients <= 3x.
-    """
+    judge the output and the gradient of every input that requires one (:func:`judge_outputs`)."""
     out, grads = run_with_grads(ours, inputs, dtype, grad_seed)
-    ref_out, ref_grads = run_with_grads(ref, inputs, torch.float32, grad_seed)
+    ref32 = run_with_grads(ref, inputs, torch.float32, grad_seed)
     if out.dtype != dtype:
         return [Comparison(f"{name} out", math.inf, 0.0, f"output dtype {out.dtype}, expected {dtype}")]
-    low_out, low_grads = (None, [None] * len(grads)) if dtype == torch.float32 else run_with_grads(ref, inputs, dtype, grad_seed)
-    results = [judge(f"{name} out", out, ref_out, low_out, 2.0, fp32_atol=fp32_atol)]
-    for i, (g, rg, lg) in enumerate(zip(grads, ref_grads, low_grads)):
-        if rg is not None:
-            eps = 1e-4 * max(1.0, rg.abs().max().item())
-            results.append(judge(f"{name} grad[{i}]", g, rg, lg, 3.0, eps=eps, fp32_atol=fp32_atol))
-    return results
+    low = None if dtype == torch.float32 else run_with_grads(ref, inputs, dtype, grad_seed)
+    return judge_outputs(out, grads, ref32, low, fp32_atol, name)
 
 
 def check_against_reference(ours, ref, inputs, dtype, grad_seed: int = 1, fp32_atol: float = 1e-4, name: str = ""):

@@ -25,7 +25,7 @@ parameters: what the tests hold the modules (eager and ours) to.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,9 @@ from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
-from ..modules import KernelVivitLayer, _KernelModule, _autocast_dtype, _hooks, _plain, _w
+from ..modules import KernelModule, autocast_dtype, compute_weight, has_hooks, kernel_mlp, plain
 from ..patch import AttnMixin
-
-from ..presets import ATTENTION_TYPES, FACTORIZED_PRESETS  # plain data (the command line lists them)
+from ..presets import ATTENTION_TYPES, FACTORIZED_PRESETS, image_hw  # plain Python (the command line lists them)
 
 __all__ = ["ATTENTION_TYPES", "FACTORIZED_PRESETS", "VivitFactorizedConfig", "VivitFactorizedModel", "pool_tokens",
            "VivitFactorizedForVideoClassification", "factorized_reference_forward"]
@@ -65,7 +64,7 @@ class VivitFactorizedConfig(hf_config.VivitConfig):
         super().__post_init__(**kwargs)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "VivitFactorizedConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> VivitFactorizedConfig:
         if name not in FACTORIZED_PRESETS:
             raise ValueError(f"unknown factorised preset {name!r}; available: {', '.join(FACTORIZED_PRESETS)}")
         return cls(**{**FACTORIZED_PRESETS[name], **overrides})
@@ -85,8 +84,7 @@ def _resolve(config) -> VivitFactorizedConfig:
 def _grid(config) -> tuple[int, int, int]:
     """(temporal indices, patches per frame in height, in width) of the configured clip."""
     t, p, q = config.tubelet_size
-    size = config.image_size
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = image_hw(config)
     return config.num_frames // t, h // p, w // q
 
 
@@ -96,8 +94,7 @@ def _check_clip(config, pixel_values) -> tuple[int, ...]:
         raise ValueError("pixel_values must be a 5-D tensor (batch, frames, channels, height, width), got "
                          f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
     batch, frames, channels, height, width = pixel_values.shape
-    size = config.image_size
-    expected_hw = (size, size) if isinstance(size, int) else tuple(size)
+    expected_hw = image_hw(config)
     if frames != config.num_frames or (height, width) != tuple(expected_hw) or channels != config.num_channels:
         raise ValueError(
             f"pixel_values of {frames} frames of {channels}x{height}x{width}: the factorised model was built for "
@@ -106,7 +103,10 @@ def _check_clip(config, pixel_values) -> tuple[int, ...]:
     return batch, frames, channels, height, width
 
 
-class FactorizedEncoderEmbeddings(_KernelModule, nn.Module):
+_PROJECTION = "embeddings.patch_embeddings.projection"
+
+
+class FactorizedEncoderEmbeddings(KernelModule, nn.Module):
     """Tubelet tokens of each temporal index with that index's spatial [CLS] and the spatial position table (shared
     by every temporal index): (batch, frames, channels, H, W) -> (batch * T', 1 + h * w, hidden)."""
 
@@ -125,13 +125,13 @@ class FactorizedEncoderEmbeddings(_KernelModule, nn.Module):
         t = config.tubelet_size[0]
         steps = _grid(config)[0]
         proj = self.patch_embeddings.projection
-        autocast = _autocast_dtype(pixel_values.device.type)  # None, or the dtype our kernels then compute in
+        autocast = autocast_dtype(pixel_values.device.type)  # None, or the dtype our kernels then compute in
         clips = pixel_values.to(autocast or proj.weight.dtype)
         clips = clips.reshape(batch * steps, t, channels, height, width)  # a view for a contiguous clip: no copy
         backend = self._vivit_backend
-        if backend is not None and _plain(proj, nn.Conv3d, clips, "embeddings.patch_embeddings.projection"):
-            out = backend.patch_embed(clips, _w(proj.weight, clips), _w(proj.bias, clips), _w(self.cls_token, clips),
-                                      _w(self.position_embeddings, clips))
+        if backend is not None and backend.patch_embed is not None and plain(proj, nn.Conv3d, clips, _PROJECTION):
+            w = [compute_weight(t, clips) for t in (proj.weight, proj.bias, self.cls_token, self.position_embeddings)]
+            out = backend.patch_embed(clips, *w)
         else:
             tokens = self.patch_embeddings(clips)  # (batch * T', h * w, hidden)
             out = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens), 1)
@@ -139,7 +139,7 @@ class FactorizedEncoderEmbeddings(_KernelModule, nn.Module):
         return self.dropout(out)
 
 
-class FactorizedTokenEmbeddings(_KernelModule, nn.Module):
+class FactorizedTokenEmbeddings(KernelModule, nn.Module):
     """Models 3 and 4: the clip's T' x h x w tubelet tokens in (time, space) order plus one position table, no [CLS]:
     (batch, frames, channels, H, W) -> (batch, T' * h * w, hidden)."""
 
@@ -154,14 +154,14 @@ class FactorizedTokenEmbeddings(_KernelModule, nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         _check_clip(self.config, pixel_values)
         proj = self.patch_embeddings.projection
-        autocast = _autocast_dtype(pixel_values.device.type)
+        autocast = autocast_dtype(pixel_values.device.type)
         clips = pixel_values.to(autocast or proj.weight.dtype)
         backend = self._vivit_backend
-        if backend is not None and _plain(proj, nn.Conv3d, clips, "embeddings.patch_embeddings.projection"):
+        if backend is not None and backend.patch_embed is not None and plain(proj, nn.Conv3d, clips, _PROJECTION):
             # the fused kernel writes a [CLS] row first: a zero one, with a zero position, dropped after
-            pos = _w(self.position_embeddings, clips)
+            pos = compute_weight(self.position_embeddings, clips)
             pos = torch.cat((pos.new_zeros(1, 1, pos.shape[-1]), pos), 1)
-            out = backend.patch_embed(clips, _w(proj.weight, clips), _w(proj.bias, clips),
+            out = backend.patch_embed(clips, compute_weight(proj.weight, clips), compute_weight(proj.bias, clips),
                                       pos.new_zeros(1, 1, pos.shape[-1]), pos)
             out = out[:, 1:].contiguous()  # one copy of the tokens per forward, so every layer reads plain rows
         else:
@@ -169,7 +169,7 @@ class FactorizedTokenEmbeddings(_KernelModule, nn.Module):
         return self.dropout(out)
 
 
-class VivitFactorizedSelfAttentionLayer(_KernelModule, GradientCheckpointingLayer):
+class VivitFactorizedSelfAttentionLayer(KernelModule, GradientCheckpointingLayer):
     """Model 3's block: LayerNorm + self-attention over each temporal index's S tokens + residual, LayerNorm +
     self-attention over each spatial position's T tokens + residual, LayerNorm + MLP + residual. Its attention and
     MLP are transformers' ``VivitAttention`` / ``VivitMLP`` (LoRA and other wrappers find the usual names)."""
@@ -194,13 +194,13 @@ class VivitFactorizedSelfAttentionLayer(_KernelModule, GradientCheckpointingLaye
         x = hidden_states
         for norm, attention in ((self.layernorm_spatial, self.spatial_attention),
                                 (self.layernorm_temporal, self.temporal_attention)):
-            if fuse and hasattr(attention, "attend") and not _hooks(attention):
+            if fuse and hasattr(attention, "attend") and not has_hooks(attention):
                 x, _ = attention.attend(norm(x), residual=x)  # the residual in the output projection's epilogue
             else:
                 x = self.dropout(attention(norm(x))[0]) + x
         if backend is None:
             return self.dropout(self.mlp(self.layernorm_after(x))) + x
-        return KernelVivitLayer._mlp(self, backend, self.layernorm_after(x), x, fuse)
+        return kernel_mlp(self, backend, self.layernorm_after(x), x, fuse)
 
 
 class VivitFactorizedPreTrainedModel(hf.VivitPreTrainedModel):
@@ -238,7 +238,7 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
 
     _vivit_base = True  # apply_vivit_kernels treats it as it treats transformers' VivitModel
 
-    def __init__(self, config=None, attn: Optional[str] = None):
+    def __init__(self, config=None, attn: str | None = None):
         config = _resolve(config)
         super().__init__(config)
         steps, _, _ = _grid(config)
@@ -273,9 +273,9 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings
 
-    def forward(self, pixel_values: Optional[torch.Tensor] = None, interpolate_pos_encoding: bool = False,
-                attention_mask: Optional[torch.Tensor] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, **kwargs) -> BaseModelOutput:
+    def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
+                attention_mask: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> BaseModelOutput:
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         if interpolate_pos_encoding:
@@ -316,7 +316,7 @@ class VivitFactorizedForVideoClassification(AttnMixin, VivitFactorizedPreTrained
     """Models 2, 3, 4 with a linear classifier: on Model 2's temporal [CLS], on the mean of Models 3 and 4's
     tokens (they have no [CLS], as the paper)."""
 
-    def __init__(self, config=None, attn: Optional[str] = None):
+    def __init__(self, config=None, attn: str | None = None):
         config = _resolve(config)
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -325,8 +325,8 @@ class VivitFactorizedForVideoClassification(AttnMixin, VivitFactorizedPreTrained
         self.post_init()
         self.set_attn(attn)
 
-    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                interpolate_pos_encoding: bool = False, return_dict: Optional[bool] = None, **kwargs):
+    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                interpolate_pos_encoding: bool = False, return_dict: bool | None = None, **kwargs):
         outputs = self.vivit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True,
                              **kwargs)
         logits = self.classifier(pool_tokens(self.config, outputs.last_hidden_state))
@@ -355,7 +355,9 @@ def _mha_p(p: dict, prefix: str, h: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _mlp_p(p: dict, prefix: str, x: torch.Tensor, eps: float, act) -> torch.Tensor:
-    return _linear_p(p, f"{prefix}.mlp.fc2", act(_linear_p(p, f"{prefix}.mlp.fc1", _norm_p(p, f"{prefix}.layernorm_after", x, eps))))
+    return _linear_p(
+        p, f"{prefix}.mlp.fc2", act(_linear_p(p, f"{prefix}.mlp.fc1", _norm_p(p, f"{prefix}.layernorm_after", x, eps)))
+    )
 
 
 def _reference_layer(p: dict, prefix: str, x: torch.Tensor, heads: int, eps: float, act) -> torch.Tensor:
@@ -428,8 +430,7 @@ def factorized_reference_forward(model: nn.Module, pixel_values: torch.Tensor) -
     out = F.layer_norm(out, (d,), p["layernorm.weight"], p["layernorm.bias"], eps)
     if base is model:
         return out
-    pooled = out[:, 0] if config.attention_type == "factorized_encoder" else out.mean(1)
-    return F.linear(pooled, model.classifier.weight, model.classifier.bias)
+    return F.linear(pool_tokens(config, out), model.classifier.weight, model.classifier.bias)
 
 
 AutoConfig.register(VivitFactorizedConfig.model_type, VivitFactorizedConfig, exist_ok=True)

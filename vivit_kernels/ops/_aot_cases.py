@@ -30,8 +30,18 @@ class AotCase:
 
 
 
-def make_case(module: str, fn, kernel: str, types: dict[str, str], constexprs: dict[str, Any], num_warps: int,
-              num_stages: int, label: str, divisible: tuple[str, ...] = (), archs: tuple[int, ...] = (80, 90)) -> AotCase:
+def make_case(
+    module: str,
+    fn,
+    kernel: str,
+    types: dict[str, str],
+    constexprs: dict[str, Any],
+    num_warps: int,
+    num_stages: int,
+    label: str,
+    divisible: tuple[str, ...] = (),
+    archs: tuple[int, ...] = (80, 90),
+) -> AotCase:
     """Build a case from a kernel's argument names: ``types`` gives every runtime argument's type, and every
     other argument must be in ``constexprs``.
 

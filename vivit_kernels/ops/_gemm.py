@@ -13,21 +13,19 @@ kernels (``aot_cases``) for every way the ops launch them.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _triton
 from ._triton import (
     HAS_TRITON,
     KernelConfig,
+    dot_precision,
     emulate_bf16,
     ensure_tma_allocator,
     launch,
     tile_configs,
     tl,
     triton,
-    dot_precision,
 )
 
 __all__ = ["gemm", "sum_splits", "GEMM_CONFIGS", "TMA_CONFIGS", "KERNEL_ACTIVATIONS", "aot_cases"]
@@ -104,26 +102,36 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
         DGELU: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
-        """+ bias; store the pre-activation; activation; the gelu_fast backward (x gelu_fast'(AUX), store
-        gelu_fast(AUX)); + residual; store. Shared by both GEMM kernels (and their epilogue halves)."""
+        """+ bias; store the pre-activation (SAVE_PRE); activation; the gelu_fast backward (x gelu_fast'(AUX), and
+        with SAVE_PRE store gelu_fast(AUX)); + residual; store. Shared by both GEMM kernels (and their epilogue
+        halves)."""
         mask = row_mask[:, None] & col_mask[None, :]
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if SAVE_PRE:
+        if SAVE_PRE and not DGELU:
             tl.store(PRE + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
                      to_output(acc, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
         if ACTIVATION == "gelu_fast":
             acc = gelu_fast(acc)
         if DGELU:
             g, dg = gelu_fast_and_grad(
-                tl.load(AUX + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32))
+                tl.load(AUX + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(
+                    tl.float32
+                )
+            )
             acc = acc * dg
-            tl.store(PRE + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
-                     to_output(g, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
+            if SAVE_PRE:  # gelu_fast(AUX), for the weight gradient of the GEMM after the activation
+                tl.store(PRE + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
+                         to_output(g, PRE.dtype.element_ty, EMULATE_BF16), mask=mask)
         if HAS_RES:
-            acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
-        tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, to_output(acc, C.dtype.element_ty, EMULATE_BF16),
-                 mask=mask)
+            acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(
+                tl.float32
+            )
+        tl.store(
+            C + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+            to_output(acc, C.dtype.element_ty, EMULATE_BF16),
+            mask=mask,
+        )
 
     @triton.jit
     def _gemm_kernel(
@@ -131,7 +139,7 @@ if HAS_TRITON:
         BIAS,  # (N,) added to every row (HAS_BIAS)
         AUX,  # (M, N) a gelu_fast pre-activation: C = (A @ B) * gelu_fast'(AUX) (DGELU)
         RES,  # (M, N) added after the activation (HAS_RES)
-        PRE,  # (M, N) receives the pre-activation (SAVE_PRE), or gelu_fast(AUX) (DGELU)
+        PRE,  # (M, N) receives the pre-activation (SAVE_PRE), or gelu_fast(AUX) (SAVE_PRE with DGELU)
         B1, B2,  # the second and third (K, N) B matrix of a grouped GEMM (N_GROUPS or K_GROUPS = 3), B's strides
         BIAS1, BIAS2,  # the second and third bias (N_GROUPS = 3)
         M, N, K, k_split,  # k_split: the K range of one split (SPLIT_K; a multiple of BLOCK_K)
@@ -179,7 +187,9 @@ if HAS_TRITON:
                 b_base = B1
             if segment == 2:
                 b_base = B2
-            a_ptrs = A + row0 * stride_am + (lm[:, None] * stride_am + (segment * K + k_lo + offs_k)[None, :] * stride_ak)
+            a_ptrs = (
+                A + row0 * stride_am + (lm[:, None] * stride_am + (segment * K + k_lo + offs_k)[None, :] * stride_ak)
+            )
             b_ptrs = b_base + col0 * stride_bn + ((k_lo + offs_k)[:, None] * stride_bk + ln[None, :] * stride_bn)
             for k in range(k_lo, k_hi, BLOCK_K):
                 k_mask = offs_k < k_hi - k
@@ -200,9 +210,13 @@ if HAS_TRITON:
         """A tensor descriptor of a logical (rows, cols) operand stored row-major, or stored as (cols, rows)
         row-major when TRANSPOSED (its tiles are then loaded (BLOCK_C, BLOCK_R) and transposed)."""
         if TRANSPOSED:
-            return tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride, 1], block_shape=[BLOCK_C, BLOCK_R])
+            return tl.make_tensor_descriptor(
+                ptr, shape=[cols, rows], strides=[stride, 1], block_shape=[BLOCK_C, BLOCK_R]
+            )
         else:
-            return tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_C])
+            return tl.make_tensor_descriptor(
+                ptr, shape=[rows, cols], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_C]
+            )
 
     @triton.jit
     def _tma_segment(acc, a_desc, b_desc, pid_m, pid_n, a_col0, k_lo, k_hi,
@@ -250,8 +264,29 @@ if HAS_TRITON:
         if DGELU or SAVE_PRE:
             ll, lr = _halves(left, ROWS, COLS // 2)
             rl, rr = _halves(right, ROWS, COLS // 2)
-            _tma_epilogue(ll, col0, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm, stride_rm, stride_pm,
-                          COLS // 4, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            _tma_epilogue(
+                ll,
+                col0,
+                rows,
+                row_mask,
+                N,
+                C,
+                BIAS,
+                AUX,
+                RES,
+                PRE,
+                stride_cm,
+                stride_xm,
+                stride_rm,
+                stride_pm,
+                COLS // 4,
+                HAS_BIAS,
+                ACTIVATION,
+                HAS_RES,
+                SAVE_PRE,
+                DGELU,
+                EMULATE_BF16,
+            )
             _tma_epilogue(lr, col0 + COLS // 4, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
                           stride_rm, stride_pm, COLS // 4, HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
             _tma_epilogue(rl, col0 + COLS // 2, rows, row_mask, N, C, BIAS, AUX, RES, PRE, stride_cm, stride_xm,
@@ -314,8 +349,23 @@ if HAS_TRITON:
             if K_GROUPS > 1:
                 acc = _tma_segment(acc, a_desc, b_desc1, pid_m, pid_n, K, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, A_KM,
                                    B_NK, DOT_PRECISION, EMULATE_BF16)
-                acc = _tma_segment(acc, a_desc, b_desc2, pid_m, pid_n, 2 * K, k_lo, k_hi, BLOCK_M, BLOCK_N, BLOCK_K, A_KM,
-                                   B_NK, DOT_PRECISION, EMULATE_BF16)
+                acc = _tma_segment(
+                    acc,
+                    a_desc,
+                    b_desc2,
+                    pid_m,
+                    pid_n,
+                    2 * K,
+                    k_lo,
+                    k_hi,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    A_KM,
+                    B_NK,
+                    DOT_PRECISION,
+                    EMULATE_BF16,
+                )
             rows = (pid_m * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
             row_mask = rows < M
             left, right = _halves(acc, BLOCK_M, BLOCK_N)
@@ -371,19 +421,19 @@ def gemm(
     a: torch.Tensor,
     b: torch.Tensor,
     out: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: Optional[str] = None,
-    residual: Optional[torch.Tensor] = None,
-    pre: Optional[torch.Tensor] = None,
-    dgelu_of: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    pre: torch.Tensor | None = None,
+    dgelu_of: torch.Tensor | None = None,
     allow_tf32: bool = False,
-    config: Optional[KernelConfig] = None,
-    groups: Optional[str] = None,
+    config: KernelConfig | None = None,
+    groups: str | None = None,
     more_b: tuple[torch.Tensor, ...] = (),
-    more_bias: tuple[Optional[torch.Tensor], ...] = (),
+    more_bias: tuple[torch.Tensor | None, ...] = (),
     split_k: bool = False,
-    path: Optional[str] = None,
-    sms: Optional[int] = None,
+    path: str | None = None,
+    sms: int | None = None,
 ) -> torch.Tensor:
     """out (M, N) = epilogue(a @ b) for 2-D strided a (M, K), b (K, N).
 
@@ -438,7 +488,7 @@ def gemm(
     bias1, bias2 = (t if t is not None else bias0 for t in more_bias) if more_bias else (bias0, bias0)
     meta = dict(
         HAS_BIAS=bias is not None, ACTIVATION=activation or "none", HAS_RES=residual is not None,
-        SAVE_PRE=pre is not None and dgelu_of is None, DGELU=dgelu_of is not None, N_GROUPS=n_groups,
+        SAVE_PRE=pre is not None, DGELU=dgelu_of is not None, N_GROUPS=n_groups,
         K_GROUPS=k_groups, SPLIT_K=n_splits > 1, DOT_PRECISION=dot_precision(a.dtype, allow_tf32),
         EMULATE_BF16=emulate_bf16(a.dtype),
     )
@@ -477,7 +527,7 @@ def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
 
 
 # Tests set this to run every GEMM of the ops on one path ("tma" also runs under the interpreter).
-FORCED_PATH: Optional[str] = None
+FORCED_PATH: str | None = None
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -487,7 +537,9 @@ def _multiprocessors(device: torch.device) -> int:
     return 132
 
 
-def _splits(M: int, N: int, K: int, sms: int, tile: tuple[int, int] = (128, 256), min_rows: int = 256) -> tuple[int, int]:
+def _splits(
+    M: int, N: int, K: int, sms: int, tile: tuple[int, int] = (128, 256), min_rows: int = 256
+) -> tuple[int, int]:
     """(number of K ranges, rows per range): enough ranges that the output tiles (counted at the largest shipped
     tile, 128 x 256) times the ranges fill ``sms`` multiprocessors, each range at least ``min_rows`` long and a
     multiple of 64 (of every BLOCK_K), at most 32 ranges."""
@@ -533,26 +585,27 @@ def _bias_grad(g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return g2.sum(0, dtype=torch.float32).to(dtype)
 
 
-def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
-    """dW = g^T @ x: few output tiles and a K of every token, so split over K to fill the GPU."""
-    dw = torch.empty_like(weight)
+def _weight_grad(g2: torch.Tensor, x2: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
+    """dW = g^T @ x (out, in): few output tiles and a K of every token, so split over K to fill the GPU."""
+    dw = torch.empty((g2.shape[1], x2.shape[1]), dtype=x2.dtype, device=x2.device)
     gemm(g2.t(), x2, dw, allow_tf32=allow_tf32, split_k=True)
     return dw
 
 
-def _linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, needs_dx: bool,
-                  allow_tf32: bool):
-    """(dx, dW, db) of x @ W^T + b from the (M, out) gradient g2 of that output: dx = g @ W when needed,
-    dW = g^T @ x (split over K), db the column sums of g."""
-    x2 = _as_2d(x)
-    dx = x.new_empty(0)
+def _linear_grads(g2: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None, needs_dx: bool,
+                  needs_dw: bool, needs_db: bool, allow_tf32: bool, x_shape=None):
+    """(dx, dW, db) of x @ W^T + b from the (M, out) gradient g2 of that output, each computed only where needed
+    (else an empty tensor): dx = g @ W (needs ``weight``; ``x_shape`` when ``x`` was not kept), dW = g^T @ x (split
+    over K; needs ``x``), db the column sums of g."""
+    dx = g2.new_empty(0)  # every output its own tensor (outputs of a custom op may not alias)
     if needs_dx:
-        dx2 = torch.empty_like(x2)
+        shape = tuple(x.shape) if x is not None else tuple(x_shape)
+        dx2 = torch.empty((g2.shape[0], weight.shape[1]), dtype=g2.dtype, device=g2.device)
         gemm(g2, weight, dx2, allow_tf32=allow_tf32)
-        dx = dx2.view(x.shape)
-    db = _bias_grad(g2, weight.dtype) if has_bias else weight.new_empty(0)
-    return dx, _weight_grad(g2, x2, weight, allow_tf32), db
-
+        dx = dx2.view(shape)
+    dw = _weight_grad(g2, _as_2d(x), allow_tf32) if needs_dw else g2.new_empty(0)
+    db = _bias_grad(g2, g2.dtype) if needs_db else g2.new_empty(0)
+    return dx, dw, db
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,6 +639,8 @@ def gemm_launch_variants() -> list[tuple[str, dict]]:
         out.append(("fwd", dict(off, HAS_BIAS=has_bias, N_GROUPS=3)))
     out.append(("dx", dict(off)))
     out.append(("dx", dict(off, K_GROUPS=3)))
+    # the MLP's first backward GEMM: storing gelu_fast(H) for dW2, or not (W2 frozen)
+    out.append(("dx", dict(off, DGELU=True, SAVE_PRE=True)))
     out.append(("dx", dict(off, DGELU=True)))
     out.append(("dw", dict(off)))
     out.append(("dw", dict(off, SPLIT_K=True)))
@@ -602,7 +657,11 @@ def _variant_label(role: str, v: dict) -> str:
 
 # The TMA kernel reads each role's operands as they are laid out: the forward's B is the (N, K) weight, the weight
 # gradient's A is dY (K, M).
-_TMA_LAYOUT = {"fwd": dict(A_KM=False, B_NK=True), "dx": dict(A_KM=False, B_NK=False), "dw": dict(A_KM=True, B_NK=False)}
+_TMA_LAYOUT = {
+    "fwd": dict(A_KM=False, B_NK=True),
+    "dx": dict(A_KM=False, B_NK=False),
+    "dw": dict(A_KM=True, B_NK=False),
+}
 
 
 def aot_cases():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -47,7 +47,7 @@ class KernelConfig:
     num_stages: int
 
     @classmethod
-    def make(cls, num_warps: int, num_stages: int, **meta: int) -> "KernelConfig":
+    def make(cls, num_warps: int, num_stages: int, **meta: int) -> KernelConfig:
         return cls(tuple(sorted(meta.items())), num_warps, num_stages)
 
     @property
@@ -132,7 +132,7 @@ def autotuned(kernel, table: dict, row_of: Callable[[dict, dict], tuple], key: l
 
     tuner = triton.autotune(configs=list(configs.values()), key=key, prune_configs_by={"early_config_prune": prune},
                             do_bench=BENCHMARKER)(kernel)
-    tuner.vivit_first_config = lambda args, meta: table[row_of(dict(zip(tuner.arg_names, args)), meta)][0]
+    tuner.vivit_first_config = lambda args, meta: table[row_of(dict(zip(tuner.arg_names, args, strict=False)), meta)][0]
     return tuner
 
 

@@ -29,23 +29,23 @@ from ._triton import (
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,
+    dot_precision,
     emulate_bf16,
     ensure_tma_allocator,
     launch,
     next_pow2,
-    tma_compatible,
-    tl,
-    triton,
-    dot_precision,
-    unit_last,
     resolve_tf32,
+    tl,
+    tma_compatible,
+    triton,
+    unit_last,
 )
 
-__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "MAX_HEAD_DIM",
-           "SHORT_N"]
+__all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "sdpa_attention", "FWD_CONFIGS", "DKDV_CONFIGS",
+           "DQ_CONFIGS", "MAX_HEAD_DIM", "SHORT_N"]
 
 MAX_HEAD_DIM = 128
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +169,8 @@ def block_d_for(head_dim: int) -> int:
 if HAS_TRITON:
     from ._triton import autotuned, load_operand, to_dot_operand, to_output
 
+    _LOG2E = tl.constexpr(LOG2E)  # the kernels' copy of LOG2E (a module global a kernel may read)
+
     @triton.jit
     def _program_ids(N, H, B2, BLOCK: tl.constexpr, TWO_BATCH: tl.constexpr):
         """One flat grid axis (no 65535 limit on batch * heads): pid -> (tile index, batch, second batch index,
@@ -244,15 +246,38 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE,  # q/k/v/o: (B, N, H, D), or (B1, B2, N, H, D) with TWO_BATCH, unit stride in D; LSE: (B, H, N) fp32
-        stride_qb, stride_qb2, stride_qn, stride_qh,
-        stride_kb, stride_kb2, stride_kn, stride_kh,
-        stride_vb, stride_vb2, stride_vn, stride_vh,
-        stride_ob, stride_ob2, stride_on, stride_oh,
-        N, H, B2, qk_scale,  # qk_scale = softmax_scale * log2(e); B2: the second batch dimension's size
+        Q,
+        K,
+        V,
+        O,
+        LSE,  # q/k/v/o: (B, N, H, D), or (B1, B2, N, H, D) with TWO_BATCH, unit stride in D; LSE: (B, H, N) fp32
+        stride_qb,
+        stride_qb2,
+        stride_qn,
+        stride_qh,
+        stride_kb,
+        stride_kb2,
+        stride_kn,
+        stride_kh,
+        stride_vb,
+        stride_vb2,
+        stride_vn,
+        stride_vh,
+        stride_ob,
+        stride_ob2,
+        stride_on,
+        stride_oh,
+        N,
+        H,
+        B2,
+        qk_scale,  # qk_scale = softmax_scale * log2(e); B2: the second batch dimension's size
         GRID_BUCKET,  # unused by the kernel: part of the autotuning key
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        EMULATE_BF16: tl.constexpr,
         USE_TMA: tl.constexpr = False,  # q/k/v tiles through tensor descriptors (sm_90), output through one too
         TWO_BATCH: tl.constexpr = False,  # (B1, B2, N, H, D) inputs: see _program_ids
     ):
@@ -300,7 +325,7 @@ if HAS_TRITON:
                 )
         acc = acc / l_i[:, None]
         # logsumexp of the scaled scores, in natural-log units
-        tl.store(LSE + bh * N + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=offs_m < N)
+        tl.store(LSE + bh * N + offs_m, (m_i + tl.math.log2(l_i)) / _LOG2E, mask=offs_m < N)
         o = to_output(acc, O.dtype.element_ty, EMULATE_BF16)
         if USE_TMA:
             # the store clips rows past N and columns past head_dim
@@ -322,8 +347,16 @@ if HAS_TRITON:
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(O + b * stride_ob + b2 * stride_ob2 + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * stride_db + b2 * stride_db2 + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(
+            O + b * stride_ob + b2 * stride_ob2 + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+            mask=mask,
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * stride_db + b2 * stride_db2 + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+            mask=mask,
+            other=0.0,
+        )
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta, mask=offs_m < N)
 
@@ -352,7 +385,7 @@ if HAS_TRITON:
                 lse = tl.load(LSE + offs_m)
                 delta = tl.load(DELTA + offs_m)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): scores transposed
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
             dv += tl.dot(to_dot_operand(p_t, DO.dtype.element_ty, EMULATE_BF16), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -377,8 +410,18 @@ if HAS_TRITON:
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        k = load_operand(K + b * stride_kb + b2 * stride_kb2 + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
-        v = load_operand(V + b * stride_vb + b2 * stride_vb2 + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], kv_mask, EMULATE_BF16, True)
+        k = load_operand(
+            K + b * stride_kb + b2 * stride_kb2 + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+            kv_mask,
+            EMULATE_BF16,
+            True,
+        )
+        v = load_operand(
+            V + b * stride_vb + b2 * stride_vb2 + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+            kv_mask,
+            EMULATE_BF16,
+            True,
+        )
         Q += b * stride_qb + b2 * stride_qb2 + h * stride_qh
         DO += b * stride_db + b2 * stride_db2 + h * stride_dh
         LSE += bh * N
@@ -399,8 +442,16 @@ if HAS_TRITON:
         dk = dk * softmax_scale
         DK += b * stride_dkb + b2 * stride_dkb2 + h * stride_dkh
         DV += b * stride_dvb + b2 * stride_dvb2 + h * stride_dvh
-        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], to_output(dk, DK.dtype.element_ty, EMULATE_BF16), mask=kv_mask)
-        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], to_output(dv, DV.dtype.element_ty, EMULATE_BF16), mask=kv_mask)
+        tl.store(
+            DK + offs_n[:, None] * stride_dkn + offs_d[None, :],
+            to_output(dk, DK.dtype.element_ty, EMULATE_BF16),
+            mask=kv_mask,
+        )
+        tl.store(
+            DV + offs_n[:, None] * stride_dvn + offs_d[None, :],
+            to_output(dv, DV.dtype.element_ty, EMULATE_BF16),
+            mask=kv_mask,
+        )
 
     @triton.jit
     def _attn_bwd_dq_tiles(
@@ -442,9 +493,19 @@ if HAS_TRITON:
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-        q = load_operand(Q + b * stride_qb + b2 * stride_qb2 + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask, EMULATE_BF16, True)
-        do = load_operand(DO + b * stride_db + b2 * stride_db2 + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :], mask, EMULATE_BF16, True)
-        lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
+        q = load_operand(
+            Q + b * stride_qb + b2 * stride_qb2 + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+            mask,
+            EMULATE_BF16,
+            True,
+        )
+        do = load_operand(
+            DO + b * stride_db + b2 * stride_db2 + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+            mask,
+            EMULATE_BF16,
+            True,
+        )
+        lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.0) * _LOG2E
         delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
         K += b * stride_kb + b2 * stride_kb2 + h * stride_kh
         V += b * stride_vb + b2 * stride_vb2 + h * stride_vh
@@ -462,7 +523,11 @@ if HAS_TRITON:
             )
         dq = dq * softmax_scale
         DQ += b * stride_dqb + b2 * stride_dqb2 + h * stride_dqh
-        tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], to_output(dq, DQ.dtype.element_ty, EMULATE_BF16), mask=mask)
+        tl.store(
+            DQ + offs_m[:, None] * stride_dqn + offs_d[None, :],
+            to_output(dq, DQ.dtype.element_ty, EMULATE_BF16),
+            mask=mask,
+        )
 
     def _row(named_args, kwargs):
         q = named_args["Q"]
@@ -526,7 +591,9 @@ def arch_of(device: torch.device) -> int:
     return 80
 
 
-def _launch(tuned, plain, grid_block: str, B: int, H: int, N: int, args: tuple, meta: dict, config: KernelConfig | None):
+def _launch(
+    tuned, plain, grid_block: str, B: int, H: int, N: int, args: tuple, meta: dict, config: KernelConfig | None
+):
     launch(tuned, plain, lambda m: flat_grid(N, B, H, m[grid_block]), args, meta, config, INTERPRETER_CONFIG)
 
 
@@ -688,7 +755,11 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * softmax_scale) v with the Triton FlashAttention-2 kernels (forward and backward).
 
@@ -761,7 +832,9 @@ def _qkv_backward(ctx, grad_out, grad_lse):
 flash_attn_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
-def flash_attention_qkv(qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None) -> torch.Tensor:
+def flash_attention_qkv(
+    qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None
+) -> torch.Tensor:
     """:func:`flash_attention` of ``q, k, v = qkv.unbind(-3)`` for a fused projection output qkv (B, N, 3, H, D),
     or a (B1, B2, N, 3, H, D) view of one (e.g. ``qkv.view(B, T, S, 3, H, D).transpose(1, 2)``: attention over
     time per spatial position, read in place); its backward returns one dqkv tensor (in qkv's memory order)
@@ -811,6 +884,23 @@ def attention_ref(
     return (out, probs) if return_probs else out
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+                   dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` on (B, N, H, D) or (B1, B2, N, H, D) q, k, v (a second batch dim
+    folded into the first: a copy where the view does not fold), restricted to one SDPA ``backend``
+    ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH") when given. The vendor candidates of the
+    attention ops, and the model's attention when no kernel runs."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shape = q.shape
+    q, k, v = (t.reshape(-1, *shape[-3:]).transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
+    return out.transpose(1, 2).reshape(shape)
+
+
 # ------------------------------------------------------------------------------------------------
 # Ahead-of-time compile cases (vivit_kernels.aot): every shipped config, dtype and head_dim
 # ------------------------------------------------------------------------------------------------
@@ -831,17 +921,38 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
             strides = lambda *ts: {f"stride_{t}{d}": "i32" for t in ts for d in ("b", "b2", "n", "h")}  # noqa: E731
             pre = dict(O=f"*{ty}", DO=f"*{ty}", DELTA="*fp32", N="i32", H="i32", B2="i32", **strides("o", "d"))
             for two in (False, True) if dtype == torch.bfloat16 else (False,):
-                cases.append(make_case(__name__, _attn_bwd_preprocess_kernel, "_attn_bwd_preprocess_kernel", pre,
-                                       {**base, **PREPROCESS_CONFIG.kwargs, "TWO_BATCH": two}, PREPROCESS_CONFIG.num_warps,
-                                       PREPROCESS_CONFIG.num_stages,
-                                       f"{ty} d={head_dim} {'2-batch ' if two else ''}{PREPROCESS_CONFIG.label()}"))
+                cases.append(
+                    make_case(
+                        __name__,
+                        _attn_bwd_preprocess_kernel,
+                        "_attn_bwd_preprocess_kernel",
+                        pre,
+                        {**base, **PREPROCESS_CONFIG.kwargs, "TWO_BATCH": two},
+                        PREPROCESS_CONFIG.num_warps,
+                        PREPROCESS_CONFIG.num_stages,
+                        f"{ty} d={head_dim} {'2-batch ' if two else ''}{PREPROCESS_CONFIG.label()}",
+                    )
+                )
             for precision in precisions:
                 meta = dict(base, DOT_PRECISION=precision, EMULATE_BF16=False)
                 tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} d={head_dim}"
                 fwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", O=f"*{ty}", LSE="*fp32", N="i32", H="i32",
                            B2="i32", qk_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "o"))
-                bwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", DO=f"*{ty}", LSE="*fp32", DELTA="*fp32", N="i32",
-                           H="i32", B2="i32", qk_scale="fp32", softmax_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "d"))
+                bwd = dict(
+                    Q=f"*{ty}",
+                    K=f"*{ty}",
+                    V=f"*{ty}",
+                    DO=f"*{ty}",
+                    LSE="*fp32",
+                    DELTA="*fp32",
+                    N="i32",
+                    H="i32",
+                    B2="i32",
+                    qk_scale="fp32",
+                    softmax_scale="fp32",
+                    GRID_BUCKET="i32",
+                    **strides("q", "k", "v", "d"),
+                )
                 dkdv = dict(bwd, DK=f"*{ty}", DV=f"*{ty}", **strides("dk", "dv"))
                 dq = dict(bwd, DQ=f"*{ty}", **strides("dq"))
                 for arch in (80, 90):  # each architecture compiles the rows it launches

@@ -8,15 +8,22 @@ extension it falls back, with one warning, to ``bias_gelu_fast_ref``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension
 from .activations import gelu_fast
 
-__all__ = ["bias_gelu_fast", "bias_gelu_fast_ref"]
+__all__ = ["bias_gelu_fast", "bias_gelu_fast_ref", "bias_gelu_fast_torch"]
 
 
 def bias_gelu_fast_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """transformers' FastGELUActivation of x + bias, its formula as transformers writes it."""
     return gelu_fast(x + bias)
+
+
+def bias_gelu_fast_torch(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """torch's tanh GELU (F.gelu(approximate="tanh"): the same function) of x + bias: the vendor candidate."""
+    return F.gelu(x + bias, approximate="tanh")
 
 
 def _check(x: torch.Tensor, bias: torch.Tensor) -> None:

@@ -31,7 +31,16 @@ __all__ = ["layer_norm", "layer_norm_ref", "LN_CONFIGS", "MAX_FEATURES"]
 MAX_FEATURES = 8192
 # Per padded row length (BLOCK_C): (warps, rows per program). Every entry compiles for sm_80 / sm_90 without
 # spills (tests/test_aot.py); narrow rows are processed several at a time so each program has enough work.
-LN_CONFIGS = {64: (2, 8), 128: (2, 8), 256: (4, 4), 512: (4, 4), 1024: (4, 2), 2048: (8, 1), 4096: (16, 1), 8192: (16, 1)}
+LN_CONFIGS = {
+    64: (2, 8),
+    128: (2, 8),
+    256: (4, 4),
+    512: (4, 4),
+    1024: (4, 2),
+    2048: (8, 1),
+    4096: (16, 1),
+    8192: (16, 1),
+}
 # Backward: each program reduces this many rows (in tiles of BLOCK_R) into its partial dW/db row.
 BWD_ROWS_PER_PROGRAM = 64
 # Under the interpreter, wide tiles of rows (fewer interpreted programs); each shipped config is tested too.
@@ -72,7 +81,9 @@ if HAS_TRITON:
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
         y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], to_output(y, Y.dtype.element_ty, EMULATE_BF16), mask=mask)
+        tl.store(
+            Y + rows[:, None] * stride_y + cols[None, :], to_output(y, Y.dtype.element_ty, EMULATE_BF16), mask=mask
+        )
         tl.store(MEAN + rows, mean, mask=row_mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -82,9 +93,10 @@ if HAS_TRITON:
         DW_PARTIAL, DB_PARTIAL,  # (programs, C) fp32
         stride_x, stride_dy, stride_dx, M, C, rows_per_program,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        NEEDS_DX: tl.constexpr = True, WEIGHT_GRADS: tl.constexpr = True,
     ):
-        """dx = rstd * (w dy - mean(w dy) - x_hat mean(w dy x_hat)) per row; this program's rows' sums of
-        dy * x_hat and dy go to its partial dW / db row."""
+        """dx = rstd * (w dy - mean(w dy) - x_hat mean(w dy x_hat)) per row (NEEDS_DX); this program's rows' sums
+        of dy * x_hat and dy go to its partial dW / db row (WEIGHT_GRADS: only when a weight needs a gradient)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         col_mask = cols < C
@@ -101,15 +113,22 @@ if HAS_TRITON:
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = w[None, :] * dy
-            c1 = tl.sum(xhat * wdy, 1) / C
-            c2 = tl.sum(wdy, 1) / C
-            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], to_output(dx, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
-            dw += tl.sum(dy * xhat, 0)
-            db += tl.sum(dy, 0)
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * C + cols, dw, mask=col_mask)
-        tl.store(DB_PARTIAL + pid.to(tl.int64) * C + cols, db, mask=col_mask)
+            if NEEDS_DX:
+                wdy = w[None, :] * dy
+                c1 = tl.sum(xhat * wdy, 1) / C
+                c2 = tl.sum(wdy, 1) / C
+                dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                tl.store(
+                    DX + rows[:, None] * stride_dx + cols[None, :],
+                    to_output(dx, DX.dtype.element_ty, EMULATE_BF16),
+                    mask=mask,
+                )
+            if WEIGHT_GRADS:
+                dw += tl.sum(dy * xhat, 0)
+                db += tl.sum(dy, 0)
+        if WEIGHT_GRADS:
+            tl.store(DW_PARTIAL + pid.to(tl.int64) * C + cols, dw, mask=col_mask)
+            tl.store(DB_PARTIAL + pid.to(tl.int64) * C + cols, db, mask=col_mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -144,40 +163,52 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("vivit_kernels::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    needs_dx: bool, needs_dw: bool, needs_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW, db)."""
+    """(dx, dW, db), each empty where not needed: a frozen weight and bias cost no partial sums, no reduction and
+    no cast."""
     x2, g2 = _rows(x), _rows(grad_out)
     M, C = x2.shape
-    dx = torch.empty((M, C), dtype=x.dtype, device=x.device)
+    dx = torch.empty((M, C), dtype=x.dtype, device=x.device) if needs_dx else x.new_empty(0)
     cfg = config_for(C)
     rows_per_program = max(BWD_ROWS_PER_PROGRAM, cfg.kwargs["BLOCK_R"])
     programs = max(1, triton.cdiv(M, rows_per_program))
-    dw_partial = torch.empty((programs, C), dtype=torch.float32, device=x.device)  # every row is written
-    db_partial = torch.empty((programs, C), dtype=torch.float32, device=x.device)
-    if M:
+    weight_grads = needs_dw or needs_db
+    # every row of the partials is written (by its program) when weight gradients are needed
+    partials = (programs, C) if weight_grads else (0,)
+    dw_partial = torch.empty(partials, dtype=torch.float32, device=x.device)
+    db_partial = torch.empty(partials, dtype=torch.float32, device=x.device)
+    if M and (needs_dx or weight_grads):
         launch(None, _layer_norm_bwd_kernel, lambda m: (programs,),
-               (x2, g2, dx, weight, mean, rstd, dw_partial, db_partial, x2.stride(0), g2.stride(0), dx.stride(0), M, C,
-                rows_per_program),
-               dict(EMULATE_BF16=emulate_bf16(x.dtype)), cfg)
-    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+               (x2, g2, dx if needs_dx else x2, weight, mean, rstd, dw_partial, db_partial, x2.stride(0), g2.stride(0),
+                dx.stride(0) if needs_dx else 0, M, C, rows_per_program),
+               dict(EMULATE_BF16=emulate_bf16(x.dtype), NEEDS_DX=needs_dx, WEIGHT_GRADS=weight_grads), cfg)
+    dw = dw_partial.sum(0).to(weight.dtype) if needs_dw else weight.new_empty(0)
+    db = db_partial.sum(0).to(weight.dtype) if needs_db else weight.new_empty(0)
+    return dx.view(x.shape) if needs_dx else dx, dw, db
 
 
 @layer_norm_bwd.register_fake
-def _(grad_out, x, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+def _(grad_out, x, weight, mean, rstd, needs_dx, needs_dw, needs_db):
+    def maybe(like, needed):
+        return torch.empty_like(like) if needed else like.new_empty(0)
+
+    return maybe(x, needs_dx), maybe(weight, needs_dw), maybe(weight, needs_db)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.needs = ctx.needs_input_grad[:3]  # x, weight, bias
+    ctx.save_for_backward(x, weight, mean, rstd)  # x and the statistics serve dx and dW alike
 
 
 def _backward(ctx, grad_out, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_bwd(grad_out, x, weight, mean, rstd)
-    return dx, dw, db, None
+    needs_dx, needs_dw, needs_db = ctx.needs
+    dx, dw, db = layer_norm_bwd(grad_out, x, weight, mean, rstd, needs_dx, needs_dw, needs_db)
+    return dx if needs_dx else None, dw if needs_dw else None, db if needs_db else None, None
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -203,6 +234,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """The definition, written out: (x - mean) / sqrt(var + eps) * weight + bias over the last dim, in fp32
+    whatever the input dtype (as every LayerNorm kernel computes), cast back. Independent of F.layer_norm, which
+    is a candidate (``layer_norm_torch``) checked against it."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    centered = xf - mean
+    var = centered.square().mean(-1, keepdim=True)
+    return (centered * torch.rsqrt(var + eps) * weight.float() + bias.float()).to(x.dtype)
+
+
+def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's F.layer_norm (what transformers' nn.LayerNorm runs): the vendor candidate."""
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
@@ -221,6 +264,10 @@ def aot_cases():
             bwd = dict(X=f"*{ty}", DY=f"*{ty}", DX=f"*{ty}", W=f"*{ty}", MEAN="*fp32", RSTD="*fp32",
                        DW_PARTIAL="*fp32", DB_PARTIAL="*fp32", stride_x="i32", stride_dy="i32", stride_dx="i32",
                        M="i32", C="i32", rows_per_program="i32")
-            cases.append(make_case(__name__, _layer_norm_bwd_kernel, "_layer_norm_bwd_kernel", bwd,
-                                   dict(cfg.kwargs, EMULATE_BF16=False), warps, 1, label, divisible=("C",)))
+            # the full backward, with frozen weight and bias (no partial sums), and without dx (a frozen input)
+            for needs_dx, weight_grads in ((True, True), (True, False), (False, True)):
+                flags = dict(cfg.kwargs, EMULATE_BF16=False, NEEDS_DX=needs_dx, WEIGHT_GRADS=weight_grads)
+                tag = "" if needs_dx and weight_grads else (" frozen-weight" if needs_dx else " no-dx")
+                cases.append(make_case(__name__, _layer_norm_bwd_kernel, "_layer_norm_bwd_kernel", bwd, flags, warps,
+                                       1, label + tag, divisible=("C",)))
     return cases

@@ -17,16 +17,15 @@ nothing (their gradient is the output gradient itself).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from ._gemm import KERNEL_ACTIVATIONS, _as_2d, _bias_grad, _linear_grads, _weight_grad, gemm
 from ._triton import SUPPORTED_DTYPES, check_launchable, resolve_tf32, unit_last
-from .activations import gelu_fast_grad, get_activation
+from .activations import gelu_fast, gelu_fast_grad, get_activation
 
-__all__ = ["linear", "mlp", "qkv_projection", "linear_ref", "mlp_ref", "qkv_projection_ref", "gelu_fast_backward_ref"]
+__all__ = ["linear", "mlp", "qkv_projection", "linear_ref", "mlp_ref", "qkv_projection_ref", "gelu_fast_backward_ref",
+           "qkv_concat", "linear_addmm", "linear_matmul_ext", "mlp_with"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -36,8 +35,8 @@ __all__ = ["linear", "mlp", "qkv_projection", "linear_ref", "mlp_ref", "qkv_proj
 def linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
     activation: str,
     save_pre: bool,
     allow_tf32: bool,
@@ -62,38 +61,47 @@ def _(x, weight, bias, residual, activation, save_pre, allow_tf32):
 
 @torch.library.custom_op("vivit_kernels::linear_bwd", mutates_args=())
 def linear_bwd(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, needs_dx: bool, allow_tf32: bool
+    grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None, x_shape: list[int], needs_dx: bool,
+    needs_dw: bool, needs_db: bool, allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW, db) of x @ W^T + b from the gradient of that output (dx / db empty when not needed)."""
-    return _linear_grads(_as_2d(grad), x, weight, has_bias, needs_dx, allow_tf32)
+    """(dx, dW, db) of x @ W^T + b from the gradient of that output, each empty where not needed (``x`` is given
+    only for dW, ``weight`` only for dx)."""
+    return _linear_grads(_as_2d(grad), x, weight, needs_dx, needs_dw, needs_db, allow_tf32, x_shape)
 
 
 @linear_bwd.register_fake
-def _(grad, x, weight, has_bias, needs_dx, allow_tf32):
-    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    return dx, torch.empty_like(weight), (weight.new_empty(weight.shape[0]) if has_bias else weight.new_empty(0))
+def _(grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32):
+    n, k = grad.shape[-1], x_shape[-1]
+    return (grad.new_empty(x_shape if needs_dx else (0,)), grad.new_empty((n, k) if needs_dw else (0,)),
+            grad.new_empty(n if needs_db else 0))
 
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, residual, activation, save_pre, allow_tf32 = inputs
-    # Saved: x (for dW), weight (for dx) and, with gelu_fast, the pre-activation (for its derivative).
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.needs = ctx.needs_input_grad[:4]  # x, weight, bias, residual
+    needs_dx, needs_dw = ctx.needs[0], ctx.needs[1]
+    # Saved only for a gradient someone wants: x for dW, the weight for dx, with gelu_fast the pre-activation
+    # (for its derivative, whichever gradient flows through it)
+    ctx.save_for_backward(x if needs_dw else None, weight if needs_dx else None, output[1])
+    ctx.x_shape = tuple(x.shape)
     ctx.activation, ctx.allow_tf32 = activation, allow_tf32
-    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
 
 
 def _linear_backward(ctx, grad_out, grad_pre):
     x, weight, pre = ctx.saved_tensors
+    needs_dx, needs_dw, needs_db, needs_dres = ctx.needs
     grad = unit_last(grad_out)
-    if ctx.activation == "gelu_fast":
+    if ctx.activation == "gelu_fast" and (needs_dx or needs_dw or needs_db):
         # A standalone linear has no neighbouring GEMM to fuse this into (the MLP op fuses it into the
         # epilogue of the next layer's backward GEMM): one elementwise pass.
         if pre.numel() == 0:
             raise RuntimeError("linear: backward through gelu_fast needs the forward run with save_pre=True")
         grad = gelu_fast_backward_ref(grad, pre)
-    dx, dw, db = linear_bwd(grad, x, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.allow_tf32)
-    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
-            grad_out if ctx.has_residual else None, None, None, None)
+    dx = dw = db = None
+    if needs_dx or needs_dw or needs_db:
+        dx, dw, db = linear_bwd(grad, x, weight, list(ctx.x_shape), needs_dx, needs_dw, needs_db, ctx.allow_tf32)
+    return (dx if needs_dx else None, dw if needs_dw else None, db if needs_db else None,
+            grad_out if needs_dres else None, None, None, None)
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -106,11 +114,11 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 def qkv_fwd(
     x: torch.Tensor,
     wq: torch.Tensor,
-    bq: Optional[torch.Tensor],
+    bq: torch.Tensor | None,
     wk: torch.Tensor,
-    bk: Optional[torch.Tensor],
+    bk: torch.Tensor | None,
     wv: torch.Tensor,
-    bv: Optional[torch.Tensor],
+    bv: torch.Tensor | None,
     allow_tf32: bool,
 ) -> torch.Tensor:
     """(..., 3 * out_features): the three projections side by side, i.e. (..., 3, heads, head_dim) viewed."""
@@ -129,47 +137,49 @@ def _(x, wq, bq, wk, bk, wv, bv, allow_tf32):
 
 @torch.library.custom_op("vivit_kernels::qkv_bwd", mutates_args=())
 def qkv_bwd(
-    grad: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, has_bias: bool,
-    needs_dx: bool, allow_tf32: bool,
+    grad: torch.Tensor, x: torch.Tensor | None, wq: torch.Tensor | None, wk: torch.Tensor | None,
+    wv: torch.Tensor | None, x_shape: list[int], needs: list[bool], allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dWq, dbq, dWk, dbk, dWv, dbv): dx = dq Wq + dk Wk + dv Wv in one GEMM (three K segments), then each
-    weight gradient with its bias gradient (dx / biases empty when not needed)."""
-    g2, x2 = _as_2d(grad), _as_2d(x)
-    n = wq.shape[0]
-    dx = x.new_empty(0)
-    if needs_dx:
-        dx2 = torch.empty_like(x2)
+    """(dx, dWq, dbq, dWk, dbk, dWv, dbv), each empty where ``needs`` (x, wq, bq, wk, bk, wv, bv) says it is not
+    wanted: dx = dq Wq + dk Wk + dv Wv in one GEMM (three K segments; the weights are given for it), then each
+    weight gradient (x is given for them) and bias gradient that is wanted."""
+    g2 = _as_2d(grad)
+    n = g2.shape[1] // 3
+    dx = g2.new_empty(0)  # every output its own tensor (outputs of a custom op may not alias)
+    if needs[0]:
+        dx2 = torch.empty((g2.shape[0], wq.shape[1]), dtype=g2.dtype, device=g2.device)
         gemm(g2, wq, dx2, allow_tf32=allow_tf32, groups="k", more_b=(wk, wv))
-        dx = dx2.view(x.shape)
+        dx = dx2.view(x_shape)
     grads = []
-    for i, w in enumerate((wq, wk, wv)):
+    for i in range(3):
         g = g2[:, i * n:(i + 1) * n]
-        grads += [_weight_grad(g, x2, w, allow_tf32), _bias_grad(g, w.dtype) if has_bias else w.new_empty(0)]
+        grads += [_weight_grad(g, _as_2d(x), allow_tf32) if needs[1 + 2 * i] else g2.new_empty(0),
+                  _bias_grad(g, g2.dtype) if needs[2 + 2 * i] else g2.new_empty(0)]
     return (dx, *grads)
 
 
 @qkv_bwd.register_fake
-def _(grad, x, wq, wk, wv, has_bias, needs_dx, allow_tf32):
-    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    out = [dx]
-    for w in (wq, wk, wv):
-        out += [torch.empty_like(w), w.new_empty(w.shape[0]) if has_bias else w.new_empty(0)]
-    return tuple(out)
+def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32):
+    n, k = grad.shape[-1] // 3, x_shape[-1]
+    shapes = [x_shape] + [shape for _ in range(3) for shape in ((n, k), (n,))]
+    return tuple(grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True))
 
 
 def _qkv_setup(ctx, inputs, output):
     x, wq, bq, wk, bk, wv, bv, allow_tf32 = inputs
-    # Saved: x (for the weight gradients) and the three weights (for dx); views, no copies.
-    ctx.save_for_backward(x, wq, wk, wv)
-    ctx.has_bias, ctx.allow_tf32 = bq is not None, allow_tf32
+    ctx.needs = list(ctx.needs_input_grad[:7])  # x, wq, bq, wk, bk, wv, bv
+    # Saved only for a gradient someone wants (views, no copies): x for a weight gradient, the weights for dx
+    needs_dw = any(ctx.needs[1::2][:3])
+    ctx.save_for_backward(x if needs_dw else None, *((wq, wk, wv) if ctx.needs[0] else (None, None, None)))
+    ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
 def _qkv_backward(ctx, grad):
     x, wq, wk, wv = ctx.saved_tensors
-    dx, dwq, dbq, dwk, dbk, dwv, dbv = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.has_bias, ctx.needs_input_grad[0],
-                                               ctx.allow_tf32)
-    b = (lambda t: t) if ctx.has_bias else (lambda t: None)
-    return dx if ctx.needs_input_grad[0] else None, dwq, b(dbq), dwk, b(dbk), dwv, b(dbv), None
+    if not any(ctx.needs):
+        return (None,) * 8
+    grads = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None)
 
 
 qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
@@ -182,10 +192,10 @@ qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
 def mlp_fwd(
     x: torch.Tensor,
     w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
+    b1: torch.Tensor | None,
     w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
+    b2: torch.Tensor | None,
+    residual: torch.Tensor | None,
     save_pre: bool,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,53 +222,61 @@ def _(x, w1, b1, w2, b2, residual, save_pre, allow_tf32):
 @torch.library.custom_op("vivit_kernels::mlp_bwd", mutates_args=())
 def mlp_bwd(
     grad_out: torch.Tensor,
-    x: torch.Tensor,
-    w1: torch.Tensor,
+    x: torch.Tensor | None,
+    w1: torch.Tensor | None,
     w2: torch.Tensor,
     pre: torch.Tensor,
-    has_b1: bool,
-    has_b2: bool,
-    needs_dx: bool,
+    x_shape: list[int],
+    needs: list[bool],
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW1, db1, dW2, db2). The first GEMM, dY @ W2, ends in the gelu_fast derivative: it writes the
-    pre-activation gradient dH = (dY @ W2) * gelu_fast'(pre) and recomputes gelu_fast(pre) for dW2."""
+    """(dx, dW1, db1, dW2, db2), each empty where ``needs`` (x, w1, b1, w2, b2) says it is not wanted. The first
+    GEMM, dY @ W2, ends in the gelu_fast derivative: it writes the pre-activation gradient dH = (dY @ W2) *
+    gelu_fast'(pre), and recomputes gelu_fast(pre) for dW2 only when dW2 is wanted. ``x`` is given for dW1, ``w1``
+    for dx."""
+    needs_dx, needs_dw1, needs_db1, needs_dw2, needs_db2 = needs
     g2, pre2 = _as_2d(grad_out), _as_2d(pre)
-    dh = torch.empty_like(pre2)
-    act = torch.empty_like(pre2)
-    gemm(g2, w2, dh, dgelu_of=pre2, pre=act, allow_tf32=allow_tf32)
-    _, dw2, db2 = _linear_grads(g2, act, w2, has_b2, False, allow_tf32)
-    del act
-    dx, dw1, db1 = _linear_grads(dh, x, w1, has_b1, needs_dx, allow_tf32)
+    dw2, db2, dx, dw1, db1 = (g2.new_empty(0) for _ in range(5))  # each its own tensor (outputs may not alias)
+    if needs_db2:
+        db2 = _bias_grad(g2, g2.dtype)
+    if needs_dx or needs_dw1 or needs_db1 or needs_dw2:
+        dh = torch.empty_like(pre2)
+        act = torch.empty_like(pre2) if needs_dw2 else None
+        gemm(g2, w2, dh, dgelu_of=pre2, pre=act, allow_tf32=allow_tf32)
+        if needs_dw2:
+            dw2 = _weight_grad(g2, act, allow_tf32)
+            del act
+        dx, dw1, db1 = _linear_grads(dh, x, w1, needs_dx, needs_dw1, needs_db1, allow_tf32, x_shape)
     return dx, dw1, db1, dw2, db2
 
 
 @mlp_bwd.register_fake
-def _(grad_out, x, w1, w2, pre, has_b1, has_b2, needs_dx, allow_tf32):
-    def bias_like(w, has):
-        return w.new_empty(w.shape[0]) if has else w.new_empty(0)
-
-    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    return dx, torch.empty_like(w1), bias_like(w1, has_b1), torch.empty_like(w2), bias_like(w2, has_b2)
+def _(grad_out, x, w1, w2, pre, x_shape, needs, allow_tf32):
+    hidden, out, k = pre.shape[-1], grad_out.shape[-1], x_shape[-1]
+    shapes = (x_shape, (hidden, k), (hidden,), (out, hidden), (out,))
+    return tuple(grad_out.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True))
 
 
 def _mlp_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, residual, save_pre, allow_tf32 = inputs
-    # Saved: x (for dW1), the weights, and the FC1 pre-activation (M x intermediate): the derivative needs it
-    # and gelu_fast(pre) for dW2 is recomputed from it in the backward, so the FC1 output is not kept.
-    ctx.save_for_backward(x, w1, w2, output[1])
-    ctx.has_b1, ctx.has_b2, ctx.has_residual, ctx.allow_tf32 = b1 is not None, b2 is not None, residual is not None, allow_tf32
+    ctx.needs = list(ctx.needs_input_grad[:5])  # x, w1, b1, w2, b2
+    ctx.needs_residual = ctx.needs_input_grad[5]
+    # Saved only for a gradient someone wants: x for dW1, W1 for dx; W2 and the FC1 pre-activation (M x
+    # intermediate) for every gradient below FC2 (its derivative, and gelu_fast(pre) for dW2, are recomputed from
+    # it in the backward, so the FC1 output is not kept)
+    ctx.save_for_backward(x if ctx.needs[1] else None, w1 if ctx.needs[0] else None, w2, output[1])
+    ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
 def _mlp_backward(ctx, grad_out, grad_pre):
     x, w1, w2, pre = ctx.saved_tensors
-    if pre.numel() == 0:
-        raise RuntimeError("mlp: backward needs the forward run with save_pre=True")
-    dx, dw1, db1, dw2, db2 = mlp_bwd(
-        unit_last(grad_out), x, w1, w2, pre, ctx.has_b1, ctx.has_b2, ctx.needs_input_grad[0], ctx.allow_tf32
-    )
-    return (dx if ctx.needs_input_grad[0] else None, dw1, db1 if ctx.has_b1 else None, dw2,
-            db2 if ctx.has_b2 else None, grad_out if ctx.has_residual else None, None, None)
+    grads = [None] * 5
+    if any(ctx.needs):
+        if pre.numel() == 0:
+            raise RuntimeError("mlp: backward needs the forward run with save_pre=True")
+        grads = mlp_bwd(unit_last(grad_out), x, w1, w2, pre, ctx.x_shape, ctx.needs, ctx.allow_tf32)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)),
+            grad_out if ctx.needs_residual else None, None, None)
 
 
 mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -274,16 +292,17 @@ def _check(what, x, weights, biases, residual, out_features):
         raise ValueError(f"{what} supports float16, bfloat16 and float32, got {x.dtype}")
     features = x.shape[-1]
     names = ("weight",) if len(weights) == 1 else ("w1", "w2")
-    for name, w in zip(names, weights):
+    for name, w in zip(names, weights, strict=True):
         if w.dim() != 2 or w.shape[1] != features:
             raise ValueError(
-                f"{what}: {name} must be (out_features, {features}) to take {features} input features, got {tuple(w.shape)}"
+                f"{what}: {name} must be (out_features, {features}) to take {features} input features, "
+                f"got {tuple(w.shape)}"
             )
         features = w.shape[0]
     for t in (*weights, *biases, residual):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{what}: all tensors must be {x.dtype} like x, got a {t.dtype} one")
-    for w, b in zip(weights, biases):
+    for w, b in zip(weights, biases, strict=True):
         if b is not None and tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"{what}: bias must be ({w.shape[0]},), got {tuple(b.shape)}")
     out_shape = (*x.shape[:-1], out_features)
@@ -299,12 +318,12 @@ def _needs_grad(*tensors) -> bool:
 def qkv_projection(
     x: torch.Tensor,
     wq: torch.Tensor,
-    bq: Optional[torch.Tensor],
+    bq: torch.Tensor | None,
     wk: torch.Tensor,
-    bk: Optional[torch.Tensor],
+    bk: torch.Tensor | None,
     wv: torch.Tensor,
-    bv: Optional[torch.Tensor],
-    allow_tf32: Optional[bool] = None,
+    bv: torch.Tensor | None,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``cat([x @ wq^T + bq, x @ wk^T + bk, x @ wv^T + bv], -1)`` in one Triton GEMM whose programs read the three
     nn.Linear weights where they are (no fused parameter, no concatenation). x: (..., in); w*: (out, in); b*:
@@ -317,7 +336,9 @@ def qkv_projection(
     _check("qkv_projection", x, (wq,), (bq,), None, wq.shape[0] if wq.dim() == 2 else -1)
     for t in (wk, bk, wv, bv):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"qkv_projection: all tensors must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
+            raise ValueError(
+                f"qkv_projection: all tensors must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}"
+            )
     return qkv_fwd(x, wq, bq, wk, bk, wv, bv, resolve_tf32(allow_tf32))
 
 
@@ -329,10 +350,10 @@ def qkv_projection_ref(x, wq, bq, wk, bk, wv, bv) -> torch.Tensor:
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: Optional[str] = None,
-    residual: Optional[torch.Tensor] = None,
-    allow_tf32: Optional[bool] = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``act(x @ weight^T + bias) + residual`` in one Triton GEMM (forward and backward).
 
@@ -356,12 +377,12 @@ def linear(
 def mlp(
     x: torch.Tensor,
     w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
+    b1: torch.Tensor | None,
     w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
+    b2: torch.Tensor | None,
     activation: str = "gelu_fast",
-    residual: Optional[torch.Tensor] = None,
-    allow_tf32: Optional[bool] = None,
+    residual: torch.Tensor | None = None,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``fc2(act(fc1(x))) + residual``: two Triton GEMMs forward (FC1 + bias -> gelu_fast, FC2 + bias +
     residual); with gelu_fast the activation derivative is fused into the backward GEMMs. Another activation
@@ -398,3 +419,67 @@ def linear_ref(
 def mlp_ref(x, w1, b1, w2, b2, activation: str = "gelu_fast", residual=None) -> torch.Tensor:
     """Eager reference of the MLP: transformers' fc1 -> activation -> fc2, then ``+ residual``."""
     return linear_ref(linear_ref(x, w1, b1, activation), w2, b2, residual=residual)
+
+
+# ------------------------------------------------------------------------------------------------
+# Vendor alternatives (cuBLAS / cuBLASLt through torch, the extension's bias + gelu_fast): the registry's other
+# implementations of qkv / linear / mlp, which attn="auto" times against ours
+# ------------------------------------------------------------------------------------------------
+def qkv_concat(x, wq, bq, wk, bk, wv, bv):
+    """One GEMM with the bias epilogue on the three weights concatenated (a 3 x hidden^2 copy per call)."""
+    bias = None if bq is None else torch.cat([bq, bk, bv])
+    return F.linear(x, torch.cat([wq, wk, wv]), bias)
+
+
+def linear_addmm(x, w, b, activation=None, residual=None):
+    """torch.addmm (the bias in cuBLAS's epilogue on CUDA), with cuBLASLt's tanh-GELU epilogue where it is
+    gelu_fast (checked numerically per device type; elsewhere addmm then gelu_fast)."""
+    if activation not in (None, "gelu_fast"):
+        raise ValueError(f"linear: activation {activation!r}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if activation == "gelu_fast":
+        fused = b is not None and _lt_gelu_is_gelu_fast(x.device.type)
+        y = torch._addmm_activation(b, x2, w.t(), use_gelu=True) if fused else gelu_fast(F.linear(x2, w, b))
+    elif b is not None:
+        y = torch.addmm(b, x2, w.t())
+    else:
+        y = x2 @ w.t()
+    y = y.view(*x.shape[:-1], w.shape[0])
+    return y if residual is None else y + residual
+
+
+def linear_matmul_ext(x, w, b, activation=None, residual=None):
+    """torch's GEMM, then the extension's bias + gelu_fast kernel (one pass) where there is an activation."""
+    from .gelu import bias_gelu_fast
+
+    if activation != "gelu_fast" or b is None:
+        return linear_addmm(x, w, b, activation, residual)
+    y = bias_gelu_fast(x @ w.t(), b)
+    return y if residual is None else y + residual
+
+
+def mlp_with(linear_fn):
+    """The MLP as two calls of ``linear_fn`` (a vendor linear): fc1 + gelu_fast, then fc2 + residual."""
+    def mlp_fn(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
+        return linear_fn(linear_fn(x, w1, b1, activation), w2, b2, None, residual)
+
+    mlp_fn.__name__ = f"mlp_{linear_fn.__name__}"
+    return mlp_fn
+
+
+_lt_gelu: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _lt_gelu_is_gelu_fast(device_type: str) -> bool:
+    """Whether torch's _addmm_activation(use_gelu=True) is the tanh form, i.e. gelu_fast: on CUDA it is (cuBLASLt's
+    GELU epilogue); torch's CPU version is the exact erf GELU. Checked numerically once per device type."""
+    if device_type not in _lt_gelu:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.no_grad():  # real numbers, also when called under FakeTensorMode
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(shape, generator=g).to(device_type) for shape in ((64, 32), (48, 32), (48,)))
+            got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+            _lt_gelu[device_type] = (got - gelu_fast(torch.addmm(b, x, w.t()))).abs().max().item() <= 1e-4
+    return _lt_gelu[device_type]

@@ -10,7 +10,8 @@ Backward: ``_patch_embed_bwd_dw_kernel`` computes dW = dOut^T @ A with the same 
 reduction runs over tubelets (M = batch x tubelets), so when the (hidden, C*t*p*q) output tiles alone would
 leave multiprocessors idle it is split into ranges of tubelets whose fp32 partial sums a second kernel adds in a
 fixed order (deterministic). db is one column sum of dOut. ``_patch_embed_bwd_dx_kernel`` (only when
-pixel_values needs a gradient) computes dOut @ W and scatters it back to pixels (tubelets do not overlap, so every pixel gets at most one value).
+pixel_values needs a gradient) computes dOut @ W and scatters it back to pixels (tubelets do not overlap, so every
+pixel gets at most one value).
 The position-table gradient is the batch sum of dOut, and the [CLS] gradient its row 0.
 
 Saved for backward: pixel_values (for dW) and the weight (for dX).
@@ -18,25 +19,23 @@ Saved for backward: pixel_values (for dW) and the weight (for dX).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
+from ._gemm import _multiprocessors, _splits, sum_splits
 from ._triton import (
     HAS_TRITON,
     SUPPORTED_DTYPES,
     KernelConfig,
     check_launchable,
+    dot_precision,
     emulate_bf16,
     launch,
+    resolve_tf32,
     tile_configs,
     tl,
     triton,
-    dot_precision,
-    resolve_tf32,
 )
-from ._gemm import _multiprocessors, _splits, sum_splits
 
 __all__ = ["patch_embed", "patch_embed_ref", "PATCH_CONFIGS"]
 
@@ -68,7 +67,9 @@ if HAS_TRITON:
     from ._triton import autotuned, grouped_tile_order, to_output
 
     @triton.jit
-    def _tubelet_offsets(offs_m, Tp, Hp, Wp, sx_b, sx_t, sx_h, sx_w, TT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr):
+    def _tubelet_offsets(
+        offs_m, Tp, Hp, Wp, sx_b, sx_t, sx_h, sx_w, TT: tl.constexpr, P: tl.constexpr, Q: tl.constexpr
+    ):
         """Pixel offset of each tubelet's first pixel, and the tubelet's index inside its clip."""
         per_clip = Tp * Hp * Wp
         b = offs_m // per_clip
@@ -114,7 +115,11 @@ if HAS_TRITON:
             k_mask = kk < K
             col_off = _column_offsets(kk, sx_c, sx_t, sx_h, sx_w, TT, P, Q)
             a = tl.load(X + row_off[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(W + kk[:, None] * stride_wk + offs_n[None, :] * stride_wd, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w = tl.load(
+                W + kk[:, None] * stride_wk + offs_n[None, :] * stride_wd,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
             if EMULATE_BF16:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
@@ -123,16 +128,24 @@ if HAS_TRITON:
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        acc += tl.load(POS + (1 + patch)[:, None] * stride_pn + offs_n[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(POS + (1 + patch)[:, None] * stride_pn + offs_n[None, :] * stride_pd, mask=mask, other=0.0).to(
+            tl.float32
+        )
         out_rows = OUT + b.to(tl.int64)[:, None] * stride_ob
         tl.store(out_rows + (1 + patch)[:, None] * stride_on + offs_n[None, :] * stride_od,
                  to_output(acc, OUT.dtype.element_ty, EMULATE_BF16), mask=mask)
         # row 0 of each clip: cls_token + pos[0], written by the program holding the clip's first tubelet
-        cls = tl.load(CLS + offs_n, mask=n_mask, other=0.0).to(tl.float32) + tl.load(POS + offs_n * stride_pd, mask=n_mask, other=0.0).to(tl.float32)
+        cls = tl.load(CLS + offs_n, mask=n_mask, other=0.0).to(tl.float32) + tl.load(
+            POS + offs_n * stride_pd, mask=n_mask, other=0.0
+        ).to(tl.float32)
         first = mask & (patch == 0)[:, None]
-        tl.store(out_rows + offs_n[None, :] * stride_od,
-                 to_output(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + cls[None, :], OUT.dtype.element_ty, EMULATE_BF16),
-                 mask=first)
+        tl.store(
+            out_rows + offs_n[None, :] * stride_od,
+            to_output(
+                tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + cls[None, :], OUT.dtype.element_ty, EMULATE_BF16
+            ),
+            mask=first,
+        )
 
     @triton.jit
     def _patch_embed_bwd_dw_kernel(
@@ -168,7 +181,9 @@ if HAS_TRITON:
             t_mask = tm < M  # (a split's range is a multiple of BLOCK_K: only the last one ends inside a step)
             row_off, b, patch = _tubelet_offsets(tm, Tp, Hp, Wp, sx_b, sx_t, sx_h, sx_w, TT, P, Q)
             g_off = b.to(tl.int64) * stride_ob + (1 + patch) * stride_on
-            g = tl.load(DOUT + g_off[None, :] + offs_d[:, None] * stride_od, mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+            g = tl.load(
+                DOUT + g_off[None, :] + offs_d[:, None] * stride_od, mask=d_mask[:, None] & t_mask[None, :], other=0.0
+            )
             a = tl.load(X + row_off[:, None] + col_off[None, :], mask=t_mask[:, None] & kk_mask[None, :], other=0.0)
             if EMULATE_BF16:
                 g = g.to(tl.float32)
@@ -201,8 +216,14 @@ if HAS_TRITON:
         for d in range(0, D, BLOCK_K):
             dd = d + offs_d
             dd_mask = dd < D
-            g = tl.load(DOUT + g_rows[:, None] + dd[None, :] * stride_od, mask=m_mask[:, None] & dd_mask[None, :], other=0.0)
-            w = tl.load(W + dd[:, None] * stride_wd + offs_kk[None, :] * stride_wk, mask=dd_mask[:, None] & kk_mask[None, :], other=0.0)
+            g = tl.load(
+                DOUT + g_rows[:, None] + dd[None, :] * stride_od, mask=m_mask[:, None] & dd_mask[None, :], other=0.0
+            )
+            w = tl.load(
+                W + dd[:, None] * stride_wd + offs_kk[None, :] * stride_wk,
+                mask=dd_mask[:, None] & kk_mask[None, :],
+                other=0.0,
+            )
             if EMULATE_BF16:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
@@ -234,7 +255,7 @@ def _grid2(rows: int, cols: int):
     return lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * triton.cdiv(cols, m["BLOCK_N"]),)
 
 
-def _forward(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32: bool, config: Optional[KernelConfig] = None):
+def _forward(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32: bool, config: KernelConfig | None = None):
     B, (Tp, Hp, Wp), M, K = _geometry(pixel_values, weight)
     D = weight.shape[0]
     out = torch.empty((B, 1 + M // B, D), dtype=pixel_values.dtype, device=pixel_values.device)
@@ -243,8 +264,14 @@ def _forward(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32: bool,
     args = (pixel_values, w2, bias if bias is not None else w2, cls_token.reshape(D), pos, out,
             M, D, K, Tp, Hp, Wp, *pixel_values.stride(), w2.stride(0), w2.stride(1), pos.stride(0), pos.stride(1),
             *out.stride())
-    meta = dict(TT=weight.shape[2], P=weight.shape[3], Q=weight.shape[4], HAS_BIAS=bias is not None,
-                DOT_PRECISION=dot_precision(pixel_values.dtype, allow_tf32), EMULATE_BF16=emulate_bf16(pixel_values.dtype))
+    meta = dict(
+        TT=weight.shape[2],
+        P=weight.shape[3],
+        Q=weight.shape[4],
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=dot_precision(pixel_values.dtype, allow_tf32),
+        EMULATE_BF16=emulate_bf16(pixel_values.dtype),
+    )
     launch(_fwd_tuned, _patch_embed_fwd_kernel, _grid2(M, D), args, meta, config, INTERPRETER_CONFIG)
     return out
 
@@ -253,7 +280,7 @@ def _forward(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32: bool,
 def patch_embed_fwd(
     pixel_values: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     cls_token: torch.Tensor,
     pos_embed: torch.Tensor,
     allow_tf32: bool,
@@ -268,41 +295,47 @@ def _(pixel_values, weight, bias, cls_token, pos_embed, allow_tf32):
 
 
 def _backward_impl(grad_out, pixel_values, weight, has_bias: bool, needs_dx: bool, allow_tf32: bool,
-                   dw_config: Optional[KernelConfig] = None, dx_config: Optional[KernelConfig] = None,
-                   sms: Optional[int] = None):
-    """(dx, dW, db, d cls, d pos). ``sms``: the multiprocessors the weight gradient's split fills (default: the
-    device's; tests pass more to force a split on small shapes)."""
+                   dw_config: KernelConfig | None = None, dx_config: KernelConfig | None = None,
+                   sms: int | None = None, needs_dw: bool = True, needs_dcls: bool = True, needs_dpos: bool = True):
+    """(dx, dW, db, d cls, d pos), each computed only where wanted (``has_bias``: db is wanted), else an empty
+    tensor: a frozen weight costs no dW kernel. ``sms``: the multiprocessors the weight gradient's split fills
+    (default: the device's; tests pass more to force a split on small shapes)."""
     B, (Tp, Hp, Wp), M, K = _geometry(pixel_values, weight)
     D = weight.shape[0]
     tt, p, q = weight.shape[2:]
     meta = dict(TT=tt, P=p, Q=q, DOT_PRECISION=dot_precision(pixel_values.dtype, allow_tf32),
                 EMULATE_BF16=emulate_bf16(pixel_values.dtype))
-    dw = torch.empty_like(weight)
-    dw2 = dw.view(D, K)
-    # split the reduction over tubelets when the output tiles alone would not fill the GPU (counted at 128 x 128,
-    # the largest shipped dW tile); fp32 partials, summed in split order
-    n_splits, m_split = _splits(D, K, M, sms or _multiprocessors(pixel_values.device), tile=(128, 128))
-    target = dw2 if n_splits == 1 else torch.empty((n_splits, D, K), dtype=torch.float32, device=dw.device)
-    w_strides = (dw2.stride(0), dw2.stride(1)) if n_splits == 1 else (K, 1)
-    args = (pixel_values, grad_out, target, M, D, K, m_split, Tp, Hp, Wp, *pixel_values.stride(),
-            *grad_out.stride(), *w_strides)
-    launch(_dw_tuned, _patch_embed_bwd_dw_kernel,
-           lambda m: (triton.cdiv(D, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]), n_splits), args,
-           dict(meta, SPLIT_K=n_splits > 1), dw_config, INTERPRETER_CONFIG)
-    if n_splits > 1:
-        sum_splits(target, dw2)
+    dw = weight.new_empty(0)
+    if needs_dw:
+        dw = torch.empty_like(weight)
+        dw2 = dw.view(D, K)
+        # split the reduction over tubelets when the output tiles alone would not fill the GPU (counted at 128 x
+        # 128, the largest shipped dW tile); fp32 partials, summed in split order
+        n_splits, m_split = _splits(D, K, M, sms or _multiprocessors(pixel_values.device), tile=(128, 128))
+        target = dw2 if n_splits == 1 else torch.empty((n_splits, D, K), dtype=torch.float32, device=dw.device)
+        w_strides = (dw2.stride(0), dw2.stride(1)) if n_splits == 1 else (K, 1)
+        args = (pixel_values, grad_out, target, M, D, K, m_split, Tp, Hp, Wp, *pixel_values.stride(),
+                *grad_out.stride(), *w_strides)
+        launch(_dw_tuned, _patch_embed_bwd_dw_kernel,
+               lambda m: (triton.cdiv(D, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_N"]), n_splits), args,
+               dict(meta, SPLIT_K=n_splits > 1), dw_config, INTERPRETER_CONFIG)
+        if n_splits > 1:
+            sum_splits(target, dw2)
     # db: one column sum of the patch rows of dOut (fp32 accumulation), not a by-product of every dW program
     db = grad_out[:, 1:].sum((0, 1), dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
     dx = pixel_values.new_empty(0)
     if needs_dx:
         T, H, W = pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4]
         covered = (T == Tp * tt) and (H == Hp * p) and (W == Wp * q)
-        dx = (torch.empty if covered else torch.zeros)(pixel_values.shape, dtype=pixel_values.dtype, device=pixel_values.device)
+        dx = (torch.empty if covered else torch.zeros)(
+            pixel_values.shape, dtype=pixel_values.dtype, device=pixel_values.device
+        )
         w2 = weight.reshape(D, K)
         args = (grad_out, w2, dx, M, D, K, Tp, Hp, Wp, *dx.stride(), *grad_out.stride(), w2.stride(0), w2.stride(1))
         launch(_dx_tuned, _patch_embed_bwd_dx_kernel, _grid2(M, K), args, meta, dx_config, INTERPRETER_CONFIG)
-    dpos = grad_out.sum(0, keepdim=True)
-    return dx, dw, db, dpos[:, :1].clone(), dpos
+    dpos = grad_out.sum(0, keepdim=True) if needs_dpos or needs_dcls else grad_out.new_empty(0)
+    dcls = dpos[:, :1].clone() if needs_dcls else grad_out.new_empty(0)
+    return dx, dw, db, dcls, dpos if needs_dpos else grad_out.new_empty(0)
 
 
 @torch.library.custom_op("vivit_kernels::patch_embed_bwd", mutates_args=())
@@ -310,36 +343,42 @@ def patch_embed_bwd(
     grad_out: torch.Tensor,
     pixel_values: torch.Tensor,
     weight: torch.Tensor,
-    has_bias: bool,
-    needs_dx: bool,
+    needs: list[bool],
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d pixel_values or empty, dW, db or empty, d cls_token, d pos_embed)."""
-    return _backward_impl(grad_out, pixel_values, weight, has_bias, needs_dx, allow_tf32)
+    """(d pixel_values, dW, db, d cls_token, d pos_embed), each empty where ``needs`` (pixel_values, weight, bias,
+    cls_token, pos_embed) says it is not wanted."""
+    needs_dx, needs_dw, needs_db, needs_dcls, needs_dpos = needs
+    return _backward_impl(grad_out, pixel_values, weight, needs_db, needs_dx, allow_tf32, needs_dw=needs_dw,
+                          needs_dcls=needs_dcls, needs_dpos=needs_dpos)
 
 
 @patch_embed_bwd.register_fake
-def _(grad_out, pixel_values, weight, has_bias, needs_dx, allow_tf32):
+def _(grad_out, pixel_values, weight, needs, allow_tf32):
     D = weight.shape[0]
-    dx = torch.empty_like(pixel_values) if needs_dx else pixel_values.new_empty(0)
-    db = weight.new_empty(D) if has_bias else weight.new_empty(0)
-    return dx, torch.empty_like(weight), db, grad_out.new_empty((1, 1, D)), grad_out.new_empty((1, *grad_out.shape[1:]))
+    shapes = (pixel_values.shape, weight.shape, (D,), (1, 1, D), (1, *grad_out.shape[1:]))
+    return tuple(grad_out.new_empty(shape) if need else grad_out.new_empty(0)
+                 for shape, need in zip(shapes, needs, strict=True))
 
 
 def _setup_context(ctx, inputs, output):
     pixel_values, weight, bias, cls_token, pos_embed, allow_tf32 = inputs
-    ctx.save_for_backward(pixel_values, weight)
-    ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+    ctx.needs = list(ctx.needs_input_grad[:5])  # pixel_values, weight, bias, cls_token, pos_embed
+    ctx.save_for_backward(pixel_values, weight)  # the clip for dW, the weight for dx (and both shapes)
+    ctx.allow_tf32 = allow_tf32
     ctx.cls_shape, ctx.pos_shape = cls_token.shape, pos_embed.shape
 
 
 def _backward(ctx, grad_out):
     pixel_values, weight = ctx.saved_tensors
+    if not any(ctx.needs):
+        return (None,) * 6
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    dx, dw, db, dcls, dpos = patch_embed_bwd(grad_out, pixel_values, weight, ctx.has_bias, ctx.needs_input_grad[0],
-                                             ctx.allow_tf32)
-    return (dx if ctx.needs_input_grad[0] else None, dw, db if ctx.has_bias else None,
-            dcls.reshape(ctx.cls_shape), dpos.reshape(ctx.pos_shape), None)
+    dx, dw, db, dcls, dpos = patch_embed_bwd(grad_out, pixel_values, weight, ctx.needs, ctx.allow_tf32)
+    needs_dx, needs_dw, needs_db, needs_dcls, needs_dpos = ctx.needs
+    return (dx if needs_dx else None, dw if needs_dw else None, db if needs_db else None,
+            dcls.reshape(ctx.cls_shape) if needs_dcls else None, dpos.reshape(ctx.pos_shape) if needs_dpos else None,
+            None)
 
 
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -348,10 +387,10 @@ patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 def patch_embed(
     pixel_values: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     cls_token: torch.Tensor,
     pos_embed: torch.Tensor,
-    allow_tf32: Optional[bool] = None,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """Conv3d tubelet embedding + [CLS] + position embedding in one Triton implicit-GEMM launch.
 
@@ -367,9 +406,13 @@ def patch_embed(
     B, grid, M, K = _geometry(pixel_values, weight)
     D = weight.shape[0]
     if pixel_values.shape[2] != weight.shape[1]:
-        raise ValueError(f"patch_embed: pixel_values has {pixel_values.shape[2]} channels, weight expects {weight.shape[1]}")
+        raise ValueError(
+            f"patch_embed: pixel_values has {pixel_values.shape[2]} channels, weight expects {weight.shape[1]}"
+        )
     if min(grid) < 1:
-        raise ValueError(f"patch_embed: input {tuple(pixel_values.shape)} is smaller than one tubelet {tuple(weight.shape[2:])}")
+        raise ValueError(
+            f"patch_embed: input {tuple(pixel_values.shape)} is smaller than one tubelet {tuple(weight.shape[2:])}"
+        )
     n_tokens = 1 + M // B
     if pos_embed.numel() != n_tokens * D:
         raise ValueError(f"patch_embed: pos_embed must hold (1, {n_tokens}, {D}), got {tuple(pos_embed.shape)}")
@@ -378,7 +421,9 @@ def patch_embed(
     for name, t in (("weight", weight), ("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)):
         if t is not None and t.dtype != pixel_values.dtype:
             raise ValueError(f"patch_embed: {name} is {t.dtype}, pixel_values is {pixel_values.dtype}; they must match")
-    check_launchable(*(t for t in (pixel_values, weight, bias, cls_token, pos_embed) if t is not None), what="patch_embed")
+    check_launchable(
+        *(t for t in (pixel_values, weight, bias, cls_token, pos_embed) if t is not None), what="patch_embed"
+    )
     tf32 = resolve_tf32(allow_tf32)
     return patch_embed_fwd(pixel_values, weight, bias, cls_token, pos_embed, tf32)
 
@@ -390,11 +435,34 @@ def patch_embed_ref(
     cls_token: torch.Tensor,
     pos_embed: torch.Tensor,
 ) -> torch.Tensor:
-    """Eager reference, op for op as transformers computes it.
+    """The definition, written out: each whole (t, p, q) tubelet of the clip flattened in the weight's (C, t, p, q)
+    order, one matrix product with the flattened weight, + bias; [CLS] first, + positions. Frames and pixels past
+    the last whole tubelet are dropped (as Conv3d drops them). Independent of F.conv3d, which is a candidate
+    (``patch_embed_conv3d``) checked against it.
 
     pixel_values: (B, T, C, H, W); weight: (hidden, C, t, p, q); bias: (hidden,); cls_token: (1, 1, hidden);
     pos_embed: (1, 1 + T/t * H/p * W/q, hidden). Returns (B, 1 + N, hidden).
     """
+    B, T, C, H, W = pixel_values.shape
+    D, _, t, p, q = weight.shape
+    Tp, Hp, Wp = T // t, H // p, W // q
+    x = pixel_values[:, : Tp * t, :, : Hp * p, : Wp * q].reshape(B, Tp, t, C, Hp, p, Wp, q)
+    x = x.permute(0, 1, 4, 6, 3, 2, 5, 7).reshape(B, Tp * Hp * Wp, C * t * p * q)
+    tokens = x @ weight.reshape(D, -1).t()
+    if bias is not None:
+        tokens = tokens + bias
+    return torch.cat((cls_token.expand(B, -1, -1), tokens), dim=1) + pos_embed
+
+
+def patch_embed_conv3d(
+    pixel_values: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+) -> torch.Tensor:
+    """Op for op as transformers computes it (F.conv3d, cuDNN on CUDA, then [CLS] and positions): the vendor
+    candidate."""
     x = F.conv3d(pixel_values.transpose(1, 2), weight, bias, stride=tuple(weight.shape[2:]))
     x = x.flatten(2).transpose(1, 2)
     cls = cls_token.expand(pixel_values.shape[0], -1, -1)

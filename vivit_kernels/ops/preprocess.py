@@ -8,7 +8,7 @@ same arithmetic written with dense PyTorch matrix products (exact integer arithm
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,19 +1,23 @@
-"""The op registry: per hot op of a ViViT layer, everything a reader, ``attn="auto"``, ``tune``, the compile gate,
-the tests and the benchmarks need, in one entry.
+"""The op registry: the only list of vivit_kernels' ops. Per op, everything a reader, ``attn="auto"``, ``tune``,
+the compile gate, the acceptance run, the device-free counts, the tests and the benchmarks need, in one entry.
 
-    >>> from vivit_kernels.ops.registry import OPS
-    >>> OPS["linear"].implementations      # ours first, then the vendor paths "auto" may choose
-    >>> OPS["linear"].reference            # the eager PyTorch reference every implementation is checked against
-    >>> OPS["linear"].module, OPS["linear"].tests, OPS["linear"].bench
+    >>> from vivit_kernels.ops.registry import OPS, Shape
+    >>> op = OPS["linear"]
+    >>> op.kernel_module, op.module        # its Triton kernels; its custom ops, functional API and reference
+    >>> op.implementations                 # ours first, then the vendor paths "auto" may choose
+    >>> op.reference                       # the eager PyTorch definition every implementation is checked against
+    >>> args = op.sample_inputs(Shape.awkward(), torch.float32, "cpu", requires_grad=True)
+    >>> op.flops(*args), op.bytes(*args)   # one forward call's matmul FLOPs and bytes moved
+    >>> op.custom_ops                      # its torch.library ops: FLOP formulas, launches, temporaries
+    >>> op.tests, op.bench, op.aot_modules
 
-An :class:`Op` names the module holding its Triton kernels, launcher, ``torch.library`` custom ops (with
-``register_fake`` / ``register_autograd``) and functional API; its implementations, each an autograd-complete
-callable with the op's call signature below and what it runs on a given device (for tables: "torch.addmm on
-cpu", not a brand name); its reference; its cost (FLOPs and bytes of one forward call); the modules whose
-``aot_cases()`` the compile gate compiles; its ``torch.library`` custom ops (whose FLOP formulas and launch
-counts ``ops/_costs.py`` registers for the device-independent counts); its tests and its benchmark.
+An implementation is an autograd-complete callable with the op's call signature below, plus what it needs
+(``available(device)``: None, or why it cannot run there) and what it runs on a device, in words (for tables).
+Every FLOP formula of the package is here (the call-level ``flops`` and the custom ops' formulas, which
+``torch.utils.flop_counter`` is given at import), and every op list elsewhere is read from ``OPS``
+(tests/test_architecture.py fails on one written anywhere else).
 
-Call signatures (what a layer calls; the Backend table in ``backends.py`` is built from these entries):
+Call signatures (the model's ``Backend`` table, ``auto/backends.py``, holds the ops with ``backend=True``):
 
 - ``layer_norm(x, weight, bias, eps) -> x.shape``
 - ``qkv(x, wq, bq, wk, bk, wv, bv) -> (..., 3 * out)``: the three projections in one GEMM (weights read in place)
@@ -23,6 +27,8 @@ Call signatures (what a layer calls; the Backend table in ``backends.py`` is bui
 - ``attention_qkv(qkv, softmax_scale) -> (B, N, H, D)`` for the fused (B, N, 3, H, D) projection output, or a
   (B1, B2, N, 3, H, D) view of one (the factorised models' attention over time: a second batch dim, in place)
 - ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
+- the C++/CUDA extension's: ``bias_gelu_fast(x, bias)`` and ``preprocess_video(frames uint8 (B,T,H,W,3),
+  resize_hw, crop_box, scale, offset, mean, std, dtype) -> (B, T, 3, crop_h, crop_w)``
 
 Every float32 path follows torch's matmul precision setting (``allow_tf32=None`` everywhere: IEEE products unless
 ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` allow TF32).
@@ -30,20 +36,34 @@ Every float32 path follows torch's matmul precision setting (``allow_tf32=None``
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _triton
-from .activations import gelu_fast
-from .attention import attention_ref, flash_attention, flash_attention_qkv
-from .layer_norm import layer_norm, layer_norm_ref
-from .linear import linear, linear_ref, mlp, mlp_ref, qkv_projection, qkv_projection_ref
-from .patch_embed import patch_embed, patch_embed_ref
+from .attention import attention_ref, flash_attention, flash_attention_qkv, sdpa_attention
+from .gelu import bias_gelu_fast, bias_gelu_fast_ref, bias_gelu_fast_torch
+from .layer_norm import layer_norm, layer_norm_ref, layer_norm_torch
+from .linear import (
+    linear,
+    linear_addmm,
+    linear_matmul_ext,
+    linear_ref,
+    mlp,
+    mlp_ref,
+    mlp_with,
+    qkv_concat,
+    qkv_projection,
+    qkv_projection_ref,
+)
+from .patch_embed import patch_embed, patch_embed_conv3d, patch_embed_ref
+from .preprocess import preprocess_video, preprocess_video_ref
 
-__all__ = ["Implementation", "Op", "OPS", "aot_modules", "ours"]
+__all__ = ["Implementation", "CustomOp", "Op", "OPS", "Shape", "aot_modules", "ours", "backend_ops", "launches",
+           "transient_bytes", "gemm_flops", "attention_flops"]
 
 
 @dataclass(frozen=True)
@@ -53,21 +73,73 @@ class Implementation:
 
     name: str
     fn: Callable
-    available: Callable[[torch.device], Optional[str]]
+    available: Callable[[torch.device], str | None]
     runs: Callable[[torch.device], str]
 
 
 @dataclass(frozen=True)
+class CustomOp:
+    """What the device-free counts need of one ``torch.library`` op: its matmul FLOPs (a formula over the op's
+    argument shapes, registered with ``torch.utils.flop_counter``; None: no matmul), the kernels one call launches
+    (a number, or a function of the call's arguments) and the temporary bytes it allocates inside (which a fake
+    tensor run cannot see: a fake implementation allocates only the outputs)."""
+
+    flops: Callable[..., int] | None = None
+    launches: int | Callable[[tuple], int] = 1
+    transient: Callable[[tuple], int] | None = None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes an op's sample inputs are made at: a ViViT layer's (tokens, hidden, heads x head_dim, MLP width)
+    and the clip's (frames of image x image, tubelet)."""
+
+    batch: int
+    tokens: int
+    hidden: int
+    heads: int
+    head_dim: int
+    inter: int
+    frames: int
+    image: int
+    tubelet: tuple[int, int, int] = (2, 16, 16)
+
+    @classmethod
+    def vivit_b(cls, batch: int = 1) -> Shape:
+        """ViViT-B/16x2: 3137 tokens of 768, 12 heads of 64, MLP 3072, 32 frames of 224x224."""
+        return cls(batch, 3137, 768, 12, 64, 3072, 32, 224)
+
+    @classmethod
+    def tiny(cls, batch: int = 1) -> Shape:
+        """The acceptance dry run's sizes (67 tokens: not a tile multiple)."""
+        return cls(batch, 67, 64, 2, 32, 96, 4, 32)
+
+    @classmethod
+    def awkward(cls, batch: int = 2) -> Shape:
+        """The unit tests' small awkward sizes (17 tokens, head_dim 16)."""
+        return cls(batch, 17, 32, 2, 16, 64, 4, 32)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Op:
+    """One op: where it lives, how it is computed, what it costs, how it is checked."""
+
     name: str
-    implementations: dict[str, Implementation]  # ours ("triton") first: the default, and what attn="triton" pins
+    kernel_module: str  # the file of its kernels (Triton, or csrc/ for the extension's ops)
+    module: str  # its custom ops, launcher, functional API and reference
+    implementations: dict[str, Implementation]  # ours first: the default, and what attn="triton" pins
     reference: Callable  # eager PyTorch, same signature; fp32 inputs give the ground truth
-    cost: Callable[..., tuple[float, float]]  # (FLOPs, bytes moved) of one forward call on these arguments
-    module: str  # kernels, launcher, custom ops, functional API and reference
+    flops: Callable[..., float]  # matmul FLOPs of one forward call on these arguments
+    bytes: Callable[..., float]  # bytes one forward call must move (inputs read once, outputs written once)
+    sample_inputs: Callable[..., tuple]  # (shape, dtype, device, requires_grad, variant) -> seeded arguments
     tests: tuple[str, ...]
     bench: str
-    aot_modules: tuple[str, ...] = field(default=())  # modules whose aot_cases() the compile gate compiles
-    custom_ops: tuple[str, ...] = field(default=())  # its torch.library ops (FLOP formulas, launches: ops/_costs.py)
+    custom_ops: dict[str, CustomOp] = field(default_factory=dict)
+    aot_modules: tuple[str, ...] = ()  # modules whose aot_cases() the compile gate compiles
+    backward_ratio: float = 2.0  # backward FLOPs / forward FLOPs (dX and dW GEMMs; attention recomputes: 2.5)
+    variants: tuple[str | None, ...] = (None,)  # sample_inputs' variants (e.g. linear's two epilogues)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)  # the dtypes its checks run in
+    backend: bool = True  # a function of the model's Backend table (the layer calls it)
 
     @property
     def ours(self) -> Implementation:
@@ -77,7 +149,7 @@ class Op:
 # ------------------------------------------------------------------------------------------------
 # Availability and what runs where
 # ------------------------------------------------------------------------------------------------
-def _triton_here(device: torch.device) -> Optional[str]:
+def _triton_here(device: torch.device) -> str | None:
     if not _triton.HAS_TRITON:
         return f"Triton failed to import ({_triton.TRITON_IMPORT_ERROR})"
     if device.type == "cuda" or _triton.INTERPRET:
@@ -85,19 +157,23 @@ def _triton_here(device: torch.device) -> Optional[str]:
     return "Triton kernels need a CUDA device (or the interpreter)"
 
 
-def _anywhere(device: torch.device) -> Optional[str]:
+def _anywhere(device: torch.device) -> str | None:
     return None
 
 
-def _cuda_only(device: torch.device) -> Optional[str]:
+def _cuda_only(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "needs a CUDA device"
 
 
-def _ext_here(device: torch.device) -> Optional[str]:
-    from . import _extension
+def _ext(op: str) -> Callable[[torch.device], str | None]:
+    def here(device: torch.device) -> str | None:
+        from . import _extension
 
-    return None if _extension.has_kernel("bias_gelu_fast", device.type) else \
-        "the extension's bias_gelu_fast is not built for this device"
+        return (
+            None if _extension.has_kernel(op, device.type) else f"the extension's {op} is not built for {device.type}"
+        )
+
+    return here
 
 
 def _ours_runs(what: str) -> Callable[[torch.device], str]:
@@ -108,6 +184,10 @@ def _ours_runs(what: str) -> Callable[[torch.device], str]:
     return runs
 
 
+def _ext_runs(what: str) -> Callable[[torch.device], str]:
+    return lambda device: f"vivit_kernels extension {what} ({'CUDA kernel' if device.type == 'cuda' else 'C++ on cpu'})"
+
+
 def _torch_runs(call: str, cuda_library: str) -> Callable[[torch.device], str]:
     def runs(device: torch.device) -> str:
         return f"{call} ({cuda_library})" if device.type == "cuda" else f"{call} on {device.type}"
@@ -115,146 +195,21 @@ def _torch_runs(call: str, cuda_library: str) -> Callable[[torch.device], str]:
     return runs
 
 
-# ------------------------------------------------------------------------------------------------
-# Vendor implementations: the same functions through torch (cuBLAS / cuBLASLt / cuDNN / SDPA on CUDA)
-# ------------------------------------------------------------------------------------------------
+def _impls(*rows: tuple) -> dict[str, Implementation]:
+    return {name: Implementation(name, fn, available, runs) for name, fn, available, runs in rows}
+
+
 def _sdpa(backend: str, fused: bool) -> Callable:
-    """SDPA restricted to one backend, on (B, N, 3, H, D) qkv (fused) or q, k, v (B, N, H, D); a second batch
-    dimension (B1, B2, ...) is folded into the first (a copy where the view does not fold)."""
+    """The attention op's signature on torch's SDPA restricted to ``backend``: (B, N, 3, H, D) qkv (fused) or q, k,
+    v (B, N, H, D), a second batch dimension folded."""
 
     def attention(*args):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         *tensors, scale = args
         q, k, v = tensors[0].unbind(-3) if fused else tensors
-        shape = q.shape
-        q, k, v = (t.reshape(-1, *shape[-3:]).transpose(1, 2) for t in (q, k, v))
-        with sdpa_kernel(getattr(SDPBackend, backend)):
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out.transpose(1, 2).reshape(shape)
+        return sdpa_attention(q, k, v, scale, backend=backend)
 
     attention.__name__ = f"sdpa_{backend.lower()}"
     return attention
-
-
-def qkv_concat(x, wq, bq, wk, bk, wv, bv):
-    """One GEMM with the bias epilogue on the three weights concatenated (a 3 x hidden^2 copy per call)."""
-    bias = None if bq is None else torch.cat([bq, bk, bv])
-    return F.linear(x, torch.cat([wq, wk, wv]), bias)
-
-
-def linear_addmm(x, w, b, activation=None, residual=None):
-    """torch.addmm (the bias in cuBLAS's epilogue on CUDA), with cuBLASLt's tanh-GELU epilogue where it is
-    gelu_fast (checked numerically per device type; elsewhere addmm then gelu_fast)."""
-    if activation not in (None, "gelu_fast"):
-        raise ValueError(f"linear: activation {activation!r}")
-    x2 = x.reshape(-1, x.shape[-1])
-    if activation == "gelu_fast":
-        fused = b is not None and _lt_gelu_is_gelu_fast(x.device.type)
-        y = torch._addmm_activation(b, x2, w.t(), use_gelu=True) if fused else gelu_fast(F.linear(x2, w, b))
-    elif b is not None:
-        y = torch.addmm(b, x2, w.t())
-    else:
-        y = x2 @ w.t()
-    y = y.view(*x.shape[:-1], w.shape[0])
-    return y if residual is None else y + residual
-
-
-def linear_matmul_ext(x, w, b, activation=None, residual=None):
-    """torch's GEMM, then the extension's bias + gelu_fast kernel (one pass) where there is an activation."""
-    from .gelu import bias_gelu_fast
-
-    if activation != "gelu_fast" or b is None:
-        return linear_addmm(x, w, b, activation, residual)
-    y = bias_gelu_fast(x @ w.t(), b)
-    return y if residual is None else y + residual
-
-
-def _mlp_with(linear_fn: Callable) -> Callable:
-    def mlp_fn(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
-        return linear_fn(linear_fn(x, w1, b1, activation), w2, b2, None, residual)
-
-    mlp_fn.__name__ = f"mlp_{linear_fn.__name__}"
-    return mlp_fn
-
-
-_lt_gelu: dict[str, bool] = {}
-
-
-@torch.compiler.assume_constant_result
-def _lt_gelu_is_gelu_fast(device_type: str) -> bool:
-    """Whether torch's _addmm_activation(use_gelu=True) is the tanh form, i.e. gelu_fast: on CUDA it is (cuBLASLt's
-    GELU epilogue); torch's CPU version is the exact erf GELU. Checked numerically once per device type."""
-    if device_type not in _lt_gelu:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily(), torch.no_grad():  # real numbers, also when called under FakeTensorMode
-            g = torch.Generator().manual_seed(0)
-            x, w, b = (torch.randn(shape, generator=g).to(device_type) for shape in ((64, 32), (48, 32), (48,)))
-            got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
-            _lt_gelu[device_type] = (got - gelu_fast(torch.addmm(b, x, w.t()))).abs().max().item() <= 1e-4
-    return _lt_gelu[device_type]
-
-
-def _linear_runs(device: torch.device) -> str:
-    return ("torch.addmm / _addmm_activation (cuBLAS / cuBLASLt)" if device.type == "cuda"
-            else f"torch.addmm on {device.type}")
-
-
-def _attention_qkv_ref(qkv, softmax_scale):
-    return attention_ref(*qkv.unbind(-3), softmax_scale)
-
-
-# ------------------------------------------------------------------------------------------------
-# Costs of one forward call (FLOPs, bytes read + written), for benchmarks and reports
-# ------------------------------------------------------------------------------------------------
-def _bytes(*tensors) -> float:
-    return float(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1]
-
-
-def _layer_norm_cost(x, w, b, eps):
-    return 8.0 * x.numel(), 2 * _bytes(x) + _bytes(w, b)
-
-
-def _qkv_cost(x, wq, bq, wk, bk, wv, bv):
-    m, k, n = _rows(x), x.shape[-1], wq.shape[0] + wk.shape[0] + wv.shape[0]
-    return 2.0 * m * n * k, _bytes(x, wq, bq, wk, bk, wv, bv) + m * n * x.element_size()
-
-
-def _linear_cost(x, w, b, activation=None, residual=None):
-    m, k, n = _rows(x), x.shape[-1], w.shape[0]
-    return 2.0 * m * n * k, _bytes(x, w, b, residual) + m * n * x.element_size()
-
-
-def _mlp_cost(x, w1, b1, w2, b2, activation="gelu_fast", residual=None):
-    m, c, ff = _rows(x), x.shape[-1], w1.shape[0]
-    return 4.0 * m * c * ff, _bytes(x, w1, b1, w2, b2, residual) + m * c * x.element_size()
-
-
-def _attention_cost(q, k, v, softmax_scale):  # (B, N, H, D) or (B1, B2, N, H, D)
-    return 4.0 * q.numel() * k.shape[-3], 2 * _bytes(q) + _bytes(k, v)
-
-
-def _attention_qkv_cost(qkv, softmax_scale):  # (B, N, 3, H, D) or (B1, B2, N, 3, H, D)
-    return 4.0 * (qkv.numel() // 3) * qkv.shape[-4], _bytes(qkv) * 4 / 3
-
-
-def _patch_embed_cost(pixel_values, weight, bias, cls_token, pos_embed):
-    batch, tokens, hidden = pixel_values.shape[0], pos_embed.shape[1], weight.shape[0]
-    k = weight[0].numel()
-    return 2.0 * batch * (tokens - 1) * hidden * k, _bytes(pixel_values, weight, bias, pos_embed) + \
-        batch * tokens * hidden * pixel_values.element_size()
-
-
-# ------------------------------------------------------------------------------------------------
-# The table
-# ------------------------------------------------------------------------------------------------
-def _impls(*rows: tuple) -> dict[str, Implementation]:
-    return {name: Implementation(name, fn, available, runs) for name, fn, available, runs in rows}
 
 
 def _sdpa_rows(fused: bool) -> list[tuple]:
@@ -269,72 +224,429 @@ def _sdpa_rows(fused: bool) -> list[tuple]:
     ]
 
 
-def _ops(*names: str) -> tuple[str, ...]:
-    return tuple(f"vivit_kernels::{n}" for n in names)
+def _linear_runs(device: torch.device) -> str:
+    return ("torch.addmm / _addmm_activation (cuBLAS / cuBLASLt)" if device.type == "cuda"
+            else f"torch.addmm on {device.type}")
 
 
-_GEMM_AOT = ("vivit_kernels.ops._gemm",)  # the shared GEMM engine's kernels
-OPS: dict[str, Op] = {
-    "layer_norm": Op(
-        "layer_norm",
-        _impls(("triton", layer_norm, _triton_here, _ours_runs("LayerNorm kernel")),
-               ("torch", layer_norm_ref, _anywhere, _torch_runs("F.layer_norm", "torch's CUDA kernel"))),
-        layer_norm_ref, _layer_norm_cost, "vivit_kernels.ops.layer_norm",
-        ("tests/test_layer_norm.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_layer_norm", ("vivit_kernels.ops.layer_norm",), 
-        custom_ops=_ops("layer_norm_fwd", "layer_norm_bwd")),
-    "qkv": Op(
-        "qkv",
-        _impls(("triton", qkv_projection, _triton_here, _ours_runs("QKV GEMM (three weights read in place)")),
-               ("cublas", qkv_concat, _anywhere, _torch_runs("F.linear on torch.cat(weights)", "cuBLAS"))),
-        qkv_projection_ref, _qkv_cost, "vivit_kernels.ops.linear", ("tests/test_linear.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_qkv_projection", _GEMM_AOT, 
-        custom_ops=_ops("qkv_fwd", "qkv_bwd")),
-    "linear": Op(
-        "linear",
-        _impls(("triton", linear, _triton_here, _ours_runs("GEMM with fused epilogue")),
-               ("cublas", linear_addmm, _anywhere, _linear_runs),
-               ("cublas+ext", linear_matmul_ext, _ext_here,
-                _torch_runs("torch.matmul + extension bias_gelu_fast", "cuBLAS + csrc kernel"))),
-        linear_ref, _linear_cost, "vivit_kernels.ops.linear", ("tests/test_linear.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_linear", _GEMM_AOT, 
-        custom_ops=_ops("linear_fwd", "linear_bwd")),
-    "mlp": Op(
-        "mlp",
-        _impls(("triton", mlp, _triton_here, _ours_runs("two GEMMs (bias + gelu_fast, bias + residual)")),
-               ("cublas", _mlp_with(linear_addmm), _anywhere,
-                lambda d: "2 x " + _linear_runs(d)),
-               ("cublas+ext", _mlp_with(linear_matmul_ext), _ext_here,
-                _torch_runs("2 x torch.matmul + extension bias_gelu_fast", "cuBLAS + csrc kernel"))),
-        mlp_ref, _mlp_cost, "vivit_kernels.ops.linear", ("tests/test_linear.py", "tests/test_cuda.py"),
-        "bench/test_bench_ops.py::test_mlp", _GEMM_AOT,
-        custom_ops=_ops("mlp_fwd", "mlp_bwd")),
-    # on the fused (B, N, 3, H, D) projection output (the model's path) and on separate q, k, v (when a wrapped
-    # projection runs its own forward)
-    "attention_qkv": Op(
-        "attention_qkv",
-        _impls(("triton", flash_attention_qkv, _triton_here, _ours_runs("flash attention on the fused qkv")),
-               *_sdpa_rows(True)),
-        _attention_qkv_ref, _attention_qkv_cost, "vivit_kernels.ops.attention",
-        ("tests/test_attention.py", "tests/test_cuda.py"), "bench/test_bench_attention.py::test_attention",
-        ("vivit_kernels.ops.attention",), 
-        custom_ops=_ops("flash_attn_qkv_fwd", "flash_attn_qkv_bwd")),
-    "attention": Op(
-        "attention",
-        _impls(("triton", flash_attention, _triton_here, _ours_runs("flash attention")), *_sdpa_rows(False)),
-        attention_ref, _attention_cost, "vivit_kernels.ops.attention",
-        ("tests/test_attention.py", "tests/test_cuda.py"),
-        "bench/test_bench_attention.py::test_attention_separate", ("vivit_kernels.ops.attention",), 
-        custom_ops=_ops("flash_attn_fwd", "flash_attn_bwd")),
-    "patch_embed": Op(
-        "patch_embed",
-        _impls(("triton", patch_embed, _triton_here, _ours_runs("implicit-GEMM tubelet Conv3d + [CLS] + positions")),
-               ("torch", patch_embed_ref, _anywhere, _torch_runs("F.conv3d + cat + add", "cuDNN"))),
-        patch_embed_ref, _patch_embed_cost, "vivit_kernels.ops.patch_embed",
-        ("tests/test_patch_embed.py", "tests/test_cuda.py"), "bench/test_bench_ops.py::test_patch_embed",
-        ("vivit_kernels.ops.patch_embed",), 
-        custom_ops=_ops("patch_embed_fwd", "patch_embed_bwd")),
+def _attention_qkv_ref(qkv, softmax_scale):
+    return attention_ref(*qkv.unbind(-3), softmax_scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Costs: every FLOP formula of the package. A GEMM is 2 M N K; attention 4 B H N^2 D forward (QK^T and PV) and
+# 2.5x that backward (the recomputed QK^T, dV, dP, dQ, dK)
+# ------------------------------------------------------------------------------------------------
+def gemm_flops(m: int, n: int, k: int) -> int:
+    return 2 * m * n * k
+
+
+def attention_flops(q_numel: int, keys: int) -> int:
+    """Forward FLOPs of softmax(q k^T) v for ``q_numel`` query elements (B H N D) over ``keys`` keys each."""
+    return 4 * q_numel * keys
+
+
+def _bytes(*tensors) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def _rows(shape) -> int:
+    return math.prod(shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample inputs: seeded, at a Shape, in a dtype, on a device; leaves that require grad where asked
+# ------------------------------------------------------------------------------------------------
+def _maker(dtype: torch.dtype, device, requires_grad: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0, shift: float = 0.0, grad: bool = True) -> torch.Tensor:
+        t = (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad and grad)
+
+    return randn
+
+
+def _layer_norm_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    return r(s.batch, s.tokens, s.hidden, scale=2.0, shift=0.5), r(s.hidden, scale=0.1, shift=1.0), \
+        r(s.hidden, scale=0.1), 1e-6
+
+
+def _qkv_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    c = s.heads * s.head_dim
+    weights = [t for _ in range(3) for t in (r(c, s.hidden, scale=s.hidden**-0.5), r(c, scale=0.1))]
+    return (r(s.batch, s.tokens, s.hidden), *weights)
+
+
+def _linear_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    """"o_proj+residual" (hidden -> hidden, bias, residual) or "fc1+gelu_fast" (hidden -> inter, bias, gelu_fast)."""
+    r = _maker(dtype, device, requires_grad)
+    x = r(s.batch, s.tokens, s.hidden)
+    if variant == "fc1+gelu_fast":
+        return x, r(s.inter, s.hidden, scale=s.hidden**-0.5), r(s.inter, scale=0.1), "gelu_fast", None
+    return x, r(s.hidden, s.hidden, scale=s.hidden**-0.5), r(s.hidden, scale=0.1), None, \
+        r(s.batch, s.tokens, s.hidden)
+
+
+def _mlp_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    return (r(s.batch, s.tokens, s.hidden), r(s.inter, s.hidden, scale=s.hidden**-0.5), r(s.inter, scale=0.1),
+            r(s.hidden, s.inter, scale=s.inter**-0.5), r(s.hidden, scale=0.1), "gelu_fast",
+            r(s.batch, s.tokens, s.hidden))
+
+
+def _attention_qkv_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    return r(s.batch, s.tokens, 3, s.heads, s.head_dim), s.head_dim**-0.5
+
+
+def _attention_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    return (*(r(s.batch, s.tokens, s.heads, s.head_dim) for _ in range(3)), s.head_dim**-0.5)
+
+
+def _patch_embed_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    t, p, q = s.tubelet
+    patches = (s.frames // t) * (s.image // p) * (s.image // q)
+    return (r(s.batch, s.frames, 3, s.image, s.image), r(s.hidden, 3, t, p, q, scale=(3 * t * p * q) ** -0.5),
+            r(s.hidden, scale=0.1), r(1, 1, s.hidden), r(1, 1 + patches, s.hidden))
+
+
+def _bias_gelu_fast_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    r = _maker(dtype, device, requires_grad)
+    return r(s.batch, s.tokens, s.inter), r(s.inter, scale=0.1)
+
+
+def _preprocess_video_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    """uint8 frames 3/2 the model's image size (shortest edge resized to 256/224 of it, center crop)."""
+    g = torch.Generator().manual_seed(0)
+    height, width = s.image * 3 // 2, s.image * 2
+    frames = torch.randint(0, 256, (s.batch, s.frames, height, width, 3), generator=g, dtype=torch.uint8)
+    short = round(s.image * 256 / 224)
+    resized = (short, int(short * width / height))
+    box = [(resized[0] - s.image) // 2, (resized[1] - s.image) // 2, s.image, s.image]
+    return frames.to(device), list(resized), box, 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, dtype
+
+
+def _preprocess_cost(frames, resize_hw, crop_box, *rest):
+    dtype = rest[-1]
+    out = frames.shape[0] * frames.shape[1] * 3 * crop_box[2] * crop_box[3] * torch.empty(0, dtype=dtype).element_size()
+    return _bytes(frames) + out
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom ops' FLOP formulas (over argument shapes) and launch counts
+# ------------------------------------------------------------------------------------------------
+def _flash_bwd_transient(args) -> int:
+    do = args[0].shape  # the output gradient, (..., N, H, D)
+    return math.prod(do[:-1]) * 4  # delta = rowsum(dO * O), fp32
+
+
+def _mlp_fwd_transient(args) -> int:
+    x, w1 = args[0], args[1]
+    return _rows(x.shape) * w1.shape[0] * x.element_size()  # the FC1 output, read by FC2
+
+
+def _mlp_bwd_transient(args) -> int:
+    grad, pre, needs = args[0], args[4], args[6]  # dH and, for dW2, the recomputed gelu_fast(H)
+    needs_dx, needs_dw1, needs_db1, needs_dw2, _ = needs
+    dh = needs_dx or needs_dw1 or needs_db1 or needs_dw2
+    return int(dh) * (1 + int(needs_dw2)) * _rows(grad.shape) * pre.shape[-1] * pre.element_size()
+
+
+def _patch_gemm(x_shape, w_shape) -> int:
+    B, T, _, H, W = x_shape
+    D, C, t, p, q = w_shape
+    return gemm_flops(B * (T // t) * (H // p) * (W // q), D, C * t * p * q)
+
+
+_ATTENTION_OPS = {
+    # backward: delta, dK / dV, dQ
+    "vivit_kernels::flash_attn_fwd": CustomOp(flops=lambda q, *a, **k: attention_flops(math.prod(q), q[-3])),
+    "vivit_kernels::flash_attn_bwd": CustomOp(
+        flops=lambda do, q, *a, **k: 5 * attention_flops(math.prod(q), q[-3]) // 2,
+        launches=3,
+        transient=_flash_bwd_transient,
+    ),
 }
+_ATTENTION_QKV_OPS = {  # qkv (B, N, 3, H, D) or (B1, B2, N, 3, H, D)
+    "vivit_kernels::flash_attn_qkv_fwd": CustomOp(
+        flops=lambda qkv, *a, **k: attention_flops(math.prod(qkv) // 3, qkv[-4])),
+    "vivit_kernels::flash_attn_qkv_bwd": CustomOp(
+        flops=lambda do, qkv, *a, **k: 5 * attention_flops(math.prod(qkv) // 3, qkv[-4]) // 2, launches=3,
+        transient=_flash_bwd_transient),
+}
+# Backward entries count only what is computed: the Triton GEMMs of the gradients wanted (a frozen weight: no dW);
+# where a weight gradient splits over K a summing kernel follows, and a bias gradient is one torch reduction.
+def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32)
+    return int(args[4]) + int(args[5])
+
+
+def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32)
+    needs = args[6]
+    return int(needs[0]) + sum(int(n) for n in needs[1::2][:3])
+
+
+def _mlp_bwd_gemms(args) -> int:  # (grad, x, w1, w2, pre, x_shape, needs (x, w1, b1, w2, b2), allow_tf32)
+    needs_dx, needs_dw1, needs_db1, needs_dw2, _ = args[6]
+    dh = needs_dx or needs_dw1 or needs_db1 or needs_dw2  # dY @ W2 with the gelu_fast derivative
+    return int(dh) + int(needs_dw2) + int(needs_dx) + int(needs_dw1)
+
+
+_LINEAR_OPS = {
+    "vivit_kernels::linear_fwd": CustomOp(flops=lambda x, w, *a, **k: gemm_flops(_rows(x), w[0], w[1])),
+    "vivit_kernels::linear_bwd": CustomOp(
+        flops=lambda g, x, w, x_shape, *a, **k: _linear_bwd_gemms((g, x, w, x_shape, *a)) *
+        gemm_flops(_rows(g), g[-1], x_shape[-1]),
+        launches=_linear_bwd_gemms),
+}
+_QKV_OPS = {
+    "vivit_kernels::qkv_fwd": CustomOp(flops=lambda x, wq, *a, **k: 3 * gemm_flops(_rows(x), wq[0], wq[1])),
+    "vivit_kernels::qkv_bwd": CustomOp(  # dX (three K segments, one GEMM) and each wanted dWq, dWk, dWv
+        flops=lambda g, x, wq, wk, wv, x_shape, needs, *a, **k:
+        (3 * int(needs[0]) + sum(int(n) for n in needs[1::2][:3])) * gemm_flops(_rows(g), g[-1] // 3, x_shape[-1]),
+        launches=_qkv_bwd_gemms),
+}
+_MLP_OPS = {
+    "vivit_kernels::mlp_fwd": CustomOp(flops=lambda x, w1, *a, **k: 2 * gemm_flops(_rows(x), w1[0], w1[1]),
+                                       launches=2, transient=_mlp_fwd_transient),  # FC1 + gelu, FC2 + residual
+    "vivit_kernels::mlp_bwd": CustomOp(  # dH (+ gelu), dW2, dW1, dX: those wanted
+        flops=lambda g, x, w1, w2, pre, x_shape, *a, **k: _mlp_bwd_gemms((g, x, w1, w2, pre, x_shape, *a)) *
+        gemm_flops(_rows(g), pre[-1], x_shape[-1]),
+        launches=_mlp_bwd_gemms, transient=_mlp_bwd_transient),
+}
+_LAYER_NORM_OPS = {
+    "vivit_kernels::layer_norm_fwd": CustomOp(),
+    # the kernel, the two partial-sum reductions, and two casts unless the weights are fp32
+    "vivit_kernels::layer_norm_bwd": CustomOp(launches=lambda args: _layer_norm_bwd_launches(*args[2:])),
+}
+def _patch_bwd_launches(dx, dw, db, dcls, dpos) -> int:
+    """dW (+ a summing kernel where it splits over tubelets), db, the position sum, its [CLS] copy, dx: those
+    wanted."""
+    return int(dx) + int(dw) + int(db) + int(dpos or dcls) + int(dcls)
+
+
+def _layer_norm_bwd_launches(weight, mean, rstd, needs_dx, needs_dw, needs_db) -> int:
+    """The kernel (dx and / or the partial sums), one reduction per weight gradient, and its cast unless fp32."""
+    grads = int(needs_dw) + int(needs_db)
+    return int(needs_dx or grads > 0) + grads * (1 if weight.dtype == torch.float32 else 2)
+
+
+_PATCH_EMBED_OPS = {
+    "vivit_kernels::patch_embed_fwd": CustomOp(flops=lambda x, w, *a, **k: _patch_gemm(x, w)),
+    # dW (+ a summing kernel where it splits over tubelets), db, the position sum, its [CLS] copy, and dX if needed
+    "vivit_kernels::patch_embed_bwd": CustomOp(  # (grad, x, w, needs (x, w, b, cls, pos), allow_tf32)
+        flops=lambda g, x, w, needs, *a, **k: (int(needs[0]) + int(needs[1])) * _patch_gemm(x, w),
+        launches=lambda args: _patch_bwd_launches(*args[3])),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+# ------------------------------------------------------------------------------------------------
+_GEMM = "vivit_kernels.ops._gemm"  # the shared GEMM engine's kernels (qkv, linear, mlp)
+_KERNEL_TESTS = ("tests/test_cuda.py",)
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op(
+            name="layer_norm",
+            kernel_module="vivit_kernels.ops.layer_norm",
+            module="vivit_kernels.ops.layer_norm",
+            implementations=_impls(
+                ("triton", layer_norm, _triton_here, _ours_runs("LayerNorm kernel")),
+                ("torch", layer_norm_torch, _anywhere, _torch_runs("F.layer_norm", "torch's CUDA kernel")),
+            ),
+            reference=layer_norm_ref,
+            flops=lambda x, w, b, eps: 0.0,
+            bytes=lambda x, w, b, eps: 2 * _bytes(x) + _bytes(w, b),
+            sample_inputs=_layer_norm_inputs,
+            custom_ops=_LAYER_NORM_OPS,
+            tests=("tests/test_layer_norm.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_ops.py::test_layer_norm",
+            aot_modules=("vivit_kernels.ops.layer_norm",),
+        ),
+        Op(
+            name="qkv",
+            kernel_module=_GEMM,
+            module="vivit_kernels.ops.linear",
+            implementations=_impls(
+                ("triton", qkv_projection, _triton_here, _ours_runs("QKV GEMM (three weights read in place)")),
+                ("cublas", qkv_concat, _anywhere, _torch_runs("F.linear on torch.cat(weights)", "cuBLAS")),
+            ),
+            reference=qkv_projection_ref,
+            flops=lambda x, wq, bq, wk, bk, wv, bv: 3 * gemm_flops(_rows(x.shape), wq.shape[0], x.shape[-1]),
+            bytes=lambda x, *w: _bytes(x, *w) + 3 * _rows(x.shape) * w[0].shape[0] * x.element_size(),
+            sample_inputs=_qkv_inputs,
+            custom_ops=_QKV_OPS,
+            tests=("tests/test_linear.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_ops.py::test_qkv_projection",
+            aot_modules=(_GEMM,),
+        ),
+        Op(
+            name="linear",
+            kernel_module=_GEMM,
+            module="vivit_kernels.ops.linear",
+            implementations=_impls(
+                ("triton", linear, _triton_here, _ours_runs("GEMM with fused epilogue")),
+                ("cublas", linear_addmm, _anywhere, _linear_runs),
+                (
+                    "cublas+ext",
+                    linear_matmul_ext,
+                    _ext("bias_gelu_fast"),
+                    _torch_runs("torch.matmul + extension bias_gelu_fast", "cuBLAS + csrc kernel"),
+                ),
+            ),
+            reference=linear_ref,
+            flops=lambda x, w, b=None, activation=None, residual=None: gemm_flops(
+                _rows(x.shape), w.shape[0], x.shape[-1]
+            ),
+            bytes=lambda x, w, b=None, activation=None, residual=None: (
+                _bytes(x, w, b, residual) + _rows(x.shape) * w.shape[0] * x.element_size()
+            ),
+            sample_inputs=_linear_inputs,
+            variants=("o_proj+residual", "fc1+gelu_fast"),
+            custom_ops=_LINEAR_OPS,
+            tests=("tests/test_linear.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_ops.py::test_linear",
+            aot_modules=(_GEMM,),
+        ),
+        Op(
+            name="mlp",
+            kernel_module=_GEMM,
+            module="vivit_kernels.ops.linear",
+            implementations=_impls(
+                ("triton", mlp, _triton_here, _ours_runs("two GEMMs (bias + gelu_fast, bias + residual)")),
+                ("cublas", mlp_with(linear_addmm), _anywhere, lambda d: "2 x " + _linear_runs(d)),
+                (
+                    "cublas+ext",
+                    mlp_with(linear_matmul_ext),
+                    _ext("bias_gelu_fast"),
+                    _torch_runs("2 x torch.matmul + extension bias_gelu_fast", "cuBLAS + csrc kernel"),
+                ),
+            ),
+            reference=mlp_ref,
+            flops=lambda x, w1, *a, **k: 2 * gemm_flops(_rows(x.shape), w1.shape[0], x.shape[-1]),
+            bytes=lambda x, w1, b1, w2, b2, activation="gelu_fast", residual=None: (
+                _bytes(x, w1, b1, w2, b2, residual) + _rows(x.shape) * w2.shape[0] * x.element_size()
+            ),
+            sample_inputs=_mlp_inputs,
+            custom_ops=_MLP_OPS,
+            tests=("tests/test_linear.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_ops.py::test_mlp",
+            aot_modules=(_GEMM,),
+        ),
+        # on the fused (B, N, 3, H, D) projection output (the model's path) and on separate q, k, v (when a wrapped
+        # projection runs its own forward)
+        Op(
+            name="attention_qkv",
+            kernel_module="vivit_kernels.ops.attention",
+            module="vivit_kernels.ops.attention",
+            implementations=_impls(
+                ("triton", flash_attention_qkv, _triton_here, _ours_runs("flash attention on the fused qkv")),
+                *_sdpa_rows(True),
+            ),
+            reference=_attention_qkv_ref,
+            flops=lambda qkv, scale=None: attention_flops(qkv.numel() // 3, qkv.shape[-4]),
+            bytes=lambda qkv, scale=None: _bytes(qkv) * 4 / 3,
+            sample_inputs=_attention_qkv_inputs,
+            custom_ops=_ATTENTION_QKV_OPS,
+            backward_ratio=2.5,
+            tests=("tests/test_attention.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_attention.py::test_attention",
+            aot_modules=("vivit_kernels.ops.attention",),
+        ),
+        Op(
+            name="attention",
+            kernel_module="vivit_kernels.ops.attention",
+            module="vivit_kernels.ops.attention",
+            implementations=_impls(
+                ("triton", flash_attention, _triton_here, _ours_runs("flash attention")), *_sdpa_rows(False)
+            ),
+            reference=attention_ref,
+            flops=lambda q, k, v, scale=None: attention_flops(q.numel(), k.shape[-3]),
+            bytes=lambda q, k, v, scale=None: 2 * _bytes(q) + _bytes(k, v),
+            sample_inputs=_attention_inputs,
+            custom_ops=_ATTENTION_OPS,
+            backward_ratio=2.5,
+            tests=("tests/test_attention.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_attention.py::test_attention_separate",
+            aot_modules=("vivit_kernels.ops.attention",),
+        ),
+        Op(
+            name="patch_embed",
+            kernel_module="vivit_kernels.ops.patch_embed",
+            module="vivit_kernels.ops.patch_embed",
+            implementations=_impls(
+                ("triton", patch_embed, _triton_here, _ours_runs("implicit-GEMM tubelet Conv3d + [CLS] + positions")),
+                ("torch", patch_embed_conv3d, _anywhere, _torch_runs("F.conv3d + cat + add", "cuDNN")),
+            ),
+            reference=patch_embed_ref,
+            flops=lambda x, w, *a: _patch_gemm(x.shape, w.shape),
+            bytes=lambda x, w, b, cls, pos: (
+                _bytes(x, w, b, pos) + x.shape[0] * pos.shape[1] * w.shape[0] * x.element_size()
+            ),
+            sample_inputs=_patch_embed_inputs,
+            custom_ops=_PATCH_EMBED_OPS,
+            tests=("tests/test_patch_embed.py", *_KERNEL_TESTS),
+            bench="bench/test_bench_ops.py::test_patch_embed",
+            aot_modules=("vivit_kernels.ops.patch_embed",),
+        ),
+        # the C++/CUDA extension's ops (csrc/: device math in __host__ __device__ functions shared with the CPU build)
+        Op(
+            name="bias_gelu_fast",
+            kernel_module="csrc/cuda/gelu.cu",
+            module="vivit_kernels.ops.gelu",
+            implementations=_impls(
+                ("extension", bias_gelu_fast, _ext("bias_gelu_fast"), _ext_runs("bias + gelu_fast")),
+                (
+                    "torch",
+                    bias_gelu_fast_torch,
+                    _anywhere,
+                    _torch_runs("F.gelu(x + bias, approximate='tanh')", "torch"),
+                ),
+            ),
+            reference=bias_gelu_fast_ref,
+            flops=lambda x, b: 0.0,
+            bytes=lambda x, b: 2 * _bytes(x) + _bytes(b),
+            sample_inputs=_bias_gelu_fast_inputs,
+            backend=False,
+            custom_ops={
+                "vivit_kernels::bias_gelu_fast": CustomOp(),
+                "vivit_kernels::bias_gelu_fast_backward": CustomOp(),
+            },
+            tests=("tests/test_gelu_ext.py", "tests/test_extension.py"),
+            bench="bench/test_bench_ops.py::test_bias_gelu_fast",
+        ),
+        Op(
+            name="preprocess_video",
+            kernel_module="csrc/cuda/preprocess.cu",
+            module="vivit_kernels.ops.preprocess",
+            implementations=_impls(
+                ("extension", preprocess_video, _ext("preprocess_video"), _ext_runs("resize + crop + normalise"))
+            ),
+            reference=preprocess_video_ref,
+            flops=lambda *a: 0.0,
+            bytes=_preprocess_cost,
+            sample_inputs=_preprocess_video_inputs,
+            backend=False,
+            dtypes=(torch.float32,),
+            custom_ops={"vivit_kernels::preprocess_video": CustomOp()},
+            tests=("tests/test_preprocess.py", "tests/test_extension.py"),
+            bench="bench/test_bench_preprocess.py::test_ours_cpu",
+        ),
+    )
+}
+
+# every custom op's FLOP formula, given to torch's FLOP counter (FlopCounterMode counts our ops like ATen matmuls)
+for _op in OPS.values():
+    for _name, _spec in _op.custom_ops.items():
+        _packet = getattr(torch.ops.vivit_kernels, _name.split("::")[1], None) if _spec.flops else None
+        if _packet is not None:
+            register_flop_formula(_packet)(_spec.flops)
 
 
 def ours(op: str) -> Callable:
@@ -342,6 +654,30 @@ def ours(op: str) -> Callable:
     return OPS[op].ours.fn
 
 
+def backend_ops() -> tuple[str, ...]:
+    """The ops a ViViT layer calls (the Backend table's functions), in registry order."""
+    return tuple(name for name, op in OPS.items() if op.backend)
+
+
 def aot_modules() -> tuple[str, ...]:
     """Every module whose aot_cases() lists shipped kernels, in registry order, each once."""
     return tuple(dict.fromkeys(m for op in OPS.values() for m in op.aot_modules))
+
+
+def _custom_op(name: str) -> CustomOp:
+    for op in OPS.values():
+        if name in op.custom_ops:
+            return op.custom_ops[name]
+    raise KeyError(f"{name} is no custom op of any registry entry")
+
+
+def launches(op_name: str, args: tuple) -> int:
+    """Kernels one call of custom op ``op_name`` ("vivit_kernels::linear_fwd") launches with these arguments."""
+    n = _custom_op(op_name).launches
+    return n(args) if callable(n) else n
+
+
+def transient_bytes(op_name: str, args: tuple) -> int:
+    """Bytes custom op ``op_name`` allocates and frees inside one call (beyond its outputs)."""
+    fn = _custom_op(op_name).transient
+    return fn(args) if fn else 0
