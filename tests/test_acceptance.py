@@ -40,7 +40,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert all(r["interpreted"] for r in data["ops"] if r["provider"] == "triton")  # never a speed figure
     assert any(r["provider"] == "auto" and r["ms"] for r in data["ops"])
     seed = {(r["table"], r["provider"]) for r in data["seed"]}
-    assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS}
+    lora = {("training", "triton+lora"), ("training", "auto+lora")}  # a LoRA step beside the full one
+    assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS} | lora
     # every op a layer runs (the per-op section asks auto for each), and the whole model
     assert {a["op"] for a in data["auto"]} == set(backend_ops()) | {"model"}
     assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out

@@ -42,10 +42,10 @@ def batch(cfg, n=2, seed=1):
 # ------------------------------------------------------------------------------------------------
 # PEFT
 # ------------------------------------------------------------------------------------------------
-def _lora(model):
+def _lora(model, targets=("q_proj", "v_proj")):
     import peft
 
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
     model = peft.get_peft_model(model, config)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # non-zero adapters (lora_B starts at zero) so that they change the output
@@ -83,6 +83,74 @@ def test_lora_on_q_and_v_equals_lora_on_transformers_and_trains():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(not torch.equal(p, before[n]) for n, p in adapters_o.items())
+
+
+def _dispatched(fn) -> list[tuple[str, tuple]]:
+    """(custom op name, its arguments) of every vivit_kernels op dispatched while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "vivit_kernels":
+                seen.append((func.__name__.split(".")[0], args))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")],
+                         ids=["q-v", "every-linear"])
+def test_lora_stays_on_our_fused_gemms_and_frozen_weights_get_no_gradient(targets):
+    """PEFT LoRA on any projection: the base GEMMs stay ours (QKV one launch per layer, the MLP op where fc1 and
+    fc2 are plain), the adapters' update is added, the result equals transformers' eager model with the same
+    adapters (outputs and every adapter gradient), and no backward op computes a frozen base weight's gradient."""
+    cfg, ours, theirs = tiny_pair()
+    ours, theirs = _lora(ours, targets), _lora(theirs, targets)
+    x, labels = batch(cfg)
+    out = {}
+
+    def step():
+        out["ours"] = ours(pixel_values=x, labels=labels)
+        out["ours"].loss.backward()
+
+    calls = _dispatched(step)
+    names = [name for name, _ in calls]
+    layers = cfg.num_hidden_layers
+    assert names.count("qkv_fwd") == layers  # the three base projections: one GEMM per layer, adapters or not
+    assert names.count("mlp_fwd") == (0 if "fc1" in targets else layers)
+    # o_proj's GEMM (+ residual) each layer; with fc1 and fc2 adapted, theirs too instead of the MLP op
+    assert names.count("linear_fwd") == layers * (3 if "fc1" in targets else 1)
+    for name, args in calls:  # every base weight is frozen: no weight or bias gradient is computed
+        if name == "qkv_bwd":
+            assert not any(args[6][1:]), args[6]
+        elif name in ("linear_bwd",):
+            assert not args[5] and not args[6], args[4:7]
+        elif name == "mlp_bwd":
+            assert not any(args[6][1:]), args[6]
+        elif name == "layer_norm_bwd":
+            assert not args[6] and not args[7], args[5:8]
+    ref = theirs(pixel_values=x, labels=labels)
+    ref.loss.backward()
+    assert_close(out["ours"].logits, ref.logits, 1e-4, name="logits")
+    theirs_params = dict(theirs.named_parameters())
+    adapters = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    assert len(adapters) == 2 * len(targets) * layers
+    for n, p in adapters.items():
+        assert_close(p.grad, theirs_params[n].grad, 1e-4, rtol=1e-4, name=n)
+    # merged adapters: the base weights hold the update; our GEMMs alone, the same outputs
+    with torch.no_grad():
+        ours.merge_adapter()
+        theirs.merge_adapter()
+        names = [name for name, _ in _dispatched(lambda: ours(pixel_values=x))]
+        assert_close(ours(pixel_values=x).logits, theirs(pixel_values=x).logits, 1e-4, name="merged")
+        assert names.count("qkv_fwd") == layers
+        ours.unmerge_adapter()
+        merged = ours.merge_and_unload()  # plain modules again
+        assert_close(merged(pixel_values=x).logits, ref.logits.detach(), 1e-4, name="merge_and_unload")
 
 
 def test_apply_vivit_kernels_to_a_peft_wrapped_transformers_model():

@@ -236,6 +236,50 @@ def test_finetune_with_lora_writes_a_plain_vivit_checkpoint(motion, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
+def _losses_and_weights(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    model = vk.VivitForVideoClassification.from_pretrained(out)
+    return [e["loss"] for e in state["log_history"] if "loss" in e], model.state_dict()
+
+
+def test_one_seed_repeats_a_run_and_another_does_not(motion, tmp_path):
+    """The same command with the same seed twice: the same losses and the same final weights, bit for bit (a
+    random-weight preset, the data order, clip sampling and augmentation all under the seed); another seed
+    differs."""
+    common = dict(preset=tiny_config(), batch_size=4, lr=1e-3, max_steps=3, save_steps=3, val_fraction=0.25,
+                  eval_views=(1, 1), **{**RUN, "logging_steps": 1})
+    runs = {name: finetune(motion, tmp_path / name, seed=seed, **common) for name, seed in
+            (("a", 5), ("b", 5), ("c", 6))}
+    assert all(r["seed"] in (5, 6) for r in runs.values())
+    (losses_a, weights_a), (losses_b, weights_b), (losses_c, _) = (_losses_and_weights(tmp_path / n) for n in "abc")
+    assert len(losses_a) == 3 and losses_a == losses_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert losses_c != losses_a
+
+
+def test_a_linear_probe_trains_the_classifier_alone_from_the_command_line(motion, tmp_path):
+    from vivit_kernels import cli
+
+    start = tmp_path / "start"
+    transformers.set_seed(0)
+    vk.VivitForVideoClassification(tiny_config(num_labels=2, id2label={0: "down", 1: "up"})).save_pretrained(start)
+    assert cli.main(["finetune", str(motion), "--out", str(tmp_path / "probe"), "--model", str(start),
+                     "--freeze-backbone", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--attn", "sdpa",
+                     "--workers", "0", "--eval-views", "1x1", "--val-fraction", "0.25", "--device", "cpu",
+                     "--no-progress"]) == 0
+    before = vk.VivitForVideoClassification.from_pretrained(start).state_dict()
+    after = vk.VivitForVideoClassification.from_pretrained(tmp_path / "probe").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}, changed
+    results = json.loads((tmp_path / "probe" / "finetune_results.json").read_text())
+    assert results["freeze_backbone"] and results["train_last_layers"] == 0
+    with pytest.raises(ValueError, match="choose one"):
+        finetune(motion, tmp_path / "x", model=str(start), freeze_backbone=True, lora_rank=4, **RUN)
+    with pytest.raises(ValueError, match="between 0 and the model's 2 layers"):
+        finetune(motion, tmp_path / "y", model=str(start), freeze_backbone=True, train_last_layers=3, max_steps=1,
+                 **RUN)
+
+
 @pytest.mark.parametrize("preset", ["tiny-fsa", "tiny-fdp"])
 def test_a_factorised_model_finetunes_saves_and_predicts(motion, tmp_path, preset):
     """Models 3 and 4 through the same job as Model 1: a preset, Trainer, the multi-view evaluation, a checkpoint

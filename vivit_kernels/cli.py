@@ -155,8 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 _FINETUNE_ARGS = ("model", "preset", "from_vit", "inflate", "attention_type", "val", "val_fraction", "num_frames",
                   "tubelet_time", "frame_sample_rate", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                   "weight_decay", "warmup", "scheduler", "label_smoothing", "bf16", "gradient_checkpointing",
-                  "lora_rank", "lora_alpha", "attn", "workers", "flip", "resume", "fsdp", "seed", "logging_steps",
-                  "save_steps", "device")
+                  "lora_rank", "lora_alpha", "freeze_backbone", "train_last_layers", "attn", "workers", "flip",
+                  "resume", "fsdp", "seed", "logging_steps", "save_steps", "device")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -284,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on q and v (PEFT) and "
                                                             "the classifier; 0: train everything")
     p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--freeze-backbone", action="store_true", help="train the classifier alone on frozen features "
+                                                                   "(a linear probe); with --train-last-layers N also "
+                                                                   "the last N layers")
+    p.add_argument("--train-last-layers", type=int, default=0, help="with --freeze-backbone: the last N encoder "
+                                                                    "layers train too")
     p.add_argument("--eval-views", default="4x3", help="final evaluation views CLIPSxCROPS (default 4x3)")
     p.add_argument("--flip", type=float, default=0.5, help="horizontal flip probability (0 for labels that depend "
                                                            "on left and right)")

@@ -34,7 +34,8 @@ from ._devices import run_defaults
 from ._files import atomic_write_text
 from .processing import VideoProcessor
 
-__all__ = ["finetune", "evaluate_clips", "VideoTrainer", "build_model", "processor_for_vit", "parse_views"]
+__all__ = ["finetune", "evaluate_clips", "VideoTrainer", "build_model", "processor_for_vit", "parse_views",
+           "freeze_all_but_head", "add_lora"]
 
 logger = logging.getLogger("vivit_kernels.finetune")
 RESULTS_FILE = "finetune_results.json"
@@ -122,7 +123,25 @@ def build_model(splits: vdata.VideoSplits, model: str | None = None, preset: str
     return vivit, VideoProcessor.for_model(vivit.config, model)
 
 
-def _add_lora(model, rank: int, alpha: int | None):
+def freeze_all_but_head(model, train_last_layers: int = 0) -> int:
+    """Freeze every weight but the classifier's and, with ``train_last_layers`` > 0, the last that many encoder
+    layers' and the final LayerNorm's (a linear probe, or a partial fine-tune); returns the trainable count."""
+    base = model.vivit
+    layers = list(base.layers)
+    if not 0 <= train_last_layers <= len(layers):
+        raise ValueError(f"train_last_layers must be between 0 and the model's {len(layers)} layers, got "
+                         f"{train_last_layers}")
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    if train_last_layers:
+        for layer in layers[len(layers) - train_last_layers:]:
+            layer.requires_grad_(True)
+        base.layernorm.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_lora(model, rank: int, alpha: int | None = None):
+    """PEFT LoRA adapters of ``rank`` (alpha default 2 x rank) on q and v; the classifier trains too."""
     try:
         import peft
     except ImportError:
@@ -310,6 +329,8 @@ def finetune(
     gradient_checkpointing: bool = False,
     lora_rank: int = 0,
     lora_alpha: int | None = None,
+    freeze_backbone: bool = False,
+    train_last_layers: int = 0,
     attn: str | None = None,
     workers: int | None = None,
     eval_views: str | tuple[int, int] = (4, 3),
@@ -337,6 +358,12 @@ def finetune(
     (Trainer's ``checkpoint-N`` folders beside them; ``resume=True`` continues from the latest: run it with the
     same arguments, since the learning-rate schedule is the checkpoint's). ``callbacks``: Trainer callbacks.
     Returns the results dict that file holds.
+
+    What trains: everything (default); LoRA adapters of ``lora_rank`` on q and v plus the classifier; or, with
+    ``freeze_backbone``, the classifier alone on frozen features (a linear probe), plus the last
+    ``train_last_layers`` encoder layers and the final LayerNorm when that is > 0. Frozen weights cost no gradient
+    in our kernels. ``seed`` seeds everything: the random weights (a preset, a new classifier), the data order,
+    clip sampling and augmentation: the same command twice gives the same losses and weights on the CPU.
     """
     out = Path(out)
     views = parse_views(eval_views)
@@ -354,7 +381,13 @@ def finetune(
     if fsdp and lora_rank:
         raise ValueError("fsdp with LoRA is not supported here: LoRA trains few weights, so DDP (the default) is the "
                          "right choice for it")
+    if freeze_backbone and lora_rank:
+        raise ValueError("freeze_backbone trains the classifier (and train_last_layers layers) on frozen features; "
+                         "lora_rank trains adapters in every layer: choose one")
+    if train_last_layers and not freeze_backbone:
+        raise ValueError("train_last_layers goes with freeze_backbone (without it, every layer trains)")
     splits = vdata.load_video_splits(data, val, val_fraction)
+    transformers.set_seed(seed)  # before any random weight: a preset's, a new classifier's
     vivit, processor = build_model(splits, model, preset, from_vit, inflate, num_frames, tubelet_time, attn,
                                    attention_type)
     config = vivit.config
@@ -362,7 +395,12 @@ def finetune(
     # model, so predict and classify read the model back with the sampling it was trained on
     frame_sample_rate = processor.frame_sample_rate = processor.sample_rate(frame_sample_rate)
     if lora_rank:
-        vivit = _add_lora(vivit, lora_rank, lora_alpha)
+        vivit = add_lora(vivit, lora_rank, lora_alpha)
+    if freeze_backbone:
+        trainable = freeze_all_but_head(vivit, train_last_layers)
+        logger.info("vivit_kernels finetune: training %d of %d parameters (the classifier%s)", trainable,
+                    sum(p.numel() for p in vivit.parameters()),
+                    f" and the last {train_last_layers} layers" if train_last_layers else "")
     bf16 = (not use_cpu and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
     workers = vdata.default_workers() if workers is None else workers
     preprocess_on = preprocess_on or ("worker" if use_cpu else "device")
@@ -454,6 +492,9 @@ def finetune(
         "parallel": _parallel(trainer, world),
         "bf16": bf16,
         "lora_rank": lora_rank,
+        "freeze_backbone": freeze_backbone,
+        "train_last_layers": train_last_layers,
+        "seed": seed,
     }
     to_save = trainer.model
     if lora_rank:

@@ -137,6 +137,7 @@ class Op:
     custom_ops: dict[str, CustomOp] = field(default_factory=dict)
     aot_modules: tuple[str, ...] = ()  # modules whose aot_cases() the compile gate compiles
     backward_ratio: float = 2.0  # backward FLOPs / forward FLOPs (dX and dW GEMMs; attention recomputes: 2.5)
+    weights: tuple[int, ...] = ()  # the arguments that are a module's parameters (frozen ones cost no gradient)
     variants: tuple[str | None, ...] = (None,)  # sample_inputs' variants (e.g. linear's two epilogues)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)  # the dtypes its checks run in
     backend: bool = True  # a function of the model's Backend table (the layer calls it)
@@ -454,6 +455,7 @@ OPS: dict[str, Op] = {
     for op in (
         Op(
             name="layer_norm",
+            weights=(1, 2),
             kernel_module="vivit_kernels.ops.layer_norm",
             module="vivit_kernels.ops.layer_norm",
             implementations=_impls(
@@ -471,6 +473,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             name="qkv",
+            weights=(1, 2, 3, 4, 5, 6),
             kernel_module=_GEMM,
             module="vivit_kernels.ops.linear",
             implementations=_impls(
@@ -488,6 +491,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             name="linear",
+            weights=(1, 2),
             kernel_module=_GEMM,
             module="vivit_kernels.ops.linear",
             implementations=_impls(
@@ -516,6 +520,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             name="mlp",
+            weights=(1, 2, 3, 4),
             kernel_module=_GEMM,
             module="vivit_kernels.ops.linear",
             implementations=_impls(
@@ -578,6 +583,7 @@ OPS: dict[str, Op] = {
         ),
         Op(
             name="patch_embed",
+            weights=(1, 2, 3, 4),
             kernel_module="vivit_kernels.ops.patch_embed",
             module="vivit_kernels.ops.patch_embed",
             implementations=_impls(
@@ -598,6 +604,7 @@ OPS: dict[str, Op] = {
         # the C++/CUDA extension's ops (csrc/: device math in __host__ __device__ functions shared with the CPU build)
         Op(
             name="bias_gelu_fast",
+            weights=(1,),
             kernel_module="csrc/cuda/gelu.cu",
             module="vivit_kernels.ops.gelu",
             implementations=_impls(

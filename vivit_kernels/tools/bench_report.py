@@ -259,6 +259,13 @@ def run_cli(args: argparse.Namespace) -> int:
             models = measure_models(1, dtype, progress=lambda m: print(f"[measure] {m}", file=sys.stderr, flush=True))
             measurements_md += ("\n\n### The paper's four models\n\n`vivit_kernels.tools.measure.measure_models()`:\n\n"
                                 + format_models_markdown(models))
+            from .measure import TRAINING_MODES, format_training_markdown, measure_training
+
+            training = [measure_training(mode, provider, batch=8, dtype=dtype)
+                        for provider in ("triton", "transformers-eager") for mode in TRAINING_MODES]
+            measurements_md += ("\n\n### What a training step costs by what trains\n\n"
+                                "`vivit_kernels.tools.measure.measure_training()`:\n\n"
+                                + format_training_markdown(training))
         (out / "measurements.md").write_text(measurements_md + "\n", encoding="utf-8")
         print(measurements_md)
     benchmark_json = None

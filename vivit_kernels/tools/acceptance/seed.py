@@ -15,8 +15,12 @@ from .run import COMPILED, SEED_PROVIDERS, Acceptance, torch_dtype
 __all__ = ["build_seed_model", "seed_step", "peak_memory_mb", "section_seed", "section_auto"]
 
 
+LORA = "+lora"  # a provider with this suffix: the same model with LoRA rank 8 on q and v (finetune --lora-rank 8)
+
+
 def build_seed_model(provider: str, config, dtype, device):
-    """A model of the seed's tables: ours (provider "triton" / "auto") or transformers' own ("transformers-eager",
+    """A model of the seed's tables: ours (provider "triton" / "auto"; "triton+lora" / "auto+lora": with PEFT LoRA
+    of rank 8 on q and v, as ``finetune --lora-rank 8`` trains) or transformers' own ("transformers-eager",
     "transformers-sdpa", and torch.compile of the latter), same config and seeded weights."""
     import torch
 
@@ -24,6 +28,10 @@ def build_seed_model(provider: str, config, dtype, device):
 
     cfg = VivitConfig.from_preset(config) if isinstance(config, str) else config
     torch.manual_seed(0)
+    if provider.endswith(LORA):
+        from ...finetune import add_lora
+
+        return add_lora(VivitForVideoClassification(cfg, attn=provider.removesuffix(LORA)).to(device, dtype), 8)
     if provider.startswith("transformers"):
         import transformers
 
@@ -206,6 +214,8 @@ def section_seed(run: Acceptance) -> None:
     rows = infer[0] + [
         ("training", p, b, plan.train_dtype, "train") for b in plan.train_batches for p in SEED_PROVIDERS
     ]
+    # a LoRA step beside the full one (what frozen weights save): our two backends, the largest training batch
+    rows += [("training", p + LORA, plan.train_batches[-1], plan.train_dtype, "train") for p in ("triton", "auto")]
     rows += [row for rows_of_dtype in infer[1:] for row in rows_of_dtype]
     for table, provider, batch, dtype, kind in rows:
         run.step("seed", f"{table} {provider} batch {batch} {dtype}", kind,
