@@ -41,7 +41,10 @@ def test_dry_run_writes_every_section(tmp_path):
     assert any(r["provider"] == "auto" and r["ms"] for r in data["ops"])
     seed = {(r["table"], r["provider"]) for r in data["seed"]}
     lora = {("training", "triton+lora"), ("training", "auto+lora")}  # a LoRA step beside the full one
-    assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS} | lora
+    merge = {("inference", "triton+merge"), ("inference", "auto+merge")}  # token merging beside the full model
+    assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS} | lora | merge
+    merged = [r for r in data["seed"] if r["provider"].endswith("+merge")]
+    assert all(r["merge"] == "fraction-10" for r in merged)  # the schedule is recorded, and shown in the report
     # every op a layer runs (the per-op section asks auto for each), and the whole model
     assert {a["op"] for a in data["auto"]} == set(backend_ops()) | {"model"}
     assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out
@@ -51,7 +54,7 @@ def test_dry_run_writes_every_section(tmp_path):
     for heading in ("## 1. Environment", "## 2. Correctness", "## 3. Per-op speed", "## 4. The seed's tables",
                     "### End to end: predict over generated videos", "## 5. attn=\"auto\" choices", "## Skipped"):
         assert heading in report, heading
-    assert "**Dry run**" in report and "verdict: **PASS" in report
+    assert "**Dry run**" in report and "verdict: **PASS" in report and "triton+merge (fraction-10)" in report
     assert (tmp_path / "inference_latency.png").exists()
 
     # the README section is made from the newest GPU run under bench/results (a dry run is never one)

@@ -14,13 +14,20 @@ from vivit_kernels.ops import layer_norm as ln_mod
 from vivit_kernels.ops import patch_embed as pe_mod
 
 
+def _matmul_sass(case, arch: int) -> bool:
+    """The compilations whose SASS the tests below read: sm_90's fp16 / bf16 matrix-multiplying kernels (wgmma,
+    TMA, hot loops)."""
+    return arch == 90 and case.label.startswith(("fp16", "bf16")) and not case.kernel.startswith(
+        ("_layer_norm", "_attn_bwd_preprocess"))
+
+
 @pytest.fixture(scope="module")
 def results():
-    # one compile process per core (2 here; a GPU server has many more), at most 16. The SASS is read back for
-    # sm_90 only: the tests below assert on sm_90's SASS (wgmma, TMA, hot loops), and nvdisasm is most of the
-    # gate's time; sm_80 still gets registers, spills and shared memory (`vivit-kernels compile-report` reads both)
+    # one compile process per core (2 here; a GPU server has many more), at most 16. The SASS is read back only
+    # where the tests below assert on it (`_matmul_sass`), as nvdisasm is most of the gate's time; every
+    # compilation still gets registers, spills and shared memory (`vivit-kernels compile-report` reads all SASS)
     return aot.run(aot.collect_cases(), archs=(80, 90), jobs=max(2, min(16, os.cpu_count() or 2)), progress=False,
-                   sass_archs=(90,))
+                   sass=_matmul_sass)
 
 
 def test_every_shipped_config_passes_the_gate(results):
@@ -51,10 +58,19 @@ def test_gate_covers_every_attention_config(results):
                 variants = 2 if table is attn_mod.FWD_ROWS and arch == 90 else 1
                 expected += len(table[(block_d, 2, arch, True)]) * variants
     expected += 2 * n_dims
+    # proportional attention (a per-key bias: HAS_BIAS), bf16: every config of the bias rows, every variant
+    for head_dim in attn_mod.AOT_HEAD_DIMS:
+        block_d = attn_mod.block_d_for(head_dim)
+        for table in (attn_mod.FWD_BIAS_ROWS, attn_mod.DKDV_BIAS_ROWS, attn_mod.DQ_BIAS_ROWS):
+            for arch in (80, 90):
+                variants = 2 if table is attn_mod.FWD_BIAS_ROWS and arch == 90 else 1
+                expected += len(attn_mod.unique_configs(table, block_d, 2, arch)) * variants
     attention = [r for r in results if r.case.name.startswith("attn")]
     assert len(attention) == expected
     two = [r for r in attention if dict(r.case.constexprs).get("TWO_BATCH")]
     assert two and all("2-batch" in r.case.label and "bf16" in r.case.label for r in two)
+    biased = [r for r in attention if dict(r.case.constexprs).get("HAS_BIAS")]
+    assert biased and all(" bias " in r.case.label and "bf16" in r.case.label for r in biased)
 
 
 def test_gate_covers_every_gemm_config(results):
@@ -73,10 +89,9 @@ def test_sm90_fp16_bf16_configs_use_wgmma_and_gemms_use_tma(results):
     """On sm_90 every fp16 / bf16 config of every matrix-multiplying kernel issues wgmma (not Ampere's mma.sync),
     and every shipped GEMM config of the sm_90 kernel, and the attention forward's tensor-descriptor variant, load
     their tiles through TMA."""
-    for r in results:
-        if r.arch != 90 or not r.case.label.startswith(("fp16", "bf16")) or r.case.name == "attn_bwd_preprocess" \
-                or r.case.name.startswith("layer_norm"):
-            continue
+    checked = [r for r in results if _matmul_sass(r.case, r.arch)]
+    assert len(checked) > 400
+    for r in checked:
         assert r.mma == "wgmma", (r.case.name, r.case.label, r.mma)
         if r.case.name == "gemm_tma" or (r.case.name == "attn_fwd" and " tma " in r.case.label):
             assert r.loads == "TMA", (r.case.name, r.case.label, r.loads)
@@ -126,7 +141,8 @@ def test_vivit_b_weight_gradients_fill_132_sms():
 
 
 def test_gate_covers_layer_norm_and_patch_embed(results):
-    assert len([r for r in results if r.case.name.startswith("layer_norm")]) == 2 * 2 * 3 * len(ln_mod.LN_CONFIGS)
+    # per config, dtype and arch: the forward and three backward variants (all, frozen weight, no dx)
+    assert len([r for r in results if r.case.name.startswith("layer_norm")]) == (1 + 3) * 2 * 3 * len(ln_mod.LN_CONFIGS)
     expected = 0
     for table, rows in pe_mod.PATCH_CONFIGS.items():
         for (size, _precision), configs in rows.items():

@@ -102,6 +102,25 @@ def test_attention_autotune(tuner_name, table_name, favour_index, tokens):
     assert_close(out.float(), ref_out, 1e-2, name="out")
 
 
+def test_a_biased_attention_tunes_over_the_bias_rows():
+    """Proportional attention (a per-key bias) leaves out the configs that spill with it (the compile gate):
+    its launch benchmarks exactly its bias row; on sm_80 that row is one config short of the plain one."""
+    tuner = attn_mod._attn_fwd_tuned
+    _reset(tuner)
+    key = (32, 2, attn_mod.arch_of(DEVICE), False)  # head_dim 32, 2-byte elements, a long sequence
+    row, plain = attn_mod.FWD_BIAS_ROWS[key], attn_mod.FWD_ROWS[key]
+    if key[2] == 80:
+        assert len(row) == len(plain) - 1
+    timer = FakeTimer(_triton.config_key(row[0]))
+    q = torch.randn(1, 300, 2, 32, device=DEVICE).half()
+    bias = torch.rand(1, 300, device=DEVICE)
+    with _triton.autotuning(timer):
+        out = attn_mod.flash_attention(q, q, q, bias=bias)
+    assert sorted(timer.by_tuner[id(tuner)]) == _keys(row)
+    ref = attn_mod.attention_ref(q.float(), q.float(), q.float(), bias=bias)
+    assert_close(out.float(), ref, 1e-2, name="biased out")
+
+
 def test_attention_key_separates_sequence_lengths():
     tuner = attn_mod._attn_fwd_tuned
     _reset(tuner)

@@ -38,6 +38,17 @@ def test_demo_runs_every_available_backend():
     assert "not a speed figure" in rows["triton"]
 
 
+def test_demo_with_token_merging_adds_a_merged_row_per_backend():
+    out = run("demo", "--preset", "tiny", "--repeats", "1", "--merge", "2")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: float(line.split()[2]) for line in out.stdout.splitlines()
+            if line.split()[:1] and line.split()[0].endswith("+merge")}
+    assert set(rows) == {"eager+merge", "sdpa+merge", "triton+merge", "auto+merge"}, out.stdout
+    assert rows["eager+merge"] > 1e-4, out.stdout  # merging changed the logits (its approximation) ...
+    assert all(abs(d - rows["eager+merge"]) < 1e-4 for d in rows.values()), out.stdout  # ... the same on each
+    assert "token merging 2" in out.stdout
+
+
 def test_demo_with_checkpoint(tmp_path):
     import vivit_kernels as vk
 

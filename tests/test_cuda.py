@@ -417,3 +417,24 @@ def test_cuda_graph_capture_and_replay():
             graph.replay()
             torch.cuda.synchronize()
             assert_close(static_out, eager(new).logits, 1e-3, name=f"replay {seed}")
+
+
+def test_token_merging_matches_eager_and_waits_for_the_gpu_nowhere():
+    """Merged triton against merged eager (same schedule), and the merged forward with torch's sync debug mode
+    on "error": the merge step makes its index sets on the device (a host copy or .item() per layer would make
+    the CPU wait for the GPU at every layer)."""
+    eager, tri, x = _tiny_pair()
+    for model in (eager, tri):
+        model.set_token_merging("fraction-20")
+    with torch.no_grad():
+        ref = eager(x).logits
+        tri(x)  # compile and autotune outside the check
+        if not DRY_RUN:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = tri(x).logits
+        finally:
+            if not DRY_RUN:
+                torch.cuda.set_sync_debug_mode(0)
+    assert_close(out, ref, 1e-3, name="merged triton vs merged eager")

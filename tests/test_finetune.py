@@ -189,6 +189,19 @@ def test_finetune_learns_a_label_that_needs_time_and_saves_a_checkpoint_both_rea
     assert (logits.argmax(-1) == labels).float().mean() >= 0.75
     assert (reversed_logits.argmax(-1) == labels).float().mean() <= 0.25, "the model does not use time"
 
+    # token merging keeps the held-out accuracy (what we measured: docs/merging.md; asserted: the robust part)
+    splits = vdata.load_video_splits(motion, val_fraction=0.25)
+    held_out = vdata.VideoClipDataset(splits.val, splits.label2id, processor, ours.config.num_frames, 2, views=(2, 3))
+    unmerged = evaluate_clips(ours, held_out, batch_size=8)
+    for schedule in ("fraction-20", 12):
+        ours.set_token_merging(schedule)
+        with torch.no_grad():
+            kept = ours.vivit(x, output_hidden_states=True).hidden_states[-1].shape[1]
+        assert kept < x.shape[1] // 2 * 16 + 1, "nothing merged"  # 2 slices x 16 patches + [CLS] unmerged
+        merged = evaluate_clips(ours, held_out, batch_size=8)
+        assert merged["videos"] == unmerged["videos"] == 24
+        assert merged["top1"] >= 0.75 and merged["top1"] >= unmerged["top1"] - 2 / 24, (schedule, merged, unmerged)
+
 
 def test_resume_continues_from_the_saved_step(motion, tmp_path):
     common = dict(preset=tiny_config(), batch_size=4, lr=1e-3, save_steps=2, val_fraction=0.25, eval_views=(1, 1),

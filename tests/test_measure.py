@@ -133,7 +133,7 @@ def test_a_training_step_costs_what_trains():
     docs/finetune.md's table is this measurement, every row."""
     from pathlib import Path
 
-    from vivit_kernels.tools.measure import TRAINING_MODES, format_training_markdown, measure_training
+    from vivit_kernels.tools.costs import TRAINING_MODES, format_training_markdown, measure_training
 
     rows = [measure_training(mode, provider, batch=8) for provider in ("triton", "transformers-eager")
             for mode in TRAINING_MODES]

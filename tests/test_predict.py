@@ -150,6 +150,49 @@ def test_the_command_exit_status_and_last_line_count_failures(collection, tmp_pa
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("1 lines for 1 inputs, 0 failed")
 
 
+def test_token_merging_from_the_flag_and_from_the_checkpoint(collection, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    videos = [str(collection / "videos" / "up" / f"00{i}.mp4") for i in range(3)]
+    common = ["--device", "cpu", "--workers", "0", "--no-progress"]
+
+    def run(name, model, *flags):
+        out, emb = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.npy"
+        assert cli.main(["predict", *videos, "--model", str(model), "--out", str(out), "--embeddings", str(emb),
+                         *flags, *common]) == 0
+        return rows_of(out), vp.read_embeddings(emb)[1]
+
+    plain, plain_emb = run("plain", collection / "model")
+    merged, merged_emb = run("merged", collection / "model", "--merge", "3")
+    assert all("merge" not in r for r in plain) and all(r["merge"] == 3 for r in merged)
+    assert not np.allclose(plain_emb, merged_emb, atol=1e-4)  # the flag merged tokens
+    model = vk.VivitForVideoClassification.from_pretrained(collection / "model", attn="sdpa").set_token_merging(3)
+    processor = VideoProcessor.for_model(model.config, collection / "model")
+    frames = read_clips(videos[0], model.config.num_frames, 1).frames
+    with torch.no_grad():
+        pooled = model.eval().vivit(processor(torch.from_numpy(frames))["pixel_values"]).last_hidden_state[:, 0]
+    assert_close(torch.from_numpy(merged_emb[0]), pooled[0], 1e-5, name="merged embedding vs the Python API's")
+
+    saved = tmp_path / "merged-model"  # a checkpoint saved with merging on merges by itself; --merge off undoes it
+    model.save_pretrained(saved)
+    shutil.copy(collection / "model" / "preprocessor_config.json", saved)
+    again, again_emb = run("again", saved)
+    off, off_emb = run("off", saved, "--merge", "off")
+    assert all(r["merge"] == 3 for r in again) and all("merge" not in r for r in off)
+    np.testing.assert_allclose(again_emb, merged_emb, atol=1e-5)
+    np.testing.assert_allclose(off_emb, plain_emb, atol=1e-5)
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    capsys.readouterr()
+    assert cli.main(["classify", videos[0], "--model", str(collection / "model"), "--merge", "3", "--top-k", "1",
+                     *common[:2]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[-1] == merged[0]["labels"][0] and "token merging 3" in printed[-1], printed
+    with pytest.raises(SystemExit):
+        cli.main(["classify", videos[0], "--merge", "8,x"])
+    assert "--merge: expected r, a fraction" in capsys.readouterr().err
+
+
 def test_two_processes_write_the_rows_of_one(collection, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     vp.predict_to_file([collection / "videos"], collection / "model", one, embeddings=tmp_path / "one.npy", **OPTIONS)

@@ -31,6 +31,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _merge_spec(text: str):
+    """--merge: "16" (r per layer), "0.1" (a fraction per layer), "8,8,4,..." (per layer), a schedule's name, or
+    "off"; the schedule itself is checked against the model (vivit_kernels.merging.merge_schedule)."""
+    text = text.strip()
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",")]
+        return int(text) if text.isdigit() else float(text)
+    except ValueError:
+        if "," in text or not text or text[0].isdigit() or text[0] in ".-":
+            raise argparse.ArgumentTypeError(f"expected r, a fraction, r per layer (8,8,4) or a schedule's name, "
+                                             f"got {text!r}") from None
+        return text
+
+
 # Every option of the commands, declared once: (flags, argparse keywords). A command takes the ones it needs with
 # `_options(parser, name, ...)`; only a help text or a list of choices may differ between commands.
 OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -54,6 +69,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "seed": (("--seed",), dict(type=int, default=0, help="seeds the random weights, data order, clip sampling and "
                                                          "augmentation (default 0)")),
     "no-progress": (("--no-progress",), dict(action="store_true", help="no progress bars")),
+    "merge": (("--merge",), dict(type=_merge_spec, help="token merging (docs/merging.md): r tokens merged per layer "
+                                                       "(16), a fraction per layer (0.1), r per layer (8,8,4,...) or "
+                                                       "a schedule (fraction-10); off turns a checkpoint's own off")),
 }
 
 
@@ -102,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .tools.demo import run_demo
 
     device, dtype, _ = run_defaults(_device(args.device), _dtype(args.dtype))
-    run_demo(args.model, args.preset or "small", device, dtype, args.batch or 1, args.repeats, args.seed)
+    run_demo(args.model, args.preset or "small", device, dtype, args.batch or 1, args.repeats, args.seed, args.merge)
     return 0
 
 
@@ -123,12 +141,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
               "(--model DIR)")
     row = classify(args.video, model, clips=args.clips, crops=args.crops, top_k=args.top_k,
                    frame_sample_rate=args.frame_sample_rate, device=_device(args.device), dtype=_dtype(args.dtype),
-                   attn=args.attn)
+                   attn=args.attn, merge=args.merge)
     print(f"{args.video}: {row['views']} view(s) of {row['frames']} frames, {row['pixels']} pixels")
     for label, p in zip(row["labels"], row["scores"], strict=True):
         print(f"  {p:7.2%}  {label}")
+    merging = f", token merging {row['merge']}" if row["merge"] else ""
     print(f"decode {row['decode_ms']:.0f} ms, preprocess {row['preprocess_ms']:.0f} ms ({row['device']}), forward "
-          f"{row['forward_ms']:.0f} ms (attn={row['attn']})")
+          f"{row['forward_ms']:.0f} ms (attn={row['attn']}{merging})")
     return 0
 
 
@@ -139,7 +158,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.inputs, args.model, args.out, embeddings=args.embeddings, progress=not args.no_progress,
         retry_errors=args.retry_errors, clips=args.clips, crops=args.crops, top_k=args.top_k,
         batch_size=args.batch_size, frame_sample_rate=args.frame_sample_rate, workers=args.workers,
-        device=_device(args.device), dtype=_dtype(args.dtype), attn=args.attn)
+        device=_device(args.device), dtype=_dtype(args.dtype), attn=args.attn, merge=args.merge)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"this run: {summary['this_run'].summary()}")
@@ -227,15 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="run a clip through every available backend; print agreement and timing")
-    _options(p, "model", "preset", "device", "dtype", "batch", "seed",
-             preset=dict(choices=presets, help="model preset when no --model is given (default: small)"))
+    _options(p, "model", "preset", "device", "dtype", "batch", "seed", "merge",
+             preset=dict(choices=presets, help="model preset when no --model is given (default: small)"),
+             merge=dict(help="also run every backend with token merging: r per layer (16), a fraction per layer "
+                             "(0.1), r per layer (8,8,4,...) or a schedule (fraction-10)"))
     p.add_argument("--repeats", type=_positive, default=3)
     p.set_defaults(func=cmd_demo, interpreter=True)
 
     p = sub.add_parser("classify", help="classify a video file: decode, preprocess on the model's device, top-k")
     p.add_argument("video")
-    _options(p, "model", "preset", "attn", "device", "dtype", "top-k", "clips", "crops", "frame-sample-rate", "seed",
-             preset=dict(choices=presets, help="model preset when no --model is given (default: small)"))
+    _options(p, "model", "preset", "attn", "device", "dtype", "top-k", "clips", "crops", "frame-sample-rate", "merge",
+             "seed", preset=dict(choices=presets, help="model preset when no --model is given (default: small)"))
     p.set_defaults(func=cmd_classify, interpreter=True)
 
     p = sub.add_parser("predict", help="classify a collection (files, folders, globs, manifests) into a resumable "
@@ -246,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the JSONL file: one line per video; run again to resume")
     p.add_argument("--embeddings", help="also write the pooled features: FILE.safetensors or FILE.npy")
     _options(p, "clips", "crops", "top-k", "batch-size", "frame-sample-rate", "workers", "device", "dtype", "attn",
-             "no-progress")
+             "merge", "no-progress")
     p.add_argument("--retry-errors", action="store_true", help="try the videos whose earlier line is an error again")
     p.set_defaults(func=cmd_predict)
 

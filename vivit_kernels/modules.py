@@ -12,138 +12,30 @@ module runs transformers' own forward.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_state
 from transformers.activations import FastGELUActivation
 from transformers.models.vivit import modeling_vivit as hf
 
 from ._log import log_once
 from .auto.backends import Backend
+from .fusion import (
+    KERNEL_CLASSES,
+    add_lora_,
+    autocast_dtype,
+    autocast_to,
+    collecting_attentions,
+    compute_weight,
+    has_hooks,
+    linear_parts,
+    plain,
+)
+from .merging import active as merging_state
 from .ops.attention import attention_ref, sdpa_attention
 
 __all__ = ["KernelLayerNorm", "KernelVivitEmbeddings", "KernelVivitAttention", "KernelVivitLayer", "KERNEL_SUBCLASSES",
            "KernelModule", "autocast_dtype", "has_hooks", "plain", "compute_weight", "kernel_mlp"]
-
-
-# --------------------------------------------------------------------------------------------------
-# What may be fused: plain modules without hooks
-# --------------------------------------------------------------------------------------------------
-def _is_capture_hook(hook) -> bool:
-    """transformers' output-capturing hooks (hidden states, attentions) stay installed once used and do
-    nothing unless outputs are being collected; they do not make a module 'hooked'."""
-    return getattr(hook, "__name__", "") == "output_capturing_hook"
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling around ``module`` (instead of calling it) would skip hooks someone relies on."""
-    if module._forward_pre_hooks or any(not _is_capture_hook(h) for h in module._forward_hooks.values()):
-        return True
-    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
-
-
-def _collecting_attentions() -> bool:
-    """Whether transformers is collecting attention probabilities in this forward (output_attentions)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - another transformers layout: be safe, treat as collecting
-        return True
-    collected = _active_collector.get()
-    return collected is not None and "attentions" in collected
-
-
-def _why_not_plain(module: nn.Module, kind: type, x: torch.Tensor) -> str | None:
-    """None when ``module`` is exactly ``kind`` (or our kernel subclass of it), has no hooks and matches x's
-    dtype and device; otherwise why not."""
-    if not (type(module) is kind or type(module) in _KERNEL_CLASSES.get(kind, ())):
-        return f"is a {type(module).__module__}.{type(module).__qualname__}, not a plain {kind.__name__}"
-    if has_hooks(module):
-        return "has forward hooks"
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.device != x.device or (weight.dtype != x.dtype and not _autocast_to(weight, x)):
-        return f"holds {None if weight is None else weight.dtype} weights for {x.dtype} inputs (a dtype mix)"
-    return None
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """autocast's dtype where it is on for this device type, else None."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _autocast_to(param: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether autocast is on and ``x`` is in its dtype while the floating-point ``param`` is not: our ops then
-    take the parameter cast to that dtype (``compute_weight``), as autocast casts weights for F.linear."""
-    return param.is_floating_point() and x.dtype == autocast_dtype(x.device.type)
-
-
-def compute_weight(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``param`` in ``x``'s dtype under autocast (a differentiable cast: gradients reach the fp32 parameter)."""
-    if param is None or param.dtype == x.dtype or not _autocast_to(param, x):
-        return param
-    return param.to(x.dtype)
-
-
-def plain(module: nn.Module, kind: type, x: torch.Tensor, where: str) -> bool:
-    """Whether ``module`` (at ``where`` in the model) may be computed around instead of called; logs once why not."""
-    why = _why_not_plain(module, kind, x)
-    if why is not None:
-        where = re.sub(r"\.layers\.\d+\.", ".layers.*.", where)  # one line for that module of every layer
-        log_once(f"{where}:{why}", f"vivit_kernels: {where} {why}: it runs its own forward; the rest of the layer "
-                                    "stays on vivit_kernels' kernels")
-    return why is None
-
-
-# --------------------------------------------------------------------------------------------------
-# PEFT's LoRA Linear: its base GEMM stays on our kernels, the low-rank update is added to the output
-# --------------------------------------------------------------------------------------------------
-def _lora_adapters(module: nn.Module, x: torch.Tensor) -> list | None:
-    """For a PEFT LoRA ``Linear`` whose forward we can reproduce (plain nn.Linear base and adapters, no DoRA or other
-    variant, no LoRA bias, not merged with adapters disabled, no hooks): the (A, B, dropout, scaling) of each active
-    adapter (empty when merged or disabled: the base layer alone). None for anything else (it runs its own forward)."""
-    if type(module).__name__ != "Linear" or not type(module).__module__.startswith("peft.tuners.lora"):
-        return None
-    if has_hooks(module) or _why_not_plain(module.base_layer, nn.Linear, x) is not None:
-        return None
-    if module.disable_adapters or module.merged:
-        return None if module.disable_adapters and module.merged else []  # PEFT would unmerge first: its forward
-    adapters = []
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name) or \
-                getattr(module, "lora_bias", {}).get(name):
-            return None
-        if any(type(m) is not nn.Linear or m.bias is not None or has_hooks(m) for m in (a, b)) or \
-                type(drop) not in (nn.Dropout, nn.Identity):
-            return None
-        adapters.append((a.weight, b.weight, drop, module.scaling[name]))
-    return adapters
-
-
-def _linear_parts(module: nn.Module, x: torch.Tensor, where: str) -> tuple[nn.Linear, list] | None:
-    """(the plain nn.Linear whose GEMM our kernels run, the LoRA adapters to add to its output) for a plain
-    nn.Linear (no adapters) or a PEFT LoRA Linear we reproduce; None (logged once) for anything else."""
-    if _why_not_plain(module, nn.Linear, x) is None:
-        return module, []
-    adapters = _lora_adapters(module, x)
-    if adapters is not None:
-        return module.base_layer, adapters
-    plain(module, nn.Linear, x, where)  # says why it runs its own forward
-    return None
-
-
-def add_lora_(out: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
-    """``out += scaling * dropout(x) @ A^T @ B^T`` for each adapter, in place (two GEMMs each: the down
-    projection, then the up projection accumulating into ``out``: PEFT's LoRA as written, scaling folded in)."""
-    out2 = out.view(-1, out.shape[-1])  # a view: the update lands in ``out`` (an error, never a silent copy)
-    for a, b, drop, scaling in adapters:
-        down = F.linear(drop(x), compute_weight(a, x))
-        out2.addmm_(down.reshape(-1, down.shape[-1]), compute_weight(b, x).t(), alpha=scaling)
-    return out
 
 
 def _name(module: nn.Module, child: str) -> str:
@@ -156,7 +48,7 @@ def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, ac
     residual in its epilogue when it is a plain nn.Linear and the linear op is on (another activation runs after it
     in torch), else the module's own forward followed by the activation and the residual."""
     fused_gelu = isinstance(activation_fn, FastGELUActivation)
-    parts = _linear_parts(module, x, where) if backend.linear is not None else None
+    parts = linear_parts(module, x, where) if backend.linear is not None else None
     if parts is not None:
         base, adapters = parts
         w, b = compute_weight(base.weight, x), compute_weight(base.bias, x)
@@ -198,7 +90,7 @@ class KernelLayerNorm(KernelModule, nn.LayerNorm):
         backend = self._vivit_backend
         if backend is None or backend.layer_norm is None or self.weight is None or self.bias is None \
                 or len(self.normalized_shape) != 1 \
-                or (x.dtype != self.weight.dtype and not _autocast_to(self.weight, x)):
+                or (x.dtype != self.weight.dtype and not autocast_to(self.weight, x)):
             return super().forward(x)
         return backend.layer_norm(x, compute_weight(self.weight, x), compute_weight(self.bias, x), self.eps)
 
@@ -313,13 +205,13 @@ class KernelVivitEmbeddings(KernelModule, hf.VivitEmbeddings):
 
 
 def _transformers_attention(config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            dropout: float) -> torch.Tensor:
+                            dropout: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' attention on (B, N, H, D) or (B1, B2, N, H, D) views when no kernel runs (the attention ops
-    switched off, the factorised groups without a backend): SDPA where the model's attention implementation is
-    "sdpa", else the eager reference."""
+    switched off, the factorised groups without a backend, token merging on transformers' path): SDPA where the
+    model's attention implementation is "sdpa", else the eager reference; ``bias`` (B, N) per key."""
     if config._attn_implementation != "sdpa":
-        return attention_ref(q, k, v, scale, dropout)
-    return sdpa_attention(q, k, v, scale, dropout)
+        return attention_ref(q, k, v, scale, bias, dropout_p=dropout)
+    return sdpa_attention(q, k, v, scale, bias, dropout_p=dropout)
 
 
 class KernelVivitAttention(KernelModule, hf.VivitAttention):
@@ -335,20 +227,23 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 head_mask: torch.Tensor | None = None, **kwargs):
         layer_mask = None if head_mask is None else head_mask[self._vivit_layer_index]
-        probabilities = _collecting_attentions() and self.config._attn_implementation != "eager"
+        probabilities = collecting_attentions() and self.config._attn_implementation != "eager"
         if self._vivit_backend is None and layer_mask is None and not probabilities and self._vivit_axes is None:
             return super().forward(hidden_states, attention_mask, **kwargs)  # transformers', unchanged (auto's guard)
         return self.attend(hidden_states, attention_mask, layer_mask)
 
     def attend(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               head_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """(o_proj(attention(h)) + residual, probabilities or None)."""
+               head_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, keys: list | None = None):
+        """(o_proj(attention(h)) + residual, probabilities or None). ``bias`` (B, N): a per-key additive bias
+        (proportional attention of merged tokens); ``keys``: a list that receives the keys (B, N, H, D), what
+        token merging matches on."""
         backend = self._vivit_backend
         batch, tokens, _ = h.shape
         heads, head_dim = self.num_attention_heads, self.head_dim
         shape = (batch, tokens, heads, head_dim)
         q_, k_, v_ = self.q_proj, self.k_proj, self.v_proj
-        parts = [_linear_parts(m, h, _name(self, n)) for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj"))] \
+        parts = [linear_parts(m, h, _name(self, n)) for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj"))] \
             if backend is not None and backend.qkv is not None else [None]
         fused = all(p is not None for p in parts) and len({p[0].bias is None for p in parts}) == 1
         if fused:  # one GEMM reading the three base weights in place; LoRA updates added to their thirds
@@ -361,8 +256,10 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
             q, k, v = qkv.unbind(2)
         else:
             q, k, v = (self._project(name, h).view(shape) for name in ("q_proj", "k_proj", "v_proj"))
+        if keys is not None:
+            keys.append(k)
         dropout = self.attention_dropout if self.training else 0.0
-        why = ("head_mask" if head_mask is not None else "output_attentions" if _collecting_attentions()
+        why = ("head_mask" if head_mask is not None else "output_attentions" if collecting_attentions()
                else "an attention mask" if attention_mask is not None else "attention dropout" if dropout > 0 else None)
         if self._vivit_axes is not None:
             if head_mask is not None or attention_mask is not None:
@@ -373,17 +270,18 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
                 out = self.o_proj(context)
                 return (out if residual is None else out + residual), None
             return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), None
-        if backend is None or why is not None:
+        if why is not None:
             if backend is not None:
                 log_once(f"eager:{why}", f"vivit_kernels: attention with {why} runs eager attention (the flash kernel "
                                           "returns no probabilities and applies no mask or dropout)")
-            context, probs = attention_ref(q, k, v, self.scaling, dropout, head_mask, attention_mask, return_probs=True)
-        elif fused and backend.attention_qkv is not None:  # on the fused projection output
-            context, probs = backend.attention_qkv(qkv, self.scaling), None
-        elif not fused and backend.attention is not None:  # on separate q, k, v (a projection runs its own forward)
-            context, probs = backend.attention(q, k, v, self.scaling), None
-        else:  # that attention op switched off: transformers' attention
-            context, probs = _transformers_attention(self.config, q, k, v, self.scaling, dropout), None
+            context, probs = attention_ref(q, k, v, self.scaling, bias, dropout_p=dropout, head_mask=head_mask,
+                                           attention_mask=attention_mask, return_probs=True)
+        elif backend is not None and fused and backend.attention_qkv is not None:  # on the fused projection output
+            context, probs = backend.attention_qkv(qkv, self.scaling, bias), None
+        elif backend is not None and not fused and backend.attention is not None:  # on separate q, k, v
+            context, probs = backend.attention(q, k, v, self.scaling, bias), None
+        else:  # that attention op switched off, or transformers' path with merged tokens: transformers' attention
+            context, probs = _transformers_attention(self.config, q, k, v, self.scaling, dropout, bias), None
         context = context.reshape(batch, tokens, heads * head_dim)
         if backend is None:
             out = self.o_proj(context)
@@ -437,13 +335,17 @@ class KernelVivitLayer(KernelModule, hf.VivitLayer):
         if kwargs.pop(_UNMASKED, False):
             attention_mask = None  # the all-visible mask transformers materialises while exporting (no padding)
         backend = self._vivit_backend
-        if backend is None:  # attn="auto" chose transformers' path for this forward
+        merging = merging_state()
+        if merging is not None and (merging.merged or merging.schedule[self.attention._vivit_layer_index]):
+            # until a layer merges, every layer is exactly the unmerged one (r = 0 changes nothing, bit for bit)
+            return self._merged_forward(hidden_states, attention_mask, merging, backend)
+        if backend is None:  # attn="auto" chose transformers' path for this forward (or eager / sdpa)
             return super().forward(hidden_states, attention_mask, **kwargs)
         fuse_residual = not (self.training and self.dropout.p > 0)
         h = self.layernorm_before(hidden_states)
         attention = self.attention
         if isinstance(attention, KernelVivitAttention) and not has_hooks(attention) and fuse_residual \
-                and not _collecting_attentions():
+                and not collecting_attentions():
             head_mask = kwargs.get("head_mask")
             layer_mask = None if head_mask is None else head_mask[attention._vivit_layer_index]
             x, _ = attention.attend(h, attention_mask, layer_mask, residual=hidden_states)
@@ -451,6 +353,23 @@ class KernelVivitLayer(KernelModule, hf.VivitLayer):
             out, _ = attention(h, attention_mask, **kwargs)
             x = self.dropout(out) + hidden_states
         del h  # not kept alive through the MLP (the peak of live activations)
+        return kernel_mlp(self, backend, self.layernorm_after(x), x, fuse_residual)
+
+    def _merged_forward(self, hidden_states: torch.Tensor, attention_mask, merging, backend) -> torch.Tensor:
+        """The block with token merging (``vivit_kernels.merging``): attention with proportional attention (log of
+        each key's size added to its scores), then the layer's ``r`` most similar token pairs merged on the keys,
+        then the MLP on the merged tokens. On our kernels, or (no backend) on transformers' modules."""
+        attention = self.attention
+        if not isinstance(attention, KernelVivitAttention) or has_hooks(attention) or attention_mask is not None:
+            raise ValueError("token merging needs the layer's own attention module, without hooks or a mask")
+        keys: list = []
+        fuse_residual = backend is not None and not (self.training and self.dropout.p > 0)
+        out, _ = attention.attend(self.layernorm_before(hidden_states), residual=hidden_states if fuse_residual
+                                  else None, bias=merging.bias(), keys=keys)
+        x = out if fuse_residual else self.dropout(out) + hidden_states
+        x = merging.merge(x, keys[0], merging.schedule[attention._vivit_layer_index])
+        if backend is None:
+            return self.dropout(self.mlp(self.layernorm_after(x))) + x
         return kernel_mlp(self, backend, self.layernorm_after(x), x, fuse_residual)
 
 
@@ -480,7 +399,7 @@ def kernel_mlp(layer: nn.Module, backend: Backend, h: torch.Tensor, residual: to
 # ignore the all-visible mask transformers builds anyway while torch.export traces (and keep flash attention).
 _UNMASKED = "_vivit_unmasked"
 # Our subclasses of each plain class, which count as that class when deciding what may be fused.
-_KERNEL_CLASSES: dict[type, tuple[type, ...]] = {nn.LayerNorm: (KernelLayerNorm,)}
+KERNEL_CLASSES[nn.LayerNorm] = (KernelLayerNorm,)
 # transformers' class -> our subclass with the kernel forward (what apply_vivit_kernels swaps in)
 KERNEL_SUBCLASSES = {hf.VivitEmbeddings: KernelVivitEmbeddings, hf.VivitAttention: KernelVivitAttention,
                      hf.VivitLayer: KernelVivitLayer, nn.LayerNorm: KernelLayerNorm}

@@ -16,9 +16,10 @@ from transformers.models.vivit import modeling_vivit as hf
 from .auto.backends import Backend, OpSwitches, get_backend
 from .auto.guard import guard_pre_hook
 from .checkpoint import CheckpointError, atomic_save, check_local, local_dir
+from .merging import merge_schedule, set_merging_hooks
 from .modules import KERNEL_SUBCLASSES, KernelLayerNorm, KernelModule
 
-__all__ = ["apply_vivit_kernels", "attn_of", "AttnMixin"]
+__all__ = ["apply_vivit_kernels", "attn_of", "set_token_merging", "AttnMixin"]
 
 _ALWAYS = (hf.VivitEmbeddings, hf.VivitAttention)  # swapped for every backend (input checks, head_mask, positions)
 _dynamic: dict[tuple[type, type], type] = {}
@@ -51,6 +52,12 @@ def _vivit_bases(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, hf.VivitModel) or getattr(type(m), "_vivit_base", False)]
 
 
+def _check_mergeable(config) -> None:
+    if getattr(config, "attention_type", "factorized_encoder") != "factorized_encoder":
+        raise ValueError("token merging is for Models 1 and 2: Models 3 and 4 keep a (time x space) grid that merged "
+                         "tokens no longer fill")
+
+
 def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: dict[str, str] | None = None,
                         ops: OpSwitches = None) -> nn.Module:
     """Switch a transformers ViViT model (``VivitModel`` / ``VivitForVideoClassification``, loaded by transformers
@@ -80,7 +87,12 @@ def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: dict[str, 
         if attn in ("eager", "sdpa", "auto"):  # auto: transformers' path, when its guard picks it, is sdpa's
             base.set_attn_implementation("sdpa" if attn == "auto" else attn)
         base._vivit_attn = attn or base.config._attn_implementation
+        base._vivit_switches = (pins, ops)  # what set_token_merging re-applies
+        merging = getattr(base.config, "token_merging", None)
+        if merging:
+            _check_mergeable(base.config)
         _set_guard(base, backend if attn == "auto" else None)
+        set_merging_hooks(base)
         prefix = {id(m): n for n, m in model.named_modules()}.get(id(base), "")
         for index, layer in enumerate(base.layers):
             for module in layer.modules():
@@ -91,7 +103,7 @@ def apply_vivit_kernels(model: nn.Module, attn: str = "triton", pins: dict[str, 
                 if isinstance(module, cls) and not (
                     cls is nn.LayerNorm and type(module) not in (nn.LayerNorm, KernelLayerNorm)
                 ):
-                    _swap_class(module, cls, backend is not None or cls in _ALWAYS)
+                    _swap_class(module, cls, backend is not None or cls in _ALWAYS or bool(merging))
             if isinstance(module, KernelModule):  # our subclasses, and the factorised models' own modules
                 module._vivit_table = backend
                 module._vivit_name = f"{prefix}.{name}".strip(".") if name else prefix or type(base).__name__
@@ -115,6 +127,34 @@ def attn_of(model: nn.Module) -> str:
     return getattr(bases[0], "_vivit_attn", bases[0].config._attn_implementation) if bases else "eager"
 
 
+def set_token_merging(model: nn.Module, merge=None) -> nn.Module:
+    """Token merging (``vivit_kernels.merging``) for every following forward of ``model`` (ours, or transformers'
+    own ViViT, which gets our modules): ``merge`` is r tokens merged per layer (an int), a fraction of the tokens
+    per layer (a float), a per-layer list, or a schedule's name (``merging.SCHEDULES``); None or 0 turns it off.
+    Kept in ``config.token_merging``, so ``save_pretrained`` keeps it and our ``from_pretrained`` turns it on
+    again. Models 1 and 2 (there in the spatial encoder, per temporal index); Models 3 and 4 refuse it. Returns
+    ``model``."""
+    from .presets import image_hw
+
+    merge = None if merge in (None, 0, 0.0, "", "none", "off") else merge
+    bases = _vivit_bases(model)
+    if not bases:
+        raise ValueError(f"set_token_merging: {type(model).__name__} holds no ViViT model")
+    for base in bases:  # every check before any change: a refused call leaves the model as it was
+        if merge is not None:
+            _check_mergeable(base.config)
+            t, p, q = base.config.tubelet_size
+            h, w = image_hw(base.config)
+            per_slice = (h // p) * (w // q)
+            # Model 1: the whole clip; Model 2 (its spatial encoder): one temporal index's sequence
+            clip = per_slice if getattr(type(base), "_vivit_base", False) else (base.config.num_frames // t) * per_slice
+            merge_schedule(merge, base.config.num_hidden_layers, 1 + clip)  # a bad schedule fails now
+    for base in bases:
+        base.config.token_merging = list(merge) if isinstance(merge, tuple) else merge
+    pins, ops = getattr(bases[0], "_vivit_switches", (None, None))
+    return apply_vivit_kernels(model, attn_of(model), pins, ops)
+
+
 class AttnMixin:
     """``attn``, ``set_attn``, ``from_pretrained(..., attn=...)`` and an atomic ``save_pretrained``: what our model
     classes (Model 1's in ``model.py``, the factorised ones in ``models/``) add to transformers' PreTrainedModel."""
@@ -136,6 +176,15 @@ class AttnMixin:
         transformers' path (see ``apply_vivit_kernels``)."""
         apply_vivit_kernels(self, attn, pins, ops)
         return self
+
+    def set_token_merging(self, merge=None):
+        """Token merging for every following forward: see ``patch.set_token_merging``. Returns the model."""
+        return set_token_merging(self, merge)
+
+    @property
+    def token_merging(self):
+        """The merge schedule every forward uses (``set_token_merging``), or None."""
+        return getattr(self.config, "token_merging", None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, attn: str | None = None, ops: OpSwitches = None,

@@ -108,6 +108,7 @@ class Predictor:
 
             bar = tqdm(total=len(paths), unit="video", desc="predict", dynamic_ncols=True)
         t = self.timings
+        merging = getattr(self.model.config, "token_merging", None)
         self.model.eval()
         start = last = time.perf_counter()
         position = 0  # the loader keeps the input order: batch n holds paths[n * batch_size:][:batch_size]
@@ -138,6 +139,8 @@ class Predictor:
                                "scores": [round(s, 6) for s in scores[j]], "views": f"{self.clips}x{self.crops}",
                                "frames": meta[j]["video_frames"], "duration_s": _round(meta[j]["duration_s"]),
                                "model": self.name, "vivit_kernels": __version__}
+                        if merging is not None:
+                            row["merge"] = merging
                         results[path] = (row, pooled[j])
                 synchronize(device)
                 last = time.perf_counter()
@@ -195,7 +198,8 @@ class Predictor:
                 "labels": [config.id2label.get(i, str(i)) for i in top.indices.tolist()],
                 "scores": top.values.tolist(), "decode_ms": 1e3 * (decoded - start),
                 "preprocess_ms": 1e3 * (processed - decoded), "forward_ms": 1e3 * (done - processed),
-                "device": device.type, "attn": attn_of(self.model)}
+                "device": device.type, "attn": attn_of(self.model),
+                "merge": getattr(config, "token_merging", None)}
 
 
 def _round(value: float | None) -> float | None:
@@ -204,10 +208,12 @@ def _round(value: float | None) -> float | None:
 
 def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, batch_size: int = 8,
                    frame_sample_rate: int | None = None, workers: int | None = None, device: Any = None,
-                   dtype: torch.dtype | None = None, attn: str | None = None) -> Predictor:
+                   dtype: torch.dtype | None = None, attn: str | None = None, merge: Any = None) -> Predictor:
     """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults (``_devices.run_defaults``): the
     GPU when there is one, bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU. ``frame_sample_rate``:
-    the checkpoint's own (saved by ``finetune``), else ``video.DEFAULT_FRAME_SAMPLE_RATE``."""
+    the checkpoint's own (saved by ``finetune``), else ``video.DEFAULT_FRAME_SAMPLE_RATE``. ``merge``: token
+    merging (``patch.set_token_merging``: r per layer, a fraction, a list or a schedule's name; "off" turns a
+    checkpoint's own off); None keeps the checkpoint's setting."""
     import transformers
 
     from .checkpoint import check_local, local_dir
@@ -227,6 +233,10 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
         from .patch import apply_vivit_kernels
 
         apply_vivit_kernels(model, attn)
+    if merge is not None:
+        from .patch import set_token_merging
+
+        set_token_merging(model, merge)
     model = model.to(device=device, dtype=dtype).eval()
     processor = VideoProcessor.for_model(model.config, directory)
     workers = vdata.default_workers() if workers is None else workers

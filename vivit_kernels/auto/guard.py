@@ -81,7 +81,8 @@ def guard_pre_hook(base: torch.nn.Module, args: tuple, kwargs: dict):
 
 def key_of(base, backend, x: torch.Tensor, training: bool) -> tuple[tuple, str]:
     """(described, cache key) of the whole-model choice for this input."""
-    described = (describe(x), repr(_model_summary(base)), repr(sorted(backend.pins.items())), repr(backend.off))
+    described = (describe(x), repr(_model_summary(base)), repr(sorted(backend.pins.items())), repr(backend.off),
+                 repr(getattr(base.config, "token_merging", None)))
     return described, make_key(WHOLE_MODEL, described, training, str(x.device))
 
 

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
+from ..merging import merging_sequences, refuse_checkpointing
 from ..modules import KernelModule, autocast_dtype, compute_weight, has_hooks, kernel_mlp, plain
 from ..patch import AttnMixin
 from ..presets import ATTENTION_TYPES, FACTORIZED_PRESETS, image_hw  # plain Python (the command line lists them)
@@ -285,15 +286,21 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
             raise ValueError("the factorised models take no attention_mask or head_mask (videos have no padding)")
         hidden = [] if output_hidden_states else None
         x = self.embeddings(pixel_values)
-        encoders = [self.spatial_layers, self.temporal_layers] if self.config.attention_type == "factorized_encoder" \
-            else [self.layer]
+        model_2 = self.config.attention_type == "factorized_encoder"
+        encoders = [self.spatial_layers, self.temporal_layers] if model_2 else [self.layer]
+        # token merging: Model 2 only (apply_vivit_kernels refuses it for Models 3 and 4 when it is switched on)
+        merge = getattr(self.config, "token_merging", None) if model_2 else None
+        if merge:
+            refuse_checkpointing(self)
         for i, layers in enumerate(encoders):
             if i == 1:  # Model 2: the spatial encoder's [CLS] outputs become the temporal encoder's tokens
                 x = self._temporal_tokens(x, pixel_values.shape[0])
-            for layer in layers:
-                x = layer(x)  # rebinds x: no layer's input outlives its layer (the peak of live activations)
-                if hidden is not None:
-                    hidden.append(x)
+            # Model 2's spatial encoder merges tokens within each temporal index's sequence; its [CLS] never merges
+            with merging_sequences(merge if i == 0 else None, len(layers), x.shape[0], x.shape[1], x.device):
+                for layer in layers:
+                    x = layer(x)  # rebinds x: no layer's input outlives its layer (the peak of live activations)
+                    if hidden is not None:
+                        hidden.append(x)
         out = BaseModelOutput(last_hidden_state=self.layernorm(x), hidden_states=tuple(hidden) if hidden else None)
         return out if return_dict is not False else out.to_tuple()
 

@@ -144,6 +144,31 @@ FWD_ROWS = _by_arch(FWD_CONFIGS, FWD_CONFIGS_SM90, FWD_SHORT, FWD_SHORT_SM90)
 DKDV_ROWS = _by_arch(DKDV_CONFIGS, DKDV_CONFIGS_SM90, DKDV_SHORT, DKDV_SHORT_SM90)
 DQ_ROWS = _by_arch(DQ_CONFIGS, DQ_CONFIGS_SM90, DQ_SHORT, DQ_SHORT_SM90)
 
+# Proportional attention (HAS_BIAS: merged tokens) keeps a BLOCK_N slice of the per-key bias beside the scores.
+# These configs spill with it in the compile gate (bf16: (BLOCK_D, arch, (BLOCK_M, BLOCK_N, warps, stages))) and
+# are left out of the rows a biased launch tunes over (``bias_rows``); every row keeps at least one config.
+FWD_BIAS_SPILLS = {(32, 80, (128, 128, 8, 2)), (64, 90, (128, 128, 4, 2)), (128, 90, (128, 128, 8, 2))}
+DKDV_BIAS_SPILLS = {(128, 80, (64, 64, 8, 3)), (128, 80, (32, 64, 4, 2))}
+DQ_BIAS_SPILLS: set = set()
+
+
+def bias_rows(rows: dict, spills: set) -> dict:
+    """``rows`` without the configs that spill with a per-key bias (2-byte rows; the fp32 rows are small tiles)."""
+    def shape(c: KernelConfig) -> tuple:
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+    out = {key: [c for c in configs if key[1] != 2 or (key[0], key[2], shape(c)) not in spills]
+           for key, configs in rows.items()}
+    empty = [key for key, configs in out.items() if not configs]
+    if empty:
+        raise ValueError(f"attention: no config left with a bias for rows {empty}")
+    return out
+
+
+FWD_BIAS_ROWS = bias_rows(FWD_ROWS, FWD_BIAS_SPILLS)
+DKDV_BIAS_ROWS = bias_rows(DKDV_ROWS, DKDV_BIAS_SPILLS)
+DQ_BIAS_ROWS = bias_rows(DQ_ROWS, DQ_BIAS_SPILLS)
+
 
 def unique_configs(rows: dict, block_d: int, size: int, arch: int) -> list[KernelConfig]:
     """The configs an architecture may launch for (BLOCK_D, element size), long and short rows, each once."""
@@ -192,16 +217,36 @@ if HAS_TRITON:
         return tile, b1, b2, bh % H, bh
 
     @triton.jit
-    def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale,
+    def _key_bias(KB, offs_n, N, MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The per-key bias of a key tile in log2 units (HAS_BIAS; keys past N read 0), else a placeholder."""
+        if HAS_BIAS:
+            if MASK_N:
+                b = tl.load(KB + offs_n, mask=offs_n < N, other=0.0)
+            else:
+                b = tl.load(KB + offs_n)
+            return b * _LOG2E
+        else:
+            return 0.0
+
+    @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, kb,
                              MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
-                             DTYPE: tl.constexpr):
+                             DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr):
         """One key tile of the forward: scores, the running max over raw scores (qk_scale > 0), then the scale and
-        the shift in one multiply-add inside exp2; MASK_N gives keys >= N probability 0."""
+        the shift in one multiply-add inside exp2; MASK_N gives keys >= N probability 0. HAS_BIAS: ``kb``, the
+        tile's per-key bias in log2 units, is added to the scaled scores first (proportional attention)."""
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) raw scores
-        if MASK_N:
-            s = tl.where(offs_n[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        if HAS_BIAS:
+            z = s * qk_scale + kb[None, :]
+            if MASK_N:
+                z = tl.where(offs_n[None, :] < N, z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, 1))
+            p = tl.math.exp2(z - m_new[:, None])
+        else:
+            if MASK_N:
+                s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(to_dot_operand(p, DTYPE, EMULATE_BF16), v, input_precision=DOT_PRECISION)
@@ -209,9 +254,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_tiles(
-        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
+        acc, m_i, l_i, q, K, V, KB, stride_kn, stride_vn, lo, hi, N, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
         """Online-softmax accumulation over key tiles [lo, hi) read through pointers; MASK_N masks keys >= N."""
         offs_d = tl.arange(0, BLOCK_D)
@@ -221,15 +266,16 @@ if HAS_TRITON:
             mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
             k = load_operand(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
             v = load_operand(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, MASK_N, DOT_PRECISION,
-                                                 EMULATE_BF16, V.dtype.element_ty)
+            kb = _key_bias(KB, offs_n, N, MASK_N, HAS_BIAS)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, kb, MASK_N,
+                                                 DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty, HAS_BIAS)
         return acc, m_i, l_i
 
     @triton.jit
     def _attn_fwd_tiles_tma(
-        acc, m_i, l_i, q, k_desc, v_desc, lo, hi, N, qk_scale,
+        acc, m_i, l_i, q, k_desc, v_desc, KB, lo, hi, N, qk_scale,
         BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
-        DTYPE: tl.constexpr,
+        DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
         """The same over key tiles read through tensor descriptors (sm_90 TMA): rows past N and columns past
         head_dim arrive as zeros, so only the scores of keys >= N need masking."""
@@ -240,8 +286,9 @@ if HAS_TRITON:
             if EMULATE_BF16:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, MASK_N, DOT_PRECISION,
-                                                 EMULATE_BF16, DTYPE)
+            kb = _key_bias(KB, offs_n, N, MASK_N, HAS_BIAS)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, N, qk_scale, kb, MASK_N,
+                                                 DOT_PRECISION, EMULATE_BF16, DTYPE, HAS_BIAS)
         return acc, m_i, l_i
 
     @triton.jit
@@ -251,6 +298,7 @@ if HAS_TRITON:
         V,
         O,
         LSE,  # q/k/v/o: (B, N, H, D), or (B1, B2, N, H, D) with TWO_BATCH, unit stride in D; LSE: (B, H, N) fp32
+        KB,  # (B, N) fp32: a per-key bias added to the scaled scores (HAS_BIAS), e.g. log(token size)
         stride_qb,
         stride_qb2,
         stride_qn,
@@ -280,8 +328,10 @@ if HAS_TRITON:
         EMULATE_BF16: tl.constexpr,
         USE_TMA: tl.constexpr = False,  # q/k/v tiles through tensor descriptors (sm_90), output through one too
         TWO_BATCH: tl.constexpr = False,  # (B1, B2, N, H, D) inputs: see _program_ids
+        HAS_BIAS: tl.constexpr = False,  # proportional attention: KB's bias per key (one batch dimension only)
     ):
         tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_M, TWO_BATCH)
+        KB += b * N
         Q += b * stride_qb + b2 * stride_qb2 + h * stride_qh
         K += b * stride_kb + b2 * stride_kb2 + h * stride_kh
         V += b * stride_vb + b2 * stride_vb2 + h * stride_vh
@@ -308,23 +358,24 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         n_full = (N // BLOCK_N) * BLOCK_N
         if USE_TMA:
-            acc, m_i, l_i = _attn_fwd_tiles_tma(acc, m_i, l_i, q, k_desc, v_desc, 0, n_full, N, qk_scale,
-                                                BLOCK_N, False, DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty)
+            acc, m_i, l_i = _attn_fwd_tiles_tma(acc, m_i, l_i, q, k_desc, v_desc, KB, 0, n_full, N, qk_scale, BLOCK_N,
+                                                False, DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty, HAS_BIAS)
             if n_full < N:
-                acc, m_i, l_i = _attn_fwd_tiles_tma(acc, m_i, l_i, q, k_desc, v_desc, n_full, N, N, qk_scale,
-                                                    BLOCK_N, True, DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty)
+                acc, m_i, l_i = _attn_fwd_tiles_tma(acc, m_i, l_i, q, k_desc, v_desc, KB, n_full, N, N, qk_scale,
+                                                    BLOCK_N, True, DOT_PRECISION, EMULATE_BF16, V.dtype.element_ty,
+                                                    HAS_BIAS)
         else:
             acc, m_i, l_i = _attn_fwd_tiles(
-                acc, m_i, l_i, q, K, V, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
+                acc, m_i, l_i, q, K, V, KB, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16, HAS_BIAS,
             )
             if n_full < N:
                 acc, m_i, l_i = _attn_fwd_tiles(
-                    acc, m_i, l_i, q, K, V, stride_kn, stride_vn, n_full, N, N, qk_scale,
-                    HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+                    acc, m_i, l_i, q, K, V, KB, stride_kn, stride_vn, n_full, N, N, qk_scale,
+                    HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16, HAS_BIAS,
                 )
         acc = acc / l_i[:, None]
-        # logsumexp of the scaled scores, in natural-log units
+        # logsumexp of the scaled (and biased) scores, in natural-log units
         tl.store(LSE + bh * N + offs_m, (m_i + tl.math.log2(l_i)) / _LOG2E, mask=offs_m < N)
         o = to_output(acc, O.dtype.element_ty, EMULATE_BF16)
         if USE_TMA:
@@ -362,11 +413,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_tiles(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_dn, lo, hi, N, qk_scale,
+        dk, dv, k, v, kb, Q, DO, LSE, DELTA, stride_qn, stride_dn, lo, hi, N, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        MASK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        MASK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
-        """Accumulate dK, dV of one key tile over query tiles [lo, hi).
+        """Accumulate dK, dV of one key tile (``kb``: its per-key bias in log2 units, HAS_BIAS) over query tiles
+        [lo, hi).
 
         Query rows >= N (MASK_M) load q = dO = 0 and lse = delta = 0, so their probabilities are finite and
         their contributions to dV (p * dO) and dK (p * (dP - delta) = 0) vanish without extra masking.
@@ -385,7 +437,10 @@ if HAS_TRITON:
                 lse = tl.load(LSE + offs_m)
                 delta = tl.load(DELTA + offs_m)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): scores transposed
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
+            if HAS_BIAS:
+                p_t = tl.math.exp2(s_t * qk_scale + kb[:, None] - lse[None, :] * _LOG2E)
+            else:
+                p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * _LOG2E)
             dv += tl.dot(to_dot_operand(p_t, DO.dtype.element_ty, EMULATE_BF16), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -395,6 +450,7 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,  # (B, N, H, D) (or (B1, B2, N, H, D)) each, LSE/DELTA (B, H, N) fp32
+        KB,  # (B, N) fp32 per-key bias (HAS_BIAS)
         stride_qb, stride_qb2, stride_qn, stride_qh,
         stride_kb, stride_kb2, stride_kn, stride_kh,
         stride_vb, stride_vb2, stride_vn, stride_vh,
@@ -405,9 +461,11 @@ if HAS_TRITON:
         GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, TWO_BATCH: tl.constexpr = False,
+        HAS_BIAS: tl.constexpr = False,
     ):
         tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_N, TWO_BATCH)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        kb = _key_bias(KB + b * N, offs_n, N, True, HAS_BIAS)
         offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
         k = load_operand(
@@ -431,13 +489,13 @@ if HAS_TRITON:
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         m_full = (N // BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_tiles(
-            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_dn, 0, m_full, N, qk_scale,
-            HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
+            dk, dv, k, v, kb, Q, DO, LSE, DELTA, stride_qn, stride_dn, 0, m_full, N, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16, HAS_BIAS,
         )
         if m_full < N:
             dk, dv = _attn_bwd_dkdv_tiles(
-                dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_dn, m_full, N, N, qk_scale,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+                dk, dv, k, v, kb, Q, DO, LSE, DELTA, stride_qn, stride_dn, m_full, N, N, qk_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16, HAS_BIAS,
             )
         dk = dk * softmax_scale
         DK += b * stride_dkb + b2 * stride_dkb2 + h * stride_dkh
@@ -455,9 +513,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dq_tiles(
-        dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, N, qk_scale,
+        dq, q, do, lse, delta, K, V, KB, stride_kn, stride_vn, lo, hi, N, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
         """Accumulate dQ of one query tile over key tiles [lo, hi); keys >= N get probability 0."""
         offs_d = tl.arange(0, BLOCK_D)
@@ -468,7 +526,11 @@ if HAS_TRITON:
             k = load_operand(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
             v = load_operand(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask, EMULATE_BF16, MASK_N or PAD_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            if HAS_BIAS:
+                kb = _key_bias(KB, offs_n, N, MASK_N, HAS_BIAS)
+                p = tl.math.exp2(s * qk_scale + kb[None, :] - lse[:, None])
+            else:
+                p = tl.math.exp2(s * qk_scale - lse[:, None])
             if MASK_N:
                 p = tl.where(offs_n[None, :] < N, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -479,6 +541,7 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ,
+        KB,  # (B, N) fp32 per-key bias (HAS_BIAS)
         stride_qb, stride_qb2, stride_qn, stride_qh,
         stride_kb, stride_kb2, stride_kn, stride_kh,
         stride_vb, stride_vb2, stride_vn, stride_vh,
@@ -488,8 +551,10 @@ if HAS_TRITON:
         GRID_BUCKET,  # unused by the kernel: part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, TWO_BATCH: tl.constexpr = False,
+        HAS_BIAS: tl.constexpr = False,
     ):
         tile, b, b2, h, bh = _program_ids(N, H, B2, BLOCK_M, TWO_BATCH)
+        KB += b * N
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
@@ -513,13 +578,13 @@ if HAS_TRITON:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         n_full = (N // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_tiles(
-            dq, q, do, lse, delta, K, V, stride_kn, stride_vn, 0, n_full, N, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16,
+            dq, q, do, lse, delta, K, V, KB, stride_kn, stride_vn, 0, n_full, N, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, EMULATE_BF16, HAS_BIAS,
         )
         if n_full < N:
             dq = _attn_bwd_dq_tiles(
-                dq, q, do, lse, delta, K, V, stride_kn, stride_vn, n_full, N, N, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16,
+                dq, q, do, lse, delta, K, V, KB, stride_kn, stride_vn, n_full, N, N, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, EMULATE_BF16, HAS_BIAS,
             )
         dq = dq * softmax_scale
         DQ += b * stride_dqb + b2 * stride_dqb2 + h * stride_dqh
@@ -530,15 +595,23 @@ if HAS_TRITON:
         )
 
     def _row(named_args, kwargs):
+        """The row of a launch: (BLOCK_D, element size, arch, short sequence), + "bias" with a per-key bias."""
         q = named_args["Q"]
-        return kwargs["BLOCK_D"], q.element_size(), arch_of(q.device), int(named_args["N"]) <= SHORT_N
+        row = kwargs["BLOCK_D"], q.element_size(), arch_of(q.device), int(named_args["N"]) <= SHORT_N
+        return (*row, "bias") if kwargs.get("HAS_BIAS") else row
+
+    def _with_bias(rows: dict, biased: dict) -> dict:
+        return {**rows, **{(*key, "bias"): configs for key, configs in biased.items()}}
 
     # GRID_BUCKET (the programs of the launch, to a power of two): a first call at batch 1 does not fix the tiles of
     # batch 8
     _KEY = ["N", "HEAD_DIM", "DOT_PRECISION", "GRID_BUCKET"]
-    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, FWD_ROWS, _row, _KEY + ["USE_TMA", "TWO_BATCH"])
-    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, DKDV_ROWS, _row, _KEY + ["TWO_BATCH"])
-    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, DQ_ROWS, _row, _KEY + ["TWO_BATCH"])
+    _attn_fwd_tuned = autotuned(_attn_fwd_kernel, _with_bias(FWD_ROWS, FWD_BIAS_ROWS), _row,
+                                _KEY + ["USE_TMA", "TWO_BATCH", "HAS_BIAS"])
+    _attn_bwd_dkdv_tuned = autotuned(_attn_bwd_dkdv_kernel, _with_bias(DKDV_ROWS, DKDV_BIAS_ROWS), _row,
+                                     _KEY + ["TWO_BATCH", "HAS_BIAS"])
+    _attn_bwd_dq_tuned = autotuned(_attn_bwd_dq_kernel, _with_bias(DQ_ROWS, DQ_BIAS_ROWS), _row,
+                                   _KEY + ["TWO_BATCH", "HAS_BIAS"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,9 +708,11 @@ def _check_extent(*tensors: torch.Tensor) -> None:
 FORCED_TMA: bool | None = None
 
 
-def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig | None = None):
+def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig | None = None,
+         bias: torch.Tensor | None = None):
     """(out, lse (B1 * B2, H, N) fp32) for q, k, v (B, N, H, D) or (B1, B2, N, H, D); out is laid out in q's
-    memory order (``empty_in_layout``)."""
+    memory order (``empty_in_layout``). ``bias``: (B, N) fp32 contiguous, added to every query's scaled scores of
+    that key (proportional attention)."""
     B1, B2, N, H, D = _dims(q)
     B = B1 * B2
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
@@ -647,12 +722,12 @@ def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig |
     use_tma = FORCED_TMA if FORCED_TMA is not None else (q.element_size() == 2 and tma_compatible(q, k, v, out))
     meta = dict(
         HEAD_DIM=D, BLOCK_D=block_d_for(D), DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
-        EMULATE_BF16=emulate_bf16(q.dtype), USE_TMA=use_tma, TWO_BATCH=q.dim() == 5,
+        EMULATE_BF16=emulate_bf16(q.dtype), USE_TMA=use_tma, TWO_BATCH=q.dim() == 5, HAS_BIAS=bias is not None,
     )
     if use_tma:
         ensure_tma_allocator()
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, H, B2,
-            softmax_scale * LOG2E, grid_bucket(B, H, N))
+    args = (q, k, v, out, lse, bias if bias is not None else lse, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(out), N, H, B2, softmax_scale * LOG2E, grid_bucket(B, H, N))
     _launch(_attn_fwd_tuned, _attn_fwd_kernel, "BLOCK_M", B, H, N, args, meta, config)
     return out, lse
 
@@ -660,9 +735,10 @@ def _fwd(q, k, v, softmax_scale: float, allow_tf32: bool, config: KernelConfig |
 def _bwd(
     do, q, k, v, out, lse, softmax_scale: float, allow_tf32: bool,
     dkdv_config: KernelConfig | None = None, dq_config: KernelConfig | None = None,
-    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
 ):
-    """(dq, dk, dv), written into ``grads`` (e.g. the three slices of one dqkv tensor) when given."""
+    """(dq, dk, dv), written into ``grads`` (e.g. the three slices of one dqkv tensor) when given; ``bias`` as the
+    forward's (it is a constant: no gradient)."""
     B1, B2, N, H, D = _dims(q)
     B = B1 * B2
     do, q, k, v = unit_last(do), unit_last(q), unit_last(k), unit_last(v)
@@ -677,17 +753,18 @@ def _bwd(
     dq, dk, dv = grads if grads is not None else (empty_in_layout(t.shape, t) for t in (q, k, v))
     meta = dict(
         HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
-        EMULATE_BF16=emulate_bf16(q.dtype), TWO_BATCH=q.dim() == 5,
+        EMULATE_BF16=emulate_bf16(q.dtype), TWO_BATCH=q.dim() == 5, HAS_BIAS=bias is not None,
     )
+    kb = bias if bias is not None else lse
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     scales = (N, H, B2, softmax_scale * LOG2E, softmax_scale, grid_bucket(B, H, N))
     _launch(
         _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, "BLOCK_N", B, H, N,
-        (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *scales), meta, dkdv_config,
+        (q, k, v, do, lse, delta, dk, dv, kb, *common, *_strides(dk), *_strides(dv), *scales), meta, dkdv_config,
     )
     _launch(
         _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, "BLOCK_M", B, H, N,
-        (q, k, v, do, lse, delta, dq, *common, *_strides(dq), *scales), meta, dq_config,
+        (q, k, v, do, lse, delta, dq, kb, *common, *_strides(dq), *scales), meta, dq_config,
     )
     return dq, dk, dv
 
@@ -697,11 +774,12 @@ def _bwd(
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vivit_kernels::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, allow_tf32: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, allow_tf32: bool,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, N, H, D) or (B1, B2, N, H, D) in q's memory order, logsumexp (B1 * B2, H, N) fp32) of
-    softmax(q k^T * scale) v."""
-    return _fwd(q, k, v, softmax_scale, allow_tf32)
+    softmax(q k^T * scale + bias) v; ``bias`` (B, N) fp32 per key, or None."""
+    return _fwd(q, k, v, softmax_scale, allow_tf32, bias=bias)
 
 
 def _fake_fwd(q):
@@ -710,7 +788,7 @@ def _fake_fwd(q):
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, allow_tf32):
+def _(q, k, v, softmax_scale, allow_tf32, bias=None):
     torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "q, k, v must have one shape")
     return _fake_fwd(q)
 
@@ -725,30 +803,31 @@ def flash_attn_bwd(
     lse: torch.Tensor,
     softmax_scale: float,
     allow_tf32: bool,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the output gradient and what the forward saved (q, k, v, out, logsumexp)."""
-    return _bwd(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32)
+    """(dq, dk, dv) from the output gradient and what the forward saved (q, k, v, out, logsumexp, bias)."""
+    return _bwd(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32, bias=bias)
 
 
 @flash_attn_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32):
+def _(grad_out, q, k, v, out, lse, softmax_scale, allow_tf32, bias=None):
     return tuple(empty_in_layout(t.shape, t) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, allow_tf32 = inputs
+    q, k, v, softmax_scale, allow_tf32, bias = inputs
     out, lse = output
     # Saved for backward: the inputs (views, no copies), the output and the fp32 row logsumexp: O(N) per
-    # row instead of the N x N probabilities eager attention keeps.
-    ctx.save_for_backward(q, k, v, out, lse)
+    # row instead of the N x N probabilities eager attention keeps; the per-key bias (B x N) when there is one.
+    ctx.save_for_backward(q, k, v, out, lse, bias)
     ctx.softmax_scale = softmax_scale
     ctx.allow_tf32 = allow_tf32
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.allow_tf32)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.allow_tf32, bias)
+    return dq, dk, dv, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -759,9 +838,10 @@ def flash_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     softmax_scale: float | None = None,
+    bias: torch.Tensor | None = None,
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * softmax_scale) v with the Triton FlashAttention-2 kernels (forward and backward).
+    """softmax(q k^T * softmax_scale + bias) v with the Triton FlashAttention-2 kernels (forward and backward).
 
     Args:
         q, k, v: (batch, tokens, heads, head_dim) in float16, bfloat16 or float32, on a CUDA device (or on
@@ -770,6 +850,9 @@ def flash_attention(
             (batch, batch2, tokens, heads, head_dim) views take two batch dimensions with a stride each: the
             tokens of one spatial position across time, ``x.view(B, T, S, H, D).transpose(1, 2)``, in place.
         softmax_scale: defaults to head_dim ** -0.5.
+        bias: (batch, tokens) per-key additive bias, the same for every query and head (proportional attention
+            of merged tokens: log of the tokens each key stands for); one batch dimension only. No gradient flows
+            to it (it is a constant of the merging).
         allow_tf32: float32 products: None (default) follows torch's matmul precision setting, as every op
             does (strict IEEE under torch's default "highest", so results match an fp32 reference); True lets the
             tensor cores use TF32, False never.
@@ -782,20 +865,36 @@ def flash_attention(
         softmax_scale = q.shape[-1] ** -0.5
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the kernel takes the max of unscaled scores
         raise ValueError(f"flash_attention: softmax_scale must be finite and positive, got {softmax_scale}")
-    return flash_attn_fwd(q, k, v, float(softmax_scale), resolve_tf32(allow_tf32))[0]
+    return flash_attn_fwd(q, k, v, float(softmax_scale), resolve_tf32(allow_tf32), _key_bias_of(q, bias))[0]
+
+
+def _key_bias_of(q: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-key bias as the kernels read it: (B, N) fp32, contiguous; a clear error for another shape."""
+    if bias is None:
+        return None
+    if q.dim() != 4:
+        raise ValueError("flash_attention: a per-key bias takes one batch dimension, (batch, tokens, heads, head_dim)")
+    if tuple(bias.shape) != (q.shape[0], q.shape[1]):
+        raise ValueError(f"flash_attention: bias must be (batch, tokens) = {(q.shape[0], q.shape[1])}, got "
+                         f"{tuple(bias.shape)}")
+    if bias.device != q.device:
+        raise ValueError(f"flash_attention: bias is on {bias.device}, q on {q.device}")
+    return bias.detach().float().contiguous()
 
 
 # The same attention on the fused (B, N, 3, H, D) projection output (or a (B1, B2, N, 3, H, D) view of it): the
 # backward writes dq, dk and dv into one dqkv tensor (the three slices the forward read), so autograd has no
 # separate gradients to stack.
 @torch.library.custom_op("vivit_kernels::flash_attn_qkv_fwd", mutates_args=())
-def flash_attn_qkv_fwd(qkv: torch.Tensor, softmax_scale: float, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (..., N, H, D), logsumexp (B1 * B2, H, N) fp32) for q, k, v = qkv.unbind(-3)."""
-    return _fwd(*qkv.unbind(-3), softmax_scale, allow_tf32)
+def flash_attn_qkv_fwd(qkv: torch.Tensor, softmax_scale: float, allow_tf32: bool,
+                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (..., N, H, D), logsumexp (B1 * B2, H, N) fp32) for q, k, v = qkv.unbind(-3); ``bias`` as
+    flash_attn_fwd's."""
+    return _fwd(*qkv.unbind(-3), softmax_scale, allow_tf32, bias=bias)
 
 
 @flash_attn_qkv_fwd.register_fake
-def _(qkv, softmax_scale, allow_tf32):
+def _(qkv, softmax_scale, allow_tf32, bias=None):
     torch._check(qkv.shape[-3] == 3, lambda: "qkv must be (B, N, 3, H, D) or (B1, B2, N, 3, H, D)")
     return _fake_fwd(qkv.unbind(-3)[0])
 
@@ -803,42 +902,43 @@ def _(qkv, softmax_scale, allow_tf32):
 @torch.library.custom_op("vivit_kernels::flash_attn_qkv_bwd", mutates_args=())
 def flash_attn_qkv_bwd(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
-    allow_tf32: bool,
+    allow_tf32: bool, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dqkv (qkv's shape and memory order): dq, dk, dv written straight into its three slices."""
     dqkv = empty_in_layout(qkv.shape, qkv)
-    _bwd(grad_out, *qkv.unbind(-3), out, lse, softmax_scale, allow_tf32, grads=dqkv.unbind(-3))
+    _bwd(grad_out, *qkv.unbind(-3), out, lse, softmax_scale, allow_tf32, grads=dqkv.unbind(-3), bias=bias)
     return dqkv
 
 
 @flash_attn_qkv_bwd.register_fake
-def _(grad_out, qkv, out, lse, softmax_scale, allow_tf32):
+def _(grad_out, qkv, out, lse, softmax_scale, allow_tf32, bias=None):
     return empty_in_layout(qkv.shape, qkv)
 
 
 def _qkv_setup_context(ctx, inputs, output):
-    qkv, softmax_scale, allow_tf32 = inputs
+    qkv, softmax_scale, allow_tf32, bias = inputs
     out, lse = output
-    # Saved for backward: the qkv tensor (not a copy), the output and the fp32 row logsumexp.
-    ctx.save_for_backward(qkv, out, lse)
+    # Saved for backward: the qkv tensor (not a copy), the output and the fp32 row logsumexp (and the bias).
+    ctx.save_for_backward(qkv, out, lse, bias)
     ctx.softmax_scale, ctx.allow_tf32 = softmax_scale, allow_tf32
 
 
 def _qkv_backward(ctx, grad_out, grad_lse):
-    qkv, out, lse = ctx.saved_tensors
-    return flash_attn_qkv_bwd(grad_out, qkv, out, lse, ctx.softmax_scale, ctx.allow_tf32), None, None
+    qkv, out, lse, bias = ctx.saved_tensors
+    return flash_attn_qkv_bwd(grad_out, qkv, out, lse, ctx.softmax_scale, ctx.allow_tf32, bias), None, None, None
 
 
 flash_attn_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
 def flash_attention_qkv(
-    qkv: torch.Tensor, softmax_scale: float | None = None, allow_tf32: bool | None = None
+    qkv: torch.Tensor, softmax_scale: float | None = None, bias: torch.Tensor | None = None,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """:func:`flash_attention` of ``q, k, v = qkv.unbind(-3)`` for a fused projection output qkv (B, N, 3, H, D),
     or a (B1, B2, N, 3, H, D) view of one (e.g. ``qkv.view(B, T, S, 3, H, D).transpose(1, 2)``: attention over
     time per spatial position, read in place); its backward returns one dqkv tensor (in qkv's memory order)
-    instead of three gradients that autograd would stack into one."""
+    instead of three gradients that autograd would stack into one. ``bias``: as flash_attention's."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() not in (5, 6) or qkv.shape[-3] != 3:
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError("flash_attention_qkv: qkv must be (batch, tokens, 3, heads, head_dim) or (batch, batch2, "
@@ -849,7 +949,7 @@ def flash_attention_qkv(
         softmax_scale = qkv.shape[-1] ** -0.5
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):  # the kernel takes the max of unscaled scores
         raise ValueError(f"flash_attention_qkv: softmax_scale must be finite and positive, got {softmax_scale}")
-    return flash_attn_qkv_fwd(qkv, float(softmax_scale), resolve_tf32(allow_tf32))[0]
+    return flash_attn_qkv_fwd(qkv, float(softmax_scale), resolve_tf32(allow_tf32), _key_bias_of(q, bias))[0]
 
 
 def attention_ref(
@@ -857,14 +957,16 @@ def attention_ref(
     k: torch.Tensor,
     v: torch.Tensor,
     softmax_scale: float | None = None,
+    bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     head_mask: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     return_probs: bool = False,
 ):
-    """softmax(q k^T * scale + attention_mask) v, computed the way transformers' eager ViViT attention does.
+    """softmax(q k^T * scale + bias + attention_mask) v, computed the way transformers' eager ViViT attention does.
 
-    q, k, v: (B, N, H, D). attention_mask: additive, broadcastable to (B, H, N, N). head_mask: broadcastable to
+    q, k, v: (B, N, H, D). bias: (B, N), one additive term per key (proportional attention). attention_mask:
+    additive, broadcastable to (B, H, N, N). head_mask: broadcastable to
     (B, H, N, N) (e.g. (1, H, 1, 1)); it multiplies the attention probabilities after dropout, as transformers
     4.x did. Returns the output (B, N, H, D), and with ``return_probs`` also the probabilities (B, H, N, N)
     after dropout and head mask.
@@ -873,6 +975,8 @@ def attention_ref(
         softmax_scale = q.shape[-1] ** -0.5
     q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # (..., H, N, D): one or two batch dims
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
+    if bias is not None:
+        scores = scores + bias[:, None, None, :].to(scores.dtype)
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -885,19 +989,21 @@ def attention_ref(
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                   dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                   backend: str | None = None) -> torch.Tensor:
     """torch's ``scaled_dot_product_attention`` on (B, N, H, D) or (B1, B2, N, H, D) q, k, v (a second batch dim
     folded into the first: a copy where the view does not fold), restricted to one SDPA ``backend``
     ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH") when given. The vendor candidates of the
-    attention ops, and the model's attention when no kernel runs."""
+    attention ops, and the model's attention when no kernel runs. ``bias`` (B, N): an additive mask per key."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     shape = q.shape
     q, k, v = (t.reshape(-1, *shape[-3:]).transpose(1, 2) for t in (q, k, v))
+    mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
     with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
     return out.transpose(1, 2).reshape(shape)
 
 
@@ -934,9 +1040,9 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                     )
                 )
             for precision in precisions:
-                meta = dict(base, DOT_PRECISION=precision, EMULATE_BF16=False)
+                meta = dict(base, DOT_PRECISION=precision, EMULATE_BF16=False, HAS_BIAS=False)
                 tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} d={head_dim}"
-                fwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", O=f"*{ty}", LSE="*fp32", N="i32", H="i32",
+                fwd = dict(Q=f"*{ty}", K=f"*{ty}", V=f"*{ty}", O=f"*{ty}", LSE="*fp32", KB="*fp32", N="i32", H="i32",
                            B2="i32", qk_scale="fp32", GRID_BUCKET="i32", **strides("q", "k", "v", "o"))
                 bwd = dict(
                     Q=f"*{ty}",
@@ -945,6 +1051,7 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                     DO=f"*{ty}",
                     LSE="*fp32",
                     DELTA="*fp32",
+                    KB="*fp32",
                     N="i32",
                     H="i32",
                     B2="i32",
@@ -956,9 +1063,11 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                 dkdv = dict(bwd, DK=f"*{ty}", DV=f"*{ty}", **strides("dk", "dv"))
                 dq = dict(bwd, DQ=f"*{ty}", **strides("dq"))
                 for arch in (80, 90):  # each architecture compiles the rows it launches
-                    for kernel, name, sig, rows in ((_attn_fwd_kernel, "_attn_fwd_kernel", fwd, FWD_ROWS),
-                                                    (_attn_bwd_dkdv_kernel, "_attn_bwd_dkdv_kernel", dkdv, DKDV_ROWS),
-                                                    (_attn_bwd_dq_kernel, "_attn_bwd_dq_kernel", dq, DQ_ROWS)):
+                    for kernel, name, sig, rows, biased in (
+                        (_attn_fwd_kernel, "_attn_fwd_kernel", fwd, FWD_ROWS, FWD_BIAS_ROWS),
+                        (_attn_bwd_dkdv_kernel, "_attn_bwd_dkdv_kernel", dkdv, DKDV_ROWS, DKDV_BIAS_ROWS),
+                        (_attn_bwd_dq_kernel, "_attn_bwd_dq_kernel", dq, DQ_ROWS, DQ_BIAS_ROWS),
+                    ):
                         # the forward on sm_90 with 2-byte elements: the tensor-descriptor variant (the default
                         # there) and the pointer one (inputs whose strides TMA cannot take)
                         tma_too = kernel is _attn_fwd_kernel and arch == 90 and size == 2
@@ -977,4 +1086,11 @@ def aot_cases(head_dims=AOT_HEAD_DIMS):
                                     __name__, kernel, name, sig, {**meta, **cfg.kwargs, **tma_meta, "TWO_BATCH": True},
                                     cfg.num_warps, cfg.num_stages,
                                     f"{tag} 2-batch {'tma ' if use_tma else ''}{cfg.label()}", archs=(arch,)))
+                            # proportional attention (a per-key bias: merged tokens), every config of the bias
+                            # rows, in bf16 (what merged models run in on a GPU; fp16's registers are the same)
+                            for cfg in unique_configs(biased, block_d, size, arch) if dtype == torch.bfloat16 else ():
+                                cases.append(make_case(
+                                    __name__, kernel, name, sig, {**meta, **cfg.kwargs, **tma_meta, "HAS_BIAS": True},
+                                    cfg.num_warps, cfg.num_stages,
+                                    f"{tag} bias {'tma ' if use_tma else ''}{cfg.label()}", archs=(arch,)))
     return cases

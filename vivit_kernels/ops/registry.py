@@ -23,9 +23,10 @@ Call signatures (the model's ``Backend`` table, ``auto/backends.py``, holds the 
 - ``qkv(x, wq, bq, wk, bk, wv, bv) -> (..., 3 * out)``: the three projections in one GEMM (weights read in place)
 - ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
 - ``mlp(x, w1, b1, w2, b2, activation, residual=None) -> fc2(act(fc1(x))) + residual``
-- ``attention(q, k, v, softmax_scale) -> (B, N, H, D)`` for q, k, v (B, N, H, D); or (B1, B2, N, H, D) throughout
-- ``attention_qkv(qkv, softmax_scale) -> (B, N, H, D)`` for the fused (B, N, 3, H, D) projection output, or a
-  (B1, B2, N, 3, H, D) view of one (the factorised models' attention over time: a second batch dim, in place)
+- ``attention(q, k, v, softmax_scale, bias=None) -> (B, N, H, D)`` for q, k, v (B, N, H, D); or (B1, B2, N, H, D)
+  throughout; ``bias`` (B, N), one additive term per key (proportional attention of merged tokens)
+- ``attention_qkv(qkv, softmax_scale, bias=None) -> (B, N, H, D)`` for the fused (B, N, 3, H, D) projection output,
+  or a (B1, B2, N, 3, H, D) view of one (the factorised models' attention over time: a second batch dim, in place)
 - ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
 - the C++/CUDA extension's: ``bias_gelu_fast(x, bias)`` and ``preprocess_video(frames uint8 (B,T,H,W,3),
   resize_hw, crop_box, scale, offset, mean, std, dtype) -> (B, T, 3, crop_h, crop_w)``
@@ -205,9 +206,9 @@ def _sdpa(backend: str, fused: bool) -> Callable:
     v (B, N, H, D), a second batch dimension folded."""
 
     def attention(*args):
-        *tensors, scale = args
+        tensors, (scale, *bias) = (args[:1], args[1:]) if fused else (args[:3], args[3:])
         q, k, v = tensors[0].unbind(-3) if fused else tensors
-        return sdpa_attention(q, k, v, scale, backend=backend)
+        return sdpa_attention(q, k, v, scale, *bias, backend=backend)
 
     attention.__name__ = f"sdpa_{backend.lower()}"
     return attention
@@ -230,8 +231,8 @@ def _linear_runs(device: torch.device) -> str:
             else f"torch.addmm on {device.type}")
 
 
-def _attention_qkv_ref(qkv, softmax_scale):
-    return attention_ref(*qkv.unbind(-3), softmax_scale)
+def _attention_qkv_ref(qkv, softmax_scale, bias=None):
+    return attention_ref(*qkv.unbind(-3), softmax_scale, bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,14 +299,22 @@ def _mlp_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
             r(s.batch, s.tokens, s.hidden))
 
 
+def _key_bias(s: Shape, device) -> tuple:
+    """"proportional": log of the tokens each key stands for (1 to 4), token merging's bias; else nothing."""
+    sizes = torch.randint(1, 5, (s.batch, s.tokens), generator=torch.Generator().manual_seed(3))
+    return (sizes.float().log().to(device),)
+
+
 def _attention_qkv_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
     r = _maker(dtype, device, requires_grad)
-    return r(s.batch, s.tokens, 3, s.heads, s.head_dim), s.head_dim**-0.5
+    bias = _key_bias(s, device) if variant == "proportional" else ()
+    return r(s.batch, s.tokens, 3, s.heads, s.head_dim), s.head_dim**-0.5, *bias
 
 
 def _attention_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
     r = _maker(dtype, device, requires_grad)
-    return (*(r(s.batch, s.tokens, s.heads, s.head_dim) for _ in range(3)), s.head_dim**-0.5)
+    bias = _key_bias(s, device) if variant == "proportional" else ()
+    return (*(r(s.batch, s.tokens, s.heads, s.head_dim) for _ in range(3)), s.head_dim**-0.5, *bias)
 
 
 def _patch_embed_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
@@ -555,8 +564,9 @@ OPS: dict[str, Op] = {
                 *_sdpa_rows(True),
             ),
             reference=_attention_qkv_ref,
-            flops=lambda qkv, scale=None: attention_flops(qkv.numel() // 3, qkv.shape[-4]),
-            bytes=lambda qkv, scale=None: _bytes(qkv) * 4 / 3,
+            flops=lambda qkv, scale=None, bias=None: attention_flops(qkv.numel() // 3, qkv.shape[-4]),
+            bytes=lambda qkv, scale=None, bias=None: _bytes(qkv, bias) + _bytes(qkv) / 3,
+            variants=(None, "proportional"),
             sample_inputs=_attention_qkv_inputs,
             custom_ops=_ATTENTION_QKV_OPS,
             backward_ratio=2.5,
@@ -572,8 +582,9 @@ OPS: dict[str, Op] = {
                 ("triton", flash_attention, _triton_here, _ours_runs("flash attention")), *_sdpa_rows(False)
             ),
             reference=attention_ref,
-            flops=lambda q, k, v, scale=None: attention_flops(q.numel(), k.shape[-3]),
-            bytes=lambda q, k, v, scale=None: 2 * _bytes(q) + _bytes(k, v),
+            flops=lambda q, k, v, scale=None, bias=None: attention_flops(q.numel(), k.shape[-3]),
+            bytes=lambda q, k, v, scale=None, bias=None: 2 * _bytes(q) + _bytes(k, v, bias),
+            variants=(None, "proportional"),
             sample_inputs=_attention_inputs,
             custom_ops=_ATTENTION_OPS,
             backward_ratio=2.5,

@@ -81,8 +81,9 @@ def _seed_table(records: list[dict], table: str, count_key: str, count_label: st
         base = _baseline(group, "provider")
         for r in sorted(group, key=lambda r: r["provider"]):
             speedup = "-" if r.get("interpreted") else _pct(base and base["time_s"], r["time_s"])
+            backend = r["provider"] + (f" ({r['merge']})" if r.get("merge") else "")  # token merging's schedule
             lines.append(
-                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {r['provider']} | {_timing(r)} "
+                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {backend} | {_timing(r)} "
                 f"| {speedup} | {_mb(r.get('peak_mem_mb'))} "
                 f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
             )
@@ -259,12 +260,12 @@ def run_cli(args: argparse.Namespace) -> int:
             models = measure_models(1, dtype, progress=lambda m: print(f"[measure] {m}", file=sys.stderr, flush=True))
             measurements_md += ("\n\n### The paper's four models\n\n`vivit_kernels.tools.measure.measure_models()`:\n\n"
                                 + format_models_markdown(models))
-            from .measure import TRAINING_MODES, format_training_markdown, measure_training
+            from .costs import TRAINING_MODES, format_training_markdown, measure_training
 
             training = [measure_training(mode, provider, batch=8, dtype=dtype)
                         for provider in ("triton", "transformers-eager") for mode in TRAINING_MODES]
             measurements_md += ("\n\n### What a training step costs by what trains\n\n"
-                                "`vivit_kernels.tools.measure.measure_training()`:\n\n"
+                                "`vivit_kernels.tools.costs.measure_training()`:\n\n"
                                 + format_training_markdown(training))
         (out / "measurements.md").write_text(measurements_md + "\n", encoding="utf-8")
         print(measurements_md)

@@ -34,8 +34,10 @@ def _interpreted(backend: str, device: torch.device) -> bool:
 
 
 def run_demo(model_dir: str | None, preset: str, device: torch.device, dtype: torch.dtype, batch: int = 1,
-             repeats: int = 3, seed: int = 0) -> dict[str, tuple[torch.Tensor, float]]:
-    """Print the demo (model, input, one row per backend); returns backend -> (logits, ms per batch)."""
+             repeats: int = 3, seed: int = 0, merge=None) -> dict[str, tuple[torch.Tensor, float]]:
+    """Print the demo (model, input, one row per backend); returns backend -> (logits, ms per batch). ``merge``
+    (a token-merging schedule, ``patch.set_token_merging``): every backend again with merging, rows "NAME+merge",
+    their difference to the unmerged eager logits being merging's approximation."""
     from ..auto.backends import ATTN_CHOICES, backend_status
     from ..model import VivitForVideoClassification, image_hw, num_tokens
     from ..processing import VideoProcessor
@@ -61,32 +63,40 @@ def run_demo(model_dir: str | None, preset: str, device: torch.device, dtype: to
 
     status = backend_status()
     results = {}
-    for name in ATTN_CHOICES:
-        ok, why = status[name]
-        if not ok:
-            print(f"  {name:<7} skipped: {why}")
-            continue
-        model.set_attn(name)
-        runs = 1 if _interpreted(name, device) else repeats  # the interpreter is slow and not timed
-        with torch.no_grad():
-            logits = model(pixel_values).logits  # warm-up (compiles kernels on first use)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(runs):
-                logits = model(pixel_values).logits
-            synchronize(device)
-        results[name] = (logits.float(), (time.perf_counter() - start) * 1e3 / runs)
+    for schedule in [None] + ([merge] if merge not in (None, "off") else []):
+        model.set_token_merging(schedule)
+        for name in ATTN_CHOICES:
+            ok, why = status[name]
+            if not ok:
+                if schedule is None:
+                    print(f"  {name:<7} skipped: {why}")
+                continue
+            model.set_attn(name)
+            runs = 1 if _interpreted(name, device) else repeats  # the interpreter is slow and not timed
+            with torch.no_grad():
+                logits = model(pixel_values).logits  # warm-up (compiles kernels on first use)
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(runs):
+                    logits = model(pixel_values).logits
+                synchronize(device)
+            key = name if schedule is None else f"{name}+merge"
+            results[key] = (logits.float(), (time.perf_counter() - start) * 1e3 / runs)
+    model.set_token_merging(None)
 
     reference = results.get("eager", next(iter(results.values())))[0]
-    print(f"\n{'backend':<8} {'ms/batch':>10} {'max |logits - eager|':>22}  top-1 label")
+    width_of = max(8, *(len(n) for n in results))
+    print(f"\n{'backend':<{width_of}} {'ms/batch':>10} {'max |logits - eager|':>22}  top-1 label")
     for name, (logits, ms) in results.items():
         top = logits[0].argmax().item()
         diff = (logits - reference).abs().max().item()
-        note = (
-            " (Triton interpreter on CPU: a correctness run, not a speed figure)" if _interpreted(name, device) else ""
-        )
-        print(f"{name:<8} {ms:>10.2f} {diff:>22.3g}  {cfg.id2label.get(top, top)}{note}")
-    timed = sorted(n for n in results if not _interpreted(n, device))
+        note = (" (Triton interpreter on CPU: a correctness run, not a speed figure)"
+                if _interpreted(name.removesuffix("+merge"), device) else "")
+        print(f"{name:<{width_of}} {ms:>10.2f} {diff:>22.3g}  {cfg.id2label.get(top, top)}{note}")
+    if merge not in (None, "off"):
+        print(f"+merge: token merging {merge!r} (docs/merging.md); its difference to unmerged eager is merging's "
+              "approximation, not an error of the kernels")
+    timed = sorted(n for n in results if not _interpreted(n.removesuffix("+merge"), device))
     print(
         f"\ntimings are wall-clock on {device_name(device)}, after one warm-up: the mean of {repeats} "
         f"{'run' if repeats == 1 else 'runs'} for {', '.join(timed)}"

@@ -34,8 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 __all__ = ["GPUS", "Measurement", "measure", "measure_all", "format_markdown", "NO_LAUNCH_ATEN", "PROVIDERS",
-           "MODEL_VARIANTS", "measure_models", "format_models_markdown", "TRAINING_MODES", "TrainingMeasurement",
-           "measure_training", "format_training_markdown", "time_training_steps"]
+           "MODEL_VARIANTS", "measure_models", "format_models_markdown"]
 
 # Datasheet peaks (dense), for the roofline floor only.
 GPUS: dict[str, dict[str, float]] = {
@@ -88,6 +87,22 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
+
+
+@contextlib.contextmanager
+def counting_saved(params: set[int]):
+    """Inside: {storage: bytes} of every tensor autograd saves for the backward, the storages in ``params`` (the
+    weights) left out; yields that dict, filled as the forward runs."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 class _CostTracker(TorchDispatchMode):
@@ -208,15 +223,7 @@ def measure(provider: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.d
 
         # training forward: what autograd keeps for the backward
         model.train()
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            key = _storage_key(t)
-            if key not in params:
-                saved[key] = t.untyped_storage().nbytes()
-            return t
-
-        with saved_tensors_hooks(pack, lambda t: t):
+        with counting_saved(params) as saved:
             model(pixel_values, labels=labels)
         result.saved_bytes = sum(saved.values())
 
@@ -233,129 +240,6 @@ def measure(provider: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.d
     result.hbm_bytes = tracker.bytes
     result.roofline_ms = {gpu: 1e3 * s for gpu, s in tracker.roofline_s.items()}
     return result
-
-
-TRAINING_MODES = ("full", "lora", "probe")  # every weight; LoRA rank 8 on q and v; the classifier alone
-
-
-@dataclasses.dataclass
-class TrainingMeasurement:
-    """One training step (forward + backward of the loss): matmul FLOPs, kernel launches, and the activations
-    saved for the backward, by what trains (``TRAINING_MODES``)."""
-
-    mode: str
-    provider: str
-    batch: int
-    dtype: str
-    layers: int
-    flops: int = 0
-    launches: int = 0
-    saved_bytes: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def measure_training(mode: str, provider: str = "triton", config="vivit-b-16x2", batch: int = 8,
-                     dtype: torch.dtype = torch.bfloat16, lora_rank: int = 8) -> TrainingMeasurement:
-    """A training step of ``mode`` ("full": every weight; "lora": PEFT LoRA of ``lora_rank`` on q and v and the
-    classifier, as ``finetune --lora-rank``; "probe": the classifier alone, as ``finetune --freeze-backbone``)
-    counted on fake tensors: FLOPs and launches of forward + backward, bytes saved for the backward."""
-    from ..finetune import add_lora, freeze_all_but_head
-    from ..model import VivitConfig, image_hw
-
-    if mode not in TRAINING_MODES:
-        raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
-    config = VivitConfig.from_preset(config) if isinstance(config, str) else config
-    result = TrainingMeasurement(mode, provider, batch, _DTYPE_NAMES[dtype], config.num_hidden_layers)
-    h, w = image_hw(config)
-    with torch.device("meta"):  # PEFT cannot wrap fake parameters (it moves adapters with swap_tensors)
-        model = _build(provider, config, dtype)
-        if mode == "lora":
-            model = add_lora(model, lora_rank)
-        elif mode == "probe":
-            freeze_all_but_head(model)
-    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake ones
-        model = model.to_empty(device="cpu")
-        params = {_storage_key(p) for p in model.parameters()}
-        pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w, dtype=dtype)
-        labels = torch.zeros(batch, dtype=torch.long)
-        model.train()
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor):
-            key = _storage_key(t)
-            if key not in params:
-                saved[key] = t.untyped_storage().nbytes()
-            return t
-
-        tracker = _CostTracker(dtype, params | {_storage_key(pixel_values)})
-        with tracker:
-            with saved_tensors_hooks(pack, lambda t: t):
-                loss = model(pixel_values=pixel_values, labels=labels).loss
-            loss.backward()
-    result.flops, result.launches, result.saved_bytes = tracker.flops, tracker.launches, sum(saved.values())
-    return result
-
-
-def time_training_steps(preset: str = "small", batch: int = 4, rounds: int = 7, attn: str = "sdpa",
-                        device: str = "cpu") -> dict[str, float]:
-    """Wall-clock milliseconds of a training step (forward, backward, AdamW) per mode of ``TRAINING_MODES``: the
-    median of ``rounds`` rounds that take one step of each mode in turn (interleaved, after one warm-up each). A
-    timing of this machine, not a count."""
-    import statistics
-    import time
-
-    from .._devices import synchronize
-    from ..finetune import add_lora, freeze_all_but_head
-    from ..model import VivitForVideoClassification, image_hw
-
-    runs = {}
-    for mode in TRAINING_MODES:
-        torch.manual_seed(0)
-        model = VivitForVideoClassification(preset, attn=attn).to(device)
-        model = add_lora(model, 8) if mode == "lora" else model
-        if mode == "probe":
-            freeze_all_but_head(model)
-        runs[mode] = (model.train(), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
-    config = runs["full"][0].config
-    x = torch.randn(batch, config.num_frames, 3, *image_hw(config), device=device)
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def step(model, opt) -> float:
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        model(pixel_values=x, labels=labels).loss.backward()
-        opt.step()
-        synchronize(device)
-        return (time.perf_counter() - start) * 1e3
-
-    for run in runs.values():
-        step(*run)
-    times: dict[str, list[float]] = {mode: [] for mode in runs}
-    for _ in range(rounds):
-        for mode, run in runs.items():
-            times[mode].append(step(*run))
-    return {mode: statistics.median(t) for mode, t in times.items()}
-
-
-def format_training_markdown(rows: list[TrainingMeasurement]) -> str:
-    """Per provider and mode: GFLOP, launches (per layer: the step's total over the layers), GiB saved for the
-    backward, each with its ratio to the same provider's full fine-tuning."""
-    full = {r.provider: r for r in rows if r.mode == "full"}
-    lines = ["| provider | trains | GFLOP / step | x full | launches / step | per layer | GiB saved for backward "
-             "| x full |", "|" + "---|" * 8]
-    what = {"full": "every weight", "lora": "LoRA r=8 on q, v + classifier", "probe": "the classifier (probe)"}
-    for r in rows:
-        f = full.get(r.provider)
-        lines.append(f"| {r.provider} | {what[r.mode]} | {r.flops / 1e9:.0f} | "
-                     f"{r.flops / f.flops if f else float('nan'):.3f} | {r.launches} | {r.launches / r.layers:.1f} | "
-                     f"{r.saved_bytes / 2**30:.2f} | {r.saved_bytes / f.saved_bytes if f else float('nan'):.3f} |")
-    r = rows[0]
-    lines += ["", f"ViViT-B/16x2, batch {r.batch}, {r.dtype}, one training step (forward + backward of the loss), "
-              "counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. Launches per layer: the "
-              "step's total divided by the 12 layers (the embedding and the head included)."]
-    return "\n".join(lines)
 
 
 def measure_all(config="vivit-b-16x2", batches=(1, 2, 4, 8), dtype: torch.dtype = torch.bfloat16,

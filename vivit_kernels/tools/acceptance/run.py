@@ -68,13 +68,7 @@ class Plan:
     preset: str
     correct_batch: int
     ops_batch: int
-    tokens: int
-    hidden: int
-    heads: int
-    head_dim: int
-    inter: int
-    frames: int
-    image: int
+    sizes: str  # the op registry's sample-input sizes: a Shape constructor ("vivit_b", "tiny")
     correct_dtypes: tuple[str, ...]
     model_batch: int
     infer_batches: tuple[int, ...]
@@ -89,27 +83,24 @@ class Plan:
     repeats: int
     estimate_s: dict
 
-
     def shape(self, batch: int):
         """The op registry's sample-input sizes of this plan at ``batch``."""
         from ...ops.registry import Shape
 
-        return Shape(batch, self.tokens, self.hidden, self.heads, self.head_dim, self.inter, self.frames, self.image)
+        return getattr(Shape, self.sizes)(batch)
 
 
 GPU_PLAN = Plan(
-    preset="vivit-b-16x2", correct_batch=2, ops_batch=8, tokens=3137, hidden=768, heads=12, head_dim=64, inter=3072,
-    frames=32, image=224, correct_dtypes=("bf16", "fp32", "fp16"), model_batch=1, infer_batches=(1, 2, 4, 8),
-    infer_dtypes=("bf16", "fp32"), infer_rounds=20, train_batches=(1, 8), train_dtype="bf16", train_steps=20,
-    matmul_n=8192, copy_mib=1024, warmup=3, repeats=15,
+    preset="vivit-b-16x2", correct_batch=2, ops_batch=8, sizes="vivit_b", correct_dtypes=("bf16", "fp32", "fp16"),
+    model_batch=1, infer_batches=(1, 2, 4, 8), infer_dtypes=("bf16", "fp32"), infer_rounds=20, train_batches=(1, 8),
+    train_dtype="bf16", train_steps=20, matmul_n=8192, copy_mib=1024, warmup=3, repeats=15,
     estimate_s={"environment": 20, "op": 10, "model": 40, "extension": 10, "speed": 6, "seed": 10, "train": 30,
                 "compiled": 120, "auto": 1},
 )
 DRY_PLAN = Plan(
-    preset="tiny", correct_batch=1, ops_batch=2, tokens=67, hidden=64, heads=2, head_dim=32, inter=96, frames=4,
-    image=32, correct_dtypes=("bf16", "fp32"), model_batch=1, infer_batches=(1, 2), infer_dtypes=("fp32",),
-    infer_rounds=2, train_batches=(1,), train_dtype="fp32", train_steps=2, matmul_n=256, copy_mib=16, warmup=0,
-    repeats=1,
+    preset="tiny", correct_batch=1, ops_batch=2, sizes="tiny", correct_dtypes=("bf16", "fp32"), model_batch=1,
+    infer_batches=(1, 2), infer_dtypes=("fp32",), infer_rounds=2, train_batches=(1,), train_dtype="fp32",
+    train_steps=2, matmul_n=256, copy_mib=16, warmup=0, repeats=1,
     estimate_s={"environment": 2, "op": 2, "model": 5, "extension": 1, "speed": 1, "seed": 2, "train": 5,
                 "compiled": 60, "auto": 0},
 )

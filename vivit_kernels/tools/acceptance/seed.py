@@ -16,11 +16,14 @@ __all__ = ["build_seed_model", "seed_step", "peak_memory_mb", "section_seed", "s
 
 
 LORA = "+lora"  # a provider with this suffix: the same model with LoRA rank 8 on q and v (finetune --lora-rank 8)
+MERGE = "+merge"  # ... the same model with token merging, MERGE_SCHEDULE (vivit_kernels.merging)
+MERGE_SCHEDULE = "fraction-10"  # half the FLOPs of ViViT-B/16x2 (docs/merging.md)
 
 
 def build_seed_model(provider: str, config, dtype, device):
     """A model of the seed's tables: ours (provider "triton" / "auto"; "triton+lora" / "auto+lora": with PEFT LoRA
-    of rank 8 on q and v, as ``finetune --lora-rank 8`` trains) or transformers' own ("transformers-eager",
+    of rank 8 on q and v, as ``finetune --lora-rank 8`` trains; "triton+merge" / "auto+merge": with token merging
+    ``MERGE_SCHEDULE``) or transformers' own ("transformers-eager",
     "transformers-sdpa", and torch.compile of the latter), same config and seeded weights."""
     import torch
 
@@ -29,9 +32,12 @@ def build_seed_model(provider: str, config, dtype, device):
     cfg = VivitConfig.from_preset(config) if isinstance(config, str) else config
     torch.manual_seed(0)
     if provider.endswith(LORA):
-        from ...finetune import add_lora
+        from ...training import add_lora
 
         return add_lora(VivitForVideoClassification(cfg, attn=provider.removesuffix(LORA)).to(device, dtype), 8)
+    if provider.endswith(MERGE):
+        model = VivitForVideoClassification(cfg, attn=provider.removesuffix(MERGE))
+        return model.set_token_merging(MERGE_SCHEDULE).to(device, dtype)
     if provider.startswith("transformers"):
         import transformers
 
@@ -141,7 +147,7 @@ def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str
         "table": table, "provider": provider, "batch": batch, "dtype": dtype, count_key: rounds, "time_s": median,
         "iqr_s": _iqr(times), "rounds": len(times), "peak_mem_mb": peak, "first_call_s": first,
         "interpreted": interpreted, "device": run.data["environment"].get("device", str(run.device)),
-        "config": run.plan.preset,
+        "config": run.plan.preset, "merge": MERGE_SCHEDULE if provider.endswith(MERGE) else None,
     })
 
 
@@ -216,6 +222,8 @@ def section_seed(run: Acceptance) -> None:
     ]
     # a LoRA step beside the full one (what frozen weights save): our two backends, the largest training batch
     rows += [("training", p + LORA, plan.train_batches[-1], plan.train_dtype, "train") for p in ("triton", "auto")]
+    # token merging beside the full model (what merging saves): our two backends, the largest inference batch
+    rows += [("inference", p + MERGE, plan.infer_batches[-1], plan.infer_dtypes[0], "seed") for p in ("triton", "auto")]
     rows += [row for rows_of_dtype in infer[1:] for row in rows_of_dtype]
     for table, provider, batch, dtype, kind in rows:
         run.step("seed", f"{table} {provider} batch {batch} {dtype}", kind,

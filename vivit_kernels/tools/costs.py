@@ -1,0 +1,197 @@
+"""What the ways of running a model cost, beside ``measure``'s plain forward: a training step by what trains
+(every weight, LoRA, a linear probe) and a forward with token merging, counted on fake tensors (exact on any
+machine), and their wall-clock on this machine (timings, labelled so)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .measure import _DTYPE_NAMES, Measurement, _build, _CostTracker, _storage_key, counting_saved, measure
+
+__all__ = ["TRAINING_MODES", "TrainingMeasurement", "measure_training", "format_training_markdown",
+           "time_training_steps", "MERGE_SWEEP", "measure_merging", "format_merging_markdown", "time_merging"]
+
+
+TRAINING_MODES = ("full", "lora", "probe")  # every weight; LoRA rank 8 on q and v; the classifier alone
+
+
+@dataclasses.dataclass
+class TrainingMeasurement:
+    """One training step (forward + backward of the loss): matmul FLOPs, kernel launches, and the activations
+    saved for the backward, by what trains (``TRAINING_MODES``)."""
+
+    mode: str
+    provider: str
+    batch: int
+    dtype: str
+    layers: int
+    flops: int = 0
+    launches: int = 0
+    saved_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure_training(mode: str, provider: str = "triton", config="vivit-b-16x2", batch: int = 8,
+                     dtype: torch.dtype = torch.bfloat16, lora_rank: int = 8) -> TrainingMeasurement:
+    """A training step of ``mode`` ("full": every weight; "lora": PEFT LoRA of ``lora_rank`` on q and v and the
+    classifier, as ``finetune --lora-rank``; "probe": the classifier alone, as ``finetune --freeze-backbone``)
+    counted on fake tensors: FLOPs and launches of forward + backward, bytes saved for the backward."""
+    from ..model import VivitConfig, image_hw
+    from ..training import add_lora, freeze_all_but_head
+
+    if mode not in TRAINING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
+    config = VivitConfig.from_preset(config) if isinstance(config, str) else config
+    result = TrainingMeasurement(mode, provider, batch, _DTYPE_NAMES[dtype], config.num_hidden_layers)
+    h, w = image_hw(config)
+    with torch.device("meta"):  # PEFT cannot wrap fake parameters (it moves adapters with swap_tensors)
+        model = _build(provider, config, dtype)
+        if mode == "lora":
+            model = add_lora(model, lora_rank)
+        elif mode == "probe":
+            freeze_all_but_head(model)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake ones
+        model = model.to_empty(device="cpu")
+        params = {_storage_key(p) for p in model.parameters()}
+        pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w, dtype=dtype)
+        labels = torch.zeros(batch, dtype=torch.long)
+        model.train()
+        tracker = _CostTracker(dtype, params | {_storage_key(pixel_values)})
+        with tracker:
+            with counting_saved(params) as saved:
+                loss = model(pixel_values=pixel_values, labels=labels).loss
+            loss.backward()
+    result.flops, result.launches, result.saved_bytes = tracker.flops, tracker.launches, sum(saved.values())
+    return result
+
+
+def time_training_steps(preset: str = "small", batch: int = 4, rounds: int = 7, attn: str = "sdpa",
+                        device: str = "cpu") -> dict[str, float]:
+    """Wall-clock milliseconds of a training step (forward, backward, AdamW) per mode of ``TRAINING_MODES``: the
+    median of ``rounds`` rounds that take one step of each mode in turn (interleaved, after one warm-up each). A
+    timing of this machine, not a count."""
+    import statistics
+    import time
+
+    from .._devices import synchronize
+    from ..model import VivitForVideoClassification, image_hw
+    from ..training import add_lora, freeze_all_but_head
+
+    runs = {}
+    for mode in TRAINING_MODES:
+        torch.manual_seed(0)
+        model = VivitForVideoClassification(preset, attn=attn).to(device)
+        model = add_lora(model, 8) if mode == "lora" else model
+        if mode == "probe":
+            freeze_all_but_head(model)
+        runs[mode] = (model.train(), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    config = runs["full"][0].config
+    x = torch.randn(batch, config.num_frames, 3, *image_hw(config), device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def step(model, opt) -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(pixel_values=x, labels=labels).loss.backward()
+        opt.step()
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    for run in runs.values():
+        step(*run)
+    times: dict[str, list[float]] = {mode: [] for mode in runs}
+    for _ in range(rounds):
+        for mode, run in runs.items():
+            times[mode].append(step(*run))
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+MERGE_SWEEP = (None, 16, 64, "fraction-10", "fraction-20", "fraction-30")  # no merging, then lighter to heavier
+
+
+def measure_merging(specs=MERGE_SWEEP, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+                    provider: str = "triton") -> list[tuple[object, Measurement]]:
+    """(schedule, measurement) of Model 1 (or the Model 2 config given) with token merging at each schedule
+    (``vivit_kernels.merging``), counted on fake tensors like ``measure``."""
+    from ..model import VivitConfig
+
+    rows = []
+    for spec in specs:
+        cfg = VivitConfig.from_preset(config) if isinstance(config, str) else copy.deepcopy(config)
+        cfg.token_merging = spec
+        rows.append((spec, measure(provider, cfg, batch, dtype)))
+    return rows
+
+
+def format_merging_markdown(rows: list[tuple[object, Measurement]]) -> str:
+    """GFLOP, its ratio to no merging, launches and the tokens left after the last layer, per schedule."""
+    from ..merging import merge_schedule
+
+    base = rows[0][1]
+    lines = ["| schedule | tokens merged per layer | tokens after the last layer | GFLOP / clip | x unmerged | "
+             "launches / forward |", "|---|---|---|---|---|---|"]
+    for spec, m in rows:
+        per_layer = merge_schedule(spec, m.layers, m.tokens) if spec else [0] * m.layers
+        lines.append(f"| {spec if spec is not None else 'none'} | {', '.join(map(str, per_layer))} | "
+                     f"{m.tokens - sum(per_layer)} | {m.flops / 1e9:.0f} | {m.flops / base.flops:.2f} | {m.launches} |")
+    lines += ["", f"ViViT-B/16x2 ({base.tokens} tokens), batch {base.batch}, {base.dtype}, provider {base.provider}, "
+              "one forward counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it."]
+    return "\n".join(lines)
+
+
+def time_merging(specs=(None, "fraction-10", "fraction-20"), preset: str = "small", batch: int = 2, rounds: int = 7,
+                 attn: str = "sdpa", device: str = "cpu") -> dict[object, float]:
+    """Wall-clock milliseconds of an inference forward per merge schedule: the median of ``rounds`` rounds that run
+    every schedule in turn (interleaved, after one warm-up each). A timing of this machine, not a count."""
+    import statistics
+    import time
+
+    from .._devices import synchronize
+    from ..model import VivitForVideoClassification, image_hw
+
+    torch.manual_seed(0)
+    model = VivitForVideoClassification(preset, attn=attn).to(device).eval()  # a preset name or a config
+    x = torch.randn(batch, model.config.num_frames, 3, *image_hw(model.config), device=device)
+    times: dict[object, list[float]] = {spec: [] for spec in specs}
+
+    def forward(spec) -> float:
+        model.set_token_merging(spec)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    for spec in specs:
+        forward(spec)
+    for _ in range(rounds):
+        for spec in specs:
+            times[spec].append(forward(spec))
+    model.set_token_merging(None)
+    return {spec: statistics.median(t) for spec, t in times.items()}
+
+
+def format_training_markdown(rows: list[TrainingMeasurement]) -> str:
+    """Per provider and mode: GFLOP, launches (per layer: the step's total over the layers), GiB saved for the
+    backward, each with its ratio to the same provider's full fine-tuning."""
+    full = {r.provider: r for r in rows if r.mode == "full"}
+    lines = ["| provider | trains | GFLOP / step | x full | launches / step | per layer | GiB saved for backward "
+             "| x full |", "|" + "---|" * 8]
+    what = {"full": "every weight", "lora": "LoRA r=8 on q, v + classifier", "probe": "the classifier (probe)"}
+    for r in rows:
+        f = full.get(r.provider)
+        lines.append(f"| {r.provider} | {what[r.mode]} | {r.flops / 1e9:.0f} | "
+                     f"{r.flops / f.flops if f else float('nan'):.3f} | {r.launches} | {r.launches / r.layers:.1f} | "
+                     f"{r.saved_bytes / 2**30:.2f} | {r.saved_bytes / f.saved_bytes if f else float('nan'):.3f} |")
+    r = rows[0]
+    lines += ["", f"ViViT-B/16x2, batch {r.batch}, {r.dtype}, one training step (forward + backward of the loss), "
+              "counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. Launches per layer: the "
+              "step's total divided by the 12 layers (the embedding and the head included)."]
+    return "\n".join(lines)
