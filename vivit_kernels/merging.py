@@ -188,10 +188,28 @@ def bipartite_merge(x: torch.Tensor, keys: torch.Tensor, r: int, size: torch.Ten
 # In a model: the state of the forward under way, set up and taken down by hooks on the base model
 # ------------------------------------------------------------------------------------------------
 _ACTIVE: contextvars.ContextVar[TokenMerging | None] = contextvars.ContextVar("vivit_token_merging", default=None)
+# How many merging states are set, in any thread. Zero (the usual case) answers `active()` from this plain module
+# global, which torch.compile traces in every torch we support; Dynamo learned `ContextVar.get` only after torch
+# 2.11, where it breaks a fullgraph compile of a model that merges nothing.
+_SET = 0
+
+
+def _push(state: TokenMerging) -> contextvars.Token:
+    global _SET
+    _SET += 1
+    return _ACTIVE.set(state)
+
+
+def _pop(token: contextvars.Token) -> None:
+    global _SET
+    _SET -= 1
+    _ACTIVE.reset(token)
 
 
 def active() -> TokenMerging | None:
     """The merging state of the ViViT forward under way (None: no merging)."""
+    if not _SET:
+        return None
     return _ACTIVE.get()
 
 
@@ -211,11 +229,11 @@ def merging_sequences(spec, layers: int, batch: int, tokens: int, device):
         yield None
         return
     state = TokenMerging.start(batch, 1, tokens - 1, merge_schedule(spec, layers, tokens), device)
-    token = _ACTIVE.set(state)
+    token = _push(state)
     try:
         yield state
     finally:
-        _ACTIVE.reset(token)
+        _pop(token)
 
 
 def _pre_hook(base, args, kwargs):
@@ -229,7 +247,7 @@ def _pre_hook(base, args, kwargs):
     slices, per_slice = frames // t, (height // p) * (width // q)
     schedule = merge_schedule(spec, base.config.num_hidden_layers, 1 + slices * per_slice)
     base.__dict__.setdefault("_vivit_merge_tokens", []).append(
-        _ACTIVE.set(TokenMerging.start(batch, slices, per_slice, schedule, x.device)))
+        _push(TokenMerging.start(batch, slices, per_slice, schedule, x.device)))
     return None
 
 
@@ -238,7 +256,7 @@ def _post_hook(base, args, kwargs, output):
     if not tokens:
         return None
     state = _ACTIVE.get()
-    _ACTIVE.reset(tokens.pop())  # also when the forward raised (always_call): no state outlives its forward
+    _pop(tokens.pop())  # also when the forward raised (always_call): no state outlives its forward
     if output is None:
         return None
     last = output[0] if isinstance(output, tuple) else output.last_hidden_state
