@@ -1,13 +1,15 @@
 // CPU implementation of preprocess_video, with the arithmetic of preprocess.h.
 //
 // Per frame (frames run in parallel): the horizontal pass for every source row the crop's vertical windows
-// touch, over the crop's columns only, then the vertical pass. Each value comes from the same
-// weighted_sample_rgb calls as the CUDA kernel's per-pixel computation, so both give identical bytes
-// before normalisation.
+// touch, over the crop's columns only, then the vertical pass. Each value is the same integer weighted sum as
+// the CUDA kernel's per-pixel computation (the taps without their zero-weight ends; the strides of packed RGB
+// known to the compiler), so both give identical bytes before normalisation, which is looked up per uint8 value
+// from normalize_value.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
 #include <vector>
 
 #include "preprocess_op.h"
@@ -15,41 +17,116 @@
 namespace vivit_kernels {
 namespace {
 
+// Taps with the zero weights at either end of the window dropped: the same sums (a zero weight adds nothing),
+// fewer samples read (Pillow's window is one sample wider than its non-zero weights when the scale is whole).
+Taps trimmed_taps(int in_size, int out_size, int out_index) {
+  Taps taps;
+  bilinear_taps(in_size, out_size, out_index, taps);
+  while (taps.count > 1 && taps.weight[taps.count - 1] == 0) --taps.count;
+  int lead = 0;
+  while (lead < taps.count - 1 && taps.weight[lead] == 0) ++lead;
+  if (lead > 0) {
+    for (int i = lead; i < taps.count; ++i) taps.weight[i - lead] = taps.weight[i];
+    taps.first += lead;
+    taps.count -= lead;
+  }
+  return taps;
+}
+
+// One sample of weight 1: the weighted sum of a single uint8 value v is (v << 22) + 2^21, rounded back to v.
+inline bool is_copy(const Taps& taps) { return taps.count == 1 && taps.weight[0] == (1 << kPrecisionBits); }
+
+// weighted_sample_rgb for samples RGB-interleaved and `stride` apart, the strides known to the compiler.
+template <int64_t kStride>
+inline void weighted_sample_rgb_packed(const uint8_t* samples, const Taps& taps, uint8_t out[3]) {
+  int32_t acc0 = 1 << (kPrecisionBits - 1), acc1 = acc0, acc2 = acc0;
+  for (int i = 0; i < taps.count; ++i) {
+    const uint8_t* s = samples + i * kStride;
+    const int32_t w = taps.weight[i];
+    acc0 += static_cast<int32_t>(s[0]) * w;
+    acc1 += static_cast<int32_t>(s[1]) * w;
+    acc2 += static_cast<int32_t>(s[2]) * w;
+  }
+  out[0] = round_to_u8(acc0);
+  out[1] = round_to_u8(acc1);
+  out[2] = round_to_u8(acc2);
+}
+
 template <typename out_t>
 void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p) {
   std::vector<Taps> rows(p.out_h), cols(p.out_w);
-  for (int y = 0; y < p.out_h; ++y) bilinear_taps(p.in_h, p.resize_h, y + p.crop_top, rows[y]);
-  for (int x = 0; x < p.out_w; ++x) bilinear_taps(p.in_w, p.resize_w, x + p.crop_left, cols[x]);
+  for (int y = 0; y < p.out_h; ++y) rows[y] = trimmed_taps(p.in_h, p.resize_h, y + p.crop_top);
+  for (int x = 0; x < p.out_w; ++x) cols[x] = trimmed_taps(p.in_w, p.resize_w, x + p.crop_left);
   const int first_row = rows.front().first;
   const int last_row = rows.back().first + rows.back().count;  // windows move forward with y
   const int n_rows = last_row - first_row;
   const int64_t plane = static_cast<int64_t>(p.out_h) * p.out_w;
+  const bool packed = p.stride_w == 3 && p.stride_c == 1;  // (H, W, 3) rows, as decoders give them
+  // every column one source column, in order (the width is not resized): the horizontal pass is a copy
+  bool columns_copied = true;
+  for (int x = 0; x < p.out_w; ++x) {
+    columns_copied = columns_copied && is_copy(cols[x]) && cols[x].first == cols[0].first + x;
+  }
+  // normalize_value of every uint8 value, per channel, in the output dtype: the same numbers, looked up
+  out_t lut[3][256];
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) {
+      lut[c][v] = static_cast<out_t>(normalize_value(static_cast<uint8_t>(v), p.scale, p.offset, p.mean[c],
+                                                     p.inv_std[c]));
+    }
+  }
 
   at::parallel_for(0, static_cast<int64_t>(p.batch) * p.frames, 1, [&](int64_t begin, int64_t end) {
     // horizontal-pass results of the rows in use, RGB interleaved: [row][column][channel]
     const int64_t h_row = 3 * static_cast<int64_t>(p.out_w);
     std::vector<uint8_t> h(static_cast<size_t>(n_rows) * h_row);
+    std::vector<int32_t> acc_row(static_cast<size_t>(h_row));
+    int32_t* acc = acc_row.data();
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / p.frames, t = bt % p.frames;
       const uint8_t* frame = in + b * p.stride_b + t * p.stride_t;
       for (int r = 0; r < n_rows; ++r) {
         const uint8_t* src = frame + static_cast<int64_t>(first_row + r) * p.stride_h;
         uint8_t* dst = &h[r * h_row];
-        for (int x = 0; x < p.out_w; ++x) {
-          weighted_sample_rgb(src + cols[x].first * p.stride_w, p.stride_w, p.stride_c, cols[x], dst + 3 * x);
+        if (packed && columns_copied) {  // no horizontal resize: the crop's columns, as they are
+          std::memcpy(dst, src + static_cast<int64_t>(cols[0].first) * 3, static_cast<size_t>(h_row));
+        } else if (packed) {
+          for (int x = 0; x < p.out_w; ++x) {
+            weighted_sample_rgb_packed<3>(src + cols[x].first * 3, cols[x], dst + 3 * x);
+          }
+        } else {
+          for (int x = 0; x < p.out_w; ++x) {
+            weighted_sample_rgb(src + cols[x].first * p.stride_w, p.stride_w, p.stride_c, cols[x], dst + 3 * x);
+          }
         }
       }
+      // vertical pass, a row at a time: the taps' rows of horizontal-pass results weighted and summed over the
+      // whole row at once (contiguous, so the compiler vectorises it), then rounded and looked up
       out_t* dst_frame = out + bt * 3 * plane;
       for (int y = 0; y < p.out_h; ++y) {
-        const uint8_t* window = &h[(rows[y].first - first_row) * h_row];
-        const int64_t row_offset = static_cast<int64_t>(y) * p.out_w;
-        for (int x = 0; x < p.out_w; ++x) {
-          uint8_t rgb[3];
-          weighted_sample_rgb(window + 3 * x, h_row, 1, rows[y], rgb);
-          for (int c = 0; c < 3; ++c) {
-            dst_frame[c * plane + row_offset + x] =
-                static_cast<out_t>(normalize_value(rgb[c], p.scale, p.offset, p.mean[c], p.inv_std[c]));
+        const Taps& ty = rows[y];
+        const uint8_t* window = &h[(ty.first - first_row) * h_row];
+        out_t* d0 = dst_frame + static_cast<int64_t>(y) * p.out_w;
+        out_t* d1 = d0 + plane;
+        out_t* d2 = d1 + plane;
+        if (is_copy(ty)) {  // no vertical resize for this row: its horizontal-pass values, as they are
+          for (int x = 0; x < p.out_w; ++x) {
+            d0[x] = lut[0][window[3 * x]];
+            d1[x] = lut[1][window[3 * x + 1]];
+            d2[x] = lut[2][window[3 * x + 2]];
           }
+          continue;
+        }
+        for (int64_t k = 0; k < h_row; ++k) acc[k] = 1 << (kPrecisionBits - 1);
+        for (int i = 0; i < ty.count; ++i) {
+          const uint8_t* row = window + i * h_row;
+          const int32_t w = ty.weight[i];
+          for (int64_t k = 0; k < h_row; ++k) acc[k] += static_cast<int32_t>(row[k]) * w;
+        }
+        for (int x = 0; x < p.out_w; ++x) {
+          d0[x] = lut[0][round_to_u8(acc[3 * x])];
+          d1[x] = lut[1][round_to_u8(acc[3 * x + 1])];
+          d2[x] = lut[2][round_to_u8(acc[3 * x + 2])];
         }
       }
     }

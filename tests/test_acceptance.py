@@ -48,6 +48,15 @@ def test_dry_run_writes_every_section(tmp_path):
     # every op a layer runs (the per-op section asks auto for each), and the whole model
     assert {a["op"] for a in data["auto"]} == set(backend_ops()) | {"model"}
     assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out
+    # decoding beside the model: PyAV always, each other decoder measured or its absence said; frames compared
+    decoders = {r["decoder"]: r for r in data["decode"]}
+    assert decoders["pyav"]["clips_per_s"] > 0 and decoders["pyav"]["max_diff_to_pyav"] == 0
+    skipped = {s["name"] for s in data["skipped"]}
+    assert all(d in decoders or f"decode {d}" in skipped for d in ("torchcodec", "cuda"))
+    assert "torchcodec" not in decoders or decoders["torchcodec"]["max_diff_to_pyav"] == 0
+    assert data["predict"][0]["limited_by"] in ("decoding", "model")
+    report = (tmp_path / "report.md").read_text()
+    assert "### Decoding one clip, per decoder" in report and "Bottleneck: " in report
     (row,) = data["predict"]  # predict end to end: videos/s and where the time went
     assert row["videos"] == 2 and row["time_s"] > 0 and 0 < row["waiting_share"] + row["model_share"] <= 1.0
     report = (tmp_path / "report.md").read_text()

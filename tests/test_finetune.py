@@ -419,3 +419,23 @@ def test_finetune_from_a_vit_checkpoint_on_disk(motion, tmp_path):
     processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.4, 0.5, 0.6] and processor["rescale_factor"] == pytest.approx(1 / 255)
     assert processor["offset"] is False
+
+
+def test_the_three_places_preprocessing_can_run_give_the_same_pixels(tmp_path):
+    """The dataset's preprocess_on: all of it in the worker, uint8 views in the worker and the rest on the device,
+    or all of it on the device: the same pixels for evaluation views (2 clips x 3 crops); the uint8 cut hands on a
+    quarter of the float pixels' bytes."""
+    path = write_video(tmp_path / "v.mp4", n_frames=30, height=48, width=64)
+    processor = VideoProcessor.for_image_size(32, 32)
+    items = [vdata.VideoItem(path, "a")]
+    preparer = vdata.VideoBatchPreparer(processor, DEVICE)
+    got = {}
+    for where in vdata.PREPROCESS_ON:
+        dataset = vdata.VideoClipDataset(items, {"a": 0}, processor, 4, 2, views=(2, 3), preprocess_on=where)
+        batch = vdata.collate_clips([dataset[0]])
+        if where == "views":
+            assert batch["pixels_uint8"].dtype == torch.uint8 and batch["pixels_uint8"].shape == (1, 6, 4, 3, 32, 32)
+        got[where] = preparer(batch)["pixel_values"].cpu()
+    assert got["worker"].shape == (1, 6, 4, 3, 32, 32)
+    assert torch.equal(got["views"], got["worker"])
+    assert_close(got["device"], got["worker"], 1e-5, name="device preprocessing vs the worker's")

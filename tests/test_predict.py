@@ -242,3 +242,23 @@ def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
         if expected is not None:
             assert vp._rank_device(None) == expected
         assert vp._rank_device("cuda:0") == torch.device("cuda", 0)  # a device named by the user is kept
+
+
+def test_the_summary_names_what_limited_the_run(collection, tmp_path, capsys):
+    """Decoding in the main process (--workers 0) with a tiny model: the model loop waits for decoding more than
+    it works, so the summary says decoding limited the run and how many decoding processes would keep up; a
+    made-up run whose model is the slow part says the model."""
+    args = ["predict", str(collection / "videos" / "up"), "--model", str(collection / "model"), "--out",
+            str(tmp_path / "p.jsonl"), "--device", "cpu", "--workers", "0", "--no-progress", "--decode", "pyav"]
+    cli.main(args)
+    out = capsys.readouterr().out
+    assert "bottleneck: decoding (one decoding process: " in out
+    assert "decoding processes would keep the model busy" in out
+    model_bound = vp.Timings(videos=10, wall_s=10.0, waiting_s=1.0, decode_s=5.0, model_s=8.0, frames=320, clips=10,
+                             worker_s=5.0, workers=4)
+    b = model_bound.bottleneck()
+    assert b["limited_by"] == "model" and "workers_needed" not in b and b["decode_frames_per_s_per_worker"] == 64.0
+    decode_bound = vp.Timings(videos=10, wall_s=10.0, waiting_s=8.0, decode_s=12.0, model_s=1.5, frames=320,
+                              clips=10, worker_s=12.0, workers=2)
+    assert decode_bound.bottleneck() == {"limited_by": "decoding", "decode_frames_per_s_per_worker": 26.7,
+                                         "model_clips_per_s": 6.67, "workers_needed": 8}

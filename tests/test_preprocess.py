@@ -68,7 +68,10 @@ def test_processor_options_match_transformers(kwargs):
 @needs_ext
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("size", [(360, 640), (97, 131), (512, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+# resized to 256 x 300: (256, 300) is not resized at all, (400, 300) only in height, (256, 500) only in width (the
+# CPU op's copy paths for a side that keeps its size)
+@pytest.mark.parametrize("size", [(360, 640), (97, 131), (512, 300), (256, 300), (400, 300), (256, 500)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cpu_op_equals_reference_exactly(size, dtype):
     """The C++ CPU op (on purpose: the CUDA op is checked against it in test_cuda_op_equals_cpu_op) and the
     PyTorch reference compute the same integers and the same float32 ops."""

@@ -68,6 +68,10 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                                     "most 8)")),
     "seed": (("--seed",), dict(type=int, default=0, help="seeds the random weights, data order, clip sampling and "
                                                          "augmentation (default 0)")),
+    "decode": (("--decode",), dict(choices=("auto", "pyav", "torchcodec", "cuda"), default="auto",
+                                   help="video decoder: pyav (auto: the fastest on the CPU), torchcodec, or cuda "
+                                        "(torchcodec on the GPU's hardware decoders, NVDEC; decodes in the main "
+                                        "process) (docs/video.md)")),
     "no-progress": (("--no-progress",), dict(action="store_true", help="no progress bars")),
     "merge": (("--merge",), dict(type=_merge_spec, help="token merging (docs/merging.md): r tokens merged per layer "
                                                        "(16), a fraction per layer (0.1), r per layer (8,8,4,...) or "
@@ -141,13 +145,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
               "(--model DIR)")
     row = classify(args.video, model, clips=args.clips, crops=args.crops, top_k=args.top_k,
                    frame_sample_rate=args.frame_sample_rate, device=_device(args.device), dtype=_dtype(args.dtype),
-                   attn=args.attn, merge=args.merge)
+                   attn=args.attn, merge=args.merge, decode=args.decode)
     print(f"{args.video}: {row['views']} view(s) of {row['frames']} frames, {row['pixels']} pixels")
     for label, p in zip(row["labels"], row["scores"], strict=True):
         print(f"  {p:7.2%}  {label}")
     merging = f", token merging {row['merge']}" if row["merge"] else ""
-    print(f"decode {row['decode_ms']:.0f} ms, preprocess {row['preprocess_ms']:.0f} ms ({row['device']}), forward "
-          f"{row['forward_ms']:.0f} ms (attn={row['attn']}{merging})")
+    print(f"decode {row['decode_ms']:.0f} ms ({row['decode']}), preprocess {row['preprocess_ms']:.0f} ms "
+          f"({row['device']}), forward {row['forward_ms']:.0f} ms (attn={row['attn']}{merging})")
     return 0
 
 
@@ -158,7 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.inputs, args.model, args.out, embeddings=args.embeddings, progress=not args.no_progress,
         retry_errors=args.retry_errors, clips=args.clips, crops=args.crops, top_k=args.top_k,
         batch_size=args.batch_size, frame_sample_rate=args.frame_sample_rate, workers=args.workers,
-        device=_device(args.device), dtype=_dtype(args.dtype), attn=args.attn, merge=args.merge)
+        device=_device(args.device), dtype=_dtype(args.dtype), attn=args.attn, merge=args.merge, decode=args.decode)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"this run: {summary['this_run'].summary()}")
@@ -175,7 +179,7 @@ _FINETUNE_ARGS = ("model", "preset", "from_vit", "inflate", "attention_type", "v
                   "tubelet_time", "frame_sample_rate", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                   "weight_decay", "warmup", "scheduler", "label_smoothing", "bf16", "gradient_checkpointing",
                   "lora_rank", "lora_alpha", "freeze_backbone", "train_last_layers", "attn", "workers", "flip",
-                  "resume", "fsdp", "seed", "logging_steps", "save_steps", "device")
+                  "resume", "fsdp", "seed", "logging_steps", "save_steps", "device", "decode")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -256,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify a video file: decode, preprocess on the model's device, top-k")
     p.add_argument("video")
     _options(p, "model", "preset", "attn", "device", "dtype", "top-k", "clips", "crops", "frame-sample-rate", "merge",
-             "seed", preset=dict(choices=presets, help="model preset when no --model is given (default: small)"))
+             "seed", "decode",
+             preset=dict(choices=presets, help="model preset when no --model is given (default: small)"))
     p.set_defaults(func=cmd_classify, interpreter=True)
 
     p = sub.add_parser("predict", help="classify a collection (files, folders, globs, manifests) into a resumable "
@@ -267,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the JSONL file: one line per video; run again to resume")
     p.add_argument("--embeddings", help="also write the pooled features: FILE.safetensors or FILE.npy")
     _options(p, "clips", "crops", "top-k", "batch-size", "frame-sample-rate", "workers", "device", "dtype", "attn",
-             "merge", "no-progress")
+             "merge", "decode", "no-progress")
     p.add_argument("--retry-errors", action="store_true", help="try the videos whose earlier line is an error again")
     p.set_defaults(func=cmd_predict)
 
@@ -317,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     p.add_argument("--logging-steps", type=_positive, default=10)
     p.add_argument("--save-steps", type=_positive, help="save a checkpoint every n steps (default: every epoch)")
-    _options(p, "frame-sample-rate", "batch-size", "attn", "workers", "seed", "device", "no-progress")
+    _options(p, "frame-sample-rate", "batch-size", "attn", "workers", "seed", "device", "decode", "no-progress")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("tune", help="measure the attn='auto' providers of a model ahead of time and store the choices")

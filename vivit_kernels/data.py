@@ -6,10 +6,13 @@ decoding that survives bad files.
     train = VideoClipDataset(splits.train, splits.label2id, processor, num_frames=32, frame_sample_rate=2, train=True)
 
 Each item is ``{"pixel_values": (T, 3, H, W), "labels": int}`` (evaluation with several views:
-``(views, T, 3, H, W)``). Decoding (PyAV) happens in ``__getitem__``, so it runs in DataLoader workers; the
-resize + crop + rescale + normalise is one op of our extension (``VideoProcessor.process_view``), in the worker
-on the CPU, or (``preprocess_on="device"``) later on the model's device: the item then carries the uint8 frames
-and the view to take, and ``VideoBatchPreparer`` processes a batch there (what ``finetune`` does on a GPU).
+``(views, T, 3, H, W)``). Decoding happens in ``__getitem__``, so it runs in DataLoader workers; the resize + crop
++ rescale + normalise is one op of our extension (``VideoProcessor.process_view``). Where it runs
+(``preprocess_on``): all of it in the worker (``"worker"``, for a model on the CPU); the resize and crop in the
+worker and the rest on the model's device (``"views"``, what ``predict`` and ``finetune`` do on a GPU: the
+workers hand on 3 bytes a pixel of the 224x224 crop, not of the source frame, docs/video.md); or all of it on the
+device (``"device"``: the item carries the uint8 frames, for frames that are already there, decoded by NVDEC).
+``VideoBatchPreparer`` finishes a batch on the device.
 
 A video that cannot be read is logged once (path and error) and counted: in training its place in the batch
 goes to the next readable video, so an epoch never stops for one bad file; in evaluation it is left out.
@@ -32,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .processing import VideoProcessor
+from .processing import VideoProcessor, views_first
+from .processing import View as _View
 from .video import read_clips
 
 __all__ = [
@@ -55,6 +59,7 @@ logger = logging.getLogger("vivit_kernels.data")
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv",
                               ".3gp", ".ts", ".gif"})
+PREPROCESS_ON = ("worker", "views", "device")
 _SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval"), "test": ("test",)}
 
 
@@ -275,13 +280,6 @@ class Augment:
             raise ValueError(f"Augment.flip is a probability, got {self.flip}")
 
 
-@dataclass
-class _View:
-    resize_hw: tuple[int, int]
-    box: tuple[int, int, int, int]
-    flip: bool = False
-
-
 class VideoClipDataset(torch.utils.data.Dataset):
     """Clips of ``items`` for ViViT: ``num_frames`` frames ``frame_sample_rate`` apart.
 
@@ -293,15 +291,18 @@ class VideoClipDataset(torch.utils.data.Dataset):
       ``processor`` (transformers' VivitImageProcessor) does; an unreadable video gives an item without
       pixels (``collate_clips`` leaves it out and reports it).
 
-    ``preprocess_on="device"`` returns the uint8 frames and the view instead of pixels: ``VideoBatchPreparer``
-    runs the preprocessing on the model's device.
+    ``preprocess_on="views"`` returns the resized and cropped uint8 views (``pixels_uint8``) instead of pixels, and
+    ``"device"`` the uint8 frames and the views to take: ``VideoBatchPreparer`` finishes them on the model's
+    device. ``decode``: the frames' decoder (``video.DECODERS``; ``"cuda"`` decodes on the GPU, so it needs the
+    dataset read in the main process: a DataLoader with ``num_workers=0``).
     """
 
     def __init__(self, items: Sequence[VideoItem], label2id: dict[str, int] | None, processor: VideoProcessor,
                  num_frames: int, frame_sample_rate: int = 1, train: bool = False, augment: Augment | None = None,
-                 views: tuple[int, int] = (1, 1), preprocess_on: str = "worker", dtype: torch.dtype = torch.float32):
-        if preprocess_on not in ("worker", "device"):
-            raise ValueError(f"preprocess_on must be 'worker' or 'device', got {preprocess_on!r}")
+                 views: tuple[int, int] = (1, 1), preprocess_on: str = "worker", dtype: torch.dtype = torch.float32,
+                 decode: str = "pyav"):
+        if preprocess_on not in PREPROCESS_ON:
+            raise ValueError(f"preprocess_on must be one of {', '.join(PREPROCESS_ON)}, got {preprocess_on!r}")
         if not items:
             raise ValueError("VideoClipDataset: no videos")
         clips, crops = views
@@ -318,6 +319,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.views = (int(clips), int(crops))
         self.preprocess_on = preprocess_on
         self.dtype = dtype
+        self.decode = decode
         self._logged: set[str] = set()
 
     def __len__(self) -> int:
@@ -355,26 +357,45 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def _load(self, item: VideoItem, label: int) -> dict[str, Any]:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
         clips = 1 if self.train else self.views[0]
+        transform = None
+        processing_s = [0.0]
+        if self.preprocess_on != "device":  # each frame becomes its views as it is decoded (docs/video.md)
+            per_clip = self.processor.frame_views(self._views, uint8=self.preprocess_on == "views", dtype=self.dtype)
+
+            def transform(height: int, width: int):
+                each = per_clip(height, width)
+
+                def timed(frame):
+                    start = time.perf_counter()
+                    out = each(frame)
+                    processing_s[0] += time.perf_counter() - start
+                    return out
+
+                return timed
+
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:  # counted, not printed once per call
             warnings.simplefilter("always")
-            frames, seg_len, duration = read_clips(item.path, self.num_frames, self.frame_sample_rate, clips, rng)
-        decode_s = time.perf_counter() - start
+            frames, seg_len, duration = read_clips(item.path, self.num_frames, self.frame_sample_rate, clips, rng,
+                                                   decode=self.decode, transform=transform)
+        decode_s = time.perf_counter() - start - processing_s[0]
         for w in caught:
             if "frames repeat" not in str(w.message) and item.path not in self._logged:
                 self._logged.add(item.path)
                 logger.warning("vivit_kernels.data: %s", w.message)
-        clip = torch.from_numpy(frames)  # (clips, T, H, W, 3) uint8
-        views = self._views(clip.shape[2], clip.shape[3])
+        frames = torch.as_tensor(frames)  # on the GPU when NVDEC decoded it
         sample = {"labels": label, "path": item.path,
                   "short": seg_len < self.num_frames * self.frame_sample_rate,
-                  "meta": {"video_frames": seg_len, "duration_s": duration, "decode_s": decode_s}}
-        if self.preprocess_on == "device":
-            sample.update(frames=clip, views=views)
-        else:
-            start = time.perf_counter()
-            sample["pixel_values"] = process_views(self.processor, clip, views, self.dtype)
-            sample["meta"]["preprocess_s"] = time.perf_counter() - start
+                  "meta": {"video_frames": seg_len, "duration_s": duration, "decode_s": decode_s,
+                           "frames_decoded": frames.shape[0] * frames.shape[1]}}
+        if self.preprocess_on == "device":  # (clips, T, H, W, 3) uint8, the views to take
+            sample.update(frames=frames, views=self._views(frames.shape[2], frames.shape[3]))
+            return sample
+        # (clips, T, views, 3, h, w) -> (T, 3, h, w) for one view of one clip, else (clips * views, T, 3, h, w)
+        pixels = views_first(frames)
+        sample["pixels_uint8" if self.preprocess_on == "views" else "pixel_values"] = (
+            pixels[0] if pixels.shape[0] == 1 else pixels)
+        sample["meta"]["preprocess_s"] = processing_s[0]
         return sample
 
     def _views(self, height: int, width: int) -> list[_View]:
@@ -400,13 +421,17 @@ def _geometry(processor: VideoProcessor) -> dict[str, Any]:
 
 
 def process_views(processor: VideoProcessor, clip: torch.Tensor, views: list[_View],
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, uint8: bool = False) -> torch.Tensor:
     """uint8 clips (clips, T, H, W, 3) -> (T, 3, h, w) for one view of one clip, else (clips * crops, T, 3, h, w)
-    (clip-major), on the clip's device."""
+    (clip-major), on the clip's device. ``uint8``: resized and cropped only (``VideoProcessor.resize_view``), for
+    ``VideoProcessor.normalize`` to finish elsewhere."""
     out = []
     for c in range(clip.shape[0]):
         for view in views:
-            x = processor.process_view(clip[c : c + 1], view.resize_hw, view.box, dtype)[0]
+            if uint8:
+                x = processor.resize_view(clip[c : c + 1], view.resize_hw, view.box)[0]
+            else:
+                x = processor.process_view(clip[c : c + 1], view.resize_hw, view.box, dtype)[0]
             out.append(x.flip(-1) if view.flip else x)
     return out[0] if len(out) == 1 else torch.stack(out)
 
@@ -429,6 +454,8 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if good and "frames" in good[0]:
         batch["frames"] = [s["frames"] for s in good]
         batch["views"] = [s["views"] for s in good]
+    elif good and "pixels_uint8" in good[0]:  # resized and cropped uint8 views: the device normalises them
+        batch["pixels_uint8"] = torch.stack([s["pixels_uint8"] for s in good])
     else:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good]) if good else None
     return batch
@@ -450,8 +477,10 @@ class VideoBatchPreparer:
         self.short += int(batch.pop("short", 0))
         for key in ("index", "paths", "meta"):
             batch.pop(key, None)
-        frames, views = batch.pop("frames", None), batch.pop("views", None)
-        if frames is not None:
+        frames, views, uint8 = batch.pop("frames", None), batch.pop("views", None), batch.pop("pixels_uint8", None)
+        if uint8 is not None:
+            batch["pixel_values"] = self.processor.normalize(uint8.to(self.device, non_blocking=True), self.dtype)
+        elif frames is not None:
             batch["pixel_values"] = torch.stack([
                 process_views(self.processor, f.to(self.device, non_blocking=True), v, self.dtype)
                 for f, v in zip(frames, views, strict=True)])

@@ -34,6 +34,7 @@ from ._devices import run_defaults
 from ._files import atomic_write_text
 from .processing import VideoProcessor
 from .training import add_lora, build_model, freeze_all_but_head, processor_for_vit  # noqa: F401
+from .video import resolve_decoder
 
 __all__ = ["finetune", "evaluate_clips", "VideoTrainer", "build_model", "processor_for_vit", "parse_views",
            "freeze_all_but_head", "add_lora"]
@@ -245,6 +246,7 @@ def finetune(
     save_total_limit: int = 2,
     preprocess_on: str | None = None,
     device: str | None = None,
+    decode: str = "auto",
     progress: bool = True,
     callbacks: list | None = None,
 ) -> dict[str, Any]:
@@ -265,6 +267,8 @@ def finetune(
     ``train_last_layers`` encoder layers and the final LayerNorm when that is > 0. Frozen weights cost no gradient
     in our kernels. ``seed`` seeds everything: the random weights (a preset, a new classifier), the data order,
     clip sampling and augmentation: the same command twice gives the same losses and weights on the CPU.
+    ``decode``: the video decoder (``video.DECODERS``); on a GPU the decoding workers hand on resized and cropped
+    uint8 views and the GPU normalises them (``preprocess_on="views"``, docs/video.md).
     """
     out = Path(out)
     views = parse_views(eval_views)
@@ -303,13 +307,17 @@ def finetune(
                     sum(p.numel() for p in vivit.parameters()),
                     f" and the last {train_last_layers} layers" if train_last_layers else "")
     bf16 = (not use_cpu and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
-    workers = vdata.default_workers() if workers is None else workers
-    preprocess_on = preprocess_on or ("worker" if use_cpu else "device")
+    decode = resolve_decoder(decode)
+    workers = 0 if decode == "cuda" else vdata.default_workers() if workers is None else workers
+    # on a GPU the workers hand on resized and cropped uint8 views and the GPU normalises them (docs/video.md);
+    # NVDEC's frames are on the GPU already
+    preprocess_on = preprocess_on or ("worker" if use_cpu else "device" if decode == "cuda" else "views")
     augment = vdata.Augment(scale=tuple(scale), flip=flip)
     train_set = vdata.VideoClipDataset(splits.train, splits.label2id, processor, config.num_frames,
-                                       frame_sample_rate, train=True, augment=augment, preprocess_on=preprocess_on)
+                                       frame_sample_rate, train=True, augment=augment, preprocess_on=preprocess_on,
+                                       decode=decode)
     eval_set = (vdata.VideoClipDataset(splits.val, splits.label2id, processor, config.num_frames, frame_sample_rate,
-                                       preprocess_on=preprocess_on) if splits.val else None)
+                                       preprocess_on=preprocess_on, decode=decode) if splits.val else None)
     fsdp_args: dict[str, Any] = {}
     if fsdp:
         fsdp_args = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["VivitLayer"],
@@ -355,7 +363,7 @@ def finetune(
     final: dict[str, Any] = {}
     if eval_set is not None:
         final_set = vdata.VideoClipDataset(splits.val, splits.label2id, processor, config.num_frames,
-                                           frame_sample_rate, views=views, preprocess_on=preprocess_on)
+                                           frame_sample_rate, views=views, preprocess_on=preprocess_on, decode=decode)
         final = evaluate_clips(trainer.model, final_set, batch_size=max(1, batch_size // (views[0] * views[1])),
                                device=args.device, workers=workers, progress=progress,
                                autocast=torch.bfloat16 if bf16 else None)
@@ -405,7 +413,7 @@ def finetune(
     elif trainer.is_world_process_zero():
         to_save.save_pretrained(out)
     if trainer.is_world_process_zero():
-        atomic_write_text(out / "preprocessor_config.json", json.dumps(processor.to_dict(), indent=2) + "\n")
+        processor.save_pretrained(out)  # preprocessor_config.json and video_preprocessor_config.json
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, default=str) + "\n")
         if skipped:
             logger.warning("vivit_kernels finetune: %d video(s) could not be read and were skipped (listed in %s)",

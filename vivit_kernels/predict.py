@@ -33,6 +33,8 @@ from ._files import atomic_write_text
 from .data import collect_inputs
 from .models import pool_tokens
 from .processing import VideoProcessor
+from .timings import Timings
+from .video import resolve_decoder
 
 __all__ = ["collect_inputs", "classify", "predict", "predict_to_file", "Predictor", "Timings", "FAILED_EXIT_CODE"]
 
@@ -43,27 +45,6 @@ FAILED_EXIT_CODE = 3  # the command's exit status when some videos could not be 
 # ------------------------------------------------------------------------------------------------
 # The model loop
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Timings:
-    """Where the time went: ``waiting_s`` for the DataLoader (decoding is the usual cause), ``preprocess_s``
-    (on the device, or summed over the workers on the CPU), ``model_s`` forward; ``decode_s`` summed over the
-    workers (they run in parallel, so it can exceed the wall time)."""
-
-    videos: int = 0
-    failed: int = 0
-    wall_s: float = 0.0
-    waiting_s: float = 0.0
-    decode_s: float = 0.0
-    preprocess_s: float = 0.0
-    model_s: float = 0.0
-
-    def summary(self) -> str:
-        rate = self.videos / self.wall_s if self.wall_s else 0.0
-        return (f"{self.videos} videos ({self.failed} failed) in {self.wall_s:.1f} s, {rate:.2f} videos/s; waiting "
-                f"for decoded videos {self.waiting_s:.1f} s, preprocessing {self.preprocess_s:.1f} s, model "
-                f"{self.model_s:.1f} s (decoding took {self.decode_s:.1f} s summed over the decoding processes)")
-
-
 @dataclass
 class Predictor:
     """A model and its processor, run over video paths: ``run(paths)`` yields (row, pooled features) per video
@@ -79,13 +60,17 @@ class Predictor:
     workers: int = 0
     name: str = ""
     timings: Timings = field(default_factory=Timings)
+    decode: str = "auto"  # video.DECODERS
 
     def run(self, paths: Sequence[str], progress: bool = False) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
         if not paths:
             return
         param = next(self.model.parameters())
         device, dtype = param.device, param.dtype
-        preprocess_on = "device" if device.type == "cuda" else "worker"
+        decoder = resolve_decoder(self.decode)
+        workers = 0 if decoder == "cuda" else self.workers  # NVDEC decodes in this process, on the GPU
+        # on a GPU the workers hand on resized and cropped uint8 views, the GPU normalises (docs/video.md)
+        preprocess_on = "device" if decoder == "cuda" else "views" if device.type == "cuda" else "worker"
         items = [vdata.VideoItem(p) for p in paths]
         dataset = vdata.VideoClipDataset(
             items,
@@ -96,8 +81,9 @@ class Predictor:
             views=(self.clips, self.crops),
             preprocess_on=preprocess_on,
             dtype=dtype,
+            decode=decoder,
         )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
                                              collate_fn=vdata.collate_clips, pin_memory=device.type == "cuda")
         preparer = vdata.VideoBatchPreparer(self.processor, device, dtype)
         views = self.clips * self.crops
@@ -108,6 +94,7 @@ class Predictor:
 
             bar = tqdm(total=len(paths), unit="video", desc="predict", dynamic_ncols=True)
         t = self.timings
+        t.workers = workers
         merging = getattr(self.model.config, "token_merging", None)
         self.model.eval()
         start = last = time.perf_counter()
@@ -119,6 +106,9 @@ class Predictor:
                 errors = {p: e for p, e in batch["skipped"]}
                 paths_ok, meta = batch["paths"], batch["meta"]
                 t.decode_s += sum(m["decode_s"] for m in meta)
+                t.worker_s += sum(m["decode_s"] + m.get("preprocess_s", 0.0) for m in meta)
+                t.frames += sum(m["frames_decoded"] for m in meta)
+                t.clips += len(meta) * self.clips * self.crops
                 pixels = preparer(batch).get("pixel_values")
                 synchronize(device)
                 prepared = time.perf_counter()
@@ -181,9 +171,10 @@ class Predictor:
         processor.spatial_crops = self.crops
         config = self.model.config
         start = time.perf_counter()
-        clips = read_clips(path, config.num_frames, processor.sample_rate(self.frame_sample_rate), self.clips)
+        clips = read_clips(path, config.num_frames, processor.sample_rate(self.frame_sample_rate), self.clips,
+                           decode=self.decode)
         decoded = time.perf_counter()
-        pixel_values = processor(torch.from_numpy(clips.frames), device=device, dtype=dtype)["pixel_values"]
+        pixel_values = processor(torch.as_tensor(clips.frames), device=device, dtype=dtype)["pixel_values"]
         synchronize(device)
         processed = time.perf_counter()
         self.model.eval()
@@ -198,7 +189,7 @@ class Predictor:
                 "labels": [config.id2label.get(i, str(i)) for i in top.indices.tolist()],
                 "scores": top.values.tolist(), "decode_ms": 1e3 * (decoded - start),
                 "preprocess_ms": 1e3 * (processed - decoded), "forward_ms": 1e3 * (done - processed),
-                "device": device.type, "attn": attn_of(self.model),
+                "device": device.type, "attn": attn_of(self.model), "decode": resolve_decoder(self.decode),
                 "merge": getattr(config, "token_merging", None)}
 
 
@@ -208,12 +199,14 @@ def _round(value: float | None) -> float | None:
 
 def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, batch_size: int = 8,
                    frame_sample_rate: int | None = None, workers: int | None = None, device: Any = None,
-                   dtype: torch.dtype | None = None, attn: str | None = None, merge: Any = None) -> Predictor:
+                   dtype: torch.dtype | None = None, attn: str | None = None, merge: Any = None,
+                   decode: str = "auto") -> Predictor:
     """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults (``_devices.run_defaults``): the
     GPU when there is one, bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU. ``frame_sample_rate``:
     the checkpoint's own (saved by ``finetune``), else ``video.DEFAULT_FRAME_SAMPLE_RATE``. ``merge``: token
     merging (``patch.set_token_merging``: r per layer, a fraction, a list or a schedule's name; "off" turns a
-    checkpoint's own off); None keeps the checkpoint's setting."""
+    checkpoint's own off); None keeps the checkpoint's setting. ``decode``: the video decoder (``video.DECODERS``;
+    ``cuda``, NVDEC, decodes in the main process)."""
     import transformers
 
     from .checkpoint import check_local, local_dir
@@ -241,7 +234,8 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
     processor = VideoProcessor.for_model(model.config, directory)
     workers = vdata.default_workers() if workers is None else workers
     return Predictor(model, processor, clips, crops, top_k, batch_size, frame_sample_rate, workers,
-                     name=str(directory) if directory is not None else type(model).__name__)
+                     name=str(directory) if directory is not None else type(model).__name__,
+                     decode=resolve_decoder(decode))
 
 
 def classify(video: str | os.PathLike, model: Any, **options: Any) -> dict[str, Any]:

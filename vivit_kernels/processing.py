@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,24 @@ from .ops.preprocess import preprocess_video
 from .presets import image_hw
 from .video import Clips, read_clips, read_video, sample_frame_indices  # noqa: F401 - their old home
 
-__all__ = ["VideoProcessor", "read_video", "read_clips", "Clips", "sample_frame_indices", "PROCESSOR_PRESETS"]
+__all__ = ["VideoProcessor", "View", "read_video", "read_clips", "Clips", "sample_frame_indices", "PROCESSOR_PRESETS"]
+
+
+@dataclass
+class View:
+    """One view of a frame: resized to ``resize_hw``, cropped to ``box`` (top, left, height, width), flipped
+    horizontally or not."""
+
+    resize_hw: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool = False
 
 
 # ------------------------------------------------------------------------------------------------
 # Processor
 # ------------------------------------------------------------------------------------------------
+IMAGE_CONFIG = "preprocessor_config.json"  # transformers' IMAGE_PROCESSOR_NAME
+VIDEO_CONFIG = "video_preprocessor_config.json"  # transformers' VIDEO_PROCESSOR_NAME
 PROCESSOR_PRESETS: dict[str, dict[str, Any]] = {
     # transformers' VivitImageProcessor defaults: rescale to [-1, 1] (x / 127.5 - 1), then normalise again
     # with mean = std = 0.5, which maps [-1, 1] to [-3, 1]. google/vivit-b-16x2-kinetics400 was converted
@@ -100,20 +113,46 @@ class VideoProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> VideoProcessor:
-        """Read ``preprocessor_config.json`` from a checkpoint directory (or that file itself)."""
+        """Read a checkpoint directory's ``preprocessor_config.json`` (transformers' ``VivitImageProcessor``), else
+        its ``video_preprocessor_config.json`` (``VivitVideoProcessor``), or either file itself."""
         path = Path(path)
-        file = path / "preprocessor_config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no preprocessor_config.json at {path}")
+        if path.is_dir():
+            files = [path / name for name in (IMAGE_CONFIG, VIDEO_CONFIG) if (path / name).is_file()]
+            if not files:
+                raise FileNotFoundError(f"no {IMAGE_CONFIG} or {VIDEO_CONFIG} in {path}")
+            file = files[0]
+        elif path.is_file():
+            file = path
+        else:
+            raise FileNotFoundError(f"no {IMAGE_CONFIG} at {path}")
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
+        if "video_processor_type" in config:  # VivitVideoProcessor: the offset is its rescale's own
+            config.setdefault("offset", bool(config.get("do_rescale", True)))
         return cls(**{**config, **overrides})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:
+        """Write ``preprocessor_config.json`` (``VivitImageProcessor``'s) and ``video_preprocessor_config.json``
+        (``VivitVideoProcessor``'s, what transformers' pipeline and ``AutoVideoProcessor`` read without the
+        image-processor deprecation warning), each whole or not at all. A processor that the video processor cannot
+        express (rescaling without the offset) gets the image config only. Returns the files written."""
+        from ._files import atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = [directory / IMAGE_CONFIG]
+        atomic_write_text(written[0], json.dumps(self.to_dict(), indent=2) + "\n")
+        video = self.to_video_dict()
+        if video is not None:
+            written.append(directory / VIDEO_CONFIG)
+            atomic_write_text(written[1], json.dumps(video, indent=2) + "\n")
+        return written
 
     @classmethod
     def for_model(cls, config: Any, directory: str | os.PathLike | None = None) -> VideoProcessor:
         """A model's processor: ``directory``'s preprocessor_config.json where it has one, else transformers'
         defaults, scaled to the config's image size when that is not 224x224."""
-        if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
+        if directory is not None and any((Path(directory) / name).is_file() for name in (IMAGE_CONFIG, VIDEO_CONFIG)):
             return cls.from_pretrained(directory)
         height, width = image_hw(config)
         return cls() if (height, width) == (224, 224) else cls.for_image_size(height, width)
@@ -132,6 +171,15 @@ class VideoProcessor:
             "image_std": self.image_std, "image_processor_type": "VivitImageProcessor",
             **({"frame_sample_rate": self.frame_sample_rate} if self.frame_sample_rate is not None else {}),
         }
+
+    def to_video_dict(self) -> dict[str, Any] | None:
+        """transformers' ``VivitVideoProcessor`` config of this processor (None where it has no way to say it:
+        ``VivitVideoProcessor`` always subtracts 1 after rescaling)."""
+        if self.do_rescale and not self.offset:
+            return None
+        config = {key: value for key, value in self.to_dict().items() if key not in ("image_processor_type", "offset")}
+        return {**config, "do_convert_rgb": True, "do_sample_frames": False, "default_to_square": False,
+                "video_processor_type": "VivitVideoProcessor"}
 
     def sample_rate(self, requested: int | None = None) -> int:
         """The frame sample rate to decode clips with: ``requested`` when given, else this processor's (the
@@ -203,6 +251,77 @@ class VideoProcessor:
         mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
         std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
         return preprocess_video(clip, resize_hw, box, scale, offset, mean, std, dtype)
+
+
+    def views(self, height: int, width: int) -> list[View]:
+        """The evaluation views of a ``height`` x ``width`` frame: resized, then the crop(s) of ``spatial_crops``."""
+        hw = self.resized_size(height, width)
+        return [View(hw, box) for box in self.crop_boxes(*hw)]
+
+    def frame_views(self, views: Callable[[int, int], list[View]] | None = None, uint8: bool = False,
+                    dtype: torch.dtype = torch.float32):
+        """A ``video.read_clips`` transform: every decoded frame becomes its views, (views, 3, h, w), as the frame
+        is decoded (no full-resolution clip is kept). ``views(height, width)`` chooses them once per clip (default:
+        :meth:`views`); ``uint8``: resized and cropped only (:meth:`resize_view`), else :meth:`process_view` in
+        ``dtype``. The same numbers as processing the stacked clip."""
+        def per_clip(height: int, width: int):
+            chosen = (views or self.views)(height, width)
+
+            def each(frame) -> torch.Tensor:
+                x = torch.as_tensor(frame)[None, None]  # (1, 1, H, W, 3), strided as the decoder wrote it
+                out = []
+                for view in chosen:
+                    if uint8:
+                        y = self.resize_view(x, view.resize_hw, view.box)[0, 0]
+                    else:
+                        y = self.process_view(x, view.resize_hw, view.box, dtype)[0, 0]
+                    out.append(y.flip(-1) if view.flip else y)
+                return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)  # one view: no copy
+
+            return each
+
+        return per_clip
+
+    def process_file(self, path: str | os.PathLike, num_frames: int = 32, frame_sample_rate: int | None = None,
+                     clips: int = 1, decode: str = "auto", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """Decode and preprocess one video in one pass: ``{"pixel_values": (clips * crops, T, 3, h, w)}`` for
+        ``clips`` evenly spread windows (1: the middle one) and this processor's crops, the frames resized and
+        cropped as they are decoded (the fast CPU path, docs/video.md); also ``video_frames`` and ``duration_s``.
+        The same pixels as ``read_clips`` followed by this processor."""
+        from .video import read_clips
+
+        got = read_clips(path, num_frames, self.sample_rate(frame_sample_rate), clips, decode=decode,
+                         transform=self.frame_views(dtype=dtype))
+        return {"pixel_values": views_first(got.frames), "video_frames": got.video_frames,
+                "duration_s": got.duration_s}
+
+    def resize_view(self, clip: torch.Tensor, resize_hw: Sequence[int], box: Sequence[int]) -> torch.Tensor:
+        """The first half of :meth:`process_view`: uint8 (B, T, H, W, 3) resized and cropped, still uint8,
+        (B, T, 3, height, width), exactly the values the resize gives inside the fused op (Pillow's). What a data
+        loader's workers hand to the GPU: 3 bytes a pixel of the crop, not of the source frame; :meth:`normalize`
+        finishes it there."""
+        out = preprocess_video(clip, resize_hw, box, 1.0, 0.0, [0.0] * 3, [1.0] * 3, torch.float32)
+        return out.to(torch.uint8)
+
+    def normalize(self, views: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The second half of :meth:`process_view` on :meth:`resize_view`'s uint8 output, on its device: rescale,
+        offset and normalise in float32 in the fused op's order, then ``dtype``."""
+        scale = self.rescale_factor if self.do_rescale else 1.0
+        offset = -1.0 if self.offset else 0.0
+        mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
+        std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
+        shape = (3, 1, 1)
+        x = views.float() * torch.tensor(scale, dtype=torch.float32) + torch.tensor(offset, dtype=torch.float32)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=views.device).view(shape)
+        inv_std = torch.tensor([1.0 / s for s in std], dtype=torch.float64).float().to(views.device).view(shape)
+        return ((x - mean_t) * inv_std).to(dtype)
+
+
+def views_first(frames: torch.Tensor) -> torch.Tensor:
+    """``read_clips`` results of ``frame_views`` (clips, T, views, 3, h, w) -> (clips * views, T, 3, h, w),
+    clip-major (the order ``preprocess`` gives)."""
+    clips, frames_, views = frames.shape[:3]
+    return frames.transpose(1, 2).reshape(clips * views, frames_, *frames.shape[3:])
 
 
 def _three(value, name: str) -> list[float]:

@@ -1,17 +1,27 @@
-"""Decoding the frames a ViViT clip needs, and which frames: ``read_video`` / ``read_clips`` (PyAV, seeking to the
-key frame before the first needed frame), ``sample_frame_indices`` (the seed example's random window) and the
-evaluation's evenly spread windows. What turns the frames into ``pixel_values`` is ``processing.VideoProcessor``.
+"""Decoding the frames a ViViT clip needs, and which frames: ``read_video`` / ``read_clips`` (seeking to the key
+frame before the first needed frame, into one preallocated array), ``sample_frame_indices`` (the seed example's
+random window) and the evaluation's evenly spread windows. What turns the frames into ``pixel_values`` is
+``processing.VideoProcessor``.
+
+Decoders (``decode=``, ``--decode``): ``pyav`` (the default, always there, and the fastest on the CPU as measured in
+docs/video.md: it leaves the non-reference frames no clip wants undecoded), ``torchcodec`` (torchcodec on the CPU:
+the same frames), ``cuda`` (torchcodec on the GPU's hardware decoders, NVDEC: frames come back on the GPU, with
+NVDEC's own colour conversion, so they differ a little from PyAV's) and ``auto`` (``pyav``; see ``resolve_decoder``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["read_video", "read_clips", "Clips", "sample_frame_indices", "DEFAULT_FRAME_SAMPLE_RATE"]
+__all__ = ["read_video", "read_clips", "Clips", "sample_frame_indices", "DEFAULT_FRAME_SAMPLE_RATE", "DECODERS",
+           "resolve_decoder"]
+
+DECODERS = ("auto", "pyav", "torchcodec", "cuda")
 
 # Every 2nd frame: ViViT-B/16x2's 32 frames span 64 (scenic's Kinetics sampling, and finetune's default). Commands read
 # a checkpoint's own rate (its processor's ``frame_sample_rate``) before this.
@@ -44,12 +54,39 @@ def _uniform_clips(clip_len: int, frame_sample_rate: int, seg_len: int, clips: i
     return out
 
 
+def resolve_decoder(decode: str = "auto") -> str:
+    """The decoder ``decode`` names, checked to be usable here (a clear error where it is not). ``auto`` is
+    ``pyav``, our fastest on the CPU; it stays so on a GPU machine until the acceptance run has measured NVDEC
+    against the CPU workers there (``auto`` never takes a path slower than the one it replaces)."""
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+    if decode in ("auto", "pyav"):
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise ImportError("decoding with PyAV needs it: pip install av (or vivit_kernels[video])") from None
+        return "pyav"
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or a RuntimeError when FFmpeg's libraries are missing
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ImportError(f"--decode {decode} needs torchcodec and FFmpeg's shared libraries (pip install "
+                          f"torchcodec; apt-get install ffmpeg): {why}") from None
+    if decode == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--decode cuda decodes on the GPU's hardware decoders, and there is no CUDA device here")
+    return decode
+
+
 def read_video(
     path: str | os.PathLike,
     num_frames: int = 32,
     frame_sample_rate: int = 1,
     clips: int = 1,
     seed: int | None = None,
+    decode: str = "auto",
 ) -> np.ndarray:
     """Decode the frames a ViViT clip needs with PyAV: uint8 RGB, (num_frames, H, W, 3), or with
     ``clips > 1`` (clips, num_frames, H, W, 3).
@@ -61,14 +98,15 @@ def read_video(
     stream has timestamps to seek by.
     """
     frames = read_clips(path, num_frames, frame_sample_rate, clips,
-                        None if clips > 1 else np.random.default_rng(seed)).frames
+                        None if clips > 1 else np.random.default_rng(seed), decode=decode).frames
     return frames[0] if clips == 1 else frames
 
 
 class Clips(NamedTuple):
-    """What ``read_clips`` decoded: ``frames`` (clips, num_frames, H, W, 3) uint8; ``video_frames``, the number of
-    frames the video has (fewer than ``num_frames * frame_sample_rate``: its clips repeat frames); ``duration_s``
-    (None when the stream has no frame rate)."""
+    """What ``read_clips`` decoded: ``frames`` (clips, num_frames, H, W, 3) uint8 (a numpy array; a CUDA tensor
+    when NVDEC decoded it); ``video_frames``, the number of frames the video has (fewer than
+    ``num_frames * frame_sample_rate``: its clips repeat frames); ``duration_s`` (None when the stream has no frame
+    rate)."""
 
     frames: np.ndarray
     video_frames: int
@@ -76,19 +114,25 @@ class Clips(NamedTuple):
 
 
 def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int = 1, clips: int = 1,
-               rng: np.random.Generator | None = None) -> Clips:
+               rng: np.random.Generator | None = None, decode: str = "auto", transform=None) -> Clips:
     """``read_video`` with the sampling chosen by the caller: one random window drawn from ``rng``, or, with
     ``rng=None``, ``clips`` windows spread evenly (one clip: the middle window, the evaluation view). The frames
-    always have the clips axis; see ``Clips``."""
-    try:
-        import av
-    except ImportError:
-        raise ImportError("read_video needs PyAV: pip install av (or vivit_kernels[video])") from None
+    always have the clips axis; see ``Clips``. ``decode``: one of ``DECODERS``.
+
+    ``transform(height, width)``: a function of the frame size returning what to do with each decoded frame (an
+    (H, W, 3) uint8 array) instead of keeping it: ``frames`` then holds its results, (clips, num_frames, *result).
+    The data path resizes and crops each frame as it is decoded this way, so a clip's full-resolution frames are
+    never stored (docs/video.md). With ``cuda`` the transform gets the GPU's frames as (H, W, 3) tensors."""
+    decoder = resolve_decoder(decode)
     if num_frames < 1 or frame_sample_rate < 1 or clips < 1:
         raise ValueError("num_frames, frame_sample_rate and clips must be >= 1")
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file at {path}")
+    if decoder != "pyav":
+        return _read_torchcodec(path, num_frames, frame_sample_rate, clips, rng, decoder == "cuda", transform)
+    import av
+
     try:
         container = av.open(path)
     except Exception as e:  # noqa: BLE001 - PyAV raises several error types for bad files
@@ -108,12 +152,9 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
         for attempt in range(2):
             if rng is not None:
                 rng.bit_generator.state = state  # the retry over the frames that decode draws the same number
-                wanted = [sample_frame_indices(num_frames, frame_sample_rate, seg_len, rng)]
-            else:
-                wanted = _uniform_clips(num_frames, frame_sample_rate, seg_len, clips)
-            needed = sorted({int(i) for w in wanted for i in w})
+            wanted = _windows(num_frames, frame_sample_rate, clips, seg_len, rng)
             try:
-                frames = _decode(container, stream, needed, path)
+                out = _decode(container, stream, wanted, path, transform)
                 break
             except _DecodingStopped as stop:
                 container.seek(0)
@@ -130,8 +171,75 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
     if 1 < seg_len < num_frames:  # the clip repeats frames: say so (what a model sees is not the clip it expects)
         warnings.warn(f"{path}: {seg_len} frames decode, fewer than the {num_frames} a clip needs; the clip spreads "
                       f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=2)
-    out = np.stack([np.stack([frames[int(i)] for i in w]) for w in wanted])
-    return Clips(out, seg_len, seg_len / fps if fps else None)
+    return Clips(out, seg_len, _duration(seg_len, fps))
+
+
+def _windows(num_frames: int, frame_sample_rate: int, clips: int, seg_len: int,
+             rng: np.random.Generator | None) -> list[np.ndarray]:
+    if rng is not None:
+        return [sample_frame_indices(num_frames, frame_sample_rate, seg_len, rng)]
+    return _uniform_clips(num_frames, frame_sample_rate, seg_len, clips)
+
+
+def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: int,
+                     rng: np.random.Generator | None, cuda: bool, transform=None) -> Clips:
+    """``read_clips`` with torchcodec: on the CPU (the same frames as PyAV's) or on NVDEC (``cuda``: frames on the
+    GPU). A file it cannot decode whole goes to the PyAV path, which samples from the frames that do decode."""
+    import torch
+    from torchcodec.decoders import VideoDecoder
+
+    state = rng.bit_generator.state if rng is not None else None
+    try:
+        decoder = VideoDecoder(path, dimension_order="NHWC", seek_mode="approximate",
+                               device="cuda" if cuda else "cpu")
+        meta = decoder.metadata
+        seg_len = int(meta.num_frames or 0)
+        if seg_len == 0:
+            raise ValueError("no frame count in the header")
+        wanted = _windows(num_frames, frame_sample_rate, clips, seg_len, rng)
+        needed = sorted({int(i) for w in wanted for i in w})
+        batch = decoder.get_frames_at(needed).data  # (len(needed), H, W, 3) uint8
+    except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError / ValueError for damaged files
+        if rng is not None:
+            rng.bit_generator.state = state
+        warnings.warn(f"{path}: torchcodec could not decode the clip ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                      "decoding it with PyAV instead", stacklevel=3)
+        return read_clips(path, num_frames, frame_sample_rate, clips, rng, decode="pyav", transform=transform)
+    if len(wanted) == 1 and needed == [int(i) for i in wanted[0]]:
+        frames = batch.unsqueeze(0)  # every index once, in order: no gather
+    else:
+        where = {index: k for k, index in enumerate(needed)}
+        frames = batch[torch.tensor([[where[int(i)] for i in w] for w in wanted], device=batch.device)]
+    if 1 < seg_len < num_frames:
+        warnings.warn(f"{path}: {seg_len} frames decode, fewer than the {num_frames} a clip needs; the clip spreads "
+                      f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=3)
+    if transform is not None:
+        each = transform(int(frames.shape[2]), int(frames.shape[3]))
+        frames = _stack([[each(frame if cuda else frame.numpy()) for frame in clip] for clip in frames])
+        return Clips(frames, seg_len, _duration(seg_len, meta.average_fps))
+    return Clips(frames if cuda else frames.numpy(), seg_len, _duration(seg_len, meta.average_fps))
+
+
+def _duration(seg_len: int, fps) -> float | None:
+    return seg_len / float(fps) if fps else None
+
+
+def _stack(rows: list[list]):
+    import torch
+
+    if isinstance(rows[0][0], torch.Tensor):
+        return torch.stack([torch.stack(row) for row in rows])
+    return np.stack([np.stack(row) for row in rows])
+
+
+def _empty_like_stack(first, clips: int, frames: int):
+    """An uninitialised (clips, frames, *first.shape) array of ``first``'s kind and dtype (numpy or torch)."""
+    import torch
+
+    if isinstance(first, torch.Tensor):
+        return torch.empty((clips, frames, *first.shape), dtype=first.dtype, device=first.device)
+    first = np.asarray(first)
+    return np.empty((clips, frames, *first.shape), first.dtype)
 
 
 class _DecodingStopped(Exception):
@@ -143,20 +251,33 @@ class _DecodingStopped(Exception):
         self.error = error
 
 
-def _frames(container, stream, errors: list):
-    """The stream's frames until the end or the first decoder error (appended to ``errors``)."""
+def _frames(container, stream, errors: list, wanted=None):
+    """The stream's frames until the end or the first decoder error (appended to ``errors``). ``wanted``: a
+    predicate on a packet's timestamp; the decoder skips the non-reference frames of packets it rejects (no
+    other frame needs them, so every frame that is decoded comes out the same)."""
     import av
 
-    iterator = container.decode(stream)
-    while True:
-        try:
-            frame = next(iterator)
-        except StopIteration:
-            return
-        except av.FFmpegError as e:
-            errors.append(f"{type(e).__name__}: {e}")
-            return
-        yield frame
+    codec = stream.codec_context
+    iterator = container.decode(stream) if wanted is None else _skipping(container, stream, codec, wanted)
+    try:
+        while True:
+            try:
+                frame = next(iterator)
+            except StopIteration:
+                return
+            except av.FFmpegError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                return
+            yield frame
+    finally:
+        if wanted is not None:
+            codec.skip_frame = "DEFAULT"
+
+
+def _skipping(container, stream, codec, wanted):
+    for packet in container.demux(stream):
+        codec.skip_frame = "DEFAULT" if packet.pts is None or wanted(packet.pts) else "NONREF"
+        yield from packet.decode()  # the last, empty packet flushes the decoder
 
 
 def _count_frames(container, stream, path: str) -> int:
@@ -168,20 +289,43 @@ def _count_frames(container, stream, path: str) -> int:
     return n
 
 
-def _frame_index(frame, stream, fps: float) -> int | None:
-    if frame.pts is None or stream.time_base is None or not fps:
+def _frame_index(pts: int | None, stream, fps: float) -> int | None:
+    if pts is None or stream.time_base is None or not fps:
         return None
     start = stream.start_time or 0
-    return int(round(float((frame.pts - start) * stream.time_base) * fps))
+    return int(round(float((pts - start) * stream.time_base) * fps))
 
 
-def _decode(container, stream, needed: list[int], path: str) -> dict[int, np.ndarray]:
-    """Frames at the ``needed`` indices, seeking to the key frame before the first one when timestamps
-    allow; frames are numbered by timestamp (constant frame rate), or by count when a stream has none."""
+def _decode(container, stream, wanted: list[np.ndarray], path: str, transform=None) -> np.ndarray:
+    """The clips' frames, (clips, frames, H, W, 3) uint8, written into one array allocated at the first frame (each
+    frame converted to RGB once, copied once per place that wants it), or ``transform``'s results of them. Seeks to
+    the key frame before the first needed frame when timestamps allow; frames are numbered by timestamp (constant
+    frame rate), or by count when a stream has none. Numbered by timestamp, a frame that no other frame references
+    (a non-reference B frame) is not decoded at all unless the clip wants it: the same frames come out, for less
+    work."""
     fps = float(stream.average_rate or stream.guessed_rate or 0)
-    first, last = needed[0], needed[-1]
-    want = set(needed)
-    frames: dict[int, np.ndarray] = {}
+    places: dict[int, list[tuple[int, int]]] = {}
+    for c, w in enumerate(wanted):
+        for j, i in enumerate(w):
+            places.setdefault(int(i), []).append((c, j))
+    first, last = min(places), max(places)
+    out: np.ndarray | None = None
+    done: set[int] = set()
+
+    each = None
+
+    def put(index: int, frame) -> None:
+        nonlocal out, each
+        value = frame.to_ndarray(format="rgb24")
+        if transform is not None:
+            each = each or transform(value.shape[0], value.shape[1])
+            value = each(value)
+        if out is None:
+            out = _empty_like_stack(value, len(wanted), len(wanted[0]))
+        for c, j in places[index]:
+            out[c, j] = value
+        done.add(index)
+
     use_pts = fps > 0 and stream.time_base is not None
     if use_pts and first > 0:
         target = int(first / fps / stream.time_base) + (stream.start_time or 0)
@@ -190,33 +334,34 @@ def _decode(container, stream, needed: list[int], path: str) -> dict[int, np.nda
         except Exception:  # noqa: BLE001 - unseekable: decode from the start
             container.seek(0)
     errors: list = []
-    count = -1
-    for frame in _frames(container, stream, errors):
-        count += 1
-        index = _frame_index(frame, stream, fps) if use_pts else count
-        if index is None:
-            use_pts, index = False, count
-        if index in want and index not in frames:
-            frames[index] = frame.to_ndarray(format="rgb24")
-        if index >= last:
-            break
-    missing = want - set(frames)
-    if missing and use_pts and not errors:
-        # timestamps did not match frame numbers (variable frame rate): count from the start
+    if use_pts:
+        number = functools.partial(_frame_index, stream=stream, fps=fps)
+        for frame in _frames(container, stream, errors, lambda pts: number(pts) in places):
+            index = number(frame.pts)
+            if index is None:  # a frame without a timestamp: number them all by count instead
+                done.clear()
+                break
+            if index in places and index not in done:
+                put(index, frame)
+            if index >= last:
+                break
+    if len(done) < len(places) and not errors:
+        # no timestamps, or timestamps that did not match frame numbers (variable frame rate): count from the start
         container.seek(0)
         for i, frame in enumerate(_frames(container, stream, errors)):
-            if i in want:
-                frames[i] = frame.to_ndarray(format="rgb24")
+            if i in places and i not in done:
+                put(i, frame)
             if i >= last:
                 break
-        missing = want - set(frames)
+    missing = set(places) - done
     if missing:
-        if not frames:  # it stopped before the clip's first frame: the caller resamples over what decodes
+        if not done:  # it stopped before the clip's first frame: the caller resamples over what decodes
             raise _DecodingStopped(errors[0] if errors else "the stream ends before its header says")
         why = f"decoding failed ({errors[0]})" if errors else "the stream is shorter than its header says"
         warnings.warn(f"{path}: {len(missing)} of the clip's frames are missing ({why}); they repeat the last frame "
                       "that decoded", stacklevel=3)
-        last_frame = frames[max(frames)]
+        c, j = places[max(done)][0]
         for i in missing:
-            frames[i] = last_frame
-    return frames
+            for c2, j2 in places[i]:
+                out[c2, j2] = out[c, j]
+    return out

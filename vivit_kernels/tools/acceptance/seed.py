@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .run import COMPILED, SEED_PROVIDERS, Acceptance, torch_dtype
+from .run import COMPILED, SEED_PROVIDERS, Acceptance, first_line, torch_dtype
 
 __all__ = ["build_seed_model", "seed_step", "peak_memory_mb", "section_seed", "section_auto"]
 
@@ -205,7 +205,55 @@ def _predict_row(run: Acceptance) -> None:
             "dtype": str(dtype).removeprefix("torch."), "videos": count, "workers": workers,
             "time_s": t.wall_s / passes, "rounds": passes, "waiting_share": t.waiting_s / t.wall_s,
             "preprocess_share": t.preprocess_s / t.wall_s, "model_share": t.model_s / t.wall_s,
-            "video": f"{frames} frames of {width}x{height}", "device": run.data["environment"].get("device")})
+            "video": f"{frames} frames of {width}x{height}", "device": run.data["environment"].get("device"),
+            **t.bottleneck()})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _decode_rows(run: Acceptance) -> None:
+    """Decoding one evaluation clip of a generated H.264 video with each decoder there is (PyAV and torchcodec on
+    the CPU, torchcodec on NVDEC): clips/s and frames/s of one process, and how far each decoder's frames are from
+    PyAV's (NVDEC converts colour its own way), beside the model's clips/s of the seed rows."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from ...video import read_clips, resolve_decoder
+    from ..decode_bench import write_bench_video
+
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        run.skip("seed", "decode throughput", "PyAV is not installed (pip install av): no videos to decode")
+        return
+    gpu = run.device.type == "cuda"
+    (width, height, seconds), frames, rounds = ((1280, 720, 4), 32, 5) if gpu else ((160, 96, 1), 8, 1)
+    folder = Path(tempfile.mkdtemp(prefix="vivit_decode_"))
+    try:
+        path = write_bench_video(folder / "clip.mp4", width, height, seconds=seconds)
+        reference = read_clips(path, frames, 2, decode="pyav").frames
+        for decoder in ("pyav", "torchcodec", "cuda"):
+            try:
+                resolve_decoder(decoder)
+            except (ImportError, ValueError) as e:
+                run.skip("seed", f"decode {decoder}", first_line(e))
+                continue
+            got = read_clips(path, frames, 2, decode=decoder).frames  # warm-up
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                got = read_clips(path, frames, 2, decode=decoder).frames
+                run.sync()
+                times.append(time.perf_counter() - start)
+            diff = np.abs(np.asarray(torch.as_tensor(got).cpu(), dtype=np.int16) - reference.astype(np.int16))
+            clip_s = statistics.median(times)
+            run.data.setdefault("decode", []).append({
+                "decoder": decoder, "source": f"{width}x{height} H.264, {seconds} s at 30 fps", "frames": frames,
+                "clip_ms": 1e3 * clip_s, "clips_per_s": 1 / clip_s, "rounds": rounds,
+                "max_diff_to_pyav": int(diff.max()), "mean_diff_to_pyav": float(diff.mean())})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -229,6 +277,7 @@ def section_seed(run: Acceptance) -> None:
         run.step("seed", f"{table} {provider} batch {batch} {dtype}", kind,
                  lambda t=table, p=provider, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
     run.step("seed", "predict end to end", "train", lambda: _predict_row(run))
+    run.step("seed", "decode throughput", "train", lambda: _decode_rows(run))
     if run.device.type != "cuda":
         run.skip("seed", COMPILED, "torch.compile of transformers' model is timed on a GPU only")
         return
