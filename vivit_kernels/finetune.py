@@ -77,7 +77,7 @@ def evaluate_clips(model, dataset: vdata.VideoClipDataset, batch_size: int = 8, 
     per_rank = math.ceil(len(dataset) / world)
     loader = torch.utils.data.DataLoader(
         _Shard(dataset, list(range(rank, per_rank * world, world))), batch_size=batch_size, num_workers=workers,
-        collate_fn=vdata.collate_clips, pin_memory=device.type == "cuda")
+        collate_fn=vdata.collate_clips, pin_memory=device.type == "cuda" and dataset.decode != "cuda")
     preparer = vdata.VideoBatchPreparer(dataset.processor, device, dtype)
     was_training = model.training
     model.eval()
@@ -340,7 +340,7 @@ def finetune(
         **{training_checkpointing_argument(): gradient_checkpointing},
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
-        dataloader_pin_memory=not use_cpu,
+        dataloader_pin_memory=not use_cpu and decode != "cuda",  # NVDEC's frames are on the GPU: nothing to pin
         remove_unused_columns=False,
         report_to=[],
         logging_steps=logging_steps,

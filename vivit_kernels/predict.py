@@ -84,7 +84,8 @@ class Predictor:
             decode=decoder,
         )
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
-                                             collate_fn=vdata.collate_clips, pin_memory=device.type == "cuda")
+                                             collate_fn=vdata.collate_clips,
+                                             pin_memory=device.type == "cuda" and decoder != "cuda")
         preparer = vdata.VideoBatchPreparer(self.processor, device, dtype)
         views = self.clips * self.crops
         names = self.model.config.id2label
