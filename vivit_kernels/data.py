@@ -357,22 +357,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def _load(self, item: VideoItem, label: int) -> dict[str, Any]:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
         clips = 1 if self.train else self.views[0]
-        transform = None
         processing_s = [0.0]
-        if self.preprocess_on != "device":  # each frame becomes its views as it is decoded (docs/video.md)
-            per_clip = self.processor.frame_views(self._views, uint8=self.preprocess_on == "views", dtype=self.dtype)
-
-            def transform(height: int, width: int):
-                each = per_clip(height, width)
-
-                def timed(frame):
-                    start = time.perf_counter()
-                    out = each(frame)
-                    processing_s[0] += time.perf_counter() - start
-                    return out
-
-                return timed
-
+        transform = None  # "device": the frames themselves; else each frame becomes its views as it is decoded
+        if self.preprocess_on != "device":
+            transform = self.processor.frame_views(self._views, uint8=self.preprocess_on == "views", dtype=self.dtype,
+                                                   spent=processing_s)
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:  # counted, not printed once per call
             warnings.simplefilter("always")

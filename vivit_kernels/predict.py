@@ -32,7 +32,7 @@ from ._devices import run_defaults, synchronize
 from ._files import atomic_write_text
 from .data import collect_inputs
 from .models import pool_tokens
-from .processing import VideoProcessor
+from .processing import VideoProcessor, views_first
 from .timings import Timings
 from .video import resolve_decoder
 
@@ -160,7 +160,8 @@ class Predictor:
         """One video in this process (no workers): its ``clips`` evenly spread windows (1: the middle one, as the
         evaluation takes it) x ``crops`` crops through the model, the softmax averaged over the views. The row has
         the top-k ``labels`` and ``scores``, the ``views``, and the milliseconds of decoding, preprocessing (on the
-        model's device) and the forward."""
+        model's device: on the CPU each frame as it is decoded, so no full-resolution clip is stored) and the
+        forward."""
         import copy
 
         from .patch import attn_of
@@ -172,10 +173,16 @@ class Predictor:
         processor.spatial_crops = self.crops
         config = self.model.config
         start = time.perf_counter()
+        spent = [0.0]
+        on_cpu = device.type == "cpu" and resolve_decoder(self.decode) != "cuda"
         clips = read_clips(path, config.num_frames, processor.sample_rate(self.frame_sample_rate), self.clips,
-                           decode=self.decode)
-        decoded = time.perf_counter()
-        pixel_values = processor(torch.as_tensor(clips.frames), device=device, dtype=dtype)["pixel_values"]
+                           decode=self.decode, transform=processor.frame_views(dtype=dtype, spent=spent) if on_cpu
+                           else None)
+        decoded = time.perf_counter() - spent[0]
+        if on_cpu:
+            pixel_values = views_first(clips.frames)
+        else:
+            pixel_values = processor(torch.as_tensor(clips.frames), device=device, dtype=dtype)["pixel_values"]
         synchronize(device)
         processed = time.perf_counter()
         self.model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,15 +260,17 @@ class VideoProcessor:
         return [View(hw, box) for box in self.crop_boxes(*hw)]
 
     def frame_views(self, views: Callable[[int, int], list[View]] | None = None, uint8: bool = False,
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32, spent: list[float] | None = None):
         """A ``video.read_clips`` transform: every decoded frame becomes its views, (views, 3, h, w), as the frame
         is decoded (no full-resolution clip is kept). ``views(height, width)`` chooses them once per clip (default:
         :meth:`views`); ``uint8``: resized and cropped only (:meth:`resize_view`), else :meth:`process_view` in
-        ``dtype``. The same numbers as processing the stacked clip."""
+        ``dtype``. The same numbers as processing the stacked clip. ``spent``: a one-element list the seconds spent
+        processing are added to (what is left of ``read_clips``'s time is decoding)."""
         def per_clip(height: int, width: int):
             chosen = (views or self.views)(height, width)
 
             def each(frame) -> torch.Tensor:
+                start = time.perf_counter() if spent is not None else 0.0
                 x = torch.as_tensor(frame)[None, None]  # (1, 1, H, W, 3), strided as the decoder wrote it
                 out = []
                 for view in chosen:
@@ -276,7 +279,10 @@ class VideoProcessor:
                     else:
                         y = self.process_view(x, view.resize_hw, view.box, dtype)[0, 0]
                     out.append(y.flip(-1) if view.flip else y)
-                return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)  # one view: no copy
+                result = out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)  # one view: no copy
+                if spent is not None:
+                    spent[0] += time.perf_counter() - start
+                return result
 
             return each
 
