@@ -410,17 +410,13 @@ def _geometry(processor: VideoProcessor) -> dict[str, Any]:
 
 
 def process_views(processor: VideoProcessor, clip: torch.Tensor, views: list[_View],
-                  dtype: torch.dtype = torch.float32, uint8: bool = False) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 clips (clips, T, H, W, 3) -> (T, 3, h, w) for one view of one clip, else (clips * crops, T, 3, h, w)
-    (clip-major), on the clip's device. ``uint8``: resized and cropped only (``VideoProcessor.resize_view``), for
-    ``VideoProcessor.normalize`` to finish elsewhere."""
+    (clip-major), on the clip's device (the whole clip at once: frames NVDEC left on the GPU)."""
     out = []
     for c in range(clip.shape[0]):
         for view in views:
-            if uint8:
-                x = processor.resize_view(clip[c : c + 1], view.resize_hw, view.box)[0]
-            else:
-                x = processor.process_view(clip[c : c + 1], view.resize_hw, view.box, dtype)[0]
+            x = processor.process_view(clip[c : c + 1], view.resize_hw, view.box, dtype)[0]
             out.append(x.flip(-1) if view.flip else x)
     return out[0] if len(out) == 1 else torch.stack(out)
 

@@ -247,12 +247,13 @@ class VideoProcessor:
         """One view with this processor's rescaling and normalisation: uint8 (B, T, H, W, 3) resized to
         ``resize_hw`` and cropped to ``box`` (top, left, height, width) -> (B, T, 3, height, width), one fused op
         on the clip's device. Training augmentation (``vivit_kernels.data``) picks its own size and box."""
-        scale = self.rescale_factor if self.do_rescale else 1.0
-        offset = -1.0 if self.offset else 0.0
-        mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
-        std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
-        return preprocess_video(clip, resize_hw, box, scale, offset, mean, std, dtype)
+        return preprocess_video(clip, resize_hw, box, *self._value_params(), dtype)
 
+    def _value_params(self) -> tuple[float, float, list[float], list[float]]:
+        """(scale, offset, mean, std) of the value-space part: ``(x * scale + offset - mean) / std``."""
+        return (self.rescale_factor if self.do_rescale else 1.0, -1.0 if self.offset else 0.0,
+                self.image_mean if self.do_normalize else [0.0, 0.0, 0.0],
+                self.image_std if self.do_normalize else [1.0, 1.0, 1.0])
 
     def views(self, height: int, width: int) -> list[View]:
         """The evaluation views of a ``height`` x ``width`` frame: resized, then the crop(s) of ``spatial_crops``."""
@@ -312,10 +313,7 @@ class VideoProcessor:
     def normalize(self, views: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The second half of :meth:`process_view` on :meth:`resize_view`'s uint8 output, on its device: rescale,
         offset and normalise in float32 in the fused op's order, then ``dtype``."""
-        scale = self.rescale_factor if self.do_rescale else 1.0
-        offset = -1.0 if self.offset else 0.0
-        mean = self.image_mean if self.do_normalize else [0.0, 0.0, 0.0]
-        std = self.image_std if self.do_normalize else [1.0, 1.0, 1.0]
+        scale, offset, mean, std = self._value_params()
         shape = (3, 1, 1)
         x = views.float() * torch.tensor(scale, dtype=torch.float32) + torch.tensor(offset, dtype=torch.float32)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=views.device).view(shape)

@@ -69,9 +69,8 @@ def resolve_decoder(decode: str = "auto") -> str:
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401
     except Exception as e:  # noqa: BLE001 - ImportError, or a RuntimeError when FFmpeg's libraries are missing
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise ImportError(f"--decode {decode} needs torchcodec and FFmpeg's shared libraries (pip install "
-                          f"torchcodec; apt-get install ffmpeg): {why}") from None
+                          f"torchcodec; apt-get install ffmpeg): {_why(e)}") from None
     if decode == "cuda":
         import torch
 
@@ -88,8 +87,8 @@ def read_video(
     seed: int | None = None,
     decode: str = "auto",
 ) -> np.ndarray:
-    """Decode the frames a ViViT clip needs with PyAV: uint8 RGB, (num_frames, H, W, 3), or with
-    ``clips > 1`` (clips, num_frames, H, W, 3).
+    """Decode the frames a ViViT clip needs (PyAV by default; ``decode``: one of ``DECODERS``): uint8 RGB,
+    (num_frames, H, W, 3), or with ``clips > 1`` (clips, num_frames, H, W, 3).
 
     One clip is sampled as in the seed example (a random window of num_frames * frame_sample_rate frames,
     ``seed`` for repeatability); several clips are spread evenly over the video (the usual multi-view
@@ -202,8 +201,8 @@ def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: 
     except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError / ValueError for damaged files
         if rng is not None:
             rng.bit_generator.state = state
-        warnings.warn(f"{path}: torchcodec could not decode the clip ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                      "decoding it with PyAV instead", stacklevel=3)
+        warnings.warn(f"{path}: torchcodec could not decode the clip ({_why(e)}); decoding it with PyAV instead",
+                      stacklevel=3)
         return read_clips(path, num_frames, frame_sample_rate, clips, rng, decode="pyav", transform=transform)
     if len(wanted) == 1 and needed == [int(i) for i in wanted[0]]:
         frames = batch.unsqueeze(0)  # every index once, in order: no gather
@@ -218,6 +217,12 @@ def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: 
         frames = _stack([[each(frame if cuda else frame.numpy()) for frame in clip] for clip in frames])
         return Clips(frames, seg_len, _duration(seg_len, meta.average_fps))
     return Clips(frames if cuda else frames.numpy(), seg_len, _duration(seg_len, meta.average_fps))
+
+
+def _why(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _duration(seg_len: int, fps) -> float | None:
