@@ -275,3 +275,12 @@ def test_process_file_gives_the_pixels_of_decoding_then_processing(video):
         want = processor(torch.from_numpy(frames))["pixel_values"]
         assert got["pixel_values"].shape == want.shape == (clips * crops, 4, 3, 32, 32)
         assert torch.equal(got["pixel_values"], want) and got["video_frames"] == 60
+
+
+def test_ffmpeg_threads_change_nothing_but_speed(video):
+    """threads=1 (the data path's: a core per decoding process) and 0 (FFmpeg's choice) decode the same frames."""
+    from vivit_kernels.video import read_clips
+
+    one = read_clips(video, 8, 3, 3, threads=1).frames
+    assert np.array_equal(one, read_clips(video, 8, 3, 3, threads=0).frames)
+    assert np.array_equal(one, read_video(video, num_frames=8, frame_sample_rate=3, clips=3))

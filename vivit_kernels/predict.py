@@ -177,7 +177,7 @@ class Predictor:
         on_cpu = device.type == "cpu" and resolve_decoder(self.decode) != "cuda"
         clips = read_clips(path, config.num_frames, processor.sample_rate(self.frame_sample_rate), self.clips,
                            decode=self.decode, transform=processor.frame_views(dtype=dtype, spent=spent) if on_cpu
-                           else None)
+                           else None, threads=0)  # one video: FFmpeg's threads for its latency
         decoded = time.perf_counter() - spent[0]
         if on_cpu:
             pixel_values = views_first(clips.frames)

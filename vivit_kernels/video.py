@@ -86,6 +86,7 @@ def read_video(
     clips: int = 1,
     seed: int | None = None,
     decode: str = "auto",
+    threads: int = 0,
 ) -> np.ndarray:
     """Decode the frames a ViViT clip needs (PyAV by default; ``decode``: one of ``DECODERS``): uint8 RGB,
     (num_frames, H, W, 3), or with ``clips > 1`` (clips, num_frames, H, W, 3).
@@ -94,10 +95,11 @@ def read_video(
     ``seed`` for repeatability); several clips are spread evenly over the video (the usual multi-view
     evaluation, e.g. 4 temporal clips, then 3 spatial crops with ``VideoProcessor(spatial_crops=3)``).
     Decoding seeks to the key frame before the first needed frame instead of decoding from the start, when the
-    stream has timestamps to seek by.
+    stream has timestamps to seek by. ``threads``: FFmpeg's threads (0, the default here: FFmpeg chooses, for one
+    clip's latency; ``read_clips`` explains when 1 is better).
     """
     frames = read_clips(path, num_frames, frame_sample_rate, clips,
-                        None if clips > 1 else np.random.default_rng(seed), decode=decode).frames
+                        None if clips > 1 else np.random.default_rng(seed), decode=decode, threads=threads).frames
     return frames[0] if clips == 1 else frames
 
 
@@ -113,7 +115,8 @@ class Clips(NamedTuple):
 
 
 def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int = 1, clips: int = 1,
-               rng: np.random.Generator | None = None, decode: str = "auto", transform=None) -> Clips:
+               rng: np.random.Generator | None = None, decode: str = "auto", transform=None,
+               threads: int = 1) -> Clips:
     """``read_video`` with the sampling chosen by the caller: one random window drawn from ``rng``, or, with
     ``rng=None``, ``clips`` windows spread evenly (one clip: the middle window, the evaluation view). The frames
     always have the clips axis; see ``Clips``. ``decode``: one of ``DECODERS``.
@@ -121,7 +124,13 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
     ``transform(height, width)``: a function of the frame size returning what to do with each decoded frame (an
     (H, W, 3) uint8 array) instead of keeping it: ``frames`` then holds its results, (clips, num_frames, *result).
     The data path resizes and crops each frame as it is decoded this way, so a clip's full-resolution frames are
-    never stored (docs/video.md). With ``cuda`` the transform gets the GPU's frames as (H, W, 3) tensors."""
+    never stored (docs/video.md). With ``cuda`` the transform gets the GPU's frames as (H, W, 3) tensors.
+
+    ``threads``: FFmpeg's decoding threads on the CPU. 1 (the default) for decoding processes that run side by
+    side, a core each (DataLoader workers), where FFmpeg's own threads could only compete with them; on this
+    2-core machine it measured the same as FFmpeg's choice (PyAV's slice threading finds one slice per frame in
+    libx264's output, so nothing to split), so it is a guard against oversubscription, not a speed-up here.
+    0 lets FFmpeg choose, for one clip's latency on an otherwise idle machine."""
     decoder = resolve_decoder(decode)
     if num_frames < 1 or frame_sample_rate < 1 or clips < 1:
         raise ValueError("num_frames, frame_sample_rate and clips must be >= 1")
@@ -129,7 +138,7 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file at {path}")
     if decoder != "pyav":
-        return _read_torchcodec(path, num_frames, frame_sample_rate, clips, rng, decoder == "cuda", transform)
+        return _read_torchcodec(path, num_frames, frame_sample_rate, clips, rng, decoder == "cuda", transform, threads)
     import av
 
     try:
@@ -140,6 +149,7 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         seg_len = stream.frames or _count_frames(container, stream, path)
         if seg_len == 0:
@@ -181,7 +191,7 @@ def _windows(num_frames: int, frame_sample_rate: int, clips: int, seg_len: int,
 
 
 def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: int,
-                     rng: np.random.Generator | None, cuda: bool, transform=None) -> Clips:
+                     rng: np.random.Generator | None, cuda: bool, transform=None, threads: int = 1) -> Clips:
     """``read_clips`` with torchcodec: on the CPU (the same frames as PyAV's) or on NVDEC (``cuda``: frames on the
     GPU). A file it cannot decode whole goes to the PyAV path, which samples from the frames that do decode."""
     import torch
@@ -190,7 +200,7 @@ def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: 
     state = rng.bit_generator.state if rng is not None else None
     try:
         decoder = VideoDecoder(path, dimension_order="NHWC", seek_mode="approximate",
-                               device="cuda" if cuda else "cpu")
+                               device="cuda" if cuda else "cpu", num_ffmpeg_threads=threads)
         meta = decoder.metadata
         seg_len = int(meta.num_frames or 0)
         if seg_len == 0:
@@ -203,7 +213,8 @@ def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: 
             rng.bit_generator.state = state
         warnings.warn(f"{path}: torchcodec could not decode the clip ({_why(e)}); decoding it with PyAV instead",
                       stacklevel=3)
-        return read_clips(path, num_frames, frame_sample_rate, clips, rng, decode="pyav", transform=transform)
+        return read_clips(path, num_frames, frame_sample_rate, clips, rng, decode="pyav", transform=transform,
+                          threads=threads)
     if len(wanted) == 1 and needed == [int(i) for i in wanted[0]]:
         frames = batch.unsqueeze(0)  # every index once, in order: no gather
     else:

@@ -121,6 +121,7 @@ def decode_split(path: str) -> dict[str, Any]:
 
     with av.open(path) as container:
         stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # as read_clips decodes
         fps = float(stream.average_rate)
         wanted = set(middle_window(stream.frames))
         last = max(wanted)
