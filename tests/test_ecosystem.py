@@ -153,6 +153,30 @@ def test_lora_stays_on_our_fused_gemms_and_frozen_weights_get_no_gradient(target
         assert_close(merged(pixel_values=x).logits, ref.logits.detach(), 1e-4, name="merge_and_unload")
 
 
+def test_lora_on_a_bf16_model_with_peft_fp32_adapters():
+    """A bf16 model: PEFT keeps its adapters in fp32 (``autocast_adapter_dtype``) and casts x up; ours cast the
+    small adapter weights to bf16 inside the fused QKV op. Logits and every adapter gradient within the tolerance
+    rule against transformers' eager model in fp32, PEFT's own bf16 forward giving PyTorch's own error."""
+    from vivit_kernels.testing import judge_outputs
+
+    cfg, ours, theirs = tiny_pair()
+    theirs_bf16 = transformers.VivitForVideoClassification(transformers.VivitConfig(**cfg.to_dict()))
+    theirs_bf16.set_attn_implementation("eager")
+    theirs_bf16.load_state_dict(theirs.state_dict())
+    ours, theirs_bf16 = ours.to(torch.bfloat16), theirs_bf16.to(DEVICE, torch.bfloat16)
+    ours, theirs, theirs_bf16 = _lora(ours), _lora(theirs), _lora(theirs_bf16)
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's upcast
+    x, labels = batch(cfg)
+    results = []
+    for model, dtype in ((ours, torch.bfloat16), (theirs, torch.float32), (theirs_bf16, torch.bfloat16)):
+        logits = model(pixel_values=x.to(dtype)).logits
+        adapters = [p for n, p in sorted(model.named_parameters()) if "lora_" in n]
+        grads = torch.autograd.grad(logits.float().square().mean(), adapters)
+        results.append((logits.float(), [g.float() for g in grads]))
+    comparisons = judge_outputs(*results[0], ref=results[1], low=results[2], name="lora bf16")
+    assert all(c.ok for c in comparisons), [c.message() for c in comparisons if not c.ok]
+
+
 def test_apply_vivit_kernels_to_a_peft_wrapped_transformers_model():
     cfg, ours, theirs = tiny_pair()
     wrapped = _lora(theirs)

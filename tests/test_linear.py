@@ -85,11 +85,87 @@ def test_qkv_projection(shape, bias, dtype):
     check_against_reference(lin.qkv_projection, lin.qkv_projection_ref, args, dtype, name="qkv")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slots", [(0, 2), (0, 1, 2, 2)], ids=["q-v", "every-projection-two-on-v"])
+def test_qkv_projection_with_lora_adapters(slots, dtype):
+    """LoRA adapters inside the QKV op (PEFT's update on their third) against the reference: the output and every
+    input's gradient, the adapters' A and B included."""
+    tokens, hidden, rank = 19, 48, 4
+    ws = [leaf(torch.randn(hidden, hidden) * hidden**-0.5) for _ in range(3)]
+    bs = [leaf(0.1 * torch.randn(hidden)) for _ in range(3)]
+    adapters = [t for _ in slots
+                for t in (leaf(torch.randn(rank, hidden) * hidden**-0.5), leaf(torch.randn(hidden, rank)))]
+    scales = [2.0, 0.5, 1.0, 0.25][:len(slots)]
+
+    def with_adapters(fn):
+        def call(x, wq, bq, wk, bk, wv, bv, *ab):
+            pairs = [(slot, ab[2 * i], ab[2 * i + 1], scales[i]) for i, slot in enumerate(slots)]
+            return fn(x, wq, bq, wk, bk, wv, bv, adapters=pairs)
+        return call
+
+    x = leaf(torch.randn(2, tokens, hidden))
+    args = (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], *adapters)
+    check_against_reference(with_adapters(lin.qkv_projection), with_adapters(lin.qkv_projection_ref), args, dtype,
+                            name="qkv+lora")
+
+
+def test_qkv_lora_computes_and_keeps_only_what_trains(monkeypatch):
+    """Frozen base weights and input: only the adapters' gradients are computed (one small GEMM each: dU, dA, dB;
+    no dx), equal to the reference's; a frozen adapter gets None and its GEMMs are not run; the registry's launch
+    count of the backward is what ran."""
+    from vivit_kernels.ops import registry
+
+    torch.manual_seed(0)
+    hidden, rank = 32, 4
+    ws = [torch.randn(hidden, hidden, device=DEVICE) * hidden**-0.5 for _ in range(3)]
+    a_q, b_q = leaf(torch.randn(rank, hidden)), leaf(torch.randn(hidden, rank))
+    a_v, b_v = torch.randn(rank, hidden, device=DEVICE), leaf(torch.randn(hidden, rank))  # A of v frozen
+    x = torch.randn(2, 7, hidden, device=DEVICE)
+    adapters = [(0, a_q, b_q, 2.0), (2, a_v, b_v, 2.0)]
+    out = lin.qkv_projection(x, ws[0], None, ws[1], None, ws[2], None, adapters=adapters)
+    grad = torch.randn_like(out)
+    gemms, launches = [], []
+    def counting(name):
+        fn = getattr(torch, name)
+
+        def counted(*args, **kwargs):
+            gemms.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in ("mm", "addmm"):
+        monkeypatch.setattr(torch, name, counting(name))
+    bwd = lin.qkv_bwd
+
+    def counted_bwd(*args):
+        launches.append(registry.launches("vivit_kernels::qkv_bwd", args))
+        return bwd(*args)
+
+    monkeypatch.setattr(lin, "qkv_bwd", counted_bwd)
+    ours = torch.autograd.grad(out, (a_q, b_q, b_v), grad)
+    monkeypatch.undo()
+    ref = lin.qkv_projection_ref(x, ws[0], None, ws[1], None, ws[2], None, adapters=adapters)
+    for mine, theirs in zip(ours, torch.autograd.grad(ref, (a_q, b_q, b_v), grad), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    # q: dU, dA, dB (3 GEMMs); v: dB alone (its A is frozen and x needs no gradient); no base GEMM
+    assert sorted(gemms) == ["addmm", "addmm", "addmm", "mm"], gemms
+    assert launches == [4]
+    assert a_v.grad is None
+
+
 def test_qkv_projection_opcheck_and_errors():
     x = leaf(torch.randn(2, 5, 32))
     ws = [leaf(torch.randn(32, 32)) for _ in range(3)]
     bs = [leaf(torch.randn(32)) for _ in range(3)]
-    torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default, (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False))
+    torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default,
+                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [], [], [], []))
+    a, b = leaf(torch.randn(4, 32)), leaf(torch.randn(32, 4))
+    torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default,
+                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [a], [b], [2], [0.5]))
+    with pytest.raises(ValueError, match=r"adapter 0 must have A \(rank, 32\) and B \(32, rank\)"):
+        lin.qkv_projection(x, *[t for w, bb in zip(ws, bs, strict=True) for t in (w, bb)], adapters=[(0, b, a, 1.0)])
+    with pytest.raises(ValueError, match="projection must be 0 \\(q\\), 1 \\(k\\) or 2 \\(v\\), got 3"):
+        lin.qkv_projection(x, *[t for w, bb in zip(ws, bs, strict=True) for t in (w, bb)], adapters=[(3, a, b, 1.0)])
     with pytest.raises(ValueError, match="give all three biases or none"):
         lin.qkv_projection(x, ws[0], bs[0], ws[1], None, ws[2], bs[2])
     with pytest.raises(ValueError, match=r"wk is \(16, 32\), wq is \(32, 32\)"):

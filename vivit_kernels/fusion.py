@@ -14,8 +14,8 @@ from torch.nn.modules import module as _module_state
 
 from ._log import log_once
 
-__all__ = ["has_hooks", "plain", "autocast_dtype", "autocast_to", "compute_weight", "linear_parts", "add_lora_",
-           "KERNEL_CLASSES", "collecting_attentions"]
+__all__ = ["has_hooks", "plain", "autocast_dtype", "autocast_to", "compute_weight", "linear_parts", "fusable_adapters",
+           "add_lora_", "KERNEL_CLASSES", "collecting_attentions"]
 
 # Our subclasses of each plain class, which count as that class (modules.py fills it in).
 KERNEL_CLASSES: dict[type, tuple[type, ...]] = {}
@@ -128,11 +128,25 @@ def linear_parts(module: nn.Module, x: torch.Tensor, where: str) -> tuple[nn.Lin
     return None
 
 
+def _adapter_weight(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An adapter's weight in ``x``'s dtype (a differentiable cast): PEFT keeps adapters in float32 on a bf16 or
+    fp16 base (``autocast_adapter_dtype``) and casts x up; our GEMMs run in x's dtype and cast the small weights."""
+    return param if param.dtype == x.dtype else param.to(x.dtype)
+
+
+def fusable_adapters(adapters: list, x: torch.Tensor) -> list | None:
+    """(A, B, scaling) of each adapter in ``x``'s dtype, for an op that adds the updates itself (ours take no
+    dropout), or None when an adapter's dropout is active (training with lora_dropout > 0: ``add_lora_``)."""
+    if any(type(drop) is nn.Dropout and drop.training and drop.p > 0 for _, _, drop, _ in adapters):
+        return None
+    return [(_adapter_weight(a, x), _adapter_weight(b, x), scaling) for a, b, _, scaling in adapters]
+
+
 def add_lora_(out: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
     """``out += scaling * dropout(x) @ A^T @ B^T`` for each adapter, in place (two GEMMs each: the down
     projection, then the up projection accumulating into ``out``: PEFT's LoRA as written, scaling folded in)."""
     out2 = out.view(-1, out.shape[-1])  # a view: the update lands in ``out`` (an error, never a silent copy)
     for a, b, drop, scaling in adapters:
-        down = F.linear(drop(x), compute_weight(a, x))
-        out2.addmm_(down.reshape(-1, down.shape[-1]), compute_weight(b, x).t(), alpha=scaling)
+        down = F.linear(drop(x), _adapter_weight(a, x))
+        out2.addmm_(down.reshape(-1, down.shape[-1]), _adapter_weight(b, x).t(), alpha=scaling)
     return out

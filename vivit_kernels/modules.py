@@ -27,6 +27,7 @@ from .fusion import (
     autocast_to,
     collecting_attentions,
     compute_weight,
+    fusable_adapters,
     has_hooks,
     linear_parts,
     plain,
@@ -247,11 +248,17 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
             if backend is not None and backend.qkv is not None else [None]
         fused = all(p is not None for p in parts) and len({p[0].bias is None for p in parts}) == 1
         if fused:  # one GEMM reading the three base weights in place; LoRA updates added to their thirds
-            qkv = backend.qkv(h, *(compute_weight(t, h) for base, _ in parts for t in (base.weight, base.bias)))
-            thirds = qkv.view(batch, tokens, 3, -1)
-            for i, (_, adapters) in enumerate(parts):
-                if adapters:
-                    add_lora_(thirds[:, :, i], h, adapters)
+            weights = [compute_weight(t, h) for base, _ in parts for t in (base.weight, base.bias)]
+            ours = [(i, fusable_adapters(adapters, h)) for i, (_, adapters) in enumerate(parts) if adapters]
+            if all(fusable is not None for _, fusable in ours):  # in the op: its backward computes their gradients
+                qkv = backend.qkv(h, *weights, [(i, a, b, s) for i, fusable in ours for a, b, s in fusable]) \
+                    if ours else backend.qkv(h, *weights)
+            else:  # an adapter's dropout is active: PEFT's formula as torch ops on the op's output
+                qkv = backend.qkv(h, *weights)
+                thirds = qkv.view(batch, tokens, 3, -1)
+                for i, (_, adapters) in enumerate(parts):
+                    if adapters:
+                        add_lora_(thirds[:, :, i], h, adapters)
             qkv = qkv.view(batch, tokens, 3, heads, head_dim)
             q, k, v = qkv.unbind(2)
         else:

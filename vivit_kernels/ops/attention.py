@@ -35,6 +35,7 @@ from ._triton import (
     launch,
     next_pow2,
     resolve_tf32,
+    saved_outputs_only,
     tl,
     tma_compatible,
     triton,
@@ -820,11 +821,14 @@ def _setup_context(ctx, inputs, output):
     # Saved for backward: the inputs (views, no copies), the output and the fp32 row logsumexp: O(N) per
     # row instead of the N x N probabilities eager attention keeps; the per-key bias (B x N) when there is one.
     ctx.save_for_backward(q, k, v, out, lse, bias)
+    saved_outputs_only(ctx, lse)
     ctx.softmax_scale = softmax_scale
     ctx.allow_tf32 = allow_tf32
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 6
     q, k, v, out, lse, bias = ctx.saved_tensors
     dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.allow_tf32, bias)
     return dq, dk, dv, None, None, None
@@ -920,10 +924,13 @@ def _qkv_setup_context(ctx, inputs, output):
     out, lse = output
     # Saved for backward: the qkv tensor (not a copy), the output and the fp32 row logsumexp (and the bias).
     ctx.save_for_backward(qkv, out, lse, bias)
+    saved_outputs_only(ctx, lse)
     ctx.softmax_scale, ctx.allow_tf32 = softmax_scale, allow_tf32
 
 
 def _qkv_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 4
     qkv, out, lse, bias = ctx.saved_tensors
     return flash_attn_qkv_bwd(grad_out, qkv, out, lse, ctx.softmax_scale, ctx.allow_tf32, bias), None, None, None
 

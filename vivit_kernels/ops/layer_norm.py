@@ -22,6 +22,7 @@ from ._triton import (
     emulate_bf16,
     launch,
     next_pow2,
+    saved_outputs_only,
     tl,
     triton,
 )
@@ -202,9 +203,12 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.needs = ctx.needs_input_grad[:3]  # x, weight, bias
     ctx.save_for_backward(x, weight, mean, rstd)  # x and the statistics serve dx and dW alike
+    saved_outputs_only(ctx, mean, rstd)
 
 
 def _backward(ctx, grad_out, grad_mean, grad_rstd):
+    if grad_out is None:
+        return (None,) * 4
     x, weight, mean, rstd = ctx.saved_tensors
     needs_dx, needs_dw, needs_db = ctx.needs
     dx, dw, db = layer_norm_bwd(grad_out, x, weight, mean, rstd, needs_dx, needs_dw, needs_db)

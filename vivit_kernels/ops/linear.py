@@ -17,15 +17,18 @@ nothing (their gradient is the output gradient itself).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from ._gemm import KERNEL_ACTIVATIONS, _as_2d, _bias_grad, _linear_grads, _weight_grad, gemm
-from ._triton import SUPPORTED_DTYPES, check_launchable, resolve_tf32, unit_last
+from ._triton import SUPPORTED_DTYPES, check_launchable, resolve_tf32, saved_outputs_only, unit_last
 from .activations import gelu_fast, gelu_fast_grad, get_activation
 
 __all__ = ["linear", "mlp", "qkv_projection", "linear_ref", "mlp_ref", "qkv_projection_ref", "gelu_fast_backward_ref",
-           "qkv_concat", "linear_addmm", "linear_matmul_ext", "mlp_with"]
+           "lora_ref", "qkv_concat", "linear_addmm", "linear_matmul_ext", "mlp_with"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,11 +86,14 @@ def _linear_setup(ctx, inputs, output):
     # Saved only for a gradient someone wants: x for dW, the weight for dx, with gelu_fast the pre-activation
     # (for its derivative, whichever gradient flows through it)
     ctx.save_for_backward(x if needs_dw else None, weight if needs_dx else None, output[1])
+    saved_outputs_only(ctx, output[1])
     ctx.x_shape = tuple(x.shape)
     ctx.activation, ctx.allow_tf32 = activation, allow_tf32
 
 
 def _linear_backward(ctx, grad_out, grad_pre):
+    if grad_out is None:
+        return (None,) * 7
     x, weight, pre = ctx.saved_tensors
     needs_dx, needs_dw, needs_db, needs_dres = ctx.needs
     grad = unit_last(grad_out)
@@ -108,7 +114,8 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ------------------------------------------------------------------------------------------------
-# qkv: [x @ Wq^T + bq, x @ Wk^T + bk, x @ Wv^T + bv], one GEMM reading the three weights in place
+# qkv: [x @ Wq^T + bq, x @ Wk^T + bk, x @ Wv^T + bv], one GEMM reading the three weights in place, plus any
+# LoRA adapters' low-rank updates (PEFT's ``scaling * (x @ A^T) @ B^T``) accumulated into their third
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("vivit_kernels::qkv_fwd", mutates_args=())
 def qkv_fwd(
@@ -120,31 +127,52 @@ def qkv_fwd(
     wv: torch.Tensor,
     bv: torch.Tensor | None,
     allow_tf32: bool,
-) -> torch.Tensor:
-    """(..., 3 * out_features): the three projections side by side, i.e. (..., 3, heads, head_dim) viewed."""
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    lora_slots: list[int],
+    lora_scales: list[float],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """((..., 3 * out_features): the three projections side by side, i.e. (..., 3, heads, head_dim) viewed; the
+    adapters' down projections x @ A^T (M, rank), kept for B's gradient). Adapter i adds ``lora_scales[i] *
+    (x @ lora_a[i]^T) @ lora_b[i]^T`` to third ``lora_slots[i]`` (0 q, 1 k, 2 v): two small GEMMs each, the second
+    accumulating into the GEMM's output in place."""
     x2 = _as_2d(x)
-    out = torch.empty((*x.shape[:-1], 3 * wq.shape[0]), dtype=x.dtype, device=x.device)
-    gemm(x2, wq.t(), _as_2d(out), bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
+    n = wq.shape[0]
+    out = torch.empty((*x.shape[:-1], 3 * n), dtype=x.dtype, device=x.device)
+    out2 = _as_2d(out)
+    gemm(x2, wq.t(), out2, bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
          more_bias=(bk, bv))
-    return out
+    downs = []
+    for a, b, slot, scale in zip(lora_a, lora_b, lora_slots, lora_scales, strict=True):
+        down = torch.mm(x2, a.t())
+        out2[:, slot * n:(slot + 1) * n].addmm_(down, b.t(), alpha=scale)
+        downs.append(down)
+    return out, downs
 
 
 @qkv_fwd.register_fake
-def _(x, wq, bq, wk, bk, wv, bv, allow_tf32):
+def _(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales):
     torch._check(x.shape[-1] == wq.shape[1], lambda: "x and wq disagree on in_features")
-    return x.new_empty((*x.shape[:-1], 3 * wq.shape[0]))
+    rows = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], 3 * wq.shape[0])), [x.new_empty((rows, a.shape[0])) for a in lora_a]
 
 
 @torch.library.custom_op("vivit_kernels::qkv_bwd", mutates_args=())
 def qkv_bwd(
     grad: torch.Tensor, x: torch.Tensor | None, wq: torch.Tensor | None, wk: torch.Tensor | None,
     wv: torch.Tensor | None, x_shape: list[int], needs: list[bool], allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dWq, dbq, dWk, dbk, dWv, dbv), each empty where ``needs`` (x, wq, bq, wk, bk, wv, bv) says it is not
-    wanted: dx = dq Wq + dk Wk + dv Wv in one GEMM (three K segments; the weights are given for it), then each
-    weight gradient (x is given for them) and bias gradient that is wanted."""
+    lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], lora_slots: list[int], lora_scales: list[float],
+    downs: list[torch.Tensor], lora_needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           list[torch.Tensor], list[torch.Tensor]]:
+    """(dx, dWq, dbq, dWk, dbk, dWv, dbv, the adapters' dA, their dB), each empty where ``needs`` (x, wq, bq, wk,
+    bk, wv, bv) or ``lora_needs`` (A, B of each adapter in turn) says it is not wanted: dx = dq Wq + dk Wk + dv Wv
+    in one GEMM (three K segments; the weights are given for it), then each weight gradient (x is given for them)
+    and bias gradient that is wanted. Per adapter, with g its third of the gradient and s its scale: dU = s g B
+    (wanted for dx and dA), dx += dU A, dA = dU^T x, dB = s g^T (x A^T): one small GEMM each, no other pass."""
     g2 = _as_2d(grad)
     n = g2.shape[1] // 3
+    dx2 = None
     dx = g2.new_empty(0)  # every output its own tensor (outputs of a custom op may not alias)
     if needs[0]:
         dx2 = torch.empty((g2.shape[0], wq.shape[1]), dtype=g2.dtype, device=g2.device)
@@ -155,31 +183,70 @@ def qkv_bwd(
         g = g2[:, i * n:(i + 1) * n]
         grads += [_weight_grad(g, _as_2d(x), allow_tf32) if needs[1 + 2 * i] else g2.new_empty(0),
                   _bias_grad(g, g2.dtype) if needs[2 + 2 * i] else g2.new_empty(0)]
-    return (dx, *grads)
+    d_a, d_b = [], []
+    unused = g2.new_empty(())  # addmm's input at beta=0: ignored (not read), so the scale costs no pass
+    for i, (a, b, slot, scale, down) in enumerate(zip(lora_a, lora_b, lora_slots, lora_scales, downs, strict=True)):
+        g, needs_a, needs_b = g2[:, slot * n:(slot + 1) * n], lora_needs[2 * i], lora_needs[2 * i + 1]
+        if needs[0] or needs_a:
+            d_down = torch.addmm(unused, g, b, beta=0, alpha=scale)
+            if needs[0]:
+                dx2.addmm_(d_down, a)
+            d_a.append(torch.mm(d_down.t(), _as_2d(x)) if needs_a else g2.new_empty(0))
+        else:
+            d_a.append(g2.new_empty(0))
+        d_b.append(torch.addmm(unused, g.t(), down, beta=0, alpha=scale) if needs_b else g2.new_empty(0))
+    return (dx, *grads, d_a, d_b)
 
 
 @qkv_bwd.register_fake
-def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32):
+def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, downs, lora_needs):
     n, k = grad.shape[-1] // 3, x_shape[-1]
     shapes = [x_shape] + [shape for _ in range(3) for shape in ((n, k), (n,))]
-    return tuple(grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True))
+    base = [grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True)]
+    # (only what a gradient needs is given: B for dA, the down projection for dB; each tells the rank)
+    d_a = [grad.new_empty((b.shape[-1], k) if lora_needs[2 * i] else (0,)) for i, b in enumerate(lora_b)]
+    d_b = [grad.new_empty((n, d.shape[-1]) if lora_needs[2 * i + 1] else (0,)) for i, d in enumerate(downs)]
+    return (*base, d_a, d_b)
 
 
 def _qkv_setup(ctx, inputs, output):
-    x, wq, bq, wk, bk, wv, bv, allow_tf32 = inputs
+    x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales = inputs
     ctx.needs = list(ctx.needs_input_grad[:7])  # x, wq, bq, wk, bk, wv, bv
-    # Saved only for a gradient someone wants (views, no copies): x for a weight gradient, the weights for dx
-    needs_dw = any(ctx.needs[1::2][:3])
-    ctx.save_for_backward(x if needs_dw else None, *((wq, wk, wv) if ctx.needs[0] else (None, None, None)))
+    needs_a, needs_b = [a.requires_grad for a in lora_a], [b.requires_grad for b in lora_b]  # (what needs_input_grad
+    # says of them: here it is flat, one flag per tensor of a list, none for an empty list)
+    ctx.lora_needs = [need for pair in zip(needs_a, needs_b, strict=True) for need in pair]
+    ctx.lora_slots, ctx.lora_scales = list(lora_slots), list(lora_scales)
+    downs = output[1]
+    saved_outputs_only(ctx, *downs)
+    # Saved only for a gradient someone wants (views, no copies): x for a weight gradient or an adapter's A, the
+    # weights for dx; each adapter's A for dx, its B for dx and dA, its down projection for dB
+    needs_x = any(ctx.needs[1::2][:3]) or any(needs_a)
+    needs_dx = ctx.needs[0]
+    ctx.n_lora = len(lora_a)
+    ctx.save_for_backward(x if needs_x else None, *((wq, wk, wv) if needs_dx else (None, None, None)),
+                          *(a if needs_dx else None for a in lora_a),
+                          *(b if needs_dx or na else None for b, na in zip(lora_b, needs_a, strict=True)),
+                          *(d if nb else None for d, nb in zip(downs, needs_b, strict=True)))
     ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
-def _qkv_backward(ctx, grad):
-    x, wq, wk, wv = ctx.saved_tensors
-    if not any(ctx.needs):
-        return (None,) * 8
-    grads = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None)
+def _qkv_backward(ctx, grad, grad_downs):
+    n_lora = ctx.n_lora
+    # no gradient for the adapters' slots and scales: None, or an empty list for an empty list (the structure of
+    # the inputs: torch.library reads an empty list as a list of tensors)
+    constants = (None, None) if n_lora else ([], [])
+    if grad is None or not (any(ctx.needs) or any(ctx.lora_needs)):
+        return (None,) * 8 + ([None] * n_lora, [None] * n_lora, *constants)
+    x, wq, wk, wv, *rest = ctx.saved_tensors
+    lora_a, lora_b, downs = rest[:n_lora], rest[n_lora:2 * n_lora], rest[2 * n_lora:]
+    empty = grad.new_empty(0)  # stands for what is not kept (a custom op takes no None in a list)
+    lora_a, lora_b, downs = ([empty if t is None else t for t in ts] for ts in (lora_a, lora_b, downs))
+    *grads, d_a, d_b = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32, lora_a,
+                               lora_b, ctx.lora_slots, ctx.lora_scales, downs, ctx.lora_needs)
+    needs_a, needs_b = ctx.lora_needs[0::2], ctx.lora_needs[1::2]
+    return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None,
+            [g if need else None for g, need in zip(d_a, needs_a, strict=True)],
+            [g if need else None for g, need in zip(d_b, needs_b, strict=True)], *constants)
 
 
 qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
@@ -265,10 +332,13 @@ def _mlp_setup(ctx, inputs, output):
     # intermediate) for every gradient below FC2 (its derivative, and gelu_fast(pre) for dW2, are recomputed from
     # it in the backward, so the FC1 output is not kept)
     ctx.save_for_backward(x if ctx.needs[1] else None, w1 if ctx.needs[0] else None, w2, output[1])
+    saved_outputs_only(ctx, output[1])
     ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
 def _mlp_backward(ctx, grad_out, grad_pre):
+    if grad_out is None:
+        return (None,) * 8
     x, w1, w2, pre = ctx.saved_tensors
     grads = [None] * 5
     if any(ctx.needs):
@@ -323,11 +393,16 @@ def qkv_projection(
     bk: torch.Tensor | None,
     wv: torch.Tensor,
     bv: torch.Tensor | None,
+    adapters: Sequence[tuple[int, torch.Tensor, torch.Tensor, float]] = (),
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``cat([x @ wq^T + bq, x @ wk^T + bk, x @ wv^T + bv], -1)`` in one Triton GEMM whose programs read the three
     nn.Linear weights where they are (no fused parameter, no concatenation). x: (..., in); w*: (out, in); b*:
-    (out,) or all None. Returns (..., 3 * out): view it as (..., 3, heads, head_dim) for attention."""
+    (out,) or all None. Returns (..., 3 * out): view it as (..., 3, heads, head_dim) for attention.
+
+    ``adapters``: LoRA adapters as (projection 0 q / 1 k / 2 v, A (rank, in), B (out, rank), scaling), each adding
+    ``scaling * (x @ A^T) @ B^T`` to its projection (PEFT's LoRA without dropout): two small GEMMs forward, the
+    second accumulating into the output in place, and one GEMM per wanted gradient backward."""
     for name, w in (("wk", wk), ("wv", wv)):
         if w.shape != wq.shape:
             raise ValueError(f"qkv_projection: {name} is {tuple(w.shape)}, wq is {tuple(wq.shape)}; they must match")
@@ -339,12 +414,44 @@ def qkv_projection(
             raise ValueError(
                 f"qkv_projection: all tensors must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}"
             )
-    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, resolve_tf32(allow_tf32))
+    _check_adapters("qkv_projection", x, wq.shape[0], adapters)
+    slots, a, b, scales = (list(t) for t in zip(*adapters, strict=True)) if adapters else ([], [], [], [])
+    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, resolve_tf32(allow_tf32), a, b, slots, [float(c) for c in scales])[0]
 
 
-def qkv_projection_ref(x, wq, bq, wk, bk, wv, bv) -> torch.Tensor:
-    """Eager reference: the three nn.Linear projections, concatenated along the last dimension."""
-    return torch.cat([F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)], dim=-1)
+def _check_adapters(what: str, x: torch.Tensor, out_features: int, adapters) -> None:
+    for i, adapter in enumerate(adapters):
+        if len(adapter) != 4:
+            raise ValueError(f"{what}: adapter {i} must be (projection, A, B, scaling), got {len(adapter)} items")
+        slot, a, b, _ = adapter
+        if slot not in (0, 1, 2):
+            raise ValueError(f"{what}: adapter {i}'s projection must be 0 (q), 1 (k) or 2 (v), got {slot!r}")
+        rank = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or a.shape[1] != x.shape[-1] or tuple(b.shape) != (out_features, rank):
+            raise ValueError(f"{what}: adapter {i} must have A (rank, {x.shape[-1]}) and B ({out_features}, rank), "
+                             f"got A {tuple(a.shape)} and B {tuple(b.shape)}")
+        for t in (a, b):
+            if t.dtype != x.dtype or t.device != x.device:
+                raise ValueError(f"{what}: adapter {i}'s weights must be {x.dtype} on {x.device} like x, got "
+                                 f"{t.dtype} on {t.device}")
+
+
+def lora_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A LoRA adapter's update as PEFT computes it (no dropout): ``B(A(x)) * scaling``."""
+    return F.linear(F.linear(x, a), b) * scaling
+
+
+def _with_adapters(outs: list[torch.Tensor], x: torch.Tensor, adapters) -> list[torch.Tensor]:
+    for slot, a, b, scaling in adapters:
+        outs[slot] = outs[slot] + lora_ref(x, a, b, scaling)
+    return outs
+
+
+def qkv_projection_ref(x, wq, bq, wk, bk, wv, bv, adapters=()) -> torch.Tensor:
+    """Eager reference: the three nn.Linear projections (each plus its LoRA adapters' updates), concatenated along
+    the last dimension."""
+    outs = [F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)]
+    return torch.cat(_with_adapters(outs, x, adapters), dim=-1)
 
 
 def linear(
@@ -425,10 +532,12 @@ def mlp_ref(x, w1, b1, w2, b2, activation: str = "gelu_fast", residual=None) -> 
 # Vendor alternatives (cuBLAS / cuBLASLt through torch, the extension's bias + gelu_fast): the registry's other
 # implementations of qkv / linear / mlp, which attn="auto" times against ours
 # ------------------------------------------------------------------------------------------------
-def qkv_concat(x, wq, bq, wk, bk, wv, bv):
-    """One GEMM with the bias epilogue on the three weights concatenated (a 3 x hidden^2 copy per call)."""
+def qkv_concat(x, wq, bq, wk, bk, wv, bv, adapters=()):
+    """One GEMM with the bias epilogue on the three weights concatenated (a 3 x hidden^2 copy per call); LoRA
+    adapters' updates added as torch ops."""
     bias = None if bq is None else torch.cat([bq, bk, bv])
-    return F.linear(x, torch.cat([wq, wk, wv]), bias)
+    out = F.linear(x, torch.cat([wq, wk, wv]), bias)
+    return torch.cat(_with_adapters(list(out.chunk(3, -1)), x, adapters), dim=-1) if adapters else out
 
 
 def linear_addmm(x, w, b, activation=None, residual=None):

@@ -395,9 +395,31 @@ def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, need
     return int(args[4]) + int(args[5])
 
 
-def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32)
-    needs = args[6]
-    return int(needs[0]) + sum(int(n) for n in needs[1::2][:3])
+def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32,
+    needs = args[6]                 #  lora_a, lora_b, slots, scales, downs, lora_needs (A, B of each adapter))
+    return int(needs[0]) + sum(int(n) for n in needs[1::2][:3]) + \
+        sum(int(needs[0] or na) + int(needs[0]) + int(na) + int(nb) for na, nb in _pairs(args[13]))
+
+
+def _pairs(flags) -> list[tuple[bool, bool]]:
+    return list(zip(flags[0::2], flags[1::2], strict=True))
+
+
+def _qkv_fwd_flops(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, *args, **kwargs) -> int:
+    m = _rows(x)  # the base GEMM; per adapter, x @ A^T and its product with B^T
+    return 3 * gemm_flops(m, wq[0], wq[1]) + sum(gemm_flops(m, a[0], a[1]) + gemm_flops(m, b[0], b[1])
+                                                 for a, b in zip(lora_a, lora_b, strict=True))
+
+
+def _qkv_bwd_flops(g, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, slots, scales, downs, lora_needs,
+                   **kwargs) -> int:
+    m, n, k = _rows(g), g[-1] // 3, x_shape[-1]
+    flops = (3 * int(needs[0]) + sum(int(w) for w in needs[1::2][:3])) * gemm_flops(m, n, k)
+    for a, (na, nb) in zip(lora_a, _pairs(lora_needs), strict=True):  # dU = s g B, dx += dU A, dA, dB
+        rank = a[0]
+        flops += int(needs[0] or na) * gemm_flops(m, rank, n) + (int(needs[0]) + int(na)) * gemm_flops(m, k, rank)
+        flops += int(nb) * gemm_flops(m, n, rank)
+    return flops
 
 
 def _mlp_bwd_gemms(args) -> int:  # (grad, x, w1, w2, pre, x_shape, needs (x, w1, b1, w2, b2), allow_tf32)
@@ -414,11 +436,9 @@ _LINEAR_OPS = {
         launches=_linear_bwd_gemms),
 }
 _QKV_OPS = {
-    "vivit_kernels::qkv_fwd": CustomOp(flops=lambda x, wq, *a, **k: 3 * gemm_flops(_rows(x), wq[0], wq[1])),
-    "vivit_kernels::qkv_bwd": CustomOp(  # dX (three K segments, one GEMM) and each wanted dWq, dWk, dWv
-        flops=lambda g, x, wq, wk, wv, x_shape, needs, *a, **k:
-        (3 * int(needs[0]) + sum(int(n) for n in needs[1::2][:3])) * gemm_flops(_rows(g), g[-1] // 3, x_shape[-1]),
-        launches=_qkv_bwd_gemms),
+    "vivit_kernels::qkv_fwd": CustomOp(flops=_qkv_fwd_flops, launches=lambda args: 1 + 2 * len(args[8])),
+    "vivit_kernels::qkv_bwd": CustomOp(  # dX (three K segments, one GEMM), each wanted dWq, dWk, dWv, adapters'
+        flops=_qkv_bwd_flops, launches=_qkv_bwd_gemms),
 }
 _MLP_OPS = {
     "vivit_kernels::mlp_fwd": CustomOp(flops=lambda x, w1, *a, **k: 2 * gemm_flops(_rows(x), w1[0], w1[1]),

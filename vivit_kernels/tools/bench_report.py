@@ -262,8 +262,9 @@ def run_cli(args: argparse.Namespace) -> int:
                                 + format_models_markdown(models))
             from .costs import TRAINING_MODES, format_training_markdown, measure_training
 
-            training = [measure_training(mode, provider, batch=8, dtype=dtype)
-                        for provider in ("triton", "transformers-eager") for mode in TRAINING_MODES]
+            training = [measure_training(mode, provider, batch=8, dtype=dtype, autocast=autocast)
+                        for provider in ("triton", "transformers-eager") for autocast in (False, True)
+                        for mode in TRAINING_MODES]
             measurements_md += ("\n\n### What a training step costs by what trains\n\n"
                                 "`vivit_kernels.tools.costs.measure_training()`:\n\n"
                                 + format_training_markdown(training))

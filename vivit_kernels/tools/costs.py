@@ -30,6 +30,7 @@ class TrainingMeasurement:
     batch: int
     dtype: str
     layers: int
+    autocast: bool = False  # float32 weights under autocast to ``dtype`` (what ``finetune`` trains with)
     flops: int = 0
     launches: int = 0
     saved_bytes: int = 0
@@ -39,20 +40,23 @@ class TrainingMeasurement:
 
 
 def measure_training(mode: str, provider: str = "triton", config="vivit-b-16x2", batch: int = 8,
-                     dtype: torch.dtype = torch.bfloat16, lora_rank: int = 8) -> TrainingMeasurement:
+                     dtype: torch.dtype = torch.bfloat16, lora_rank: int = 8,
+                     autocast: bool = False) -> TrainingMeasurement:
     """A training step of ``mode`` ("full": every weight; "lora": PEFT LoRA of ``lora_rank`` on q and v and the
     classifier, as ``finetune --lora-rank``; "probe": the classifier alone, as ``finetune --freeze-backbone``)
-    counted on fake tensors: FLOPs and launches of forward + backward, bytes saved for the backward."""
+    counted on fake tensors: FLOPs and launches of forward + backward, bytes saved for the backward. The weights
+    are ``dtype``, or with ``autocast`` float32 under autocast to ``dtype`` (mixed precision, what ``finetune``
+    runs: every weight is cast per step, and PEFT's adapters are float32 either way)."""
     from ..model import VivitConfig, image_hw
     from ..training import add_lora, freeze_all_but_head
 
     if mode not in TRAINING_MODES:
         raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
     config = VivitConfig.from_preset(config) if isinstance(config, str) else config
-    result = TrainingMeasurement(mode, provider, batch, _DTYPE_NAMES[dtype], config.num_hidden_layers)
+    result = TrainingMeasurement(mode, provider, batch, _DTYPE_NAMES[dtype], config.num_hidden_layers, autocast)
     h, w = image_hw(config)
     with torch.device("meta"):  # PEFT cannot wrap fake parameters (it moves adapters with swap_tensors)
-        model = _build(provider, config, dtype)
+        model = _build(provider, config, torch.float32 if autocast else dtype)
         if mode == "lora":
             model = add_lora(model, lora_rank)
         elif mode == "probe":
@@ -60,12 +64,13 @@ def measure_training(mode: str, provider: str = "triton", config="vivit-b-16x2",
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake ones
         model = model.to_empty(device="cpu")
         params = {_storage_key(p) for p in model.parameters()}
-        pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w, dtype=dtype)
+        pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w,
+                                   dtype=torch.float32 if autocast else dtype)
         labels = torch.zeros(batch, dtype=torch.long)
         model.train()
         tracker = _CostTracker(dtype, params | {_storage_key(pixel_values)})
         with tracker:
-            with counting_saved(params) as saved:
+            with counting_saved(params) as saved, torch.autocast("cpu", dtype=dtype, enabled=autocast):
                 loss = model(pixel_values=pixel_values, labels=labels).loss
             loss.backward()
     result.flops, result.launches, result.saved_bytes = tracker.flops, tracker.launches, sum(saved.values())
@@ -179,19 +184,24 @@ def time_merging(specs=(None, "fraction-10", "fraction-20"), preset: str = "smal
 
 
 def format_training_markdown(rows: list[TrainingMeasurement]) -> str:
-    """Per provider and mode: GFLOP, launches (per layer: the step's total over the layers), GiB saved for the
-    backward, each with its ratio to the same provider's full fine-tuning."""
-    full = {r.provider: r for r in rows if r.mode == "full"}
-    lines = ["| provider | trains | GFLOP / step | x full | launches / step | per layer | GiB saved for backward "
-             "| x full |", "|" + "---|" * 8]
+    """Per provider, weights' precision and mode: GFLOP, launches (per layer: the step's total over the layers),
+    GiB saved for the backward, each with its ratio to the same provider's full fine-tuning at that precision."""
+    full = {(r.provider, r.autocast): r for r in rows if r.mode == "full"}
+    lines = ["| provider | weights | trains | GFLOP / step | x full | launches / step | per layer | x full "
+             "| GiB saved for backward | x full |", "|" + "---|" * 10]
     what = {"full": "every weight", "lora": "LoRA r=8 on q, v + classifier", "probe": "the classifier (probe)"}
     for r in rows:
-        f = full.get(r.provider)
-        lines.append(f"| {r.provider} | {what[r.mode]} | {r.flops / 1e9:.0f} | "
-                     f"{r.flops / f.flops if f else float('nan'):.3f} | {r.launches} | {r.launches / r.layers:.1f} | "
-                     f"{r.saved_bytes / 2**30:.2f} | {r.saved_bytes / f.saved_bytes if f else float('nan'):.3f} |")
+        f = full.get((r.provider, r.autocast))
+        ratio = (lambda mine, theirs: f"{mine / theirs:.3f}") if f else (lambda mine, theirs: "n/a")
+        weights = f"fp32, {r.dtype} autocast" if r.autocast else r.dtype
+        lines.append(f"| {r.provider} | {weights} | {what[r.mode]} | {r.flops / 1e9:.0f} | "
+                     f"{ratio(r.flops, f.flops if f else 1)} | {r.launches} | {r.launches / r.layers:.1f} | "
+                     f"{ratio(r.launches, f.launches if f else 1)} | {r.saved_bytes / 2**30:.2f} | "
+                     f"{ratio(r.saved_bytes, f.saved_bytes if f else 1)} |")
     r = rows[0]
-    lines += ["", f"ViViT-B/16x2, batch {r.batch}, {r.dtype}, one training step (forward + backward of the loss), "
-              "counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. Launches per layer: the "
-              "step's total divided by the 12 layers (the embedding and the head included)."]
+    lines += ["", f"ViViT-B/16x2, batch {r.batch}, one training step (forward + backward of the loss), counted on "
+              "fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. Weights in bf16, or in fp32 under "
+              "bf16 autocast (mixed precision: what `finetune` trains with; every weight is cast once per step). "
+              "PEFT keeps LoRA adapters in fp32 either way. Launches per layer: the step's total divided by the 12 "
+              "layers (the embedding and the head included)."]
     return "\n".join(lines)
