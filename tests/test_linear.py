@@ -153,6 +153,26 @@ def test_qkv_lora_computes_and_keeps_only_what_trains(monkeypatch):
     assert a_v.grad is None
 
 
+def test_qkv_lora_float32_adapters_on_bf16_activations():
+    """PEFT's float32 adapters on a bf16 base: the op casts them for its GEMMs and returns float32 gradients (no
+    cast by autograd), equal to the reference on the same bf16 casts (differentiable), which autograd brings back
+    to float32."""
+    torch.manual_seed(0)
+    hidden, rank = 32, 4
+    ws = [(torch.randn(hidden, hidden, device=DEVICE) * hidden**-0.5).bfloat16() for _ in range(3)]
+    a, b = leaf(torch.randn(rank, hidden)), leaf(torch.randn(hidden, rank))
+    x = leaf(torch.randn(2, 7, hidden)).bfloat16()
+    outs, grads = [], []
+    for fn in (lin.qkv_projection, lin.qkv_projection_ref):
+        out = fn(x, ws[0], None, ws[1], None, ws[2], None, adapters=[(2, a, b, 2.0)])
+        outs.append(out.float())
+        grads.append(torch.autograd.grad(out, (a, b, x), torch.ones_like(out)))
+    assert [g.dtype for g in grads[0]] == [torch.float32, torch.float32, torch.bfloat16]
+    assert_close(outs[0], outs[1], 2e-2, rtol=2e-2, name="out")
+    for name, mine, theirs in zip(("dA", "dB", "dx"), *grads, strict=True):
+        assert_close(mine.float(), theirs.float(), 5e-2, rtol=2e-2, name=name)
+
+
 def test_qkv_projection_opcheck_and_errors():
     x = leaf(torch.randn(2, 5, 32))
     ws = [leaf(torch.randn(32, 32)) for _ in range(3)]

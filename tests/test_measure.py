@@ -148,11 +148,10 @@ def test_a_training_step_costs_what_trains():
         assert ours["probe"].flops == eager["probe"].flops  # a frozen backbone: the forward and the head alone
         assert ours["lora"].saved_bytes < ours["full"].saved_bytes and ours["probe"].saved_bytes < 2**28
         assert ours["probe"].launches < ours["lora"].launches and ours["full"].launches < eager["full"].launches
-    # LoRA's launches: at most two per layer more than the full step under finetune's mixed precision; with bf16
-    # weights PEFT's fp32 adapters cost 8 casts a layer (4 forward, their gradients' 4 back)
+    # LoRA's launches: at most two per layer more than the full step, in bf16 (PEFT's fp32 adapters cast in the
+    # forward, their gradients written in fp32 by the GEMMs) and under finetune's mixed precision
     ours = {(r.mode, r.autocast): r for r in rows if r.provider == "triton"}
-    layers = ours["full", True].layers
-    assert ours["lora", True].launches <= ours["full", True].launches + 2 * layers
-    assert ours["lora", False].launches <= ours["full", False].launches + 2 * layers + 8 * layers
+    for autocast in (False, True):
+        assert ours["lora", autocast].launches <= ours["full", autocast].launches + 2 * ours["full", autocast].layers
     docs = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     assert format_training_markdown(rows).split("\n\n")[0] in docs, "docs/finetune.md's training table is stale"

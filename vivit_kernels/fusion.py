@@ -135,11 +135,13 @@ def _adapter_weight(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def fusable_adapters(adapters: list, x: torch.Tensor) -> list | None:
-    """(A, B, scaling) of each adapter in ``x``'s dtype, for an op that adds the updates itself (ours take no
-    dropout), or None when an adapter's dropout is active (training with lora_dropout > 0: ``add_lora_``)."""
+    """(A, B, scaling) of each adapter for an op that adds the updates itself (ours take no dropout): the weights
+    as they are in ``x``'s dtype or float32 (the op casts float32 ones and writes their gradients in float32), else
+    cast to ``x``'s dtype; None when an adapter's dropout is active (training with lora_dropout > 0: ``add_lora_``)."""
     if any(type(drop) is nn.Dropout and drop.training and drop.p > 0 for _, _, drop, _ in adapters):
         return None
-    return [(_adapter_weight(a, x), _adapter_weight(b, x), scaling) for a, b, _, scaling in adapters]
+    return [(a, b, scaling) if a.dtype == b.dtype and a.dtype in (x.dtype, torch.float32) else
+            (_adapter_weight(a, x), _adapter_weight(b, x), scaling) for a, b, _, scaling in adapters]
 
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:

@@ -131,30 +131,51 @@ def qkv_fwd(
     lora_b: list[torch.Tensor],
     lora_slots: list[int],
     lora_scales: list[float],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """((..., 3 * out_features): the three projections side by side, i.e. (..., 3, heads, head_dim) viewed; the
-    adapters' down projections x @ A^T (M, rank), kept for B's gradient). Adapter i adds ``lora_scales[i] *
-    (x @ lora_a[i]^T) @ lora_b[i]^T`` to third ``lora_slots[i]`` (0 q, 1 k, 2 v): two small GEMMs each, the second
-    accumulating into the GEMM's output in place."""
+    adapters' down projections x @ A^T (M, rank), kept for B's gradient; each adapter's A and B in x's dtype where
+    they are float32 (else an empty tensor), kept for the backward). Adapter i adds ``lora_scales[i] * (x @
+    lora_a[i]^T) @ lora_b[i]^T`` to third ``lora_slots[i]`` (0 q, 1 k, 2 v): two small GEMMs each, the second
+    accumulating into the GEMM's output in place (and a cast of each float32 weight)."""
     x2 = _as_2d(x)
     n = wq.shape[0]
     out = torch.empty((*x.shape[:-1], 3 * n), dtype=x.dtype, device=x.device)
     out2 = _as_2d(out)
     gemm(x2, wq.t(), out2, bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
          more_bias=(bk, bv))
-    downs = []
+    downs, casts = [], []
     for a, b, slot, scale in zip(lora_a, lora_b, lora_slots, lora_scales, strict=True):
-        down = torch.mm(x2, a.t())
-        out2[:, slot * n:(slot + 1) * n].addmm_(down, b.t(), alpha=scale)
+        low = [t.to(x.dtype) if t.dtype != x.dtype else None for t in (a, b)]
+        down = torch.mm(x2, (low[0] if low[0] is not None else a).t())
+        out2[:, slot * n:(slot + 1) * n].addmm_(down, (low[1] if low[1] is not None else b).t(), alpha=scale)
         downs.append(down)
-    return out, downs
+        casts += [t if t is not None else x.new_empty(0) for t in low]
+    return out, downs, casts
 
 
 @qkv_fwd.register_fake
 def _(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales):
     torch._check(x.shape[-1] == wq.shape[1], lambda: "x and wq disagree on in_features")
     rows = math.prod(x.shape[:-1])
-    return x.new_empty((*x.shape[:-1], 3 * wq.shape[0])), [x.new_empty((rows, a.shape[0])) for a in lora_a]
+    casts = [x.new_empty(t.shape if t.dtype != x.dtype else (0,)) for pair in zip(lora_a, lora_b, strict=True)
+             for t in pair]
+    return (x.new_empty((*x.shape[:-1], 3 * wq.shape[0])), [x.new_empty((rows, a.shape[0])) for a in lora_a],
+            casts)
+
+
+_OUT_DTYPE_MM = [True]  # whether torch.mm / addmm take out_dtype on CUDA here (torch >= 2.8 with cuBLAS)
+
+
+def _product_in(dtype: torch.dtype, mat1: torch.Tensor, mat2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * mat1 @ mat2`` written in ``dtype`` (an adapter's float32 gradient from bf16 / fp16 operands): one
+    cuBLAS GEMM with out_dtype on CUDA; a GEMM and a cast elsewhere (torch has no CPU kernel for out_dtype)."""
+    if dtype != mat1.dtype and mat1.is_cuda and _OUT_DTYPE_MM[0]:
+        try:  # (addmm's input at beta=0 is not read, so alpha costs no pass)
+            return torch.addmm(mat1.new_empty((), dtype=dtype), mat1, mat2, beta=0, alpha=alpha, out_dtype=dtype)
+        except (RuntimeError, NotImplementedError, TypeError):
+            _OUT_DTYPE_MM[0] = False
+    out = torch.addmm(mat1.new_empty(()), mat1, mat2, beta=0, alpha=alpha) if alpha != 1.0 else torch.mm(mat1, mat2)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 @torch.library.custom_op("vivit_kernels::qkv_bwd", mutates_args=())
@@ -162,14 +183,15 @@ def qkv_bwd(
     grad: torch.Tensor, x: torch.Tensor | None, wq: torch.Tensor | None, wk: torch.Tensor | None,
     wv: torch.Tensor | None, x_shape: list[int], needs: list[bool], allow_tf32: bool,
     lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], lora_slots: list[int], lora_scales: list[float],
-    downs: list[torch.Tensor], lora_needs: list[bool],
+    downs: list[torch.Tensor], lora_needs: list[bool], lora_wide: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            list[torch.Tensor], list[torch.Tensor]]:
     """(dx, dWq, dbq, dWk, dbk, dWv, dbv, the adapters' dA, their dB), each empty where ``needs`` (x, wq, bq, wk,
     bk, wv, bv) or ``lora_needs`` (A, B of each adapter in turn) says it is not wanted: dx = dq Wq + dk Wk + dv Wv
     in one GEMM (three K segments; the weights are given for it), then each weight gradient (x is given for them)
-    and bias gradient that is wanted. Per adapter, with g its third of the gradient and s its scale: dU = s g B
-    (wanted for dx and dA), dx += dU A, dA = dU^T x, dB = s g^T (x A^T): one small GEMM each, no other pass."""
+    and bias gradient that is wanted. Per adapter (its A and B in the gradient's dtype), with g its third of the
+    gradient and s its scale: dU = s g B (wanted for dx and dA), dx += dU A, dA = dU^T x, dB = s g^T (x A^T): one
+    small GEMM each, no other pass; dA and dB in float32 where ``lora_wide`` says the adapter's weights are."""
     g2 = _as_2d(grad)
     n = g2.shape[1] // 3
     dx2 = None
@@ -184,53 +206,61 @@ def qkv_bwd(
         grads += [_weight_grad(g, _as_2d(x), allow_tf32) if needs[1 + 2 * i] else g2.new_empty(0),
                   _bias_grad(g, g2.dtype) if needs[2 + 2 * i] else g2.new_empty(0)]
     d_a, d_b = [], []
-    unused = g2.new_empty(())  # addmm's input at beta=0: ignored (not read), so the scale costs no pass
+    unused = g2.new_empty(())  # addmm's input at beta=0: not read
     for i, (a, b, slot, scale, down) in enumerate(zip(lora_a, lora_b, lora_slots, lora_scales, downs, strict=True)):
         g, needs_a, needs_b = g2[:, slot * n:(slot + 1) * n], lora_needs[2 * i], lora_needs[2 * i + 1]
+        wide = torch.float32 if lora_wide[i] else g2.dtype
         if needs[0] or needs_a:
             d_down = torch.addmm(unused, g, b, beta=0, alpha=scale)
             if needs[0]:
                 dx2.addmm_(d_down, a)
-            d_a.append(torch.mm(d_down.t(), _as_2d(x)) if needs_a else g2.new_empty(0))
+            d_a.append(_product_in(wide, d_down.t(), _as_2d(x), 1.0) if needs_a else g2.new_empty(0))
         else:
             d_a.append(g2.new_empty(0))
-        d_b.append(torch.addmm(unused, g.t(), down, beta=0, alpha=scale) if needs_b else g2.new_empty(0))
+        d_b.append(_product_in(wide, g.t(), down, scale) if needs_b else g2.new_empty(0))
     return (dx, *grads, d_a, d_b)
 
 
 @qkv_bwd.register_fake
-def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, downs, lora_needs):
+def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, downs, lora_needs,
+      lora_wide):
     n, k = grad.shape[-1] // 3, x_shape[-1]
     shapes = [x_shape] + [shape for _ in range(3) for shape in ((n, k), (n,))]
     base = [grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True)]
     # (only what a gradient needs is given: B for dA, the down projection for dB; each tells the rank)
-    d_a = [grad.new_empty((b.shape[-1], k) if lora_needs[2 * i] else (0,)) for i, b in enumerate(lora_b)]
-    d_b = [grad.new_empty((n, d.shape[-1]) if lora_needs[2 * i + 1] else (0,)) for i, d in enumerate(downs)]
+    dtypes = [torch.float32 if wide else grad.dtype for wide in lora_wide]
+    d_a = [grad.new_empty((b.shape[-1], k) if lora_needs[2 * i] else (0,), dtype=dtypes[i])
+           for i, b in enumerate(lora_b)]
+    d_b = [grad.new_empty((n, d.shape[-1]) if lora_needs[2 * i + 1] else (0,), dtype=dtypes[i])
+           for i, d in enumerate(downs)]
     return (*base, d_a, d_b)
 
 
 def _qkv_setup(ctx, inputs, output):
     x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales = inputs
+    _, downs, casts = output
     ctx.needs = list(ctx.needs_input_grad[:7])  # x, wq, bq, wk, bk, wv, bv
     needs_a, needs_b = [a.requires_grad for a in lora_a], [b.requires_grad for b in lora_b]  # (what needs_input_grad
     # says of them: here it is flat, one flag per tensor of a list, none for an empty list)
     ctx.lora_needs = [need for pair in zip(needs_a, needs_b, strict=True) for need in pair]
     ctx.lora_slots, ctx.lora_scales = list(lora_slots), list(lora_scales)
-    downs = output[1]
-    saved_outputs_only(ctx, *downs)
+    ctx.lora_wide = [a.dtype != x.dtype for a in lora_a]
+    saved_outputs_only(ctx, *downs, *casts)
     # Saved only for a gradient someone wants (views, no copies): x for a weight gradient or an adapter's A, the
-    # weights for dx; each adapter's A for dx, its B for dx and dA, its down projection for dB
+    # weights for dx; each adapter's A (in x's dtype) for dx, its B for dx and dA, its down projection for dB
+    low_a = [c if c.numel() else a for a, c in zip(lora_a, casts[0::2], strict=True)]
+    low_b = [c if c.numel() else b for b, c in zip(lora_b, casts[1::2], strict=True)]
     needs_x = any(ctx.needs[1::2][:3]) or any(needs_a)
     needs_dx = ctx.needs[0]
     ctx.n_lora = len(lora_a)
     ctx.save_for_backward(x if needs_x else None, *((wq, wk, wv) if needs_dx else (None, None, None)),
-                          *(a if needs_dx else None for a in lora_a),
-                          *(b if needs_dx or na else None for b, na in zip(lora_b, needs_a, strict=True)),
+                          *(a if needs_dx else None for a in low_a),
+                          *(b if needs_dx or na else None for b, na in zip(low_b, needs_a, strict=True)),
                           *(d if nb else None for d, nb in zip(downs, needs_b, strict=True)))
     ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
-def _qkv_backward(ctx, grad, grad_downs):
+def _qkv_backward(ctx, grad, grad_downs, grad_casts):
     n_lora = ctx.n_lora
     # no gradient for the adapters' slots and scales: None, or an empty list for an empty list (the structure of
     # the inputs: torch.library reads an empty list as a list of tensors)
@@ -242,7 +272,7 @@ def _qkv_backward(ctx, grad, grad_downs):
     empty = grad.new_empty(0)  # stands for what is not kept (a custom op takes no None in a list)
     lora_a, lora_b, downs = ([empty if t is None else t for t in ts] for ts in (lora_a, lora_b, downs))
     *grads, d_a, d_b = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32, lora_a,
-                               lora_b, ctx.lora_slots, ctx.lora_scales, downs, ctx.lora_needs)
+                               lora_b, ctx.lora_slots, ctx.lora_scales, downs, ctx.lora_needs, ctx.lora_wide)
     needs_a, needs_b = ctx.lora_needs[0::2], ctx.lora_needs[1::2]
     return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None,
             [g if need else None for g, need in zip(d_a, needs_a, strict=True)],
@@ -430,15 +460,15 @@ def _check_adapters(what: str, x: torch.Tensor, out_features: int, adapters) -> 
         if a.dim() != 2 or a.shape[1] != x.shape[-1] or tuple(b.shape) != (out_features, rank):
             raise ValueError(f"{what}: adapter {i} must have A (rank, {x.shape[-1]}) and B ({out_features}, rank), "
                              f"got A {tuple(a.shape)} and B {tuple(b.shape)}")
-        for t in (a, b):
-            if t.dtype != x.dtype or t.device != x.device:
-                raise ValueError(f"{what}: adapter {i}'s weights must be {x.dtype} on {x.device} like x, got "
-                                 f"{t.dtype} on {t.device}")
+        if a.dtype != b.dtype or a.dtype not in (x.dtype, torch.float32) or a.device != x.device or \
+                b.device != x.device:
+            raise ValueError(f"{what}: adapter {i}'s A and B must both be {x.dtype} or float32 on {x.device}, got "
+                             f"{a.dtype} and {b.dtype} on {a.device} and {b.device}")
 
 
 def lora_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """A LoRA adapter's update as PEFT computes it (no dropout): ``B(A(x)) * scaling``."""
-    return F.linear(F.linear(x, a), b) * scaling
+    """A LoRA adapter's update as PEFT computes it (no dropout): ``B(A(x)) * scaling``, in x's dtype."""
+    return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
 
 
 def _with_adapters(outs: list[torch.Tensor], x: torch.Tensor, adapters) -> list[torch.Tensor]:

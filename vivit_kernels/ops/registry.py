@@ -396,13 +396,19 @@ def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, need
 
 
 def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32,
-    needs = args[6]                 #  lora_a, lora_b, slots, scales, downs, lora_needs (A, B of each adapter))
+    needs = args[6]                 #  lora_a, lora_b, slots, scales, downs, lora_needs (A, B of each adapter),
+    # lora_wide): an adapter's float32 gradients are written by the GEMM (out_dtype) on CUDA, no cast
     return int(needs[0]) + sum(int(n) for n in needs[1::2][:3]) + \
         sum(int(needs[0] or na) + int(needs[0]) + int(na) + int(nb) for na, nb in _pairs(args[13]))
 
 
 def _pairs(flags) -> list[tuple[bool, bool]]:
     return list(zip(flags[0::2], flags[1::2], strict=True))
+
+
+def _qkv_fwd_launches(args) -> int:  # the GEMM; per adapter two GEMMs and a cast of each float32 weight
+    x, lora_a, lora_b = args[0], args[8], args[9]
+    return 1 + 2 * len(lora_a) + sum(int(t.dtype != x.dtype) for t in (*lora_a, *lora_b))
 
 
 def _qkv_fwd_flops(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, *args, **kwargs) -> int:
@@ -412,7 +418,7 @@ def _qkv_fwd_flops(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, *args,
 
 
 def _qkv_bwd_flops(g, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, slots, scales, downs, lora_needs,
-                   **kwargs) -> int:
+                   *args, **kwargs) -> int:
     m, n, k = _rows(g), g[-1] // 3, x_shape[-1]
     flops = (3 * int(needs[0]) + sum(int(w) for w in needs[1::2][:3])) * gemm_flops(m, n, k)
     for a, (na, nb) in zip(lora_a, _pairs(lora_needs), strict=True):  # dU = s g B, dx += dU A, dA, dB
@@ -436,7 +442,7 @@ _LINEAR_OPS = {
         launches=_linear_bwd_gemms),
 }
 _QKV_OPS = {
-    "vivit_kernels::qkv_fwd": CustomOp(flops=_qkv_fwd_flops, launches=lambda args: 1 + 2 * len(args[8])),
+    "vivit_kernels::qkv_fwd": CustomOp(flops=_qkv_fwd_flops, launches=_qkv_fwd_launches),
     "vivit_kernels::qkv_bwd": CustomOp(  # dX (three K segments, one GEMM), each wanted dWq, dWk, dWv, adapters'
         flops=_qkv_bwd_flops, launches=_qkv_bwd_gemms),
 }
