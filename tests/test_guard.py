@@ -289,3 +289,39 @@ def test_every_custom_op_belongs_to_a_registry_entry_and_has_its_costs():
         if spec.flops is not None:
             packet = getattr(torch.ops.vivit_kernels, name.split("::")[1])
             assert packet.default in flop_registry or packet in flop_registry, name
+
+
+def test_lora_adapters_ride_along_and_are_never_measured():
+    """attn="auto" training PEFT LoRA on q and v: the QKV op is chosen (and timed) on its registry arguments alone,
+    the adapters ride along to the chosen implementation (a measurement, which runs backwards on copies of what it
+    times, never reaches them), and the adapters' gradients equal the sdpa model's."""
+    peft = pytest.importorskip("peft")
+    sdpa, auto, x = _models()
+
+    def lora(model):
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    sdpa, auto = lora(sdpa), lora(auto)
+    with torch.no_grad():
+        for name, p in sdpa.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    auto.load_state_dict(sdpa.state_dict())
+    timed = []
+
+    class Recording(PathTimer):
+        def __call__(self, fn, args, training, device):
+            if not hasattr(fn, "vivit_path"):
+                timed.append(args)
+            return super().__call__(fn, args, training, device)
+
+    sdpa.train(), auto.train()
+    with providers.timer(Recording({"kernels": 1.0, "transformers": 2.0})):
+        auto(x).logits.square().mean().backward()
+    sdpa(x).logits.square().mean().backward()
+    assert timed and not any(isinstance(a, (list, tuple)) for args in timed for a in args)
+    ours = dict(auto.named_parameters())
+    adapters = [(n, p) for n, p in sdpa.named_parameters() if "lora_" in n]
+    assert len(adapters) == 4 * sdpa.config.num_hidden_layers
+    for name, p in adapters:
+        assert_close(ours[name].grad, p.grad, 1e-4, rtol=1e-4, name=name)

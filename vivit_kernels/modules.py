@@ -251,7 +251,7 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
             weights = [compute_weight(t, h) for base, _ in parts for t in (base.weight, base.bias)]
             ours = [(i, fusable_adapters(adapters, h)) for i, (_, adapters) in enumerate(parts) if adapters]
             if all(fusable is not None for _, fusable in ours):  # in the op: its backward computes their gradients
-                qkv = backend.qkv(h, *weights, [(i, a, b, s) for i, fusable in ours for a, b, s in fusable]) \
+                qkv = backend.qkv(h, *weights, adapters=[(i, a, b, s) for i, fusable in ours for a, b, s in fusable]) \
                     if ours else backend.qkv(h, *weights)
             else:  # an adapter's dropout is active: PEFT's formula as torch ops on the op's output
                 qkv = backend.qkv(h, *weights)

@@ -11,9 +11,9 @@ NVDEC's own colour conversion, so they differ a little from PyAV's) and ``auto``
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -291,8 +291,11 @@ def _frames(container, stream, errors: list, wanted=None):
 
 
 def _skipping(container, stream, codec, wanted):
+    mode = None
     for packet in container.demux(stream):
-        codec.skip_frame = "DEFAULT" if packet.pts is None or wanted(packet.pts) else "NONREF"
+        wanted_mode = "DEFAULT" if packet.pts is None or wanted(packet.pts) else "NONREF"
+        if wanted_mode != mode:  # (set only when it changes: PyAV parses the name on every set)
+            codec.skip_frame = mode = wanted_mode
         yield from packet.decode()  # the last, empty packet flushes the decoder
 
 
@@ -305,11 +308,19 @@ def _count_frames(container, stream, path: str) -> int:
     return n
 
 
-def _frame_index(pts: int | None, stream, fps: float) -> int | None:
-    if pts is None or stream.time_base is None or not fps:
-        return None
-    start = stream.start_time or 0
-    return int(round(float((pts - start) * stream.time_base) * fps))
+def _frame_numbering(stream, fps: float) -> Callable[[int | None], int | None]:
+    """pts -> frame number at ``fps`` (None without a timestamp): round(seconds * fps), the seconds ``(pts - start)
+    * time_base`` as a correctly rounded float from integers (what float(Fraction) gives, without a Fraction per
+    frame: PyAV builds one per ``time_base`` read)."""
+    time_base = stream.time_base
+    if time_base is None or not fps:
+        return lambda pts: None
+    start, num, den = stream.start_time or 0, time_base.numerator, time_base.denominator
+
+    def number(pts: int | None) -> int | None:
+        return None if pts is None else int(round((pts - start) * num / den * fps))
+
+    return number
 
 
 def _decode(container, stream, wanted: list[np.ndarray], path: str, transform=None) -> np.ndarray:
@@ -351,7 +362,7 @@ def _decode(container, stream, wanted: list[np.ndarray], path: str, transform=No
             container.seek(0)
     errors: list = []
     if use_pts:
-        number = functools.partial(_frame_index, stream=stream, fps=fps)
+        number = _frame_numbering(stream, fps)
         for frame in _frames(container, stream, errors, lambda pts: number(pts) in places):
             index = number(frame.pts)
             if index is None:  # a frame without a timestamp: number them all by count instead

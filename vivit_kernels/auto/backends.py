@@ -88,8 +88,10 @@ def auto_backend(pins: dict[str, str] | None = None, ops: OpSwitches = None) -> 
     def dispatch(op: str) -> Callable:
         implementations = OPS[op].implementations
 
-        def call(*args):
-            return implementations[choose.choose(op, args, pinned)].fn(*args)
+        def call(*args, **extra):
+            # chosen on the op's registry arguments; ``extra`` (the QKV op's LoRA adapters) rides along, never
+            # timed or copied by a measurement (their gradients are the adapters' own)
+            return implementations[choose.choose(op, args, pinned)].fn(*args, **extra)
 
         call.__name__ = f"auto_{op}"
         return call

@@ -57,8 +57,6 @@ def describe(value):
     """What the key records of an argument: dtype, shape and strides of a tensor, else its value."""
     if isinstance(value, torch.Tensor):
         return (str(value.dtype).replace("torch.", ""), tuple(value.shape), tuple(value.stride()))
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (torch.Tensor, list, tuple)) for v in value):
-        return "[" + _format(tuple(describe(v) for v in value)) + "]"  # LoRA adapters: their shapes, not values
     return repr(value)
 
 

@@ -117,7 +117,7 @@ def decode_split(path: str) -> dict[str, Any]:
     the skipped ones) and the RGB conversion of the wanted frames, measured apart; frames decoded and skipped."""
     import av
 
-    from vivit_kernels.video import _frame_index, _frames
+    from vivit_kernels.video import _frame_numbering, _frames
 
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -131,8 +131,9 @@ def decode_split(path: str) -> dict[str, Any]:
         first = None
         convert_s = 0.0
         start = time.perf_counter()
-        for frame in _frames(container, stream, [], lambda pts: _frame_index(pts, stream, fps) in wanted):
-            index = _frame_index(frame.pts, stream, fps)
+        number = _frame_numbering(stream, fps)
+        for frame in _frames(container, stream, [], lambda pts: number(pts) in wanted):
+            index = number(frame.pts)
             first = index if first is None else first
             decoded += 1
             if index in wanted:
