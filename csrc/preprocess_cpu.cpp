@@ -3,8 +3,8 @@
 // Per frame (frames run in parallel): the horizontal pass for every source row the crop's vertical windows
 // touch, over the crop's columns only, then the vertical pass. Each value is the same integer weighted sum as
 // the CUDA kernel's per-pixel computation (the taps without their zero-weight ends; the strides of packed RGB
-// known to the compiler), so both give identical bytes before normalisation, which is looked up per uint8 value
-// from normalize_value.
+// known to the compiler), so both give identical bytes before normalisation, which does normalize_value's float
+// operations over a whole row at once.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -110,6 +110,22 @@ void vertical_sums(const uint8_t* window, int64_t h_row, const Taps& ty, int32_t
   }
 }
 
+// A row's vertical-pass sums rounded to uint8 (round_to_u8: the arithmetic shift, then the clamp) and normalised
+// in float32 exactly as normalize_value does (the same operations in the same order; no contraction), with the
+// channel constants of each interleaved position in `mean` and `inv_std`: contiguous, so it vectorises.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void normalize_sums(const int32_t* acc, int64_t n, float scale, float offset, const float* mean, const float* inv_std,
+                    float* values) {
+  for (int64_t k = 0; k < n; ++k) {
+    int32_t v = acc[k] >> kPrecisionBits;
+    v = v < 0 ? 0 : (v > 255 ? 255 : v);
+    const float x = static_cast<float>(v) * scale + offset;
+    values[k] = (x - mean[k]) * inv_std[k];
+  }
+}
+
 template <typename out_t>
 void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p) {
   std::vector<Taps> rows(p.out_h), cols(p.out_w);
@@ -129,13 +145,12 @@ void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p)
   // at any of their taps stays inside the row
   int vector_w = 0;
   while (vector_w < p.out_w && cols[vector_w].first + cols[vector_w].count < p.in_w) ++vector_w;
-  // normalize_value of every uint8 value, per channel, in the output dtype: the same numbers, looked up
-  out_t lut[3][256];
-  for (int c = 0; c < 3; ++c) {
-    for (int v = 0; v < 256; ++v) {
-      lut[c][v] = static_cast<out_t>(normalize_value(static_cast<uint8_t>(v), p.scale, p.offset, p.mean[c],
-                                                     p.inv_std[c]));
-    }
+  // each interleaved position's channel constants, for normalize_sums
+  const int64_t row_values = 3 * static_cast<int64_t>(p.out_w);
+  std::vector<float> mean_row(static_cast<size_t>(row_values)), inv_std_row(static_cast<size_t>(row_values));
+  for (int64_t k = 0; k < row_values; ++k) {
+    mean_row[k] = p.mean[k % 3];
+    inv_std_row[k] = p.inv_std[k % 3];
   }
 
   at::parallel_for(0, static_cast<int64_t>(p.batch) * p.frames, 1, [&](int64_t begin, int64_t end) {
@@ -143,7 +158,9 @@ void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p)
     const int64_t h_row = 3 * static_cast<int64_t>(p.out_w);
     std::vector<uint8_t> h(static_cast<size_t>(n_rows) * h_row + 4);  // + the last 4-byte store's spare byte
     std::vector<int32_t> acc_row(static_cast<size_t>(h_row));
+    std::vector<float> values_row(static_cast<size_t>(h_row));
     int32_t* acc = acc_row.data();
+    float* values = values_row.data();
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / p.frames, t = bt % p.frames;
       const uint8_t* frame = in + b * p.stride_b + t * p.stride_t;
@@ -167,7 +184,8 @@ void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p)
         }
       }
       // vertical pass, a row at a time: the taps' rows of horizontal-pass results weighted and summed over the
-      // whole row at once (contiguous, so the compiler vectorises it), then rounded and looked up
+      // whole row at once (contiguous, so the compiler vectorises it), then rounded, normalised and split into
+      // the three channel planes
       out_t* dst_frame = out + bt * 3 * plane;
       for (int y = 0; y < p.out_h; ++y) {
         const Taps& ty = rows[y];
@@ -176,18 +194,15 @@ void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p)
         out_t* d1 = d0 + plane;
         out_t* d2 = d1 + plane;
         if (is_copy(ty)) {  // no vertical resize for this row: its horizontal-pass values, as they are
-          for (int x = 0; x < p.out_w; ++x) {
-            d0[x] = lut[0][window[3 * x]];
-            d1[x] = lut[1][window[3 * x + 1]];
-            d2[x] = lut[2][window[3 * x + 2]];
-          }
-          continue;
+          for (int64_t k = 0; k < h_row; ++k) acc[k] = (static_cast<int32_t>(window[k]) << kPrecisionBits);
+        } else {
+          vertical_sums(window, h_row, ty, acc);
         }
-        vertical_sums(window, h_row, ty, acc);
+        normalize_sums(acc, h_row, p.scale, p.offset, mean_row.data(), inv_std_row.data(), values);
         for (int x = 0; x < p.out_w; ++x) {
-          d0[x] = lut[0][round_to_u8(acc[3 * x])];
-          d1[x] = lut[1][round_to_u8(acc[3 * x + 1])];
-          d2[x] = lut[2][round_to_u8(acc[3 * x + 2])];
+          d0[x] = static_cast<out_t>(values[3 * x]);
+          d1[x] = static_cast<out_t>(values[3 * x + 1]);
+          d2[x] = static_cast<out_t>(values[3 * x + 2]);
         }
       }
     }
