@@ -54,11 +54,17 @@ def test_dry_run_writes_every_section(tmp_path):
     skipped = {s["name"] for s in data["skipped"]}
     assert all(d in decoders or f"decode {d}" in skipped for d in ("torchcodec", "cuda"))
     assert "torchcodec" not in decoders or decoders["torchcodec"]["max_diff_to_pyav"] == 0
+    # where to cut between the decoding workers and the device: both cuts measured per source size
+    (cut,) = data["cut"]
+    assert cut["views"]["worker_ms"] > 0 and cut["device"]["worker_ms"] == 0 and cut["device"]["device_ms"] > 0
+    width, height = map(int, cut["source"].split("x"))
+    assert cut["views"]["pcie_bytes"] == cut["frames"] * 3 * 224 * 224  # the crop, uint8
+    assert cut["device"]["pcie_bytes"] == cut["frames"] * height * width * 3  # the decoded frames, uint8
     (row,) = data["predict"]  # predict end to end: videos/s, where the time went, and what limited it
     assert row["videos"] == 2 and row["time_s"] > 0 and 0 < row["waiting_share"] + row["model_share"] <= 1.0
     assert row["limited_by"] in ("decoding", "model")
     report = (tmp_path / "report.md").read_text()
-    assert "### Decoding one clip, per decoder" in report and "Bottleneck: " in report
+    assert "### Decoding one clip, per decoder" in report and "Bottleneck: " in report and "### Where to cut" in report
     for heading in ("## 1. Environment", "## 2. Correctness", "## 3. Per-op speed", "## 4. The seed's tables",
                     "### End to end: predict over generated videos", "## 5. attn=\"auto\" choices", "## Skipped"):
         assert heading in report, heading

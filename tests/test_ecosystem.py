@@ -153,6 +153,58 @@ def test_lora_stays_on_our_fused_gemms_and_frozen_weights_get_no_gradient(target
         assert_close(merged(pixel_values=x).logits, ref.logits.detach(), 1e-4, name="merge_and_unload")
 
 
+def test_lora_with_dropout_stays_in_the_qkv_op_and_matches_peft():
+    """lora_dropout > 0 in training: each adapter's dropped input goes into the QKV op (no update added on a view of
+    its output); with the same random state the masks are PEFT's own, so logits and every adapter gradient equal
+    transformers' eager model with the same adapters."""
+    import peft
+
+    cfg, ours, theirs = tiny_pair()
+
+    def lora(model):
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25,
+                                                           target_modules=["q_proj", "v_proj"]))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        return model.train()
+
+    ours, theirs = lora(ours), lora(theirs)
+    x, labels = batch(cfg)
+    out = {}
+
+    def step():
+        torch.manual_seed(3)
+        out["ours"] = ours(pixel_values=x, labels=labels)
+        out["ours"].loss.backward()
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Recorder(TorchDispatchMode):  # every op dispatched outside our ops (what runs inside one is not seen)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        step()
+    # one QKV op a layer; no update added on a view of its output (in place, then copied back by autograd)
+    assert names.count("qkv_fwd") == cfg.num_hidden_layers and "addmm_" not in names, sorted(set(names))
+    torch.manual_seed(3)
+    ref = theirs(pixel_values=x, labels=labels)
+    ref.loss.backward()
+    assert_close(out["ours"].logits, ref.logits, 1e-4, name="logits")
+    theirs_params = dict(theirs.named_parameters())
+    for n, p in ours.named_parameters():
+        if "lora_" in n:
+            assert_close(p.grad, theirs_params[n].grad, 1e-4, rtol=1e-4, name=n)
+    torch.manual_seed(4)  # another mask: another output (the dropout is really applied)
+    assert not torch.allclose(ours(pixel_values=x).logits, out["ours"].logits)
+
+
 def test_lora_on_a_bf16_model_with_peft_fp32_adapters():
     """A bf16 model: PEFT keeps its adapters in fp32 (``autocast_adapter_dtype``) and casts x up; ours cast the
     small adapter weights to bf16 inside the fused QKV op. Logits and every adapter gradient within the tolerance

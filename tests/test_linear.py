@@ -109,6 +109,25 @@ def test_qkv_projection_with_lora_adapters(slots, dtype):
                             name="qkv+lora")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qkv_lora_adapters_with_their_own_inputs(dtype):
+    """Adapters whose dropout is active get their own input (x after their dropout): the op's output and every
+    gradient, those of the adapters' inputs included, against the reference."""
+    tokens, hidden, rank = 11, 32, 4
+    ws = [leaf(torch.randn(hidden, hidden) * hidden**-0.5) for _ in range(3)]
+    a_q, b_q, a_v, b_v = (leaf(torch.randn(*shape) * 0.5) for shape in ((rank, hidden), (hidden, rank)) * 2)
+    x, x_q, x_v = (leaf(torch.randn(2, tokens, hidden)) for _ in range(3))  # x_q, x_v: stand for dropout(x)
+
+    def with_adapters(fn):
+        def call(x, wq, wk, wv, a_q, b_q, a_v, b_v, x_q, x_v):
+            return fn(x, wq, None, wk, None, wv, None, adapters=[(0, a_q, b_q, 2.0, x_q), (2, a_v, b_v, 0.5, x_v)])
+        return call
+
+    args = (x, *ws, a_q, b_q, a_v, b_v, x_q, x_v)
+    check_against_reference(with_adapters(lin.qkv_projection), with_adapters(lin.qkv_projection_ref), args, dtype,
+                            name="qkv+lora+dropout")
+
+
 def test_qkv_lora_computes_and_keeps_only_what_trains(monkeypatch):
     """Frozen base weights and input: only the adapters' gradients are computed (one small GEMM each: dU, dA, dB;
     no dx), equal to the reference's; a frozen adapter gets None and its GEMMs are not run; the registry's launch
@@ -178,10 +197,13 @@ def test_qkv_projection_opcheck_and_errors():
     ws = [leaf(torch.randn(32, 32)) for _ in range(3)]
     bs = [leaf(torch.randn(32)) for _ in range(3)]
     torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default,
-                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [], [], [], []))
+                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [], [], [], [], []))
     a, b = leaf(torch.randn(4, 32)), leaf(torch.randn(32, 4))
     torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default,
-                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [a], [b], [2], [0.5]))
+                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [a], [b], [2], [0.5], [x.new_empty(0)]))
+    dropped = leaf(torch.randn(2, 5, 32))
+    torch.library.opcheck(torch.ops.vivit_kernels.qkv_fwd.default,
+                          (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], False, [a], [b], [0], [2.0], [dropped]))
     with pytest.raises(ValueError, match=r"adapter 0 must have A \(rank, 32\) and B \(32, rank\)"):
         lin.qkv_projection(x, *[t for w, bb in zip(ws, bs, strict=True) for t in (w, bb)], adapters=[(0, b, a, 1.0)])
     with pytest.raises(ValueError, match="projection must be 0 \\(q\\), 1 \\(k\\) or 2 \\(v\\), got 3"):

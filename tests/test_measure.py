@@ -80,12 +80,14 @@ def test_launch_table_matches_real_launches():
     ("vivit_kernels::mlp_bwd", (None,) * 6 + ([True, False, False, False, False],), 2),  # frozen: dH, dX
     ("vivit_kernels::linear_bwd", (None,) * 4 + (True, True, True), 2),
     ("vivit_kernels::linear_bwd", (None,) * 4 + (True, False, False), 1),  # a frozen weight: dX alone
-    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] * 7,) + (None,) * 6 + ([],), 4),  # dX, dWq, dWk, dWv
-    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([],), 1),
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] * 7,) + (None,) * 6 + ([], None, None, []), 4),  # dX, dW*
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([], None, None, []), 1),
     # LoRA on q and v of frozen base weights: dX; q: dU, dX += dU A, dA, dB; v (its A frozen): dU, dX += dU A, dB
-    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([True, True, False, True],), 8),
+    ("vivit_kernels::qkv_bwd",
+     (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([True, True, False, True], None, None, [True, True]), 8),
     # ... and no dX (the first layer's input needs none): q: dU, dA, dB; v: dB
-    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([False] * 7,) + (None,) * 6 + ([True, True, False, True],), 4),
+    ("vivit_kernels::qkv_bwd",
+     (None,) * 6 + ([False] * 7,) + (None,) * 6 + ([True, True, False, True], None, None, [False, False]), 4),
 ])
 def test_backward_launch_entries(op, args, triton_launches):
     assert registry.launches(op, args) == triton_launches

@@ -134,14 +134,18 @@ def _adapter_weight(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return param if param.dtype == x.dtype else param.to(x.dtype)
 
 
-def fusable_adapters(adapters: list, x: torch.Tensor) -> list | None:
-    """(A, B, scaling) of each adapter for an op that adds the updates itself (ours take no dropout): the weights
-    as they are in ``x``'s dtype or float32 (the op casts float32 ones and writes their gradients in float32), else
-    cast to ``x``'s dtype; None when an adapter's dropout is active (training with lora_dropout > 0: ``add_lora_``)."""
-    if any(type(drop) is nn.Dropout and drop.training and drop.p > 0 for _, _, drop, _ in adapters):
-        return None
-    return [(a, b, scaling) if a.dtype == b.dtype and a.dtype in (x.dtype, torch.float32) else
-            (_adapter_weight(a, x), _adapter_weight(b, x), scaling) for a, b, _, scaling in adapters]
+def fusable_adapters(adapters: list, x: torch.Tensor) -> list:
+    """(A, B, scaling, the adapter's own input or None) of each adapter, for an op that adds the updates itself:
+    the weights as they are in ``x``'s dtype or float32 (the op casts float32 ones and writes their gradients in
+    float32), else cast to ``x``'s dtype; the input ``dropout(x)`` where the adapter's dropout is active (training
+    with lora_dropout > 0; one mask per adapter, as PEFT draws them), else None (x itself)."""
+    fused = []
+    for a, b, drop, scaling in adapters:
+        if not (a.dtype == b.dtype and a.dtype in (x.dtype, torch.float32)):
+            a, b = _adapter_weight(a, x), _adapter_weight(b, x)
+        active = type(drop) is nn.Dropout and drop.training and drop.p > 0
+        fused.append((a, b, scaling, drop(x) if active else None))
+    return fused
 
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:

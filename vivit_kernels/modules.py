@@ -247,18 +247,11 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
         parts = [linear_parts(m, h, _name(self, n)) for m, n in ((q_, "q_proj"), (k_, "k_proj"), (v_, "v_proj"))] \
             if backend is not None and backend.qkv is not None else [None]
         fused = all(p is not None for p in parts) and len({p[0].bias is None for p in parts}) == 1
-        if fused:  # one GEMM reading the three base weights in place; LoRA updates added to their thirds
+        if fused:  # one GEMM reading the three base weights in place, the LoRA adapters' updates inside it
             weights = [compute_weight(t, h) for base, _ in parts for t in (base.weight, base.bias)]
-            ours = [(i, fusable_adapters(adapters, h)) for i, (_, adapters) in enumerate(parts) if adapters]
-            if all(fusable is not None for _, fusable in ours):  # in the op: its backward computes their gradients
-                qkv = backend.qkv(h, *weights, adapters=[(i, a, b, s) for i, fusable in ours for a, b, s in fusable]) \
-                    if ours else backend.qkv(h, *weights)
-            else:  # an adapter's dropout is active: PEFT's formula as torch ops on the op's output
-                qkv = backend.qkv(h, *weights)
-                thirds = qkv.view(batch, tokens, 3, -1)
-                for i, (_, adapters) in enumerate(parts):
-                    if adapters:
-                        add_lora_(thirds[:, :, i], h, adapters)
+            adapters = [(i, a, b, s) + (() if own is None else (own,)) for i, (_, found) in enumerate(parts)
+                        for a, b, s, own in fusable_adapters(found, h)]
+            qkv = backend.qkv(h, *weights, adapters=adapters) if adapters else backend.qkv(h, *weights)
             qkv = qkv.view(batch, tokens, 3, heads, head_dim)
             q, k, v = qkv.unbind(2)
         else:

@@ -3,8 +3,9 @@ the shared GEMM engine in ``ops/_gemm.py``).
 
 - ``linear(x, W, b, activation, residual)``: the attention output projection (+ bias + residual) and other
   single linears. Backward: dX = dY @ W and dW = dY^T @ X (two GEMMs), db a column sum.
-- ``qkv_projection(x, Wq, bq, Wk, bk, Wv, bv)``: the three attention projections in one GEMM reading the three
-  weights in place.
+- ``qkv_projection(x, Wq, bq, Wk, bk, Wv, bv, adapters=())``: the three attention projections in one GEMM reading
+  the three weights in place, plus PEFT LoRA adapters' low-rank updates (two small GEMMs each; their backward
+  only the GEMMs the wanted gradients need).
 - ``mlp(x, W1, b1, W2, b2, residual)``: FC1 (+ bias -> gelu_fast) and FC2 (+ bias + residual), two launches.
   Backward: dY @ W2 ends in the gelu_fast derivative (dH = (dY @ W2) * gelu_fast'(H)) and also recomputes
   gelu_fast(H) for dW2 = dY^T @ gelu_fast(H); then dX = dH @ W1 and dW1 = dH^T @ X. So the activation
@@ -131,12 +132,14 @@ def qkv_fwd(
     lora_b: list[torch.Tensor],
     lora_slots: list[int],
     lora_scales: list[float],
+    lora_x: list[torch.Tensor],
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """((..., 3 * out_features): the three projections side by side, i.e. (..., 3, heads, head_dim) viewed; the
     adapters' down projections x @ A^T (M, rank), kept for B's gradient; each adapter's A and B in x's dtype where
     they are float32 (else an empty tensor), kept for the backward). Adapter i adds ``lora_scales[i] * (x @
     lora_a[i]^T) @ lora_b[i]^T`` to third ``lora_slots[i]`` (0 q, 1 k, 2 v): two small GEMMs each, the second
-    accumulating into the GEMM's output in place (and a cast of each float32 weight)."""
+    accumulating into the GEMM's output in place (and a cast of each float32 weight). ``lora_x[i]``: the adapter's
+    own input where it is not x (x after the adapter's dropout), else an empty tensor."""
     x2 = _as_2d(x)
     n = wq.shape[0]
     out = torch.empty((*x.shape[:-1], 3 * n), dtype=x.dtype, device=x.device)
@@ -144,9 +147,9 @@ def qkv_fwd(
     gemm(x2, wq.t(), out2, bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
          more_bias=(bk, bv))
     downs, casts = [], []
-    for a, b, slot, scale in zip(lora_a, lora_b, lora_slots, lora_scales, strict=True):
+    for a, b, slot, scale, own in zip(lora_a, lora_b, lora_slots, lora_scales, lora_x, strict=True):
         low = [t.to(x.dtype) if t.dtype != x.dtype else None for t in (a, b)]
-        down = torch.mm(x2, (low[0] if low[0] is not None else a).t())
+        down = torch.mm(_as_2d(own) if own.numel() else x2, (low[0] if low[0] is not None else a).t())
         out2[:, slot * n:(slot + 1) * n].addmm_(down, (low[1] if low[1] is not None else b).t(), alpha=scale)
         downs.append(down)
         casts += [t if t is not None else x.new_empty(0) for t in low]
@@ -154,7 +157,7 @@ def qkv_fwd(
 
 
 @qkv_fwd.register_fake
-def _(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales):
+def _(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, lora_x):
     torch._check(x.shape[-1] == wq.shape[1], lambda: "x and wq disagree on in_features")
     rows = math.prod(x.shape[:-1])
     casts = [x.new_empty(t.shape if t.dtype != x.dtype else (0,)) for pair in zip(lora_a, lora_b, strict=True)
@@ -183,15 +186,18 @@ def qkv_bwd(
     grad: torch.Tensor, x: torch.Tensor | None, wq: torch.Tensor | None, wk: torch.Tensor | None,
     wv: torch.Tensor | None, x_shape: list[int], needs: list[bool], allow_tf32: bool,
     lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], lora_slots: list[int], lora_scales: list[float],
-    downs: list[torch.Tensor], lora_needs: list[bool], lora_wide: list[bool],
+    downs: list[torch.Tensor], lora_needs: list[bool], lora_wide: list[bool], lora_x: list[torch.Tensor],
+    lora_x_needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           list[torch.Tensor], list[torch.Tensor]]:
-    """(dx, dWq, dbq, dWk, dbk, dWv, dbv, the adapters' dA, their dB), each empty where ``needs`` (x, wq, bq, wk,
-    bk, wv, bv) or ``lora_needs`` (A, B of each adapter in turn) says it is not wanted: dx = dq Wq + dk Wk + dv Wv
-    in one GEMM (three K segments; the weights are given for it), then each weight gradient (x is given for them)
-    and bias gradient that is wanted. Per adapter (its A and B in the gradient's dtype), with g its third of the
-    gradient and s its scale: dU = s g B (wanted for dx and dA), dx += dU A, dA = dU^T x, dB = s g^T (x A^T): one
-    small GEMM each, no other pass; dA and dB in float32 where ``lora_wide`` says the adapter's weights are."""
+           list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(dx, dWq, dbq, dWk, dbk, dWv, dbv, the adapters' dA, their dB, the gradients of their own inputs), each empty
+    where ``needs`` (x, wq, bq, wk, bk, wv, bv), ``lora_needs`` (A, B of each adapter in turn) or ``lora_x_needs``
+    (each adapter's input: x itself, or its own ``lora_x``) says it is not wanted: dx = dq Wq + dk Wk + dv Wv in
+    one GEMM (three K segments; the weights are given for it), then each weight gradient (x is given for them) and
+    bias gradient that is wanted. Per adapter (its A and B in the gradient's dtype), with g its third of the
+    gradient, s its scale and u its input: dU = s g B (wanted for u's gradient and dA), du = dU A (accumulated
+    into dx when u is x), dA = dU^T u, dB = s g^T (u A^T): one small GEMM each, no other pass; dA and dB in float32
+    where ``lora_wide`` says the adapter's weights are."""
     g2 = _as_2d(grad)
     n = g2.shape[1] // 3
     dx2 = None
@@ -205,25 +211,32 @@ def qkv_bwd(
         g = g2[:, i * n:(i + 1) * n]
         grads += [_weight_grad(g, _as_2d(x), allow_tf32) if needs[1 + 2 * i] else g2.new_empty(0),
                   _bias_grad(g, g2.dtype) if needs[2 + 2 * i] else g2.new_empty(0)]
-    d_a, d_b = [], []
+    d_a, d_b, d_own = [], [], []
     unused = g2.new_empty(())  # addmm's input at beta=0: not read
-    for i, (a, b, slot, scale, down) in enumerate(zip(lora_a, lora_b, lora_slots, lora_scales, downs, strict=True)):
+    for i, (a, b, slot, scale, down, own) in enumerate(zip(lora_a, lora_b, lora_slots, lora_scales, downs, lora_x,
+                                                          strict=True)):
         g, needs_a, needs_b = g2[:, slot * n:(slot + 1) * n], lora_needs[2 * i], lora_needs[2 * i + 1]
+        needs_u, separate = lora_x_needs[i], own.numel() > 0
         wide = torch.float32 if lora_wide[i] else g2.dtype
-        if needs[0] or needs_a:
+        d_u = g2.new_empty(0)
+        if needs_u or needs_a:
             d_down = torch.addmm(unused, g, b, beta=0, alpha=scale)
-            if needs[0]:
+            if needs_u and separate:
+                d_u = torch.mm(d_down, a).view(own.shape)
+            elif needs_u:
                 dx2.addmm_(d_down, a)
-            d_a.append(_product_in(wide, d_down.t(), _as_2d(x), 1.0) if needs_a else g2.new_empty(0))
+            d_a.append(_product_in(wide, d_down.t(), _as_2d(own if separate else x), 1.0) if needs_a
+                       else g2.new_empty(0))
         else:
             d_a.append(g2.new_empty(0))
         d_b.append(_product_in(wide, g.t(), down, scale) if needs_b else g2.new_empty(0))
-    return (dx, *grads, d_a, d_b)
+        d_own.append(d_u)
+    return (dx, *grads, d_a, d_b, d_own)
 
 
 @qkv_bwd.register_fake
 def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, downs, lora_needs,
-      lora_wide):
+      lora_wide, lora_x, lora_x_needs):
     n, k = grad.shape[-1] // 3, x_shape[-1]
     shapes = [x_shape] + [shape for _ in range(3) for shape in ((n, k), (n,))]
     base = [grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True)]
@@ -233,11 +246,13 @@ def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slot
            for i, b in enumerate(lora_b)]
     d_b = [grad.new_empty((n, d.shape[-1]) if lora_needs[2 * i + 1] else (0,), dtype=dtypes[i])
            for i, d in enumerate(downs)]
-    return (*base, d_a, d_b)
+    d_own = [grad.new_empty(own.shape if own.numel() and need else (0,)) for own, need in
+             zip(lora_x, lora_x_needs, strict=True)]
+    return (*base, d_a, d_b, d_own)
 
 
 def _qkv_setup(ctx, inputs, output):
-    x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales = inputs
+    x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, lora_x = inputs
     _, downs, casts = output
     ctx.needs = list(ctx.needs_input_grad[:7])  # x, wq, bq, wk, bk, wv, bv
     needs_a, needs_b = [a.requires_grad for a in lora_a], [b.requires_grad for b in lora_b]  # (what needs_input_grad
@@ -245,18 +260,24 @@ def _qkv_setup(ctx, inputs, output):
     ctx.lora_needs = [need for pair in zip(needs_a, needs_b, strict=True) for need in pair]
     ctx.lora_slots, ctx.lora_scales = list(lora_slots), list(lora_scales)
     ctx.lora_wide = [a.dtype != x.dtype for a in lora_a]
+    # each adapter's input: x (then it needs a gradient when x does), or its own (x after its dropout)
+    separate = [own.numel() > 0 for own in lora_x]
+    ctx.lora_x_needs = [own.requires_grad if sep else ctx.needs[0] for own, sep in zip(lora_x, separate, strict=True)]
     saved_outputs_only(ctx, *downs, *casts)
     # Saved only for a gradient someone wants (views, no copies): x for a weight gradient or an adapter's A, the
     # weights for dx; each adapter's A (in x's dtype) for dx, its B for dx and dA, its down projection for dB
     low_a = [c if c.numel() else a for a, c in zip(lora_a, casts[0::2], strict=True)]
     low_b = [c if c.numel() else b for b, c in zip(lora_b, casts[1::2], strict=True)]
-    needs_x = any(ctx.needs[1::2][:3]) or any(needs_a)
-    needs_dx = ctx.needs[0]
+    needs_x = any(ctx.needs[1::2][:3]) or any(na and not sep for na, sep in zip(needs_a, separate, strict=True))
+    needs_dx, needs_u = ctx.needs[0], ctx.lora_x_needs
     ctx.n_lora = len(lora_a)
     ctx.save_for_backward(x if needs_x else None, *((wq, wk, wv) if needs_dx else (None, None, None)),
-                          *(a if needs_dx else None for a in low_a),
-                          *(b if needs_dx or na else None for b, na in zip(low_b, needs_a, strict=True)),
-                          *(d if nb else None for d, nb in zip(downs, needs_b, strict=True)))
+                          *(a if nu else None for a, nu in zip(low_a, needs_u, strict=True)),
+                          *(b if nu or na else None for b, nu, na in zip(low_b, needs_u, needs_a, strict=True)),
+                          *(d if nb else None for d, nb in zip(downs, needs_b, strict=True)),
+                          *(own if sep and na else None for own, sep, na in zip(lora_x, separate, needs_a,
+                                                                                 strict=True)))
+    ctx.lora_x_shapes = [list(own.shape) if sep else None for own, sep in zip(lora_x, separate, strict=True)]
     ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
@@ -265,18 +286,25 @@ def _qkv_backward(ctx, grad, grad_downs, grad_casts):
     # no gradient for the adapters' slots and scales: None, or an empty list for an empty list (the structure of
     # the inputs: torch.library reads an empty list as a list of tensors)
     constants = (None, None) if n_lora else ([], [])
-    if grad is None or not (any(ctx.needs) or any(ctx.lora_needs)):
-        return (None,) * 8 + ([None] * n_lora, [None] * n_lora, *constants)
+    separate = [shape is not None for shape in ctx.lora_x_shapes]
+    if grad is None or not (any(ctx.needs) or any(ctx.lora_needs) or any(ctx.lora_x_needs)):
+        return (None,) * 8 + ([None] * n_lora, [None] * n_lora, *constants, [None] * n_lora if n_lora else [])
     x, wq, wk, wv, *rest = ctx.saved_tensors
-    lora_a, lora_b, downs = rest[:n_lora], rest[n_lora:2 * n_lora], rest[2 * n_lora:]
+    lora_a, lora_b, downs, own = (rest[i * n_lora:(i + 1) * n_lora] for i in range(4))
     empty = grad.new_empty(0)  # stands for what is not kept (a custom op takes no None in a list)
+    # an adapter's own input not kept (its dA not wanted): a stand-in with its shape and no storage, never read
+    own = [t if t is not None else empty if shape is None else grad.new_empty((1,)).expand(shape)
+           for t, shape in zip(own, ctx.lora_x_shapes, strict=True)]
     lora_a, lora_b, downs = ([empty if t is None else t for t in ts] for ts in (lora_a, lora_b, downs))
-    *grads, d_a, d_b = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32, lora_a,
-                               lora_b, ctx.lora_slots, ctx.lora_scales, downs, ctx.lora_needs, ctx.lora_wide)
+    *grads, d_a, d_b, d_own = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32,
+                                      lora_a, lora_b, ctx.lora_slots, ctx.lora_scales, downs, ctx.lora_needs,
+                                      ctx.lora_wide, own, ctx.lora_x_needs)
     needs_a, needs_b = ctx.lora_needs[0::2], ctx.lora_needs[1::2]
     return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None,
             [g if need else None for g, need in zip(d_a, needs_a, strict=True)],
-            [g if need else None for g, need in zip(d_b, needs_b, strict=True)], *constants)
+            [g if need else None for g, need in zip(d_b, needs_b, strict=True)], *constants,
+            [g if need and sep else None for g, need, sep in zip(d_own, ctx.lora_x_needs, separate, strict=True)]
+            if n_lora else [])
 
 
 qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
@@ -423,7 +451,7 @@ def qkv_projection(
     bk: torch.Tensor | None,
     wv: torch.Tensor,
     bv: torch.Tensor | None,
-    adapters: Sequence[tuple[int, torch.Tensor, torch.Tensor, float]] = (),
+    adapters: Sequence[tuple] = (),
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``cat([x @ wq^T + bq, x @ wk^T + bk, x @ wv^T + bv], -1)`` in one Triton GEMM whose programs read the three
@@ -431,8 +459,10 @@ def qkv_projection(
     (out,) or all None. Returns (..., 3 * out): view it as (..., 3, heads, head_dim) for attention.
 
     ``adapters``: LoRA adapters as (projection 0 q / 1 k / 2 v, A (rank, in), B (out, rank), scaling), each adding
-    ``scaling * (x @ A^T) @ B^T`` to its projection (PEFT's LoRA without dropout): two small GEMMs forward, the
-    second accumulating into the output in place, and one GEMM per wanted gradient backward."""
+    ``scaling * (x @ A^T) @ B^T`` to its projection (PEFT's LoRA): two small GEMMs forward, the second
+    accumulating into the output in place, and one GEMM per wanted gradient backward. A fifth item, the adapter's
+    own input (x after the adapter's dropout, shaped as x), replaces x in its update. A and B in x's dtype or
+    float32 (PEFT's on a bf16 model: cast for the forward, their gradients float32)."""
     for name, w in (("wk", wk), ("wv", wv)):
         if w.shape != wq.shape:
             raise ValueError(f"qkv_projection: {name} is {tuple(w.shape)}, wq is {tuple(wq.shape)}; they must match")
@@ -445,15 +475,24 @@ def qkv_projection(
                 f"qkv_projection: all tensors must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}"
             )
     _check_adapters("qkv_projection", x, wq.shape[0], adapters)
-    slots, a, b, scales = (list(t) for t in zip(*adapters, strict=True)) if adapters else ([], [], [], [])
-    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, resolve_tf32(allow_tf32), a, b, slots, [float(c) for c in scales])[0]
+    own = [adapter[4] if len(adapter) == 5 else x.new_empty(0) for adapter in adapters]
+    slots, a, b, scales = (list(t) for t in zip(*(adapter[:4] for adapter in adapters), strict=True)) \
+        if adapters else ([], [], [], [])
+    return qkv_fwd(x, wq, bq, wk, bk, wv, bv, resolve_tf32(allow_tf32), a, b, slots, [float(c) for c in scales],
+                   own)[0]
 
 
 def _check_adapters(what: str, x: torch.Tensor, out_features: int, adapters) -> None:
     for i, adapter in enumerate(adapters):
-        if len(adapter) != 4:
-            raise ValueError(f"{what}: adapter {i} must be (projection, A, B, scaling), got {len(adapter)} items")
-        slot, a, b, _ = adapter
+        if len(adapter) not in (4, 5):
+            raise ValueError(f"{what}: adapter {i} must be (projection, A, B, scaling) or (projection, A, B, scaling, "
+                             f"its input), got {len(adapter)} items")
+        slot, a, b = adapter[:3]
+        if len(adapter) == 5 and (tuple(adapter[4].shape) != tuple(x.shape) or adapter[4].dtype != x.dtype or
+                                  adapter[4].device != x.device):
+            own = adapter[4]
+            raise ValueError(f"{what}: adapter {i}'s input must be {tuple(x.shape)} {x.dtype} on {x.device} like x, "
+                             f"got {tuple(own.shape)} {own.dtype} on {own.device}")
         if slot not in (0, 1, 2):
             raise ValueError(f"{what}: adapter {i}'s projection must be 0 (q), 1 (k) or 2 (v), got {slot!r}")
         rank = a.shape[0] if a.dim() == 2 else -1
@@ -472,8 +511,8 @@ def lora_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) 
 
 
 def _with_adapters(outs: list[torch.Tensor], x: torch.Tensor, adapters) -> list[torch.Tensor]:
-    for slot, a, b, scaling in adapters:
-        outs[slot] = outs[slot] + lora_ref(x, a, b, scaling)
+    for slot, a, b, scaling, *own in adapters:
+        outs[slot] = outs[slot] + lora_ref(own[0] if own else x, a, b, scaling)
     return outs
 
 

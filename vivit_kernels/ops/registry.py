@@ -20,7 +20,9 @@ Every FLOP formula of the package is here (the call-level ``flops`` and the cust
 Call signatures (the model's ``Backend`` table, ``auto/backends.py``, holds the ops with ``backend=True``):
 
 - ``layer_norm(x, weight, bias, eps) -> x.shape``
-- ``qkv(x, wq, bq, wk, bk, wv, bv) -> (..., 3 * out)``: the three projections in one GEMM (weights read in place)
+- ``qkv(x, wq, bq, wk, bk, wv, bv, adapters=()) -> (..., 3 * out)``: the three projections in one GEMM (weights
+  read in place); ``adapters``: LoRA adapters (projection, A, B, scaling[, their input]) added inside the op (the
+  model passes them by keyword; ``auto`` chooses on the other arguments)
 - ``linear(x, weight, bias, activation=None, residual=None) -> act(x @ W^T + b) + residual``
 - ``mlp(x, w1, b1, w2, b2, activation, residual=None) -> fc2(act(fc1(x))) + residual``
 - ``attention(q, k, v, softmax_scale, bias=None) -> (B, N, H, D)`` for q, k, v (B, N, H, D); or (B1, B2, N, H, D)
@@ -397,9 +399,11 @@ def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, need
 
 def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32,
     needs = args[6]                 #  lora_a, lora_b, slots, scales, downs, lora_needs (A, B of each adapter),
-    # lora_wide): an adapter's float32 gradients are written by the GEMM (out_dtype) on CUDA, no cast
+    # lora_wide, lora_x, lora_x_needs (each adapter's input)): an adapter's float32 gradients are written by the
+    # GEMM (out_dtype) on CUDA, no cast
+    adapters = zip(_pairs(args[13]), args[16], strict=True)
     return int(needs[0]) + sum(int(n) for n in needs[1::2][:3]) + \
-        sum(int(needs[0] or na) + int(needs[0]) + int(na) + int(nb) for na, nb in _pairs(args[13]))
+        sum(int(nu or na) + int(nu) + int(na) + int(nb) for (na, nb), nu in adapters)
 
 
 def _pairs(flags) -> list[tuple[bool, bool]]:
@@ -418,13 +422,15 @@ def _qkv_fwd_flops(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, *args,
 
 
 def _qkv_bwd_flops(g, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, slots, scales, downs, lora_needs,
-                   *args, **kwargs) -> int:
+                   lora_wide, lora_x, lora_x_needs, **kwargs) -> int:
     m, n, k = _rows(g), g[-1] // 3, x_shape[-1]
     flops = (3 * int(needs[0]) + sum(int(w) for w in needs[1::2][:3])) * gemm_flops(m, n, k)
-    for a, (na, nb) in zip(lora_a, _pairs(lora_needs), strict=True):  # dU = s g B, dx += dU A, dA, dB
-        rank = a[0]
-        flops += int(needs[0] or na) * gemm_flops(m, rank, n) + (int(needs[0]) + int(na)) * gemm_flops(m, k, rank)
-        flops += int(nb) * gemm_flops(m, n, rank)
+    # per adapter dU = s g B, du = dU A, dA = dU^T u, dB = s g^T (u A^T); the rank read from what each is given:
+    # B (for dU), the down projection (for dB)
+    for b, down, (na, nb), nu in zip(lora_b, downs, _pairs(lora_needs), lora_x_needs, strict=True):
+        if nu or na:
+            flops += gemm_flops(m, b[-1], n) + (int(nu) + int(na)) * gemm_flops(m, k, b[-1])
+        flops += int(nb) * gemm_flops(m, n, down[-1])
     return flops
 
 

@@ -146,6 +146,19 @@ def render_report(data: dict) -> str:
                          f"{r['clips_per_s']:.2f} | {r['frames'] * r['clips_per_s']:.0f} | "
                          f"{r['max_diff_to_pyav']} / {r['mean_diff_to_pyav']:.3f} |")
         lines.append("")
+    if data.get("cut"):
+        lines += ["### Where to cut: the CPU op in the decoding workers, or the frames to the device", "",
+                  "One decoded clip per source size: \"views\" (what the data path runs on a GPU) resizes and crops "
+                  "in a worker (one thread) and hands 224x224 uint8 over PCIe, normalised on the device; "
+                  "\"device\" hands the full-resolution uint8 frames over and runs the op on the device.", "",
+                  "| source | frames | views: worker ms | views: MB / ms over PCIe | views: device ms "
+                  "| device: MB / ms over PCIe | device: device ms |", "|---|---|---|---|---|---|---|"]
+        for r in data["cut"]:
+            v, d = r["views"], r["device"]
+            lines.append(f"| {r['source']} | {r['frames']} | {v['worker_ms']:.1f} | {v['pcie_bytes'] / 1e6:.1f} / "
+                         f"{v['pcie_ms']:.2f} | {v['device_ms']:.2f} | {d['pcie_bytes'] / 1e6:.1f} / "
+                         f"{d['pcie_ms']:.2f} | {d['device_ms']:.2f} |")
+        lines.append("")
     for name in ("inference_latency.png", "inference_memory.png"):
         if data.get("plots") and name in data["plots"]:
             lines.append(f"![{name[:-4]}]({name})")

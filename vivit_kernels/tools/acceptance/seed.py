@@ -258,6 +258,75 @@ def _decode_rows(run: Acceptance) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+CUT_SOURCES = ((340, 256), (640, 360), (1280, 720), (1920, 1080))  # decode_bench's sizes
+
+
+def _cut_rows(run: Acceptance) -> None:
+    """Where the data path should cut between the decoding workers and the device, per source size (the data path
+    runs "views" on a GPU: the exact CPU op in the workers, 224x224 uint8 over PCIe, normalised on the device;
+    "device" hands the full-resolution uint8 frames over and runs the op there). For one decoded 32-frame clip:
+    a worker's CPU milliseconds (one thread, as a worker runs), the bytes and milliseconds over PCIe (pinned), and
+    the device's milliseconds, each cut; the data path's choice is right while "views" costs the GPU less and
+    the CPU cost is what the decoding workers can afford (the predict row's bottleneck line)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ...processing import VideoProcessor
+    from ...video import read_clips
+    from ..decode_bench import write_bench_video
+
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        run.skip("seed", "workers or device", "PyAV is not installed (pip install av): no videos to decode")
+        return
+    gpu = run.device.type == "cuda"
+    sources, frames, rounds = (CUT_SOURCES, 32, 5) if gpu else (((160, 96),), 8, 1)
+    processor = VideoProcessor()
+    folder = Path(tempfile.mkdtemp(prefix="vivit_cut_"))
+    threads = torch.get_num_threads()
+
+    def timed(fn, *args) -> tuple[float, Any]:
+        fn(*args)  # warm-up
+        times, out = [], None
+        for _ in range(rounds):
+            run.sync()
+            start = time.perf_counter()
+            out = fn(*args)
+            run.sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times), out
+
+    def to_device(t):
+        return t.to(run.device, non_blocking=True)
+
+    dtype = torch_dtype(run.plan.infer_dtypes[0])
+    try:
+        for width, height in sources:
+            path = write_bench_video(folder / f"{width}x{height}.mp4", width, height, seconds=2)
+            clip = torch.from_numpy(read_clips(path, frames, 2).frames)  # (1, T, H, W, 3) uint8
+            view = processor.views(height, width)[0]
+            torch.set_num_threads(1)
+            try:
+                worker_ms, views = timed(processor.resize_view, clip, view.resize_hw, view.box)
+            finally:
+                torch.set_num_threads(threads)
+            views_h2d_ms, views_dev = timed(to_device, views.pin_memory() if gpu else views)
+            clip_h2d_ms, clip_dev = timed(to_device, clip.pin_memory() if gpu else clip)
+            normalize_ms, _ = timed(processor.normalize, views_dev, dtype)
+            device_op_ms, _ = timed(processor.process_view, clip_dev, view.resize_hw, view.box, dtype)
+            run.data.setdefault("cut", []).append({
+                "source": f"{width}x{height}", "frames": frames, "rounds": rounds,
+                "views": {"worker_ms": worker_ms, "pcie_bytes": views.numel() * views.element_size(),
+                          "pcie_ms": views_h2d_ms, "device_ms": normalize_ms},
+                "device": {"worker_ms": 0.0, "pcie_bytes": clip.numel() * clip.element_size(),
+                           "pcie_ms": clip_h2d_ms, "device_ms": device_op_ms}})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def section_seed(run: Acceptance) -> None:
     plan = run.plan
     # (table, provider, batch, dtype, kind), most valuable first: inference in the first dtype (bf16 on a GPU),
@@ -278,6 +347,7 @@ def section_seed(run: Acceptance) -> None:
                  lambda t=table, p=provider, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
     run.step("seed", "predict end to end", "train", lambda: _predict_row(run))
     run.step("seed", "decode throughput", "train", lambda: _decode_rows(run))
+    run.step("seed", "workers or device", "train", lambda: _cut_rows(run))
     if run.device.type != "cuda":
         run.skip("seed", COMPILED, "torch.compile of transformers' model is timed on a GPU only")
         return
