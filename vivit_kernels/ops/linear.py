@@ -148,11 +148,11 @@ def qkv_fwd(
          more_bias=(bk, bv))
     downs, casts = [], []
     for a, b, slot, scale, own in zip(lora_a, lora_b, lora_slots, lora_scales, lora_x, strict=True):
-        low = [t.to(x.dtype) if t.dtype != x.dtype else None for t in (a, b)]
-        down = torch.mm(_as_2d(own) if own.numel() else x2, (low[0] if low[0] is not None else a).t())
-        out2[:, slot * n:(slot + 1) * n].addmm_(down, (low[1] if low[1] is not None else b).t(), alpha=scale)
+        a_low, b_low = a.to(x.dtype), b.to(x.dtype)  # the weights themselves when already in x's dtype
+        down = torch.mm(_as_2d(own) if own.numel() else x2, a_low.t())
+        out2[:, slot * n:(slot + 1) * n].addmm_(down, b_low.t(), alpha=scale)
         downs.append(down)
-        casts += [t if t is not None else x.new_empty(0) for t in low]
+        casts += [low if low is not w else x.new_empty(0) for low, w in ((a_low, a), (b_low, b))]  # (no alias)
     return out, downs, casts
 
 
@@ -175,7 +175,9 @@ def _product_in(dtype: torch.dtype, mat1: torch.Tensor, mat2: torch.Tensor, alph
     if dtype != mat1.dtype and mat1.is_cuda and _OUT_DTYPE_MM[0]:
         try:  # (addmm's input at beta=0 is not read, so alpha costs no pass)
             return torch.addmm(mat1.new_empty((), dtype=dtype), mat1, mat2, beta=0, alpha=alpha, out_dtype=dtype)
-        except (RuntimeError, NotImplementedError, TypeError):
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError):  # this torch refuses out_dtype here: not again
             _OUT_DTYPE_MM[0] = False
     out = torch.addmm(mat1.new_empty(()), mat1, mat2, beta=0, alpha=alpha) if alpha != 1.0 else torch.mm(mat1, mat2)
     return out if out.dtype == dtype else out.to(dtype)

@@ -190,14 +190,15 @@ def format_training_markdown(rows: list[TrainingMeasurement]) -> str:
     lines = ["| provider | weights | trains | GFLOP / step | x full | launches / step | per layer | x full "
              "| GiB saved for backward | x full |", "|" + "---|" * 10]
     what = {"full": "every weight", "lora": "LoRA r=8 on q, v + classifier", "probe": "the classifier (probe)"}
-    for r in rows:
+    def ratio(r: TrainingMeasurement, field: str) -> str:
         f = full.get((r.provider, r.autocast))
-        ratio = (lambda mine, theirs: f"{mine / theirs:.3f}") if f else (lambda mine, theirs: "n/a")
+        return f"{getattr(r, field) / getattr(f, field):.3f}" if f else "n/a"
+
+    for r in rows:
         weights = f"fp32, {r.dtype} autocast" if r.autocast else r.dtype
-        lines.append(f"| {r.provider} | {weights} | {what[r.mode]} | {r.flops / 1e9:.0f} | "
-                     f"{ratio(r.flops, f.flops if f else 1)} | {r.launches} | {r.launches / r.layers:.1f} | "
-                     f"{ratio(r.launches, f.launches if f else 1)} | {r.saved_bytes / 2**30:.2f} | "
-                     f"{ratio(r.saved_bytes, f.saved_bytes if f else 1)} |")
+        lines.append(f"| {r.provider} | {weights} | {what[r.mode]} | {r.flops / 1e9:.0f} | {ratio(r, 'flops')} | "
+                     f"{r.launches} | {r.launches / r.layers:.1f} | {ratio(r, 'launches')} | "
+                     f"{r.saved_bytes / 2**30:.2f} | {ratio(r, 'saved_bytes')} |")
     r = rows[0]
     lines += ["", f"ViViT-B/16x2, batch {r.batch}, one training step (forward + backward of the loss), counted on "
               "fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. Weights in bf16, or in fp32 under "
