@@ -181,6 +181,40 @@ def test_batching_and_spatial_crops():
     assert not torch.equal(three[0], three[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "uint8"], ids=str)
+@pytest.mark.parametrize("size", [(256, 340), (360, 640), (640, 360), (257, 255)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_views_resized_once_over_their_union_are_each_view_alone(size, dtype):
+    """compute_views resizes the views that share a resize once, over the box bounding them, and slices: bit for
+    bit each view computed on its own (flipped ones too), in the views' order, on the test device."""
+    from vivit_kernels.processing import View, _shared_resizes
+
+    video = random_video(3, *size, batch=2).to(DEVICE)
+    processor = VideoProcessor(spatial_crops=3)
+    hw = processor.resized_size(*size)
+    views = processor.views(*size) + [View(hw, processor.crop_boxes(*hw)[0], flip=True)]
+    uint8 = dtype == "uint8"
+    got = processor.compute_views(video, views, uint8=uint8, dtype=torch.float32 if uint8 else dtype)
+    for view, g in zip(views, got, strict=True):
+        alone = (processor.resize_view(video, view.resize_hw, view.box) if uint8
+                 else processor.process_view(video, view.resize_hw, view.box, dtype))
+        assert torch.equal(g, alone.flip(-1) if view.flip else alone)
+    work = _shared_resizes(views)
+    if size != (257, 255):  # three crops of a non-square frame overlap: one resize over their union
+        assert len(work) == 1 and sorted(work[0][2]) == [0, 1, 2, 3]
+        assert work[0][1][2] * work[0][1][3] < 3 * 224 * 224
+    else:  # 257x255 -> 256x257: the union is barely larger than one crop
+        assert len(work) == 1
+
+
+def test_views_that_share_no_pixels_are_resized_each_alone():
+    from vivit_kernels.processing import View, _shared_resizes
+
+    far = [View((512, 512), (0, 0, 64, 64)), View((512, 512), (448, 448, 64, 64))]
+    assert [entry[1] for entry in _shared_resizes(far)] == [(0, 0, 64, 64), (448, 448, 64, 64)]
+    other_sizes = [View((256, 340), (16, 58, 224, 224)), View((224, 298), (0, 37, 224, 224))]
+    assert [len(entry[2]) for entry in _shared_resizes(other_sizes)] == [1, 1]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

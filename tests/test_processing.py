@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vivit_kernels.processing import VideoProcessor
+from vivit_kernels.processing import VideoProcessor, views_first
 from vivit_kernels.video import read_video, sample_frame_indices
 
 from helpers import DEVICE
@@ -185,6 +185,11 @@ def test_torchcodec_decodes_the_frames_pyav_decodes(tmp_path, codec):
         assert np.array_equal(theirs.frames, ours.frames), (clips, seed)
         assert theirs.video_frames == ours.video_frames == 75
         assert theirs.duration_s == pytest.approx(ours.duration_s)
+    # with the data path's transform (each frame to its three crops as it is decoded): the same views as PyAV's
+    transform = VideoProcessor.for_image_size(32, 32, spatial_crops=3).frame_views()
+    ours = read_clips(path, 8, 2, 2, decode="pyav", transform=transform).frames
+    theirs = read_clips(path, 8, 2, 2, decode="torchcodec", transform=transform).frames
+    assert theirs.shape == ours.shape == (2, 8, 3, 3, 32, 32) and torch.equal(theirs, ours)
 
 
 def test_decoder_names_and_errors():
@@ -275,6 +280,9 @@ def test_process_file_gives_the_pixels_of_decoding_then_processing(video):
         want = processor(torch.from_numpy(frames))["pixel_values"]
         assert got["pixel_values"].shape == want.shape == (clips * crops, 4, 3, 32, 32)
         assert torch.equal(got["pixel_values"], want) and got["video_frames"] == 60
+        # the views are stored views-major as they are decoded: the views-first batch is that memory, not a copy
+        stored = read_clips(video, 4, 3, clips, transform=processor.frame_views()).frames
+        assert views_first(stored).data_ptr() == stored.data_ptr() and views_first(stored).is_contiguous()
 
 
 def test_ffmpeg_threads_change_nothing_but_speed(video):

@@ -413,11 +413,8 @@ def process_views(processor: VideoProcessor, clip: torch.Tensor, views: list[_Vi
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 clips (clips, T, H, W, 3) -> (T, 3, h, w) for one view of one clip, else (clips * crops, T, 3, h, w)
     (clip-major), on the clip's device (the whole clip at once: frames NVDEC left on the GPU)."""
-    out = []
-    for c in range(clip.shape[0]):
-        for view in views:
-            x = processor.process_view(clip[c : c + 1], view.resize_hw, view.box, dtype)[0]
-            out.append(x.flip(-1) if view.flip else x)
+    computed = processor.compute_views(clip, views, dtype=dtype)  # per view: (clips, T, 3, h, w)
+    out = [x[c] for c in range(clip.shape[0]) for x in computed]
     return out[0] if len(out) == 1 else torch.stack(out)
 
 

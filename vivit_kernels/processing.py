@@ -237,8 +237,7 @@ class VideoProcessor:
             if device is not None:
                 clip = clip.to(device, non_blocking=True)
             _, _, height, width, _ = clip.shape
-            rh, rw = self.resized_size(height, width)
-            views = [self.process_view(clip, (rh, rw), box, dtype) for box in self.crop_boxes(rh, rw)]
+            views = self.compute_views(clip, self.views(height, width), dtype=dtype)
             outputs.append(torch.stack(views, 1).flatten(0, 1) if len(views) > 1 else views[0])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
 
@@ -255,6 +254,26 @@ class VideoProcessor:
                 self.image_mean if self.do_normalize else [0.0, 0.0, 0.0],
                 self.image_std if self.do_normalize else [1.0, 1.0, 1.0])
 
+    def compute_views(self, clip: torch.Tensor, views: Sequence[View], uint8: bool = False,
+                      dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Every view of uint8 ``clip`` (B, T, H, W, 3): (B, T, 3, h, w) each, :meth:`process_view`'s values (or
+        :meth:`resize_view`'s with ``uint8``), flipped where a view says so. Views that share a resize are resized
+        once over the box that bounds them when that box is smaller than their crops together (three spatial
+        crops of a 340x256 frame: 224x340 pixels instead of 3 x 224x224), then sliced: the same numbers, since a
+        resized pixel depends only on where it lies in the resized frame, not on the crop it is computed for."""
+        out: list[torch.Tensor | None] = [None] * len(views)
+        for resize_hw, box, members in _shared_resizes(views):
+            if uint8:
+                y = self.resize_view(clip, resize_hw, box)
+            else:
+                y = self.process_view(clip, resize_hw, box, dtype)
+            for i in members:
+                top, left, h, w = views[i].box
+                top, left = top - box[0], left - box[1]
+                part = y if len(members) == 1 else y[..., top : top + h, left : left + w]
+                out[i] = part.flip(-1) if views[i].flip else part
+        return out  # type: ignore[return-value]
+
     def views(self, height: int, width: int) -> list[View]:
         """The evaluation views of a ``height`` x ``width`` frame: resized, then the crop(s) of ``spatial_crops``."""
         hw = self.resized_size(height, width)
@@ -262,25 +281,20 @@ class VideoProcessor:
 
     def frame_views(self, views: Callable[[int, int], list[View]] | None = None, uint8: bool = False,
                     dtype: torch.dtype = torch.float32, spent: list[float] | None = None):
-        """A ``video.read_clips`` transform: every decoded frame becomes its views, (views, 3, h, w), as the frame
-        is decoded (no full-resolution clip is kept). ``views(height, width)`` chooses them once per clip (default:
-        :meth:`views`); ``uint8``: resized and cropped only (:meth:`resize_view`), else :meth:`process_view` in
-        ``dtype``. The same numbers as processing the stacked clip. ``spent``: a one-element list the seconds spent
-        processing are added to (what is left of ``read_clips``'s time is decoding)."""
+        """A ``video.read_clips`` transform: every decoded frame becomes its views, a tuple of (3, h, w), as the
+        frame is decoded (no full-resolution clip is kept). ``views(height, width)`` chooses them once per clip
+        (default: :meth:`views`); ``uint8``: resized and cropped only (:meth:`resize_view`), else
+        :meth:`process_view` in ``dtype``. The same numbers as processing the stacked clip. ``spent``: a
+        one-element list the seconds spent processing are added to (what is left of ``read_clips``'s time is
+        decoding)."""
         def per_clip(height: int, width: int):
             chosen = (views or self.views)(height, width)
 
             def each(frame) -> torch.Tensor:
                 start = time.perf_counter() if spent is not None else 0.0
                 x = torch.as_tensor(frame)[None, None]  # (1, 1, H, W, 3), strided as the decoder wrote it
-                out = []
-                for view in chosen:
-                    if uint8:
-                        y = self.resize_view(x, view.resize_hw, view.box)[0, 0]
-                    else:
-                        y = self.process_view(x, view.resize_hw, view.box, dtype)[0, 0]
-                    out.append(y.flip(-1) if view.flip else y)
-                result = out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)  # one view: no copy
+                # the views as a tuple: read_clips writes each into its place (no stacked copy per frame)
+                result = tuple(y[0, 0] for y in self.compute_views(x, chosen, uint8, dtype))
                 if spent is not None:
                     spent[0] += time.perf_counter() - start
                 return result
@@ -321,9 +335,27 @@ class VideoProcessor:
         return ((x - mean_t) * inv_std).to(dtype)
 
 
+def _shared_resizes(views: Sequence[View]) -> list[tuple[tuple[int, int], tuple[int, int, int, int], list[int]]]:
+    """(resize_hw, box to compute, indices of the views it serves): one entry per view, except that the views
+    sharing a resize become one entry over their bounding box when that box has fewer pixels than their crops."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, view in enumerate(views):
+        groups.setdefault(tuple(view.resize_hw), []).append(i)
+    work = []
+    for resize_hw, members in groups.items():
+        boxes = [views[i].box for i in members]
+        top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+        if len(members) > 1 and (bottom - top) * (right - left) < sum(b[2] * b[3] for b in boxes):
+            work.append((resize_hw, (top, left, bottom - top, right - left), members))
+        else:
+            work.extend((resize_hw, tuple(views[i].box), [i]) for i in members)
+    return work
+
+
 def views_first(frames: torch.Tensor) -> torch.Tensor:
     """``read_clips`` results of ``frame_views`` (clips, T, views, 3, h, w) -> (clips * views, T, 3, h, w),
-    clip-major (the order ``preprocess`` gives)."""
+    clip-major (the order ``preprocess`` gives); a view, not a copy, of what ``read_clips`` stored."""
     clips, frames_, views = frames.shape[:3]
     return frames.transpose(1, 2).reshape(clips * views, frames_, *frames.shape[3:])
 

@@ -122,7 +122,9 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
     always have the clips axis; see ``Clips``. ``decode``: one of ``DECODERS``.
 
     ``transform(height, width)``: a function of the frame size returning what to do with each decoded frame (an
-    (H, W, 3) uint8 array) instead of keeping it: ``frames`` then holds its results, (clips, num_frames, *result).
+    (H, W, 3) uint8 array) instead of keeping it: ``frames`` then holds its results, (clips, num_frames, *result);
+    for a tuple of k same-shaped results (views of the frame), (clips, num_frames, k, *view), each written in
+    place (stored views-major, so the views-first batch needs no copy).
     The data path resizes and crops each frame as it is decoded this way, so a clip's full-resolution frames are
     never stored (docs/video.md). With ``cuda`` the transform gets the GPU's frames as (H, W, 3) tensors.
 
@@ -225,8 +227,13 @@ def _read_torchcodec(path: str, num_frames: int, frame_sample_rate: int, clips: 
                       f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=3)
     if transform is not None:
         each = transform(int(frames.shape[2]), int(frames.shape[3]))
-        frames = _stack([[each(frame if cuda else frame.numpy()) for frame in clip] for clip in frames])
-        return Clips(frames, seg_len, _duration(seg_len, meta.average_fps))
+        out = None
+        for c, clip in enumerate(frames):
+            for j, frame in enumerate(clip):
+                value = each(frame if cuda else frame.numpy())
+                out = _empty_like_stack(value, len(frames), len(clip)) if out is None else out
+                _store(out, c, j, value)
+        return Clips(out, seg_len, _duration(seg_len, meta.average_fps))
     return Clips(frames if cuda else frames.numpy(), seg_len, _duration(seg_len, meta.average_fps))
 
 
@@ -240,22 +247,31 @@ def _duration(seg_len: int, fps) -> float | None:
     return seg_len / float(fps) if fps else None
 
 
-def _stack(rows: list[list]):
-    import torch
-
-    if isinstance(rows[0][0], torch.Tensor):
-        return torch.stack([torch.stack(row) for row in rows])
-    return np.stack([np.stack(row) for row in rows])
-
-
 def _empty_like_stack(first, clips: int, frames: int):
-    """An uninitialised (clips, frames, *first.shape) array of ``first``'s kind and dtype (numpy or torch)."""
+    """An uninitialised (clips, frames, *first.shape) array of ``first``'s kind and dtype (numpy or torch). For a
+    tuple of k views of a frame, (clips, frames, k, *view shape), its memory ordered (clips, k, frames, ...): the
+    views-first batch is then a free transpose (``processing.views_first``), not a copy of every view."""
     import torch
 
+    if isinstance(first, tuple):
+        part = first[0]
+        shape = (clips, len(first), frames, *part.shape)
+        if isinstance(part, torch.Tensor):
+            return torch.empty(shape, dtype=part.dtype, device=part.device).transpose(1, 2)
+        return np.empty(shape, np.asarray(part).dtype).swapaxes(1, 2)
     if isinstance(first, torch.Tensor):
         return torch.empty((clips, frames, *first.shape), dtype=first.dtype, device=first.device)
     first = np.asarray(first)
     return np.empty((clips, frames, *first.shape), first.dtype)
+
+
+def _store(out, c: int, j: int, value) -> None:
+    """A transform's result for clip c's frame j into ``out``, each view of a tuple into its place (no stacking)."""
+    if isinstance(value, tuple):
+        for v, part in enumerate(value):
+            out[c, j, v] = part
+    else:
+        out[c, j] = value
 
 
 class _DecodingStopped(Exception):
@@ -350,7 +366,7 @@ def _decode(container, stream, wanted: list[np.ndarray], path: str, transform=No
         if out is None:
             out = _empty_like_stack(value, len(wanted), len(wanted[0]))
         for c, j in places[index]:
-            out[c, j] = value
+            _store(out, c, j, value)
         done.add(index)
 
     use_pts = fps > 0 and stream.time_base is not None
