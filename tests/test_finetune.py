@@ -439,3 +439,26 @@ def test_the_three_places_preprocessing_can_run_give_the_same_pixels(tmp_path):
     assert got["worker"].shape == (1, 6, 4, 3, 32, 32)
     assert torch.equal(got["views"], got["worker"])
     assert_close(got["device"], got["worker"], 1e-5, name="device preprocessing vs the worker's")
+
+
+def _collate_reporting_shared_memory(samples):
+    batch = vdata.collate_clips(samples)
+    key = "pixels_uint8" if "pixels_uint8" in batch else "pixel_values"
+    batch["stacked_in_shared_memory"] = batch[key].is_shared()  # as the worker built it, before it is sent
+    return batch
+
+
+def test_a_worker_stacks_the_batch_straight_into_shared_memory(tmp_path):
+    """In a DataLoader worker collate_clips stacks the pixels into shared memory, where the batch must go to reach
+    the main process (no second copy of every byte in the worker); the pixels arrive unchanged."""
+    path = write_video(tmp_path / "v.mp4", n_frames=30, height=48, width=64)
+    processor = VideoProcessor.for_image_size(32, 32)
+    items = [vdata.VideoItem(path, "a"), vdata.VideoItem(path, "a")]
+    for where in ("worker", "views"):
+        dataset = vdata.VideoClipDataset(items, {"a": 0}, processor, 4, 2, views=(2, 3), preprocess_on=where)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1,
+                                             collate_fn=_collate_reporting_shared_memory)
+        batch = next(iter(loader))
+        key = "pixels_uint8" if where == "views" else "pixel_values"
+        assert batch["stacked_in_shared_memory"], where
+        assert torch.equal(batch[key], vdata.collate_clips([dataset[0], dataset[1]])[key])
