@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -193,6 +194,23 @@ void preprocess_frames(const uint8_t* in, out_t* out, const PreprocessParams& p)
         out_t* d0 = dst_frame + static_cast<int64_t>(y) * p.out_w;
         out_t* d1 = d0 + plane;
         out_t* d2 = d1 + plane;
+        if constexpr (std::is_same_v<out_t, uint8_t>) {  // the resized values themselves, split into planes
+          if (is_copy(ty)) {
+            for (int x = 0; x < p.out_w; ++x) {
+              d0[x] = window[3 * x];
+              d1[x] = window[3 * x + 1];
+              d2[x] = window[3 * x + 2];
+            }
+          } else {
+            vertical_sums(window, h_row, ty, acc);
+            for (int x = 0; x < p.out_w; ++x) {
+              d0[x] = round_to_u8(acc[3 * x]);
+              d1[x] = round_to_u8(acc[3 * x + 1]);
+              d2[x] = round_to_u8(acc[3 * x + 2]);
+            }
+          }
+          continue;
+        }
         if (is_copy(ty)) {  // no vertical resize for this row: its horizontal-pass values, as they are
           for (int64_t k = 0; k < h_row; ++k) acc[k] = (static_cast<int32_t>(window[k]) << kPrecisionBits);
         } else {
@@ -219,6 +237,7 @@ at::Tensor preprocess_video_cpu(const at::Tensor& frames, at::IntArrayRef resize
   switch (dtype) {
     case at::kFloat: preprocess_frames<float>(in, out.data_ptr<float>(), p); break;
     case at::kHalf: preprocess_frames<c10::Half>(in, out.data_ptr<c10::Half>(), p); break;
+    case at::kByte: preprocess_frames<uint8_t>(in, out.data_ptr<uint8_t>(), p); break;
     default: preprocess_frames<c10::BFloat16>(in, out.data_ptr<c10::BFloat16>(), p); break;
   }
   return out;

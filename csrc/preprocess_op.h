@@ -28,8 +28,9 @@ inline PreprocessParams make_preprocess_params(const at::Tensor& frames, at::Int
               "x", resize_hw[1], " resized frame");
   TORCH_CHECK(mean.size() == 3 && std.size() == 3, "preprocess_video: mean and std need 3 values (one per channel)");
   for (double s : std) TORCH_CHECK(s != 0.0, "preprocess_video: std must not be 0");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "preprocess_video: dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kByte,
+              "preprocess_video: dtype must be float32, float16, bfloat16 or uint8 (the resized values, not "
+              "rescaled or normalised), got ", dtype);
   TORCH_CHECK(static_cast<double>(frames.size(2)) / resize_hw[0] <= kMaxShrink &&
                   static_cast<double>(frames.size(3)) / resize_hw[1] <= kMaxShrink,
               "preprocess_video: shrinking ", frames.size(2), "x", frames.size(3), " to ", resize_hw[0], "x",

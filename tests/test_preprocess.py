@@ -67,7 +67,7 @@ def test_processor_options_match_transformers(kwargs):
 
 @needs_ext
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8], ids=str)
 # resized to 256 x 300: (256, 300) is not resized at all, (400, 300) only in height, (256, 500) only in width (the
 # CPU op's copy paths for a side that keeps its size)
 @pytest.mark.parametrize("size", [(360, 640), (97, 131), (512, 300), (256, 300), (400, 300), (256, 500)],
@@ -81,15 +81,20 @@ def test_cpu_op_equals_reference_exactly(size, dtype):
     ref = preprocess_video_ref(video, *args)
     assert ours.dtype == dtype
     assert torch.equal(ours, ref)
+    if dtype == torch.uint8:  # the resized values: what the float op rescales and normalises
+        identity = (1.0, 0.0, [0.0] * 3, [1.0] * 3, torch.float32)
+        plain = torch.ops.vivit_kernels.preprocess_video(video, *args[:2], *identity)
+        assert torch.equal(ours, plain.to(torch.uint8)) and torch.equal(ours.float(), plain)
 
 
 @needs_ext
-def test_strided_input():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
+def test_strided_input(dtype):
     video = random_video(6, 120, 160, batch=2).to(DEVICE)
     planar = video.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)  # channel planes, not RGB triples
     strided = planar[:, ::2, 10:]  # every other frame, a row slice
     assert not strided.is_contiguous()
-    args = ([100, 150], [5, 5, 90, 140], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, torch.float32)
+    args = ([100, 150], [5, 5, 90, 140], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, dtype)
     assert torch.equal(torch.ops.vivit_kernels.preprocess_video(strided, *args),
                        torch.ops.vivit_kernels.preprocess_video(strided.contiguous(), *args))
 
@@ -127,6 +132,8 @@ def test_processor_bad_inputs():
         VideoProcessor()(torch.zeros(64, 64, 3, dtype=torch.uint8).unsqueeze(0).unsqueeze(0).unsqueeze(0))
     with pytest.raises(ValueError, match="bilinear resampling only"):
         VideoProcessor(resample="bicubic")
+    with pytest.raises(ValueError, match="dtype must be float32, float16, bfloat16 or uint8, got torch.int32"):
+        VideoProcessor()(torch.zeros(4, 64, 64, 3, dtype=torch.uint8), dtype=torch.int32)
     with pytest.raises(ValueError, match="no video given"):
         VideoProcessor()([])
 
@@ -216,7 +223,7 @@ def test_views_that_share_no_pixels_are_resized_each_alone():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8], ids=str)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cuda_op_equals_cpu_op(size, dtype):
     video = random_video(4, *size, batch=2)

@@ -321,8 +321,7 @@ class VideoProcessor:
         (B, T, 3, height, width), exactly the values the resize gives inside the fused op (Pillow's). What a data
         loader's workers hand to the GPU: 3 bytes a pixel of the crop, not of the source frame; :meth:`normalize`
         finishes it there."""
-        out = preprocess_video(clip, resize_hw, box, 1.0, 0.0, [0.0] * 3, [1.0] * 3, torch.float32)
-        return out.to(torch.uint8)
+        return preprocess_video(clip, resize_hw, box, 1.0, 0.0, [0.0] * 3, [1.0] * 3, torch.uint8)
 
     def normalize(self, views: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The second half of :meth:`process_view` on :meth:`resize_view`'s uint8 output, on its device: rescale,

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../gelu.h"
 #include "../preprocess.h"
 
@@ -46,7 +48,11 @@ __global__ void preprocess_video_kernel(const uint8_t* __restrict__ in, out_t* _
     resample_pixel_rgb(in + b * p.stride_b + t * p.stride_t, p.stride_h, p.stride_w, p.stride_c, ty, tx, rgb);
     out_t* dst = out + bt * 3 * plane + static_cast<int64_t>(y) * p.out_w + x;
     for (int c = 0; c < 3; ++c) {
-      dst[c * plane] = from_float<out_t>(normalize_value(rgb[c], p.scale, p.offset, p.mean[c], p.inv_std[c]));
+      if constexpr (std::is_same_v<out_t, uint8_t>) {  // the resized values themselves
+        dst[c * plane] = rgb[c];
+      } else {
+        dst[c * plane] = from_float<out_t>(normalize_value(rgb[c], p.scale, p.offset, p.mean[c], p.inv_std[c]));
+      }
     }
   }
 }

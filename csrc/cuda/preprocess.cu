@@ -32,6 +32,9 @@ at::Tensor preprocess_video_cuda(const at::Tensor& frames, at::IntArrayRef resiz
       preprocess_video_kernel<__half><<<blocks, kThreads, 0, stream>>>(
           in, reinterpret_cast<__half*>(out.data_ptr<at::Half>()), p);
       break;
+    case at::kByte:
+      preprocess_video_kernel<uint8_t><<<blocks, kThreads, 0, stream>>>(in, out.data_ptr<uint8_t>(), p);
+      break;
     default:
       preprocess_video_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(
           in, reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>()), p);

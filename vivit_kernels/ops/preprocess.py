@@ -17,7 +17,7 @@ from . import _extension
 __all__ = ["preprocess_video", "preprocess_video_ref", "bilinear_weights", "PRECISION_BITS"]
 
 PRECISION_BITS = 22
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 
 def bilinear_weights(in_size: int, out_size: int, out_indices: Sequence[int]) -> torch.Tensor:
@@ -55,7 +55,8 @@ def preprocess_video_ref(
     std: Sequence[float],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The reference / fallback: (B, T, H, W, 3) uint8 -> (B, T, 3, crop_h, crop_w) in ``dtype``."""
+    """The reference / fallback: (B, T, H, W, 3) uint8 -> (B, T, 3, crop_h, crop_w) in ``dtype`` (uint8: the
+    resized values, not rescaled or normalised)."""
     _, _, H, W, _ = frames.shape
     top, left, out_h, out_w = crop_box
     wy = bilinear_weights(H, resize_hw[0], range(top, top + out_h)).to(frames.device)
@@ -63,6 +64,8 @@ def preprocess_video_ref(
     x = frames.permute(0, 1, 4, 2, 3)  # (B, T, 3, H, W)
     horizontal = _fixed_point_pass(x, wx)  # (B, T, 3, H, out_w)
     v = _fixed_point_pass(horizontal.transpose(-1, -2), wy).transpose(-1, -2)  # (B, T, 3, out_h, out_w)
+    if dtype == torch.uint8:
+        return v.to(torch.uint8)
     out = v.float() * torch.tensor(scale, dtype=torch.float32) + torch.tensor(offset, dtype=torch.float32)
     shape = (1, 1, 3, 1, 1)
     mean_t = torch.tensor(list(mean), dtype=torch.float32, device=frames.device).view(shape)
@@ -94,7 +97,7 @@ def _check(frames, resize_hw, crop_box, mean, std, dtype) -> None:
     if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
         raise ValueError("preprocess_video: mean and std need 3 values each, std non-zero")
     if dtype not in _DTYPES:
-        raise ValueError(f"preprocess_video: dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise ValueError(f"preprocess_video: dtype must be float32, float16, bfloat16 or uint8, got {dtype}")
 
 
 def preprocess_video(
@@ -108,7 +111,9 @@ def preprocess_video(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Resize to ``resize_hw`` (height, width), take ``crop_box`` (top, left, height, width), rescale and
-    normalise, in one pass on the frames' device. frames: uint8 (B, T, H, W, 3), any strides."""
+    normalise, in one pass on the frames' device. frames: uint8 (B, T, H, W, 3), any strides. ``dtype=torch.uint8``
+    gives the resized and cropped values themselves (``scale``, ``offset``, ``mean`` and ``std`` unused): what a
+    data loader's workers hand to the GPU."""
     resize_hw, crop_box = [int(v) for v in resize_hw], [int(v) for v in crop_box]
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     _check(frames, resize_hw, crop_box, mean, std, dtype)
