@@ -290,7 +290,7 @@ class VideoProcessor:
         def per_clip(height: int, width: int):
             chosen = (views or self.views)(height, width)
 
-            def each(frame) -> torch.Tensor:
+            def each(frame) -> tuple[torch.Tensor, ...]:
                 start = time.perf_counter() if spent is not None else 0.0
                 x = torch.as_tensor(frame)[None, None]  # (1, 1, H, W, 3), strided as the decoder wrote it
                 # the views as a tuple: read_clips writes each into its place (no stacked copy per frame)
