@@ -47,7 +47,7 @@ def pytest_configure(config):
     # attn="auto" choices go to a cache file of the session, not the user's (unless the caller chose one)
     import tempfile
 
-    os.environ.setdefault("VIVIT_KERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="vivit_kernels_providers_"))
+    os.environ.setdefault("VIVIT_KERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="vivit_kernels_implementations_"))
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs (test modules import later)
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (runs only when the test device is CUDA)")

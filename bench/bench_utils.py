@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmarks: the device, synchronisation, FLOP and byte formulas, and a runner that
-times through pytest-benchmark and stores derived figures (TFLOP/s, GB/s) in ``extra_info``."""
+"""Shared helpers for the benchmarks: the device, synchronisation, and a runner that times through pytest-benchmark
+and stores derived figures (TFLOP/s, GB/s, from the op registry's cost formulas) in ``extra_info``."""
 
 from __future__ import annotations
 
@@ -11,14 +11,21 @@ import torch
 # The test device, decided once by the root conftest.py (CUDA when present, else the CPU).
 DEVICE = torch.device(os.environ.get("VIVIT_KERNELS_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 ON_GPU = DEVICE.type == "cuda"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def params(names, ours) -> list:
-    """pytest parameters for provider ``names``; those in ``ours`` run Triton kernels (marked ``triton``)."""
+    """pytest parameters for ``names`` (model paths, implementations); those in ``ours`` run Triton kernels (marked
+    ``triton``)."""
     import pytest
 
     return [pytest.param(n, marks=pytest.mark.triton) if n in ours else n for n in names]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch's dtype for a short name ("bf16")."""
+    from vivit_kernels.names import DTYPES
+
+    return getattr(torch, DTYPES[name])
 
 
 def sync() -> None:
@@ -35,33 +42,17 @@ def device_label() -> str:
     return f"CPU {platform.machine()} x{os.cpu_count()} (CPU timing, not a GPU figure)"
 
 
-def op_flops(op: str, args: tuple, backward: bool = False) -> float:
-    """Matmul FLOPs of one call of registry op ``op`` on ``args`` (the entry's formula), with its backward when
-    ``backward`` (the entry's backward_ratio: 2x for the GEMMs, 2.5x for attention)."""
-    from vivit_kernels.ops.registry import OPS
-
-    entry = OPS[op]
-    return entry.flops(*args) * ((1 + entry.backward_ratio) if backward else 1.0)
-
-
-def op_bytes(op: str, args: tuple) -> float:
-    """Bytes one forward call of registry op ``op`` must move (the entry's formula)."""
-    from vivit_kernels.ops.registry import OPS
-
-    return OPS[op].bytes(*args)
-
-
 def _runs(info: dict) -> str:
-    """What a provider row ran on this device, in words (the op registry's description; the row's own name for
-    the rows that are not registry implementations: "auto", "eager", torch's separate ops)."""
+    """What a row ran on this device, in words: the op registry's description of an op's implementation, else the
+    row's own name (a model path, "auto", the op's reference)."""
     from vivit_kernels.ops.registry import OPS
 
-    op, provider = info.get("op"), info.get("provider")
+    op, name = info.get("op"), info.get("implementation")
     impls = OPS[op].implementations if op in OPS else {}
-    if provider in impls:
-        return impls[provider].runs(DEVICE)
-    return {"auto": "attn='auto' dispatch (the chosen implementation)", "eager": "eager attention (matmul + softmax)",
-            "torch-separate-ops": "torch's separate ops (the reference)"}.get(provider, str(provider))
+    if name in impls:
+        return impls[name].runs(DEVICE)
+    return {"auto": "attn='auto' dispatch (the chosen implementation)",
+            "reference": "the op's eager reference (torch's separate ops)"}.get(name, str(name or info.get("path")))
 
 
 def run(benchmark, fn: Callable[[], object], flops: float | None = None, nbytes: float | None = None,

@@ -49,5 +49,5 @@ def test_video_to_pixel_values(benchmark, video, seed_pixels, path):
     # ours is exact to the seed's VivitImageProcessor; transformers' torch resize is not (docs/video.md)
     assert pixels.shape == seed_pixels.shape
     assert np.abs(pixels - seed_pixels).max() <= (1e-6 if path != "transformers" else 0.05)
-    run(benchmark, lambda: fn(video), rounds=5, warmup=1, table="decode", provider=path, device_kind="cpu",
+    run(benchmark, lambda: fn(video), rounds=5, warmup=1, table="decode", path=path, device_kind="cpu",
         video=f"{WIDTH}x{HEIGHT} H.264, {SECONDS} s at 30 fps")

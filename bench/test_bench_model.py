@@ -16,20 +16,20 @@ import pytest
 import torch
 
 from vivit_kernels import VivitConfig
-from vivit_kernels.model import image_hw
-from vivit_kernels.tools.acceptance import build_seed_model, peak_memory_mb, seed_step
+from vivit_kernels.presets import image_hw
+from vivit_kernels.tools.acceptance import peak_memory_mb, seed_step
+from vivit_kernels.tools.model_paths import PATHS, build_model
 
-from bench_utils import DEVICE, DTYPES, ON_GPU, params, run
+from bench_utils import DEVICE, ON_GPU, params, run, torch_dtype
 
 CONFIG = "vivit-b-16x2" if ON_GPU else "tiny"
 BATCHES = [1, 2, 4, 8] if ON_GPU else [1, 2]
 INFER_ROUNDS = 20 if ON_GPU else 2
 TRAIN_STEPS = 100 if ON_GPU else 2
-PROVIDERS = ["triton", "auto", "transformers-eager", "transformers-sdpa", "transformers-sdpa-compiled"]
 
 
-def _model(provider: str, dtype: torch.dtype) -> torch.nn.Module:
-    return build_seed_model(provider, CONFIG, dtype, DEVICE)  # the acceptance run builds its rows the same way
+def _model(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    return build_model(path, CONFIG, dtype, DEVICE)  # the acceptance run builds its rows the same way
 
 
 def _pixels(batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -40,24 +40,24 @@ def _pixels(batch: int, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"] if ON_GPU else ["fp32"])
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("provider", params(PROVIDERS, ours={"triton"}))
-def test_inference(benchmark, provider, batch, dtype):
-    if provider.endswith("compiled") and not ON_GPU:
+@pytest.mark.parametrize("path", params(PATHS, ours={"triton"}))
+def test_inference(benchmark, path, batch, dtype):
+    if path.endswith("compiled") and not ON_GPU:
         pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
-    step = seed_step(_model(provider, DTYPES[dtype]), "inference", _pixels(batch, DTYPES[dtype]))
+    step = seed_step(_model(path, torch_dtype(dtype)), "inference", _pixels(batch, torch_dtype(dtype)))
     step()  # compile / autotune outside the timing
     peak = peak_memory_mb(step, DEVICE)
-    run(benchmark, step, rounds=INFER_ROUNDS, warmup=2 if ON_GPU else 0, table="inference", provider=provider,
+    run(benchmark, step, rounds=INFER_ROUNDS, warmup=2 if ON_GPU else 0, table="inference", path=path,
         batch=batch, dtype=dtype, num_batches=INFER_ROUNDS, peak_mem_mb=peak, config=CONFIG)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
-@pytest.mark.parametrize("provider", params(PROVIDERS, ours={"triton"}))
-def test_training(benchmark, provider, dtype):
-    if provider.endswith("compiled") and not ON_GPU:
+@pytest.mark.parametrize("path", params(PATHS, ours={"triton"}))
+def test_training(benchmark, path, dtype):
+    if path.endswith("compiled") and not ON_GPU:
         pytest.skip("torch.compile of transformers on the CPU is not a comparison anyone runs")
-    step = seed_step(_model(provider, DTYPES[dtype]), "training", _pixels(1, DTYPES[dtype]))
+    step = seed_step(_model(path, torch_dtype(dtype)), "training", _pixels(1, torch_dtype(dtype)))
     step()
     peak = peak_memory_mb(step, DEVICE)
-    run(benchmark, step, rounds=TRAIN_STEPS, warmup=2 if ON_GPU else 0, table="training", provider=provider, batch=1,
+    run(benchmark, step, rounds=TRAIN_STEPS, warmup=2 if ON_GPU else 0, table="training", path=path, batch=1,
         dtype=dtype, num_training_steps=TRAIN_STEPS, peak_mem_mb=peak, config=CONFIG)

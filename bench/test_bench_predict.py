@@ -46,7 +46,7 @@ def test_predict_end_to_end(benchmark, videos):
         rounds=3,
         warmup=1,
         table="predict",
-        provider=f"predict {preset}",
+        path=f"predict {preset}",
         dtype=str(dtype).removeprefix("torch."),
         videos=len(videos),
         workers=workers,

@@ -30,12 +30,12 @@ def test_transformers_processor(benchmark, video):
     processor = transformers.VivitImageProcessor()
     frames = list(video[0].numpy())
     run(benchmark, lambda: processor(frames, return_tensors="pt"), nbytes=IN_BYTES + OUT_BYTES, rounds=5,
-        provider="transformers VivitImageProcessor", device_kind="cpu")
+        path="transformers VivitImageProcessor", device_kind="cpu")
 
 
 def test_ours_cpu(benchmark, video):
     processor = VideoProcessor()
-    run(benchmark, lambda: processor(video), nbytes=IN_BYTES + OUT_BYTES, rounds=20, provider="vivit_kernels (CPU op)",
+    run(benchmark, lambda: processor(video), nbytes=IN_BYTES + OUT_BYTES, rounds=20, path="vivit_kernels (CPU op)",
         device_kind="cpu")
 
 
@@ -48,6 +48,6 @@ def test_ours_cuda(benchmark, video):
         lambda: processor(on_gpu),
         nbytes=IN_BYTES + OUT_BYTES,
         rounds=50,
-        provider="vivit_kernels (CUDA op)",
+        path="vivit_kernels (CUDA op)",
         device_kind="cuda",
     )

@@ -17,14 +17,14 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def private_provider_cache(tmp_path, monkeypatch):
+def private_implementation_cache(tmp_path, monkeypatch):
     """attn="auto" with its own cache file, no pins from the environment, empty memory and fresh log lines."""
-    from vivit_kernels import providers
     from vivit_kernels._log import forget_said
+    from vivit_kernels.auto import cache, choose
 
-    monkeypatch.setenv(providers.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(providers.PINS_ENV, raising=False)
-    providers.forget()
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(choose.PINS_ENV, raising=False)
+    choose.forget()
     forget_said()
     yield
-    providers.forget()
+    choose.forget()

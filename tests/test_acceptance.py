@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from vivit_kernels import acceptance
 from vivit_kernels.ops.layer_norm import layer_norm
 from vivit_kernels.ops.registry import OPS, Implementation, backend_ops
+from vivit_kernels.tools import acceptance
 from vivit_kernels.tools.acceptance import checks
+from vivit_kernels.tools.model_paths import COMPILED, TIMED
 
 
 def test_dry_run_writes_every_section(tmp_path):
@@ -33,21 +34,21 @@ def test_dry_run_writes_every_section(tmp_path):
             name = op if variant is None else f"{op} {variant}"
             assert {(name, "bf16"), (name, "fp32")} <= cases, name
     assert {("model", "bf16"), ("model", "fp32")} <= cases
-    assert any(c["case"].startswith("extension ops") for c in data["correctness"])
+    assert {("bias_gelu_fast", "fp32"), ("bias_gelu_fast", "bf16"), ("preprocess_video", "fp32")} <= cases  # extension
     assert all(c["ok"] for c in data["correctness"]) and not data["failures"]
-    ours = {(r["op"], r["mode"]) for r in data["ops"] if r["provider"] == "triton" and r["checked"]}
+    ours = {(r["op"], r["mode"]) for r in data["ops"] if r["implementation"] == "triton" and r["checked"]}
     assert ours == {(op, mode) for op in backend_ops() for mode in ("infer", "train")}
-    assert all(r["interpreted"] for r in data["ops"] if r["provider"] == "triton")  # never a speed figure
-    assert any(r["provider"] == "auto" and r["ms"] for r in data["ops"])
-    seed = {(r["table"], r["provider"]) for r in data["seed"]}
+    assert all(r["interpreted"] for r in data["ops"] if r["implementation"] == "triton")  # never a speed figure
+    assert any(r["implementation"] == "auto" and r["ms"] for r in data["ops"])
+    seed = {(r["table"], r["path"]) for r in data["seed"]}
     lora = {("training", "triton+lora"), ("training", "auto+lora")}  # a LoRA step beside the full one
     merge = {("inference", "triton+merge"), ("inference", "auto+merge")}  # token merging beside the full model
-    assert seed == {(t, p) for t in ("inference", "training") for p in acceptance.SEED_PROVIDERS} | lora | merge
-    merged = [r for r in data["seed"] if r["provider"].endswith("+merge")]
+    assert seed == {(t, p) for t in ("inference", "training") for p in TIMED} | lora | merge
+    merged = [r for r in data["seed"] if r["path"].endswith("+merge")]
     assert all(r["merge"] == "fraction-10" for r in merged)  # the schedule is recorded, and shown in the report
     # every op a layer runs (the per-op section asks auto for each), and the whole model
     assert {a["op"] for a in data["auto"]} == set(backend_ops()) | {"model"}
-    assert any(s["name"] == acceptance.COMPILED for s in data["skipped"])  # said, not silently left out
+    assert any(s["name"] == COMPILED for s in data["skipped"])  # said, not silently left out
     # decoding beside the model: PyAV always, each other decoder measured or its absence said; frames compared
     decoders = {r["decoder"]: r for r in data["decode"]}
     assert decoders["pyav"]["clips_per_s"] > 0 and decoders["pyav"]["max_diff_to_pyav"] == 0
@@ -82,7 +83,7 @@ def test_dry_run_writes_every_section(tmp_path):
         (root / name / "results.json").write_text(json.dumps(gpu))
     section = acceptance.readme_section(root)
     assert "Measured on **NVIDIA-NEW** on 2026-12-01" in section and "nvidia-new-2026-12-01/report.md" in section
-    assert "| num_batches | batch_size | dtype | backend |" in section
+    assert "| num_batches | batch_size | dtype | path |" in section
 
 
 def test_the_readme_section_is_generated_from_bench_results():
@@ -101,7 +102,7 @@ def test_a_wrong_kernel_fails_the_run_naming_op_shape_and_dtype(tmp_path, device
     ours = OPS["layer_norm"].implementations["triton"]
     wrong = Implementation("triton", lambda x, w, b, eps: layer_norm(x, w, b, eps) * 1.01, ours.available, ours.runs)
     monkeypatch.setitem(OPS["layer_norm"].implementations, "triton", wrong)  # our kernel, 1% off
-    monkeypatch.setattr(checks, "_layer_ops", lambda: ["layer_norm"])
+    monkeypatch.setattr(checks, "_checked_ops", lambda: ["layer_norm"])
     run = _run(tmp_path, device)
     assert acceptance.execute(run) == 1
     failed = [f for f in run.data["failures"] if f["name"] == "layer_norm"]
@@ -131,12 +132,12 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, device, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checks, "section_ops", interrupted)
-    monkeypatch.setattr(checks, "_layer_ops", lambda: [])  # correctness: the model and the extension
+    monkeypatch.setattr(checks, "_checked_ops", lambda: [])  # correctness: the model
     run = _run(tmp_path, device, sections=("correctness", "ops"))
     with pytest.raises(KeyboardInterrupt):
         acceptance.execute(run)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert not data["finished"] and data["correctness"]  # the model and extension checks ran and were kept
+    assert not data["finished"] and data["correctness"]  # the model's checks ran and were kept
     assert "INCOMPLETE" in (tmp_path / "report.md").read_text()
 
 

@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from vivit_kernels import aot
 from vivit_kernels.ops import _gemm
 from vivit_kernels.ops import attention as attn_mod
 from vivit_kernels.ops import layer_norm as ln_mod
 from vivit_kernels.ops import patch_embed as pe_mod
+from vivit_kernels.tools import aot
 
 
 def _matmul_sass(case, arch: int) -> bool:

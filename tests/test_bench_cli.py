@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vivit_kernels import bench_report
+from vivit_kernels.tools import bench_report
 
 
 def test_bench_command_writes_the_report(tmp_path):
@@ -31,23 +31,23 @@ def test_bench_command_writes_the_report(tmp_path):
         "transformers-eager",
         "transformers-sdpa",
     }
-    providers_section = report.split('## Providers chosen by attn="auto"')[1].split("\n## ")[0]
-    assert "| op | shapes | mode |" in providers_section and "| mlp |" in providers_section  # what auto chose
+    chosen = report.split('## Implementations chosen by attn="auto"')[1].split("\n## ")[0]
+    assert "| op | shapes | mode |" in chosen and "| mlp |" in chosen  # what auto chose
     assert "CPU" in report  # says which machine timed it
     assert "interpreter: correctness run" in report and "No memory plot" in report
     measured = json.loads((tmp_path / "measurements.json").read_text())
-    assert {m["provider"] for m in measured} >= {"triton", "transformers-sdpa"}
+    assert {m["path"] for m in measured} >= {"triton", "transformers-sdpa"}
 
 
 def test_tables_follow_the_seed_convention():
     """Speedup and memory saving are base / value - 1, against transformers' eager model; times are medians with
     their inter-quartile range; interpreted rows are correctness runs without a speed figure."""
     records = [
-        dict(table="inference", provider="transformers-eager", dtype="fp16", batch=1, time_s=0.02, iqr_s=0.001,
+        dict(table="inference", path="transformers-eager", dtype="fp16", batch=1, time_s=0.02, iqr_s=0.001,
              rounds=5, peak_mem_mb=700.0, num_batches=20),
-        dict(table="inference", provider="triton", dtype="fp16", batch=1, time_s=0.01, iqr_s=0.0005, rounds=5,
+        dict(table="inference", path="triton", dtype="fp16", batch=1, time_s=0.01, iqr_s=0.0005, rounds=5,
              peak_mem_mb=350.0, num_batches=20),
-        dict(table="inference", provider="auto", dtype="fp16", batch=1, time_s=3.0, rounds=1, interpreted=True,
+        dict(table="inference", path="auto", dtype="fp16", batch=1, time_s=3.0, rounds=1, interpreted=True,
              num_batches=20),
     ]
     table = bench_report.inference_table(records)
@@ -57,7 +57,7 @@ def test_tables_follow_the_seed_convention():
 
 
 def test_the_predict_row_shows_videos_per_second_and_where_the_time_went():
-    records = [dict(table="predict", provider="predict vivit-b-16x2", name="test_predict_end_to_end", dtype="bfloat16",
+    records = [dict(table="predict", path="predict vivit-b-16x2", name="test_predict_end_to_end", dtype="bfloat16",
                     videos=16, workers=8, time_s=2.0, iqr_s=0.1, rounds=3, waiting_share=0.6, preprocess_share=0.05,
                     model_share=0.3)]
     table = bench_report.predict_table(records)

@@ -1,5 +1,5 @@
 """vivit_kernels._compat: what differs between the oldest supported versions (torch 2.11 / Triton 3.6 /
-transformers 5.17) and the newest. scripts/check_oldest.sh runs these under the oldest versions too."""
+transformers 5.17) and the newest. scripts/check_versions.sh runs these under the oldest and the newest versions too."""
 
 from __future__ import annotations
 

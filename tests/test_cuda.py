@@ -26,7 +26,8 @@ from vivit_kernels.ops import linear as lin
 from vivit_kernels.ops import patch_embed as pe
 from vivit_kernels.ops.attention import attention_ref, flash_attention_qkv
 from vivit_kernels.ops.layer_norm import layer_norm, layer_norm_ref
-from vivit_kernels.ops.registry import OPS, Shape, backend_ops
+from vivit_kernels.ops.registry import OPS, backend_ops
+from vivit_kernels.ops.sample_inputs import Shape
 from vivit_kernels.testing import grad_eps, judge, judge_outputs
 
 from helpers import DEVICE, assert_close, assert_within_rule, check_against_reference
@@ -38,7 +39,7 @@ DRY_RUN = os.environ.get("VIVIT_KERNELS_DRY_RUN_CUDA_TESTS") == "1"
 cuda_only = pytest.mark.cuda
 pytestmark = [pytest.mark.triton] if DRY_RUN else [pytest.mark.cuda, pytest.mark.triton]
 
-TOKENS, HIDDEN, HEADS, HEAD_DIM, INTER = (3137, 768, 12, 64, 3072) if not DRY_RUN else (67, 64, 2, 32, 96)
+SHAPE = Shape.vivit_b() if not DRY_RUN else Shape.tiny()  # the registry's: ViViT-B, or the dry run's tiny sizes
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BATCHES = [1, 8] if not DRY_RUN else [1, 2]
 
@@ -50,51 +51,49 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Every op at ViViT-B shapes, forward and every input gradient
 # ------------------------------------------------------------------------------------------------
-def _attention_by_slices(qkv: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype):
-    """Eager reference output and dqkv in ``dtype``, one batch element at a time (the N x N probabilities of a
-    whole ViViT-B batch in fp32 would need tens of GB)."""
-    outs, grads = [], []
-    for b in range(qkv.shape[0]):
-        x = qkv[b : b + 1].detach().to(dtype).requires_grad_()
-        out = attention_ref(*x.unbind(2))
+def _by_slices(entry, args: tuple, grad: torch.Tensor, dtype: torch.dtype):
+    """The op's reference output and input gradients in ``dtype``, one batch element at a time (attention's N x N
+    probabilities of a whole ViViT-B batch in fp32 would need tens of GB)."""
+    outs, grads = [], None
+    for b in range(grad.shape[0]):
+        leaves = [a[b : b + 1].detach().to(dtype if a.is_floating_point() else a.dtype).requires_grad_(a.requires_grad)
+                  if isinstance(a, torch.Tensor) else a for a in args]
+        out = entry.reference(*leaves)
         out.backward(grad[b : b + 1].to(dtype))
         outs.append(out.detach())
-        grads.append(x.grad)
-    return torch.cat(outs), torch.cat(grads)
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_attention_vivit_b(batch, dtype):
-    qkv = torch.randn(batch, TOKENS, 3, HEADS, HEAD_DIM, device=DEVICE)
-    grad = torch.randn(batch, TOKENS, HEADS, HEAD_DIM, device=DEVICE)
-    x = qkv.to(dtype).requires_grad_()
-    out = flash_attention_qkv(x)
-    out.backward(grad.to(dtype))
-    ref = _attention_by_slices(qkv, grad, torch.float32)
-    low = None if dtype == torch.float32 else _attention_by_slices(qkv, grad, dtype)
-    for c in judge_outputs(out, [x.grad], (ref[0], [ref[1]]), None if low is None else (low[0], [low[1]]),
-                           name="attention_qkv"):
-        assert c.ok, c.message()
+        row = [leaf.grad if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves]
+        grads = [[g] for g in row] if grads is None else [acc + [g] for acc, g in zip(grads, row, strict=True)]
+    return torch.cat(outs), [None if g[0] is None else torch.cat(g) for g in grads]
 
 
 def _registry_cases():
-    """Every op a layer runs, each variant of its sample inputs; attention has its own test above (its fp32
-    reference is taken one batch element at a time)."""
+    """Every op a layer runs, each variant of its sample inputs."""
     for op in backend_ops():
-        if not op.startswith("attention"):
-            for variant in OPS[op].variants:
-                yield pytest.param(op, variant, id=op if variant is None else f"{op}-{variant}")
+        for variant in OPS[op].variants:
+            yield pytest.param(op, variant, id=op if variant is None else f"{op}-{variant}")
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op, variant", list(_registry_cases()))
 def test_op_vivit_b(op, variant, batch, dtype):
-    """Each op at ViViT-B shapes (the registry's sample inputs), forward and every input gradient."""
+    """Each op at ViViT-B shapes (the registry's sample inputs), forward and every input gradient. Attention's
+    reference runs one batch element at a time."""
+    entry = OPS[op]
     shape = Shape.vivit_b(batch) if not DRY_RUN else Shape.tiny(batch)
-    args = OPS[op].sample_inputs(shape, torch.float32, DEVICE, True, variant)
-    check_against_reference(OPS[op].ours.fn, OPS[op].reference, args, dtype, name=op)
+    args = entry.sample_inputs(shape, torch.float32, DEVICE, True, variant)
+    if not op.startswith("attention"):
+        check_against_reference(entry.ours.fn, entry.reference, args, dtype, name=op)
+        return
+    leaves = [a.detach().to(dtype).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    out = entry.ours.fn(*leaves)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out.backward(grad.to(dtype))
+    ref = _by_slices(entry, args, grad, torch.float32)
+    low = None if dtype == torch.float32 else _by_slices(entry, args, grad, dtype)
+    grads = [leaf.grad if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None for leaf in leaves]
+    for c in judge_outputs(out, grads, ref, low, name=op):
+        assert c.ok, c.message()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,11 +304,12 @@ def test_autotuned_launches_pick_a_shipped_config_of_their_row(tokens):
               attn_mod._attn_bwd_dq_tuned)
     for tuner in tuners:
         tuner.cache.clear()
-    x = leaf(torch.randn(2, tokens, HIDDEN).to(torch.bfloat16))
-    w = leaf((torch.randn(3 * HIDDEN, HIDDEN) * HIDDEN**-0.5).to(torch.bfloat16))
+    hidden, heads, head_dim = SHAPE.hidden, SHAPE.heads, SHAPE.head_dim
+    x = leaf(torch.randn(2, tokens, hidden).to(torch.bfloat16))
+    w = leaf((torch.randn(3 * hidden, hidden) * hidden**-0.5).to(torch.bfloat16))
     # on a GPU Triton's own benchmarker (CUDA events); in a dry run on the CPU, wall-clock time of the interpreter
     with _triton.autotuning(_wall_clock_timer if DRY_RUN else None):
-        qkv = lin.linear(x, w).view(2, tokens, 3, HEADS, HEAD_DIM)
+        qkv = lin.linear(x, w).view(2, tokens, 3, heads, head_dim)
         out = flash_attention_qkv(qkv)
         out.float().sum().backward()
     gemm_ran, gemm_idle, table = ((_gemm._gemm_tma_tuned, _gemm._gemm_tuned, _gemm.TMA_CONFIGS) if ARCH == 90
@@ -322,7 +322,7 @@ def test_autotuned_launches_pick_a_shipped_config_of_their_row(tokens):
                                                                         attn_mod.DKDV_ROWS),
                         (attn_mod._attn_bwd_dq_tuned, attn_mod.DQ_ROWS)):
         assert len(tuner.cache) == 1
-        assert _chosen(tuner) <= _keys(rows[(attn_mod.block_d_for(HEAD_DIM), 2, ARCH, short)])
+        assert _chosen(tuner) <= _keys(rows[(attn_mod.block_d_for(head_dim), 2, ARCH, short)])
         assert getattr(tuner, "configs_timings", None), "the autotuner timed nothing"
     ref = attention_ref(*qkv.detach().float().unbind(2))
     low = attention_ref(*qkv.detach().unbind(2))
@@ -350,7 +350,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 def test_vivit_b_triton_matches_eager_bf16_batch2():
     cfg, eager, tri = _vivit_b_pair()
-    x = torch.randn(2, cfg.num_frames, 3, *vk.model.image_hw(cfg), device=DEVICE)
+    x = torch.randn(2, cfg.num_frames, 3, *vk.presets.image_hw(cfg), device=DEVICE)
     labels = torch.tensor([3, 7], device=DEVICE)
     ref = eager(x, labels=labels)  # the fp32 reference (eager attention: about 30 GB at this size)
     ref.loss.backward()
@@ -379,7 +379,7 @@ def _tiny_pair():
     eager = vk.VivitForVideoClassification(cfg, attn="eager").to(DEVICE).eval()
     tri = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE).eval()
     tri.load_state_dict(eager.state_dict())
-    h, w = vk.model.image_hw(cfg)
+    h, w = vk.presets.image_hw(cfg)
     return eager, tri, torch.randn(2, cfg.num_frames, 3, h, w, device=DEVICE)
 
 

@@ -240,13 +240,33 @@ def test_resume_continues_from_the_saved_step(motion, tmp_path):
 
 
 def test_finetune_with_lora_writes_a_plain_vivit_checkpoint(motion, tmp_path):
-    result = finetune(motion, tmp_path / "lora", preset=tiny_config(), max_steps=2, batch_size=4, lr=1e-3,
-                      lora_rank=4, val_fraction=0.25, eval_views=(1, 1), **RUN)
-    assert result["lora_rank"] == 4
-    with open(tmp_path / "lora" / "config.json") as f:
-        assert json.load(f)["model_type"] == "vivit"
-    model = transformers.AutoModelForVideoClassification.from_pretrained(tmp_path / "lora")
-    assert not any("lora" in n for n, _ in model.named_parameters())
+    """The final checkpoint is a plain ViViT (no adapter modules) whose q and v weights carry the trained adapters
+    merged in: the same seeded run with a learning rate of 0 gives the untrained weights, and the difference is
+    exactly scaling x B A of the adapters the run's last checkpoint saved; k, which has no adapter, is unchanged."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, lr in (("lora", 1e-3), ("frozen", 0.0)):
+        result = finetune(motion, tmp_path / name, preset=tiny_config(), max_steps=2, save_steps=2, batch_size=4,
+                          lr=lr, warmup=0.0, lora_rank=4, val_fraction=0.25, eval_views=(1, 1), **RUN)
+        assert result["lora_rank"] == 4
+        with open(tmp_path / name / "config.json") as f:
+            assert json.load(f)["model_type"] == "vivit"
+        model = transformers.AutoModelForVideoClassification.from_pretrained(tmp_path / name)
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        runs[name] = model.state_dict()
+    adapters = load_file(str(tmp_path / "lora" / "checkpoint-2" / "adapter_model.safetensors"))
+    scaling = 2 * 4 / 4  # add_lora's alpha (2 x rank) over the rank
+    layers = {k.split(".lora_A.")[0] for k in adapters if ".lora_A." in k}
+    assert layers and {k.rsplit(".", 1)[1] for k in layers} == {"q_proj", "v_proj"}, sorted(layers)
+    for layer in layers:
+        a, b = adapters[f"{layer}.lora_A.weight"], adapters[f"{layer}.lora_B.weight"]
+        key = layer.split("base_model.model.", 1)[1] + ".weight"
+        delta = runs["lora"][key] - runs["frozen"][key]
+        assert delta.abs().max() > 0, f"{key}: the adapters were not merged into the checkpoint"
+        assert_close(delta, scaling * b.float() @ a.float(), 1e-6, rtol=1e-4, name=key)
+        k_key = key.replace("q_proj", "k_proj").replace("v_proj", "k_proj")
+        assert torch.equal(runs["lora"][k_key], runs["frozen"][k_key])
 
 
 def _losses_and_weights(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -297,8 +317,9 @@ def test_a_linear_probe_trains_the_classifier_alone_from_the_command_line(motion
 def test_a_factorised_model_finetunes_saves_and_predicts(motion, tmp_path, preset):
     """Models 3 and 4 through the same job as Model 1: a preset, Trainer, the multi-view evaluation, a checkpoint
     transformers' Auto classes read, and predict on it (features: the mean of the tokens, not a [CLS])."""
-    from vivit_kernels.models import FACTORIZED_PRESETS, VivitFactorizedConfig, VivitFactorizedForVideoClassification
+    from vivit_kernels.models import VivitFactorizedConfig, VivitFactorizedForVideoClassification
     from vivit_kernels.predict import predict_to_file
+    from vivit_kernels.presets import FACTORIZED_PRESETS
 
     config = VivitFactorizedConfig(**{**FACTORIZED_PRESETS[preset], **MOTION})
     result = finetune(motion, tmp_path / "m", preset=config, max_steps=2, batch_size=4, lr=1e-3, val_fraction=0.25,

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from vivit_kernels import providers
+from vivit_kernels.auto import cache, choose
 from vivit_kernels.ops import registry
 from vivit_kernels.ops.registry import OPS, Implementation
+from vivit_kernels.ops.sample_inputs import Shape
 
 from helpers import DEVICE, assert_close
 
-pytestmark = pytest.mark.usefixtures("private_provider_cache")  # each test its own cache file, empty memory
+pytestmark = pytest.mark.usefixtures("private_implementation_cache")  # each test its own cache file, empty memory
 
 
 class PathTimer:
@@ -53,24 +54,24 @@ def _models(preset="tiny", seed=0):
     auto = vk.VivitForVideoClassification(preset, attn="auto")
     auto.load_state_dict(sdpa.state_dict())
     cfg = sdpa.config
-    x = torch.randn(2, cfg.num_frames, cfg.num_channels, *vk.model.image_hw(cfg), generator=g)
+    x = torch.randn(2, cfg.num_frames, cfg.num_channels, *vk.presets.image_hw(cfg), generator=g)
     return sdpa.to(DEVICE).eval(), auto.to(DEVICE).eval(), x.to(DEVICE)
 
 
 def _model_entries() -> list[dict]:
-    return [e for e in providers.load_cache().values() if e["op"] == providers.WHOLE_MODEL]
+    return [e for e in cache.load_cache().values() if e["op"] == cache.WHOLE_MODEL]
 
 
 def _op_entries() -> list[dict]:
-    return [e for e in providers.load_cache().values() if e["op"] != providers.WHOLE_MODEL]
+    return [e for e in cache.load_cache().values() if e["op"] != cache.WHOLE_MODEL]
 
 
 def test_transformers_path_kept_when_faster_and_then_no_op_of_ours_runs(monkeypatch):
     sdpa, auto, x = _models()
     chosen = []
-    monkeypatch.setattr(providers, "choose", lambda op, args, pins: chosen.append(op) or "torch")
+    monkeypatch.setattr(choose, "choose", lambda op, args, pins: chosen.append(op) or "torch")
     timer = PathTimer({"kernels": 2.0, "transformers": 1.0})
-    with providers.timer(timer), torch.no_grad():
+    with choose.timer(timer), torch.no_grad():
         out = auto(x).logits
         again = auto(x).logits
     assert timer.model_calls == 4  # both paths, twice, in turn; the second forward measured nothing
@@ -87,7 +88,7 @@ def test_transformers_path_kept_when_faster_and_then_no_op_of_ours_runs(monkeypa
 def test_kernels_kept_when_faster():
     sdpa, auto, x = _models()
     timer = PathTimer({"kernels": 1.0, "transformers": 2.0})
-    with providers.timer(timer), torch.no_grad():
+    with choose.timer(timer), torch.no_grad():
         out = auto(x).logits
     [entry] = _model_entries()
     assert entry["choice"] == "kernels"
@@ -98,7 +99,7 @@ def test_kernels_kept_when_faster():
 
 def test_a_tie_goes_to_transformers():
     _, auto, x = _models()
-    with providers.timer(PathTimer({"kernels": 1.0, "transformers": 1.0})), torch.no_grad():
+    with choose.timer(PathTimer({"kernels": 1.0, "transformers": 1.0})), torch.no_grad():
         auto(x)
     assert _model_entries()[0]["choice"] == "transformers"
 
@@ -110,7 +111,7 @@ def test_training_is_guarded_separately_and_leaves_no_trace():
     auto.train()
     timer = PathTimer({"kernels": 1.0, "transformers": 2.0}, run=True)
     cpu_rng = torch.get_rng_state()
-    with providers.timer(timer):
+    with choose.timer(timer):
         auto.vivit._vivit_auto_backend.path.transformers = False
         from vivit_kernels.auto.guard import decide
 
@@ -122,7 +123,7 @@ def test_training_is_guarded_separately_and_leaves_no_trace():
     # the kernels path's first run made the per-op choices of a training step
     assert {e["mode"] for e in _op_entries()} == {"train"}
     labels = torch.tensor([1, 2], device=DEVICE)
-    with providers.timer(timer):
+    with choose.timer(timer):
         out = auto(x, labels=labels)
     out.loss.backward()
     ref = sdpa.train()(x, labels=labels)
@@ -134,7 +135,7 @@ def test_training_is_guarded_separately_and_leaves_no_trace():
 
 def test_pins_and_input_shapes_are_separate_whole_model_choices():
     _, auto, x = _models()
-    with providers.timer(PathTimer({"kernels": 2.0, "transformers": 1.0})), torch.no_grad():
+    with choose.timer(PathTimer({"kernels": 2.0, "transformers": 1.0})), torch.no_grad():
         auto(x)
         auto(x[:1])
         auto.set_attn("auto", pins={"layer_norm": "torch"})
@@ -146,7 +147,7 @@ def test_nothing_is_measured_while_compiling_and_the_last_path_is_kept():
     torch._dynamo.reset()
     sdpa, auto, x = _models()
     timer = PathTimer({"kernels": 2.0, "transformers": 1.0})
-    with providers.timer(timer), torch.no_grad():
+    with choose.timer(timer), torch.no_grad():
         compiled = torch.compile(auto, fullgraph=True, backend="aot_eager")
         out = compiled(x).logits
     assert timer.model_calls == 0 and _model_entries() == []
@@ -198,10 +199,10 @@ def test_a_candidate_that_disagrees_with_the_reference_is_never_chosen(monkeypat
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, 9, 32, generator=g).to(DEVICE), (0.2 * torch.randn(48, 32, generator=g)).to(DEVICE),
             torch.randn(48, generator=g).to(DEVICE), "gelu_fast", None)
-    with providers.timer(timer), caplog.at_level(logging.WARNING, logger="vivit_kernels"), torch.no_grad():
-        choice = providers.choose("linear", args, {})
+    with choose.timer(timer), caplog.at_level(logging.WARNING, logger="vivit_kernels"), torch.no_grad():
+        choice = choose.choose("linear", args, {})
     assert choice != "cublas" and wrong not in timed
-    assert any("provider cublas for linear is not used" in r.message and "max abs error" in r.message
+    assert any("implementation cublas of linear is not used" in r.message and "max abs error" in r.message
                for r in caplog.records), [r.message for r in caplog.records]
     [entry] = _op_entries()
     assert "cublas" in entry["rejected"] and "cublas" not in entry["medians_ms"]
@@ -227,8 +228,8 @@ def test_gradients_are_checked_for_training_calls(monkeypatch):
                         Implementation("torch", wrong_backward, good.available, good.runs))
     x = torch.randn(2, 9, 48, device=DEVICE)
     w, b = torch.ones(48, device=DEVICE), torch.zeros(48, device=DEVICE)
-    assert providers.verify("layer_norm", "torch", (x, w, b, 1e-6), training=False) is None
-    why = providers.verify("layer_norm", "torch", (x.requires_grad_(), w, b, 1e-6), training=True)
+    assert choose.verify("layer_norm", "torch", (x, w, b, 1e-6), training=False) is None
+    why = choose.verify("layer_norm", "torch", (x.requires_grad_(), w, b, 1e-6), training=True)
     assert why is not None and "gradient of argument 0" in why
 
 
@@ -252,13 +253,13 @@ def test_every_registry_entry_names_its_pieces():
         for path in op.tests:
             assert (root / path).is_file(), path
         bench_file, _, bench_test = op.bench.partition("::")
-        assert f"def {bench_test}(" in (root / bench_file).read_text(), op.bench
+        assert f"def {bench_test.split()[0]}(" in (root / bench_file).read_text(), op.bench
         for m in op.aot_modules:
             assert hasattr(importlib.import_module(m), "aot_cases"), m
         for impl in op.implementations.values():
             assert impl.runs(torch.device("cpu")) and impl.runs(torch.device("cuda")), (name, impl.name)
         for variant in op.variants:  # sample inputs at a shape, their FLOPs and bytes
-            args = op.sample_inputs(registry.Shape.awkward(), torch.float32, "cpu", False, variant)
+            args = op.sample_inputs(Shape.awkward(), torch.float32, "cpu", False, variant)
             assert op.flops(*args) >= 0 and op.bytes(*args) > 0, (name, variant)
 
 
@@ -316,7 +317,7 @@ def test_lora_adapters_ride_along_and_are_never_measured():
             return super().__call__(fn, args, training, device)
 
     sdpa.train(), auto.train()
-    with providers.timer(Recording({"kernels": 1.0, "transformers": 2.0})):
+    with choose.timer(Recording({"kernels": 1.0, "transformers": 2.0})):
         auto(x).logits.square().mean().backward()
     sdpa(x).logits.square().mean().backward()
     assert timed and not any(isinstance(a, (list, tuple)) for args in timed for a in args)

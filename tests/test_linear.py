@@ -10,6 +10,8 @@ from vivit_kernels.ops import _gemm, _triton
 from vivit_kernels.ops import linear as lin
 from vivit_kernels.ops.activations import gelu_fast as gelu_fast_ref
 from vivit_kernels.ops.linear import linear, linear_ref, mlp, mlp_ref
+from vivit_kernels.ops.registry import OPS
+from vivit_kernels.ops.sample_inputs import Shape
 
 from helpers import DEVICE, assert_close, check_against_reference
 
@@ -132,7 +134,7 @@ def test_qkv_lora_computes_and_keeps_only_what_trains(monkeypatch):
     """Frozen base weights and input: only the adapters' gradients are computed (one small GEMM each: dU, dA, dB;
     no dx), equal to the reference's; a frozen adapter gets None and its GEMMs are not run; the registry's launch
     count of the backward is what ran."""
-    from vivit_kernels.ops import registry
+    from vivit_kernels.ops import formulas
 
     torch.manual_seed(0)
     hidden, rank = 32, 4
@@ -157,7 +159,7 @@ def test_qkv_lora_computes_and_keeps_only_what_trains(monkeypatch):
     bwd = lin.qkv_bwd
 
     def counted_bwd(*args):
-        launches.append(registry.launches("vivit_kernels::qkv_bwd", args))
+        launches.append(formulas.launches("vivit_kernels::qkv_bwd", args))
         return bwd(*args)
 
     monkeypatch.setattr(lin, "qkv_bwd", counted_bwd)
@@ -214,39 +216,26 @@ def test_qkv_projection_opcheck_and_errors():
         lin.qkv_projection(x, ws[0], None, ws[1][:16], None, ws[2], None)
 
 
+def _gemm_ops():
+    """The registry's ops on the shared GEMM engine, each variant of its sample inputs."""
+    for op, entry in OPS.items():
+        if entry.kernel_module == _gemm.__name__:
+            for variant in entry.variants:
+                yield pytest.param(op, variant, id=op if variant is None else f"{op}-{variant}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("op", ["linear+residual", "linear+gelu_fast", "mlp", "qkv"])
-def test_ops_on_the_tma_path(op, dtype, monkeypatch):
-    """The ops, forward and every gradient (dX, dW split over K, db), with every GEMM on the sm_90
+@pytest.mark.parametrize("op, variant", list(_gemm_ops()))
+def test_ops_on_the_tma_path(op, variant, dtype, monkeypatch):
+    """The GEMM ops, forward and every gradient (dX, dW split over K, db), with every GEMM on the sm_90
     tensor-descriptor kernel (on sm_90 the default where the layout allows; here forced, in the interpreter)."""
     _tma_here("tma")
     monkeypatch.setattr(_gemm, "FORCED_PATH", "tma")
-    tokens, hidden = 700, 64  # 1400 rows: the weight gradients split over K
-    x = leaf(torch.randn(2, tokens, hidden))
-    w1, b1 = leaf(torch.randn(96, hidden) * hidden**-0.5), leaf(0.1 * torch.randn(96))
-    w2, b2 = leaf(torch.randn(hidden, 96) * 96**-0.5), leaf(0.1 * torch.randn(hidden))
-    r = leaf(torch.randn(2, tokens, 96))
-    if op == "linear+residual":
-        fn, ref, args = (
-            (lambda x, w, b, r: linear(x, w, b, None, r)),
-            (lambda x, w, b, r: linear_ref(x, w, b, None, r)),
-            (x, w1, b1, r),
-        )
-    elif op == "linear+gelu_fast":
-        fn, ref, args = (
-            (lambda x, w, b: linear(x, w, b, "gelu_fast")),
-            (lambda x, w, b: linear_ref(x, w, b, "gelu_fast")),
-            (x, w1, b1),
-        )
-    elif op == "mlp":
-        fn = lambda x, w1, b1, w2, b2: mlp(x, w1, b1, w2, b2, residual=x)  # noqa: E731
-        ref = lambda x, w1, b1, w2, b2: mlp_ref(x, w1, b1, w2, b2, residual=x)  # noqa: E731
-        args = (x, w1, b1, w2, b2)
-    else:
-        ws = [leaf(torch.randn(hidden, hidden) * hidden**-0.5) for _ in range(3)]
-        bs = [leaf(0.1 * torch.randn(hidden)) for _ in range(3)]
-        fn, ref, args = lin.qkv_projection, lin.qkv_projection_ref, (x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2])
-    check_against_reference(fn, ref, args, dtype, name=f"{op} (tma)")
+    # 1400 rows: the weight gradients split over K
+    shape = Shape(batch=2, tokens=700, hidden=64, heads=2, head_dim=32, inter=96, frames=4, image=32)
+    entry = OPS[op]
+    args = entry.sample_inputs(shape, torch.float32, DEVICE, True, variant)
+    check_against_reference(entry.ours.fn, entry.reference, args, dtype, name=f"{op} {variant or ''} (tma)")
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_new"])

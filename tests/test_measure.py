@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from vivit_kernels.ops import registry
+from vivit_kernels.ops import formulas
 from vivit_kernels.ops._triton import LAUNCHES
 from vivit_kernels.tools.measure import format_markdown, measure
 
@@ -49,7 +49,7 @@ def test_saved_bytes_match_the_analytic_count():
     and the MLP input with the FC1 pre-activation."""
     cfg = vk.VivitConfig.from_preset("vivit-b-16x2")
     B, elt, f32 = 2, 2, 4
-    N, C, F, H = vk.model.num_tokens(cfg), cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    N, C, F, H = vk.presets.num_tokens(cfg), cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     act, stats = B * N * C * elt, B * N * f32
     per_layer = (act + 2 * stats) + act + 3 * act + (act + B * H * N * f32) + (act + 2 * stats) + act + B * N * F * elt
     pixels = B * cfg.num_frames * 3 * 224 * 224 * elt
@@ -66,7 +66,7 @@ def test_launch_table_matches_real_launches():
     counted = measure("triton", cfg, 2, torch.float32)
     ours = sum(n for op, n in counted.launches_by_op.items() if op.startswith("vivit_kernels::"))
     model = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE).eval()
-    x = torch.randn(2, cfg.num_frames, 3, *vk.model.image_hw(cfg), device=DEVICE)
+    x = torch.randn(2, cfg.num_frames, 3, *vk.presets.image_hw(cfg), device=DEVICE)
     before = sum(LAUNCHES.values())
     with torch.no_grad():
         model(x)
@@ -90,7 +90,7 @@ def test_launch_table_matches_real_launches():
      (None,) * 6 + ([False] * 7,) + (None,) * 6 + ([True, True, False, True], None, None, [False, False]), 4),
 ])
 def test_backward_launch_entries(op, args, triton_launches):
-    assert registry.launches(op, args) == triton_launches
+    assert formulas.launches(op, args) == triton_launches
 
 
 @pytest.mark.triton
@@ -98,7 +98,7 @@ def test_backward_launches_really_happen():
     """A training step of the tiny model launches the Triton backward kernels the table says."""
     cfg = vk.VivitConfig.from_preset("tiny")
     model = vk.VivitForVideoClassification(cfg, attn="triton").to(DEVICE)
-    x = torch.randn(2, cfg.num_frames, 3, *vk.model.image_hw(cfg), device=DEVICE)
+    x = torch.randn(2, cfg.num_frames, 3, *vk.presets.image_hw(cfg), device=DEVICE)
     loss = model(x, labels=torch.tensor([1, 2], device=DEVICE)).loss
     before = dict(LAUNCHES)
     loss.backward()
@@ -126,7 +126,7 @@ def test_readme_table_is_a_fresh_measurement():
     from vivit_kernels.tools.measure import measure_all
 
     readme = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
-    table = readme[readme.index("| batch | provider | saved for backward"):].split("\n\n")[0]
+    table = readme[readme.index("| batch | path | saved for backward"):].split("\n\n")[0]
     fresh = format_markdown(measure_all("vivit-b-16x2", (1, 2, 4, 8), torch.bfloat16)).split("\n\n")[0]
     assert table == fresh, (
         "docs/performance.md's table is stale: regenerate it with `vivit-kernels bench --skip-timing`"
@@ -141,18 +141,18 @@ def test_a_training_step_costs_what_trains():
 
     from vivit_kernels.tools.costs import TRAINING_MODES, format_training_markdown, measure_training
 
-    rows = [measure_training(mode, provider, batch=8, autocast=autocast)
-            for provider in ("triton", "transformers-eager") for autocast in (False, True) for mode in TRAINING_MODES]
+    rows = [measure_training(mode, path, batch=8, autocast=autocast)
+            for path in ("triton", "transformers-eager") for autocast in (False, True) for mode in TRAINING_MODES]
     for autocast in (False, True):
-        ours = {r.mode: r for r in rows if r.provider == "triton" and r.autocast == autocast}
-        eager = {r.mode: r for r in rows if r.provider == "transformers-eager" and r.autocast == autocast}
+        ours = {r.mode: r for r in rows if r.path == "triton" and r.autocast == autocast}
+        eager = {r.mode: r for r in rows if r.path == "transformers-eager" and r.autocast == autocast}
         assert 0.79 < ours["lora"].flops / ours["full"].flops < 0.82  # eager's 0.792 and our attention recompute
         assert ours["probe"].flops == eager["probe"].flops  # a frozen backbone: the forward and the head alone
         assert ours["lora"].saved_bytes < ours["full"].saved_bytes and ours["probe"].saved_bytes < 2**28
         assert ours["probe"].launches < ours["lora"].launches and ours["full"].launches < eager["full"].launches
     # LoRA's launches: at most two per layer more than the full step, in bf16 (PEFT's fp32 adapters cast in the
     # forward, their gradients written in fp32 by the GEMMs) and under finetune's mixed precision
-    ours = {(r.mode, r.autocast): r for r in rows if r.provider == "triton"}
+    ours = {(r.mode, r.autocast): r for r in rows if r.path == "triton"}
     for autocast in (False, True):
         assert ours["lora", autocast].launches <= ours["full", autocast].launches + 2 * ours["full", autocast].layers
     docs = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()

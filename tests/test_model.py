@@ -33,7 +33,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def pixels(cfg, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    h, w = vk.model.image_hw(cfg)
+    h, w = vk.presets.image_hw(cfg)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w, generator=g).to(DEVICE)
 
@@ -67,7 +67,7 @@ def test_same_classes_modules_and_state_dict_as_transformers(ours, theirs, attn)
 def test_presets_and_config():
     cfg = vk.VivitConfig.from_preset("vivit-b-16x2")
     assert cfg.num_labels == 400 and cfg.hidden_size == 768 and list(cfg.tubelet_size) == [2, 16, 16]
-    assert vk.model.num_tokens(cfg) == 3137
+    assert vk.presets.num_tokens(cfg) == 3137
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         vk.VivitConfig.from_preset("huge")
     for field in ("image_size", "num_frames", "hidden_size", "hidden_act", "layer_norm_eps", "qkv_bias", "pooler_act"):
@@ -108,7 +108,7 @@ def test_outputs_hidden_states_and_attentions(attn):
     cfg = tiny()
     model = make(vk.VivitModel, cfg, attn)
     x = pixels(cfg)
-    n = vk.model.num_tokens(cfg)
+    n = vk.presets.num_tokens(cfg)
     with torch.no_grad():
         out = model(x, output_hidden_states=True, output_attentions=True)
     assert out.last_hidden_state.shape == (2, n, 64) and out.pooler_output.shape == (2, 64)

@@ -43,7 +43,7 @@ def make_pair(name: str = "tiny", head: bool = True, **overrides):
 
 
 def inputs(cfg, batch=2):
-    h, w = vk.model.image_hw(cfg)
+    h, w = vk.presets.image_hw(cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, cfg.num_frames, cfg.num_channels, h, w, generator=g)
     return x.to(DEVICE), torch.randint(0, cfg.num_labels, (batch,), generator=g).to(DEVICE)

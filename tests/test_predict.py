@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from vivit_kernels import cli
+from vivit_kernels import cli, sharding
 from vivit_kernels import predict as vp
+from vivit_kernels import prediction_files as files
 from vivit_kernels.processing import VideoProcessor
 from vivit_kernels.video import read_clips
 
@@ -83,7 +84,7 @@ def test_one_line_per_video_errors_marked_and_classify_agrees(collection, tmp_pa
         printed = capsys.readouterr().out.splitlines()
         assert printed[1].split()[-1] == row["labels"][0], (printed, row)
 
-    keys, matrix = vp.read_embeddings(emb)
+    keys, matrix = files.read_embeddings(emb)
     assert keys == [r["path"] for r in good] and matrix.shape == (14, 64)
     model = vk.VivitForVideoClassification.from_pretrained(collection / "model", attn="sdpa").eval()
     processor = VideoProcessor.for_model(model.config, collection / "model")
@@ -100,7 +101,7 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(collection, tmp_p
     vp.predict_to_file([collection / "videos"], collection / "model", whole, **OPTIONS)
     out, emb = tmp_path / "preds.jsonl", tmp_path / "emb.npy"
     writes = {"n": 0}
-    real_write = vp._Appender.write
+    real_write = files.LineAppender.write
 
     def crash_on_second_batch(self, rows):
         writes["n"] += 1
@@ -109,16 +110,16 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(collection, tmp_p
             raise KeyboardInterrupt
         real_write(self, rows)
 
-    monkeypatch.setattr(vp._Appender, "write", crash_on_second_batch)
+    monkeypatch.setattr(files.LineAppender, "write", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         vp.predict_to_file([collection / "videos"], collection / "model", out, embeddings=emb, **OPTIONS)
-    monkeypatch.setattr(vp._Appender, "write", real_write)
+    monkeypatch.setattr(files.LineAppender, "write", real_write)
     first = out.read_text()
     assert first.count("\n") == 4 and not first.endswith("\n")  # one batch whole, a half line after it
     summary = vp.predict_to_file([collection / "videos"], collection / "model", out, embeddings=emb, **OPTIONS)
     assert summary["skipped_already_done"] == 4 and summary["this_run"].videos == 12
     assert rows_of(out) == rows_of(whole), "the resumed file differs from an uninterrupted run's"
-    keys, matrix = vp.read_embeddings(emb)
+    keys, matrix = files.read_embeddings(emb)
     assert keys == [r["path"] for r in rows_of(whole) if "error" not in r] and len(set(keys)) == len(keys)
     again = vp.predict_to_file([collection / "videos"], collection / "model", out, **OPTIONS)
     assert again["this_run"].videos == 0 and rows_of(out) == rows_of(whole)
@@ -160,7 +161,7 @@ def test_token_merging_from_the_flag_and_from_the_checkpoint(collection, tmp_pat
         out, emb = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.npy"
         assert cli.main(["predict", *videos, "--model", str(model), "--out", str(out), "--embeddings", str(emb),
                          *flags, *common]) == 0
-        return rows_of(out), vp.read_embeddings(emb)[1]
+        return rows_of(out), files.read_embeddings(emb)[1]
 
     plain, plain_emb = run("plain", collection / "model")
     merged, merged_emb = run("merged", collection / "model", "--merge", "3")
@@ -228,20 +229,20 @@ def test_two_processes_write_the_rows_of_one(collection, tmp_path):
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys() and x.get("labels") == y.get("labels") and x.get("error") == y.get("error")
         assert np.allclose(x.get("scores", []), y.get("scores", []), atol=1e-5)
-    keys_a, emb_a = vp.read_embeddings(tmp_path / "one.npy")
-    keys_b, emb_b = vp.read_embeddings(tmp_path / "two.npy")
+    keys_a, emb_a = files.read_embeddings(tmp_path / "one.npy")
+    keys_b, emb_b = files.read_embeddings(tmp_path / "two.npy")
     assert keys_a == keys_b and np.allclose(emb_a, emb_b, atol=1e-5)
     assert not list(tmp_path.glob("two.jsonl.rank*")) and not (tmp_path / "two.npy.parts").exists()
 
 
 def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert vp._rank_device("cpu") == torch.device("cpu")
+    assert sharding.rank_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():
         expected = torch.device("cuda", 1) if torch.cuda.device_count() > 1 else None
         if expected is not None:
-            assert vp._rank_device(None) == expected
-        assert vp._rank_device("cuda:0") == torch.device("cuda", 0)  # a device named by the user is kept
+            assert sharding.rank_device(None) == expected
+        assert sharding.rank_device("cuda:0") == torch.device("cuda", 0)  # a device named by the user is kept
 
 
 def test_the_summary_names_what_limited_the_run(collection, tmp_path, capsys):

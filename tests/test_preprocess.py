@@ -191,19 +191,19 @@ def test_batching_and_spatial_crops():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "uint8"], ids=str)
 @pytest.mark.parametrize("size", [(256, 340), (360, 640), (640, 360), (257, 255)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_views_resized_once_over_their_union_are_each_view_alone(size, dtype):
-    """compute_views resizes the views that share a resize once, over the box bounding them, and slices: bit for
+    """take_views resizes the views that share a resize once, over the box bounding them, and slices: bit for
     bit each view computed on its own (flipped ones too), in the views' order, on the test device."""
     from vivit_kernels.processing import View, _shared_resizes
 
     video = random_video(3, *size, batch=2).to(DEVICE)
     processor = VideoProcessor(spatial_crops=3)
     hw = processor.resized_size(*size)
-    views = processor.views(*size) + [View(hw, processor.crop_boxes(*hw)[0], flip=True)]
+    views = processor.eval_views(*size) + [View(hw, processor.crop_boxes(*hw)[0], flip=True)]
     uint8 = dtype == "uint8"
-    got = processor.compute_views(video, views, uint8=uint8, dtype=torch.float32 if uint8 else dtype)
+    got = processor.take_views(video, views, uint8=uint8, dtype=torch.float32 if uint8 else dtype)
     for view, g in zip(views, got, strict=True):
-        alone = (processor.resize_view(video, view.resize_hw, view.box) if uint8
-                 else processor.process_view(video, view.resize_hw, view.box, dtype))
+        alone = (processor.take_view_uint8(video, view.resize_hw, view.box) if uint8
+                 else processor.take_view(video, view.resize_hw, view.box, dtype))
         assert torch.equal(g, alone.flip(-1) if view.flip else alone)
     work = _shared_resizes(views)
     if size != (257, 255):  # three crops of a non-square frame overlap: one resize over their union

@@ -186,7 +186,7 @@ def test_torchcodec_decodes_the_frames_pyav_decodes(tmp_path, codec):
         assert theirs.video_frames == ours.video_frames == 75
         assert theirs.duration_s == pytest.approx(ours.duration_s)
     # with the data path's transform (each frame to its three crops as it is decoded): the same views as PyAV's
-    transform = VideoProcessor.for_image_size(32, 32, spatial_crops=3).frame_views()
+    transform = VideoProcessor.for_image_size(32, 32, spatial_crops=3).views_per_frame()
     ours = read_clips(path, 8, 2, 2, decode="pyav", transform=transform).frames
     theirs = read_clips(path, 8, 2, 2, decode="torchcodec", transform=transform).frames
     assert theirs.shape == ours.shape == (2, 8, 3, 3, 32, 32) and torch.equal(theirs, ours)
@@ -229,9 +229,9 @@ def test_uint8_views_then_normalize_is_the_fused_op(video):
                       VideoProcessor.for_image_size(32, 32, image_mean=[0.4, 0.45, 0.5], image_std=[0.2, 0.25, 0.3])):
         hw = processor.resized_size(48, 64)
         box = processor.crop_boxes(*hw)[0]
-        views = processor.resize_view(clip, hw, box)
+        views = processor.take_view_uint8(clip, hw, box)
         assert views.dtype == torch.uint8 and views.shape == (1, 4, 3, 32, 32)
-        fused = processor.process_view(clip, hw, box)
+        fused = processor.take_view(clip, hw, box)
         assert torch.equal(processor.normalize(views.to(DEVICE)).cpu(), fused)
 
 
@@ -281,7 +281,7 @@ def test_process_file_gives_the_pixels_of_decoding_then_processing(video):
         assert got["pixel_values"].shape == want.shape == (clips * crops, 4, 3, 32, 32)
         assert torch.equal(got["pixel_values"], want) and got["video_frames"] == 60
         # the views are stored views-major as they are decoded: the views-first batch is that memory, not a copy
-        stored = read_clips(video, 4, 3, clips, transform=processor.frame_views()).frames
+        stored = read_clips(video, 4, 3, clips, transform=processor.views_per_frame()).frames
         assert views_first(stored).data_ptr() == stored.data_ptr() and views_first(stored).is_contiguous()
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {
     "VivitConfig": "model",
-    "PRESETS": "model",
+    "PRESETS": "presets",
     "VivitModel": "model",
     "VivitForVideoClassification": "model",
-    "apply_vivit_kernels": "model",
-    "CheckpointError": "model",
+    "apply_vivit_kernels": "monkey_patch",
+    "CheckpointError": "checkpoint",
     "VivitFactorizedConfig": "models",
     "VivitFactorizedModel": "models",
     "VivitFactorizedForVideoClassification": "models",
@@ -47,14 +47,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import functional, ops
-    from .model import (
-        PRESETS,
-        CheckpointError,
-        VivitConfig,
-        VivitForVideoClassification,
-        VivitModel,
-        apply_vivit_kernels,
-    )
+    from .checkpoint import CheckpointError
+    from .model import VivitConfig, VivitForVideoClassification, VivitModel
     from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification, VivitFactorizedModel
+    from .monkey_patch import apply_vivit_kernels
+    from .presets import PRESETS
     from .processing import VideoProcessor
     from .video import read_video

@@ -1,7 +1,7 @@
 """What differs between the oldest and the newest versions we support, in one place.
 
 Supported: torch >= 2.11 with the Triton it brings (>= 3.6), transformers >= 5.17, < 6 (pyproject.toml). The
-oldest are what common GPU images ship; scripts/check_oldest.sh proves them on a machine without a GPU. Code
+oldest are what common GPU images ship; scripts/check_versions.sh oldest proves them on a machine without a GPU. Code
 elsewhere asks this module instead of comparing versions itself.
 """
 

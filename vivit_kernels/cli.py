@@ -16,8 +16,7 @@ import sys
 import warnings
 from typing import Any
 
-DTYPES = ("float32", "float16", "bfloat16")
-ATTN = ("eager", "sdpa", "triton", "auto")
+from .names import ATTN, DECODERS, DTYPES
 
 
 class UsageError(Exception):
@@ -52,7 +51,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "model": (("--model",), dict(help="a checkpoint directory (default: a small model with random weights)")),
     "preset": (("--preset",), dict(help="a preset with random weights when no --model is given")),
     "device": (("--device",), dict(help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")),
-    "dtype": (("--dtype",), dict(choices=DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")),
+    "dtype": (("--dtype",), dict(choices=tuple(DTYPES.values()),
+                                     help="default: bfloat16 on a GPU, float32 on the CPU")),
     "attn": (("--attn",), dict(choices=ATTN, help="default: auto on a GPU (our kernels where they are faster), "
                                                   "sdpa on the CPU")),
     "frame-sample-rate": (("--frame-sample-rate",), dict(type=_positive, help="take every n-th frame (default: the "
@@ -68,7 +68,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                                     "most 8)")),
     "seed": (("--seed",), dict(type=int, default=0, help="seeds the random weights, data order, clip sampling and "
                                                          "augmentation (default 0)")),
-    "decode": (("--decode",), dict(choices=("auto", "pyav", "torchcodec", "cuda"), default="auto",
+    "decode": (("--decode",), dict(choices=DECODERS, default="auto",
                                    help="video decoder: pyav (auto: the fastest on the CPU), torchcodec, or cuda "
                                         "(torchcodec on the GPU's hardware decoders, NVDEC; decodes in the main "
                                         "process) (docs/video.md)")),
@@ -325,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     _options(p, "frame-sample-rate", "batch-size", "attn", "workers", "seed", "device", "decode", "no-progress")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("tune", help="measure the attn='auto' providers of a model ahead of time and store the choices")
+    p = sub.add_parser("tune", help="measure the attn='auto' implementations of a model's ops ahead of time and "
+                                    "store the choices")
     _options(p, "preset", "batch", "dtype", "device",
              preset=dict(choices=presets, help="model preset (default: vivit-b-16x2)"))
-    p.add_argument("--config", dest="preset", choices=presets, help=argparse.SUPPRESS)  # its old name
     p.add_argument("--mode", default="both", choices=["both", "infer", "train"],
                    help="inference calls, training calls (forward + backward timed), or both")
     p.set_defaults(func=cmd_tune)

@@ -7,7 +7,7 @@ decoding that survives bad files.
 
 Each item is ``{"pixel_values": (T, 3, H, W), "labels": int}`` (evaluation with several views:
 ``(views, T, 3, H, W)``). Decoding happens in ``__getitem__``, so it runs in DataLoader workers; the resize + crop
-+ rescale + normalise is one op of our extension (``VideoProcessor.process_view``). Where it runs
++ rescale + normalise is one op of our extension (``VideoProcessor.take_view``). Where it runs
 (``preprocess_on``): all of it in the worker (``"worker"``, for a model on the CPU); the resize and crop in the
 worker and the rest on the model's device (``"views"``, what ``predict`` and ``finetune`` do on a GPU: the
 workers hand on 3 bytes a pixel of the 224x224 crop, not of the source frame, docs/video.md); or all of it on the
@@ -360,8 +360,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         processing_s = [0.0]
         transform = None  # "device": the frames themselves; else each frame becomes its views as it is decoded
         if self.preprocess_on != "device":
-            transform = self.processor.frame_views(self._views, uint8=self.preprocess_on == "views", dtype=self.dtype,
-                                                   spent=processing_s)
+            transform = self.processor.views_per_frame(self._views, uint8=self.preprocess_on == "views",
+                                                       dtype=self.dtype, spent=processing_s)
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:  # counted, not printed once per call
             warnings.simplefilter("always")
@@ -409,13 +409,12 @@ def _geometry(processor: VideoProcessor) -> dict[str, Any]:
             "do_center_crop": processor.do_center_crop}
 
 
-def process_views(processor: VideoProcessor, clip: torch.Tensor, views: list[_View],
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _take_views(processor: VideoProcessor, clip: torch.Tensor, views: list[_View],
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 clips (clips, T, H, W, 3) -> (T, 3, h, w) for one view of one clip, else (clips * crops, T, 3, h, w)
     (clip-major), on the clip's device (the whole clip at once: frames NVDEC left on the GPU)."""
-    computed = processor.compute_views(clip, views, dtype=dtype)  # per view: (clips, T, 3, h, w)
-    out = [x[c] for c in range(clip.shape[0]) for x in computed]
-    return out[0] if len(out) == 1 else torch.stack(out)
+    stacked = processor.take_views(clip, views, dtype=dtype, stacked=True)
+    return stacked[0] if stacked.shape[0] == 1 else stacked
 
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -472,6 +471,6 @@ class VideoBatchPreparer:
             batch["pixel_values"] = self.processor.normalize(uint8.to(self.device, non_blocking=True), self.dtype)
         elif frames is not None:
             batch["pixel_values"] = torch.stack([
-                process_views(self.processor, f.to(self.device, non_blocking=True), v, self.dtype)
+                _take_views(self.processor, f.to(self.device, non_blocking=True), v, self.dtype)
                 for f, v in zip(frames, views, strict=True)])
         return batch

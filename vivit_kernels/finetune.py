@@ -33,11 +33,10 @@ from ._compat import training_checkpointing_argument
 from ._devices import run_defaults
 from ._files import atomic_write_text
 from .processing import VideoProcessor
-from .training import add_lora, build_model, freeze_all_but_head, processor_for_vit  # noqa: F401
+from .training import add_lora, build_model, freeze_all_but_head
 from .video import resolve_decoder
 
-__all__ = ["finetune", "evaluate_clips", "VideoTrainer", "build_model", "processor_for_vit", "parse_views",
-           "freeze_all_but_head", "add_lora"]
+__all__ = ["finetune", "evaluate_clips", "VideoTrainer", "parse_views"]
 
 logger = logging.getLogger("vivit_kernels.finetune")
 RESULTS_FILE = "finetune_results.json"

@@ -77,7 +77,8 @@ def vivit_from_vit(vit: Any, num_frames: int = 32, tubelet_time: int = 2, inflat
     import transformers
 
     from .model import VivitConfig, VivitForVideoClassification
-    from .models import ATTENTION_TYPES, VivitFactorizedConfig, VivitFactorizedForVideoClassification
+    from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification
+    from .presets import ATTENTION_TYPES
 
     if inflate not in INFLATE_CHOICES:
         raise ValueError(f"inflate must be one of {', '.join(INFLATE_CHOICES)}, got {inflate!r}")

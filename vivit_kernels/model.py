@@ -9,9 +9,10 @@ module tree, state dict, config, loading, saving, output classes, gradient check
 - ``interpolate_pos_encoding`` over the (T', h, w) tubelet grid (transformers reads the ViViT table as one square
   2-D grid), and inputs that are not tubelet multiples, whose remainder is dropped as Conv3d drops it.
 
-``apply_vivit_kernels(model, attn)`` (``patch.py``) does the same to a ViViT model transformers loaded
-(possibly wrapped by PEFT). Where things live: the kernel-backed module subclasses and the fusion rules in
-``modules.py``, the class swap in ``patch.py``, checkpoint hardening in ``checkpoint.py``, the ops in
+``apply_vivit_kernels(model, attn)`` (``monkey_patch.py``) does the same to a ViViT model transformers loaded
+(possibly wrapped by PEFT). Where things live: the kernel-backed module subclasses in ``modules.py``,
+which modules they compute around in ``plain_modules.py`` (PEFT's LoRA in ``peft_lora.py``), the class swap in
+``monkey_patch.py``, checkpoint hardening in ``checkpoint.py``, the ops in
 ``ops/registry.py``; this file holds the public classes, presets and the forwards transformers gets wrong.
 """
 
@@ -25,13 +26,11 @@ from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
 from ._compat import ActivationCheckpointingNames
-from .checkpoint import CheckpointError
 from .modules import _UNMASKED
-from .patch import AttnMixin, apply_vivit_kernels
-from .presets import PRESETS, image_hw, num_tokens
+from .monkey_patch import AttnMixin
+from .presets import PRESETS
 
-__all__ = ["VivitConfig", "VivitModel", "VivitForVideoClassification", "apply_vivit_kernels", "PRESETS",
-           "CheckpointError", "image_hw", "num_tokens"]
+__all__ = ["VivitConfig", "VivitModel", "VivitForVideoClassification"]
 
 
 

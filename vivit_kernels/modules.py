@@ -1,6 +1,6 @@
 """transformers' ViViT modules with a kernel forward: subclasses with the same parameters, buffers and names,
 whose ``forward`` calls the functions of a :class:`~vivit_kernels.backends.Backend` (``apply_vivit_kernels`` in
-``patch.py`` swaps them in).
+``monkey_patch.py`` swaps them in).
 
 A layer fuses work across modules (the three projections in one GEMM, the residual into the output projection,
 the MLP into two GEMMs) only where the modules are the plain ones it knows (nn.Linear, nn.LayerNorm, nn.Conv3d,
@@ -20,23 +20,21 @@ from transformers.models.vivit import modeling_vivit as hf
 
 from ._log import log_once
 from .auto.backends import Backend
-from .fusion import (
+from .merging import active as merging_state
+from .ops.attention import attention_ref, sdpa_attention
+from .peft_lora import add_lora_, fusable_adapters, linear_parts
+from .plain_modules import (
     KERNEL_CLASSES,
-    add_lora_,
     autocast_dtype,
     autocast_to,
     collecting_attentions,
     compute_weight,
-    fusable_adapters,
     has_hooks,
-    linear_parts,
     plain,
 )
-from .merging import active as merging_state
-from .ops.attention import attention_ref, sdpa_attention
 
 __all__ = ["KernelLayerNorm", "KernelVivitEmbeddings", "KernelVivitAttention", "KernelVivitLayer", "KERNEL_SUBCLASSES",
-           "KernelModule", "autocast_dtype", "has_hooks", "plain", "compute_weight", "kernel_mlp"]
+           "KernelModule", "kernel_mlp"]
 
 
 def _name(module: nn.Module, child: str) -> str:

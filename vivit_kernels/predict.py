@@ -6,15 +6,14 @@
 
 ``predict_to_file`` (and ``vivit-kernels predict INPUT... --model CKPT --out preds.jsonl``) writes one JSON line
 per video and can be stopped and run again: videos with a line are skipped, and a line is either whole or not
-there. Under torchrun each rank takes every world-th input, writes its own part file, and rank 0 merges the parts
-in input order at the end. Decoding runs in DataLoader workers; clips of several videos go through the model in
-one batch; preprocessing runs on the GPU (``VideoProcessor``'s fused op) when the model is there.
+there (the files' formats: ``prediction_files.py``). Under torchrun each rank takes every world-th input
+(``sharding.py``), writes its own part file, and rank 0 merges the parts in input order at the end. Decoding runs
+in DataLoader workers; clips of several videos go through the model in one batch; preprocessing runs on the GPU
+(``VideoProcessor``'s fused op) when the model is there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import time
@@ -26,17 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, sharding
 from . import data as vdata
+from . import prediction_files as files
 from ._devices import run_defaults, synchronize
-from ._files import atomic_write_text
 from .data import collect_inputs
 from .models import pool_tokens
 from .processing import VideoProcessor, views_first
 from .timings import Timings
 from .video import resolve_decoder
 
-__all__ = ["collect_inputs", "classify", "predict", "predict_to_file", "Predictor", "Timings", "FAILED_EXIT_CODE"]
+__all__ = ["classify", "predict", "predict_to_file", "Predictor", "FAILED_EXIT_CODE"]
 
 logger = logging.getLogger("vivit_kernels.predict")
 FAILED_EXIT_CODE = 3  # the command's exit status when some videos could not be read
@@ -164,7 +163,7 @@ class Predictor:
         forward."""
         import copy
 
-        from .patch import attn_of
+        from .monkey_patch import attn_of
         from .video import read_clips
 
         param = next(self.model.parameters())
@@ -176,7 +175,7 @@ class Predictor:
         spent = [0.0]
         on_cpu = device.type == "cpu" and resolve_decoder(self.decode) != "cuda"
         clips = read_clips(path, config.num_frames, processor.sample_rate(self.frame_sample_rate), self.clips,
-                           decode=self.decode, transform=processor.frame_views(dtype=dtype, spent=spent) if on_cpu
+                           decode=self.decode, transform=processor.views_per_frame(dtype=dtype, spent=spent) if on_cpu
                            else None, threads=0)  # one video: FFmpeg's threads for its latency
         decoded = time.perf_counter() - spent[0]
         if on_cpu:
@@ -212,7 +211,7 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
     """A ``Predictor`` for a checkpoint directory (or a model instance). Defaults (``_devices.run_defaults``): the
     GPU when there is one, bf16 and attn="auto" there; fp32 and attn="sdpa" on the CPU. ``frame_sample_rate``:
     the checkpoint's own (saved by ``finetune``), else ``video.DEFAULT_FRAME_SAMPLE_RATE``. ``merge``: token
-    merging (``patch.set_token_merging``: r per layer, a fraction, a list or a schedule's name; "off" turns a
+    merging (``monkey_patch.set_token_merging``: r per layer, a fraction, a list or a schedule's name; "off" turns a
     checkpoint's own off); None keeps the checkpoint's setting. ``decode``: the video decoder (``video.DECODERS``;
     ``cuda``, NVDEC, decodes in the main process)."""
     import transformers
@@ -231,11 +230,11 @@ def load_predictor(model: Any, clips: int = 1, crops: int = 1, top_k: int = 5, b
         cls = VivitFactorizedForVideoClassification if factorised else VivitForVideoClassification
         model = cls.from_pretrained(model, attn=attn, dtype=dtype)
     else:  # ours or transformers' own model (apply_vivit_kernels takes both)
-        from .patch import apply_vivit_kernels
+        from .monkey_patch import apply_vivit_kernels
 
         apply_vivit_kernels(model, attn)
     if merge is not None:
-        from .patch import set_token_merging
+        from .monkey_patch import set_token_merging
 
         set_token_merging(model, merge)
     model = model.to(device=device, dtype=dtype).eval()
@@ -263,84 +262,23 @@ def predict(inputs: Sequence[str | os.PathLike], model: Any, progress: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------------
-# Resumable files
+# A collection into files: resumable, sharded under torchrun
 # ------------------------------------------------------------------------------------------------
-def _read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The whole JSON lines of ``path``; a last line without its newline (a write cut short) is dropped, and with
-    ``repair`` cut off the file, so appends start on a fresh line."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if repair and end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for n, line in enumerate(raw[:end].splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON line ({e}); is this a predictions file?") from None
-    return rows
-
-
-class _Appender:
-    """Appends whole lines: each line is one write of a complete line on an O_APPEND file, flushed to disk."""
-
-    def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            os.write(self.fd, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-            os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def _dist_init(device: torch.device) -> tuple[int, int]:
-    """(rank, world): torch.distributed's when torchrun started us (initialised here if needed: NCCL for GPUs,
-    gloo for the CPU), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _rank_device(device: Any) -> torch.device:
-    """The device this process runs on: under torchrun, a GPU of its own (cuda:LOCAL_RANK) unless one was named."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_device(device)
-    return device
-
-
-def _part(out: Path, rank: int) -> Path:
-    return out.with_name(f"{out.name}.rank{rank}.part")
-
-
 def predict_to_file(inputs: Sequence[str | os.PathLike], model: Any, out: str | os.PathLike,
                     embeddings: str | os.PathLike | None = None, progress: bool = True, retry_errors: bool = False,
                     **options: Any) -> dict[str, Any]:
     """Predict every input video into the JSONL file ``out`` (resumable; see the module docstring) and, with
-    ``embeddings`` (``.safetensors`` or ``.npy``), the pooled features, one row per video in the JSONL's order.
-    ``retry_errors``: videos whose earlier line is an error are tried again. Returns a summary dict."""
+    ``embeddings`` (``.safetensors`` or ``.npy``), the pooled features, one row per video in the JSONL's order
+    (``prediction_files.py`` holds both formats). ``retry_errors``: videos whose earlier line is an error are tried
+    again. Returns a summary dict."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     emb_path = Path(embeddings) if embeddings is not None else None
     if emb_path is not None and emb_path.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"embeddings: {emb_path} must end in .safetensors or .npy")
-    options["device"] = _rank_device(options.get("device"))
+    options["device"] = sharding.rank_device(options.get("device"))
     ours = torch.distributed.is_available() and not torch.distributed.is_initialized()
-    rank, world = _dist_init(options["device"])
+    rank, world = sharding.start(options["device"])
     try:
         return _predict_to_file(inputs, model, out, emb_path, progress, retry_errors, rank, world, options)
     finally:
@@ -353,22 +291,20 @@ def _predict_to_file(inputs, model, out: Path, emb_path: Path | None, progress: 
     paths = collect_inputs(inputs)
     parts_dir = emb_path.with_name(emb_path.name + ".parts") if emb_path is not None else None
     if rank == 0 and retry_errors and out.is_file():
-        kept = [r for r in _read_rows(out, repair=True) if "error" not in r]
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    if world > 1:
-        torch.distributed.barrier()
-    mine_file = out if world == 1 else _part(out, rank)
-    done = {r["path"] for r in _read_rows(out, repair=world == 1)}
+        files.write_rows(out, [r for r in files.read_rows(out, repair=True) if "error" not in r])
+    sharding.barrier(world)
+    mine_file = out if world == 1 else files.part_file(out, rank)
+    done = {r["path"] for r in files.read_rows(out, repair=world == 1)}
     for part in out.parent.glob(f"{out.name}.rank*.part"):
-        done |= {r["path"] for r in _read_rows(part, repair=part == mine_file)}
+        done |= {r["path"] for r in files.read_rows(part, repair=part == mine_file)}
     if retry_errors:
-        done -= {r["path"] for f in [mine_file] for r in _read_rows(f) if "error" in r}
-    mine = [p for i, p in enumerate(paths) if i % world == rank and p not in done]
+        done -= {r["path"] for r in files.read_rows(mine_file) if "error" in r}
+    mine = [p for p in sharding.share(paths, rank, world) if p not in done]
     predictor = load_predictor(model, **options)
     if parts_dir is not None:
         parts_dir.mkdir(parents=True, exist_ok=True)
-    appender = _Appender(mine_file)
-    seq = len(list(parts_dir.glob(f"rank{rank}-*.safetensors"))) if parts_dir is not None else 0
+    appender = files.LineAppender(mine_file)
+    seq = len(files.embedding_parts(parts_dir, rank)) if parts_dir is not None else 0
     rows: list[dict] = []
     feats: list[tuple[str, np.ndarray]] = []
     try:
@@ -382,104 +318,45 @@ def _predict_to_file(inputs, model, out: Path, emb_path: Path | None, progress: 
         _flush(appender, rows, feats, parts_dir, rank, seq)
     finally:
         appender.close()
-    if world > 1:
-        torch.distributed.barrier()
-    summary: dict[str, Any] = {}
-    if rank == 0:
-        summary = _merge(out, paths, world, emb_path, parts_dir)
-    timings = predictor.timings
-    if world > 1:
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, timings)
-        timings = Timings(*(sum(getattr(t, f) for t in gathered) for f in
-                            ("videos", "failed", "wall_s", "waiting_s", "decode_s", "preprocess_s", "model_s")))
-        timings.wall_s /= world
-        torch.distributed.barrier()
-    summary["this_run"] = timings
+    sharding.barrier(world)
+    summary: dict[str, Any] = _merge(out, paths, emb_path, parts_dir) if rank == 0 else {}
+    summary["this_run"] = sharding.gather_timings(predictor.timings, world)
     summary["skipped_already_done"] = len(done & set(paths))
     return summary
 
 
-def _flush(appender: _Appender, rows, feats, parts_dir: Path | None, rank: int, seq: int) -> int:
+def _flush(appender: files.LineAppender, rows, feats, parts_dir: Path | None, rank: int, seq: int) -> int:
     """The batch's features first (an atomic part file), then its lines: a line implies its features exist."""
     if parts_dir is not None and feats:
-        from safetensors.numpy import save_file
-
-        tmp = parts_dir / f".rank{rank}-{seq:07d}.tmp"
-        save_file({"embeddings": np.stack([f for _, f in feats]).astype(np.float32)}, str(tmp),
-                  metadata={"paths": json.dumps([p for p, _ in feats])})
-        os.replace(tmp, parts_dir / f"rank{rank}-{seq:07d}.safetensors")
+        files.write_embedding_part(parts_dir, rank, seq, feats)
         seq += 1
     appender.write(rows)
     return seq
 
 
-def _merge(out: Path, paths: list[str], world: int, emb_path: Path | None, parts_dir: Path | None) -> dict:
+def _merge(out: Path, paths: list[str], emb_path: Path | None, parts_dir: Path | None) -> dict:
     """Rank 0: every line (the file and the ranks' parts) once, in input order, written atomically; the part
     files removed; the embeddings gathered in the same order."""
     rows: dict[str, dict] = {}
-    for r in _read_rows(out):
+    for r in files.read_rows(out):
         rows[r["path"]] = r
     parts = sorted(out.parent.glob(f"{out.name}.rank*.part"))
     for part in parts:
-        for r in _read_rows(part):
+        for r in files.read_rows(part):
             rows[r["path"]] = r
     order = {p: i for i, p in enumerate(paths)}
     ordered = sorted(rows.values(), key=lambda r: (order.get(r["path"], len(order)), r["path"]))
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    files.write_rows(out, ordered)
     for part in parts:
         part.unlink()
     failed = [r for r in ordered if "error" in r]
     summary = {"out": str(out), "rows": len(ordered), "failed": len(failed), "inputs": len(paths),
                "missing": len(set(paths) - set(rows))}
     if emb_path is not None and parts_dir is not None:
-        from safetensors import safe_open
-
-        feats: dict[str, np.ndarray] = {}
-        if emb_path.is_file():  # an earlier run's file: its rows stay, new parts add to it
-            feats.update(zip(*read_embeddings(emb_path), strict=True))
-        files = sorted(parts_dir.glob("rank*-*.safetensors"))
-        for file in files:
-            with safe_open(str(file), "np") as f:
-                names = json.loads(f.metadata()["paths"])
-                values = f.get_tensor("embeddings")
-            feats.update(zip(names, values, strict=True))
-        keep = [r["path"] for r in ordered if r["path"] in feats]
-        matrix = np.stack([feats[p] for p in keep]) if keep else np.zeros((0, 0), np.float32)
-        _write_embeddings(emb_path, keep, matrix)
-        for file in files:  # now in the file: the parts go
-            file.unlink()
-        with contextlib.suppress(OSError):
-            parts_dir.rmdir()
-        without = sum(1 for r in ordered if "error" not in r and r["path"] not in feats)
+        keep, with_features = files.gather_embeddings(emb_path, parts_dir, [r["path"] for r in ordered])
+        without = sum(1 for r in ordered if "error" not in r and r["path"] not in with_features)
         if without:
             logger.warning("vivit_kernels predict: %d video(s) have a line but no embeddings row (an earlier run "
                            "without --embeddings wrote them); delete their lines to compute them again", without)
         summary["embeddings"] = {"file": str(emb_path), "rows": len(keep), "without": without}
     return summary
-
-
-def _write_embeddings(path: Path, keys: list[str], matrix: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file({"embeddings": matrix}, str(tmp), metadata={"paths": json.dumps(keys)})
-    else:
-        with open(tmp, "wb") as f:
-            np.save(f, matrix)
-        atomic_write_text(path.with_name(path.name + ".paths.json"), json.dumps(keys) + "\n")
-    os.replace(tmp, path)
-
-
-def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """(paths, matrix) from an embeddings file ``predict_to_file`` wrote."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            return json.loads(f.metadata()["paths"]), f.get_tensor("embeddings")
-    keys = json.loads(path.with_name(path.name + ".paths.json").read_text(encoding="utf-8"))
-    return keys, np.load(path)
-

@@ -1,6 +1,13 @@
 """From decoded frames to ``pixel_values``: ``VideoProcessor``. (Decoding and clip sampling are in
-``vivit_kernels.video``; ``read_video``, ``read_clips``, ``Clips`` and ``sample_frame_indices`` are importable from
-here too.)
+``vivit_kernels.video``.)
+
+One vocabulary for the pixels a model sees: a **view** (``View``) of a clip is its frames resized to ``resize_hw``,
+cropped to ``box`` (top, left, height, width) and maybe flipped; ``eval_views(height, width)`` are the views the
+processor evaluates a frame of that size with (the center crop, or three along the longer side). To **take** a
+view is to compute it: ``take_view`` (rescaled and normalised, one fused op), ``take_view_uint8`` (resized and
+cropped only: what decoding workers hand to the GPU, which ``normalize`` finishes there), ``take_views`` (several
+views of one clip, a resize they share computed once), ``views_per_frame`` (a ``video.read_clips`` transform that
+takes the views of each frame as it is decoded). ``views_first`` lays a clip array out as the model's batch.
 
 ``VideoProcessor`` takes transformers' ``VivitImageProcessor`` parameters and defaults and reproduces its
 output (its resize is Pillow's bilinear resampling, which our op reproduces in fixed point), but runs as one
@@ -23,9 +30,8 @@ import torch
 
 from .ops.preprocess import preprocess_video
 from .presets import image_hw
-from .video import Clips, read_clips, read_video, sample_frame_indices  # noqa: F401 - their old home
 
-__all__ = ["VideoProcessor", "View", "read_video", "read_clips", "Clips", "sample_frame_indices", "PROCESSOR_PRESETS"]
+__all__ = ["VideoProcessor", "View", "PROCESSOR_PRESETS"]
 
 
 @dataclass
@@ -237,12 +243,11 @@ class VideoProcessor:
             if device is not None:
                 clip = clip.to(device, non_blocking=True)
             _, _, height, width, _ = clip.shape
-            views = self.compute_views(clip, self.views(height, width), dtype=dtype)
-            outputs.append(torch.stack(views, 1).flatten(0, 1) if len(views) > 1 else views[0])
+            outputs.append(self.take_views(clip, self.eval_views(height, width), dtype=dtype, stacked=True))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 0)
 
-    def process_view(self, clip: torch.Tensor, resize_hw: Sequence[int], box: Sequence[int],
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def take_view(self, clip: torch.Tensor, resize_hw: Sequence[int], box: Sequence[int],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One view with this processor's rescaling and normalisation: uint8 (B, T, H, W, 3) resized to
         ``resize_hw`` and cropped to ``box`` (top, left, height, width) -> (B, T, 3, height, width), one fused op
         on the clip's device. Training augmentation (``vivit_kernels.data``) picks its own size and box."""
@@ -254,47 +259,50 @@ class VideoProcessor:
                 self.image_mean if self.do_normalize else [0.0, 0.0, 0.0],
                 self.image_std if self.do_normalize else [1.0, 1.0, 1.0])
 
-    def compute_views(self, clip: torch.Tensor, views: Sequence[View], uint8: bool = False,
-                      dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-        """Every view of uint8 ``clip`` (B, T, H, W, 3): (B, T, 3, h, w) each, :meth:`process_view`'s values (or
-        :meth:`resize_view`'s with ``uint8``), flipped where a view says so. Views that share a resize are resized
+    def take_views(self, clip: torch.Tensor, views: Sequence[View], uint8: bool = False,
+                   dtype: torch.dtype = torch.float32, stacked: bool = False) -> list[torch.Tensor] | torch.Tensor:
+        """Every view of uint8 ``clip`` (B, T, H, W, 3): (B, T, 3, h, w) each, :meth:`take_view`'s values (or
+        :meth:`take_view_uint8`'s with ``uint8``), flipped where a view says so; with ``stacked`` one tensor
+        (B * views, T, 3, h, w), clip-major (the model's batch). Views that share a resize are resized
         once over the box that bounds them when that box is smaller than their crops together (three spatial
         crops of a 340x256 frame: 224x340 pixels instead of 3 x 224x224), then sliced: the same numbers, since a
         resized pixel depends only on where it lies in the resized frame, not on the crop it is computed for."""
         out: list[torch.Tensor | None] = [None] * len(views)
         for resize_hw, box, members in _shared_resizes(views):
             if uint8:
-                y = self.resize_view(clip, resize_hw, box)
+                y = self.take_view_uint8(clip, resize_hw, box)
             else:
-                y = self.process_view(clip, resize_hw, box, dtype)
+                y = self.take_view(clip, resize_hw, box, dtype)
             for i in members:
                 top, left, h, w = views[i].box
                 top, left = top - box[0], left - box[1]
                 part = y if len(members) == 1 else y[..., top : top + h, left : left + w]
                 out[i] = part.flip(-1) if views[i].flip else part
+        if stacked:
+            return torch.stack(out, 1).flatten(0, 1) if len(out) > 1 else out[0]  # type: ignore[arg-type]
         return out  # type: ignore[return-value]
 
-    def views(self, height: int, width: int) -> list[View]:
+    def eval_views(self, height: int, width: int) -> list[View]:
         """The evaluation views of a ``height`` x ``width`` frame: resized, then the crop(s) of ``spatial_crops``."""
         hw = self.resized_size(height, width)
         return [View(hw, box) for box in self.crop_boxes(*hw)]
 
-    def frame_views(self, views: Callable[[int, int], list[View]] | None = None, uint8: bool = False,
-                    dtype: torch.dtype = torch.float32, spent: list[float] | None = None):
+    def views_per_frame(self, views: Callable[[int, int], list[View]] | None = None, uint8: bool = False,
+                        dtype: torch.dtype = torch.float32, spent: list[float] | None = None):
         """A ``video.read_clips`` transform: every decoded frame becomes its views, a tuple of (3, h, w), as the
         frame is decoded (no full-resolution clip is kept). ``views(height, width)`` chooses them once per clip
-        (default: :meth:`views`); ``uint8``: resized and cropped only (:meth:`resize_view`), else
-        :meth:`process_view` in ``dtype``. The same numbers as processing the stacked clip. ``spent``: a
+        (default: :meth:`eval_views`); ``uint8``: resized and cropped only (:meth:`take_view_uint8`), else
+        :meth:`take_view` in ``dtype``. The same numbers as processing the stacked clip. ``spent``: a
         one-element list the seconds spent processing are added to (what is left of ``read_clips``'s time is
         decoding)."""
         def per_clip(height: int, width: int):
-            chosen = (views or self.views)(height, width)
+            chosen = (views or self.eval_views)(height, width)
 
             def each(frame) -> tuple[torch.Tensor, ...]:
                 start = time.perf_counter() if spent is not None else 0.0
                 x = torch.as_tensor(frame)[None, None]  # (1, 1, H, W, 3), strided as the decoder wrote it
                 # the views as a tuple: read_clips writes each into its place (no stacked copy per frame)
-                result = tuple(y[0, 0] for y in self.compute_views(x, chosen, uint8, dtype))
+                result = tuple(y[0, 0] for y in self.take_views(x, chosen, uint8, dtype))
                 if spent is not None:
                     spent[0] += time.perf_counter() - start
                 return result
@@ -312,19 +320,19 @@ class VideoProcessor:
         from .video import read_clips
 
         got = read_clips(path, num_frames, self.sample_rate(frame_sample_rate), clips, decode=decode,
-                         transform=self.frame_views(dtype=dtype))
+                         transform=self.views_per_frame(dtype=dtype))
         return {"pixel_values": views_first(got.frames), "video_frames": got.video_frames,
                 "duration_s": got.duration_s}
 
-    def resize_view(self, clip: torch.Tensor, resize_hw: Sequence[int], box: Sequence[int]) -> torch.Tensor:
-        """The first half of :meth:`process_view`: uint8 (B, T, H, W, 3) resized and cropped, still uint8,
+    def take_view_uint8(self, clip: torch.Tensor, resize_hw: Sequence[int], box: Sequence[int]) -> torch.Tensor:
+        """The first half of :meth:`take_view`: uint8 (B, T, H, W, 3) resized and cropped, still uint8,
         (B, T, 3, height, width), exactly the values the resize gives inside the fused op (Pillow's). What a data
         loader's workers hand to the GPU: 3 bytes a pixel of the crop, not of the source frame; :meth:`normalize`
         finishes it there."""
         return preprocess_video(clip, resize_hw, box, 1.0, 0.0, [0.0] * 3, [1.0] * 3, torch.uint8)
 
     def normalize(self, views: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The second half of :meth:`process_view` on :meth:`resize_view`'s uint8 output, on its device: rescale,
+        """The second half of :meth:`take_view` on :meth:`take_view_uint8`'s uint8 output, on its device: rescale,
         offset and normalise in float32 in the fused op's order, then ``dtype``."""
         scale, offset, mean, std = self._value_params()
         shape = (3, 1, 1)
@@ -353,7 +361,7 @@ def _shared_resizes(views: Sequence[View]) -> list[tuple[tuple[int, int], tuple[
 
 
 def views_first(frames: torch.Tensor) -> torch.Tensor:
-    """``read_clips`` results of ``frame_views`` (clips, T, views, 3, h, w) -> (clips * views, T, 3, h, w),
+    """``read_clips`` results of ``views_per_frame`` (clips, T, views, 3, h, w) -> (clips * views, T, 3, h, w),
     clip-major (the order ``preprocess`` gives); a view, not a copy, of what ``read_clips`` stored."""
     clips, frames_, views = frames.shape[:3]
     return frames.transpose(1, 2).reshape(clips * views, frames_, *frames.shape[3:])

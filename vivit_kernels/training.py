@@ -38,8 +38,9 @@ def build_model(splits: vdata.VideoSplits, model: str | None = None, preset: str
     """(model, processor) for the dataset's labels, from exactly one of: a ViViT checkpoint (``model``: Model 1 or
     a factorised one), a preset name or config (random weights; the factorised presets and VivitFactorizedConfig
     build Models 2-4) or an image ViT (``from_vit``, inflated; ``attention_type`` for Models 2-4)."""
-    from .model import VivitConfig, VivitForVideoClassification, image_hw
-    from .models import FACTORIZED_PRESETS, VivitFactorizedConfig, VivitFactorizedForVideoClassification
+    from .model import VivitConfig, VivitForVideoClassification
+    from .models import VivitFactorizedConfig, VivitFactorizedForVideoClassification
+    from .presets import FACTORIZED_PRESETS, image_hw
 
     given = [name for name, v in (("model", model), ("preset", preset), ("from_vit", from_vit)) if v is not None]
     if len(given) != 1:

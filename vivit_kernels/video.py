@@ -18,10 +18,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["read_video", "read_clips", "Clips", "sample_frame_indices", "DEFAULT_FRAME_SAMPLE_RATE", "DECODERS",
+from .names import DECODERS
+
+__all__ = ["read_video", "read_clips", "Clips", "sample_frame_indices", "DEFAULT_FRAME_SAMPLE_RATE",
            "resolve_decoder"]
 
-DECODERS = ("auto", "pyav", "torchcodec", "cuda")
 
 # Every 2nd frame: ViViT-B/16x2's 32 frames span 64 (scenic's Kinetics sampling, and finetune's default). Commands read
 # a checkpoint's own rate (its processor's ``frame_sample_rate``) before this.

@@ -10,20 +10,21 @@ it calls the table's functions, by op name, with the registry's call signatures.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from ..names import ATTN
 from ..ops import _triton
 from ..ops.registry import OPS, backend_ops, ours
 from . import choose
 from .guard import ModelPath
 
-__all__ = ["ATTN_CHOICES", "Backend", "backend_status", "get_backend", "auto_backend", "parse_ops"]
+__all__ = ["Backend", "backend_status", "get_backend", "auto_backend", "parse_ops", "without_trailing_defaults"]
 
-ATTN_CHOICES = ("eager", "sdpa", "triton", "auto")
 OpSwitches = Mapping[str, bool] | Iterable[str] | None
 
 
@@ -80,39 +81,49 @@ def triton_backend(ops: OpSwitches = None) -> Backend:
 
 
 def auto_backend(pins: dict[str, str] | None = None, ops: OpSwitches = None) -> Backend:
-    """A table whose every function asks ``choose.choose`` for this call's provider, with ``pins`` (op ->
-    provider, over VIVIT_KERNELS_PROVIDERS) fixed; a fresh whole-model path per table (one per model)."""
+    """A table whose every function asks ``choose.choose`` for this call's implementation, with ``pins`` (op ->
+    implementation, over VIVIT_KERNELS_IMPLEMENTATIONS) fixed; a fresh whole-model path per table (one per model)."""
     pinned = {**choose.pins_from_env(), **choose.parse_pins(pins)}
     on = parse_ops(ops)
 
     def dispatch(op: str) -> Callable:
         implementations = OPS[op].implementations
+        parameters = list(inspect.signature(OPS[op].reference).parameters.values())
 
         def call(*args, **extra):
-            # chosen on the op's registry arguments; ``extra`` (the QKV op's LoRA adapters) rides along, never
-            # timed or copied by a measurement (their gradients are the adapters' own)
+            # chosen on the op's registry arguments, spelt one way (trailing defaults dropped: one cache key however
+            # a caller writes them); ``extra`` (the QKV op's LoRA adapters) rides along, never timed or copied by a
+            # measurement (their gradients are the adapters' own)
+            args = without_trailing_defaults(parameters, args)
             return implementations[choose.choose(op, args, pinned)].fn(*args, **extra)
 
         call.__name__ = f"auto_{op}"
         return call
 
     fns: dict[str, Callable | None] = {op: dispatch(op) if op in on else None for op in backend_ops()}
-    linear, mlp = fns.get("linear"), fns.get("mlp")
-    if linear is not None:  # one key whatever the defaults given
-        fns["linear"] = lambda x, w, b, activation=None, residual=None: linear(x, w, b, activation, residual)
-    if mlp is not None:
-        fns["mlp"] = lambda x, w1, b1, w2, b2, activation="gelu_fast", residual=None: \
-            mlp(x, w1, b1, w2, b2, activation, residual)
     return Backend("auto", fns, pins=pinned, path=ModelPath())
+
+
+def without_trailing_defaults(parameters: list[inspect.Parameter], args: tuple) -> tuple:
+    """``args`` without the trailing ones that equal the defaults of ``parameters`` (the op's reference's, which
+    every implementation shares: tests/test_choose.py checks it)."""
+    n = len(args)
+    while 0 < n <= len(parameters):
+        default, value = parameters[n - 1].default, args[n - 1]
+        if default is inspect.Parameter.empty or isinstance(value, torch.Tensor) or type(value) is not type(default) \
+                or value != default:
+            break
+        n -= 1
+    return args[:n]
 
 
 def get_backend(attn: str | None, pins: dict[str, str] | None = None, ops: OpSwitches = None) -> Backend | None:
     """The table for ``attn`` ("triton", "auto"), or None for transformers' own attention ("eager", "sdpa", None).
     Without Triton, "triton" warns once and gives None (the model then uses "sdpa")."""
-    if attn is not None and attn not in ATTN_CHOICES:
-        raise ValueError(f"unknown attn {attn!r}; expected one of {', '.join(ATTN_CHOICES)}")
+    if attn is not None and attn not in ATTN:
+        raise ValueError(f"unknown attn {attn!r}; expected one of {', '.join(ATTN)}")
     if pins and attn != "auto":
-        raise ValueError("pins choose providers for attn='auto'")
+        raise ValueError("pins choose implementations for attn='auto'")
     if ops is not None and attn not in ("triton", "auto"):
         raise ValueError(f"ops switches ops between our kernels and transformers' path: attn='triton' or 'auto', "
                          f"got attn={attn!r}")

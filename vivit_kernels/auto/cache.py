@@ -28,7 +28,7 @@ __all__ = ["CACHE_ENV", "CACHE_VERSION", "WHOLE_MODEL", "WHOLE_MODEL_CHOICES", "
 
 CACHE_VERSION = 2
 CACHE_ENV = "VIVIT_KERNELS_CACHE_DIR"
-FORMAT = "vivit_kernels-providers"
+FORMAT = "vivit_kernels-implementations"
 # The whole-model guard's choices sit beside the ops': op "model", choices "kernels" / "transformers".
 WHOLE_MODEL = "model"
 WHOLE_MODEL_CHOICES = ("kernels", "transformers")
@@ -77,10 +77,11 @@ def _shapes(described: tuple) -> str:
 # The file
 # ------------------------------------------------------------------------------------------------
 def cache_path() -> Path:
-    """$VIVIT_KERNELS_CACHE_DIR/providers.json, else $XDG_CACHE_HOME (or ~/.cache)/vivit_kernels/providers.json."""
+    """$VIVIT_KERNELS_CACHE_DIR/implementations.json, else $XDG_CACHE_HOME (or ~/.cache)/vivit_kernels/
+    implementations.json."""
     root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vivit_kernels")
-    return Path(root) / "providers.json"
+    return Path(root) / "implementations.json"
 
 
 def _choices(op: str) -> tuple[str, ...]:
@@ -97,13 +98,13 @@ def load_cache(path: Path | None = None) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     except OSError as e:
-        warnings.warn(f"vivit_kernels: cannot read the provider cache {path} ({e}); ignoring it", stacklevel=2)
+        warnings.warn(f"vivit_kernels: cannot read the implementation cache {path} ({e}); ignoring it", stacklevel=2)
         return {}
     try:
         data = json.loads(text)
         if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == CACHE_VERSION
                 and isinstance(data.get("entries"), dict)):
-            raise ValueError("not a vivit_kernels provider cache of this version")
+            raise ValueError("not a vivit_kernels implementation cache of this version")
         entries = {}
         for key, item in data["entries"].items():
             if not (isinstance(item, dict) and item.get("choice") in _choices(item.get("op"))
@@ -112,7 +113,7 @@ def load_cache(path: Path | None = None) -> dict[str, dict]:
             entries[key] = item
         return entries
     except (ValueError, TypeError, AttributeError) as e:
-        warnings.warn(f"vivit_kernels: ignoring the provider cache {path}: {e}", stacklevel=2)
+        warnings.warn(f"vivit_kernels: ignoring the implementation cache {path}: {e}", stacklevel=2)
         return {}
 
 

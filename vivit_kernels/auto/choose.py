@@ -1,7 +1,7 @@
-"""Measured provider choice (``attn="auto"``): per op call, the implementations registered in ``ops/registry.py``
-(ours in Triton; cuBLAS / cuDNN / SDPA through torch), checked against the op's reference and timed on the user's
-device, the fastest kept in memory and in the cache file (``auto/cache.py``). Nothing here knows the model: the
-whole-model guard (``auto/guard.py``) reuses the same chain (:func:`resolve`) with its own measurement.
+"""The measured choice of an op's implementation (``attn="auto"``): per op call, the implementations registered in
+``ops/registry.py`` (ours in Triton; cuBLAS / cuDNN / SDPA through torch), checked against the op's reference and
+timed on the user's device, the fastest kept in memory and in the cache file (``auto/cache.py``). Nothing here knows
+the model: the whole-model guard (``auto/guard.py``) reuses the same chain (:func:`resolve`) with its own measurement.
 
 Every implementation computes the same function with the same autograd contract (forward and the backward that
 goes with what it saved), so forward and backward are chosen together; training calls are timed forward +
@@ -14,8 +14,8 @@ backward, inference calls forward only.
   disagrees is never timed nor chosen, and one log line names it. The others are timed (CUDA events, warm-up,
   repetitions, median, inputs rotated so the L2 cache flatters no one). Never measured inside CUDA-graph capture
   or while torch.compile traces: then the cached choice or our kernel, with one log line.
-- ``VIVIT_KERNELS_PROVIDERS="attention_qkv=sdpa-flash,linear=cublas"`` (or ``pins=`` to ``set_attn``) pins a
-  provider per op.
+- ``VIVIT_KERNELS_IMPLEMENTATIONS="attention_qkv=sdpa-flash,linear=cublas"`` (or ``pins=`` to ``set_attn``) pins an
+  implementation per op.
 """
 
 from __future__ import annotations
@@ -31,28 +31,23 @@ from collections.abc import Callable
 import torch
 
 from .._log import log_once, logger
-from ..ops import _triton
 from ..ops.registry import OPS
 from .cache import (
-    CACHE_ENV,
     WHOLE_MODEL,
     cache_path,
     describe,
-    device_id,
     entry,
-    entry_rows,
-    format_entries,
     load_cache,
     make_key,
     store,
 )
 
-__all__ = ["choose", "resolve", "cache_path", "load_cache", "pins_from_env", "parse_pins", "timer", "current_timer",
-           "Timing", "measure", "available", "verify", "forget", "recording", "is_recording", "entry_rows",
-           "format_entries", "remember", "runs", "cuda_event_timer", "make_key", "describe", "device_id",
-           "WHOLE_MODEL", "CACHE_ENV", "PINS_ENV"]
+__all__ = ["choose", "resolve", "pins_from_env", "parse_pins", "timer", "current_timer", "Timing", "measure",
+           "available", "verify", "forget", "recording", "is_recording", "remember", "runs", "cuda_event_timer",
+           "PINS_ENV"]
 
-PINS_ENV = "VIVIT_KERNELS_PROVIDERS"
+PINS_ENV = "VIVIT_KERNELS_IMPLEMENTATIONS"
+_OLD_PINS_ENV = "VIVIT_KERNELS_PROVIDERS"  # its name before 0.3.0: never read, a warning if set
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,14 +153,12 @@ def verify(op: str, name: str, args: tuple, training: bool, reference=None) -> s
     """None when implementation ``name`` of ``op`` agrees with the op's reference on ``args`` (its output, and
     for a training call the input gradients) under the suite's tolerance rule; else what disagreed.
     ``reference``: the reference's outputs on these inputs, when already computed (``_reference_outputs``)."""
-    from ..testing import judge_outputs, run_with_grads
+    from ..testing import fp32_atol, judge_outputs, run_with_grads
 
     dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
     inputs, ref32, low = reference or _reference_outputs(op, args, training, dtype)
     out, grads = run_with_grads(OPS[op].implementations[name].fn, inputs, dtype)
-    # float32 with TF32 allowed: both sides round products to TF32; IEEE otherwise (strict)
-    fp32_atol = 1e-2 if _triton.default_allow_tf32() else 1e-4
-    checks = judge_outputs(out, grads, ref32, low, fp32_atol, grad_names=[f"gradient of argument {i}"
+    checks = judge_outputs(out, grads, ref32, low, fp32_atol(), grad_names=[f"gradient of argument {i}"
                                                                           for i in range(len(grads))])
     bad = [c.message() for c in checks if not c.ok]
     return "; ".join(bad) if bad else None
@@ -195,19 +188,26 @@ def measure(op: str, args: tuple, training: bool, device: torch.device, names: l
             why = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         if why is not None:
             rejected[name] = why
-            logger.warning("vivit_kernels: provider %s for %s is not used at these shapes: %s", name, op, why)
+            logger.warning("vivit_kernels: implementation %s of %s is not used at these shapes: %s", name, op, why)
             continue
         fn = OPS[op].implementations[name].fn
         try:
             medians[name] = float(current_timer()(fn, args, training, device))
         except Exception as e:  # noqa: BLE001
             logger.warning(
-                "vivit_kernels: provider %s for %s failed while timing: %s", name, op, str(e).splitlines()[0]
+                "vivit_kernels: implementation %s of %s failed while timing: %s", name, op, str(e).splitlines()[0]
             )
             medians[name] = math.inf
     finite = {n: t for n, t in medians.items() if math.isfinite(t)}
+    ours = OPS[op].ours
+    if not finite and ours.name not in names and ours.available(device) is None:
+        # every vendor path refused these inputs (torch's CPU flash attention takes no per-key bias with gradients):
+        # ours, left out as no speed candidate where it runs interpreted, is correct, so it runs rather than fail
+        log_once(f"ours:{op}", "vivit_kernels: no other implementation of %s runs these inputs on %s; using ours (%s)",
+                 op, device.type, ours.runs(device))
+        return Timing(medians, ours.name, rejected)
     if not finite:
-        raise RuntimeError(f"no provider of {op} ran and agreed with the reference on these inputs: "
+        raise RuntimeError(f"no implementation of {op} ran and agreed with the reference on these inputs: "
                            f"{ {**medians, **rejected} }")
     order = list(OPS[op].implementations)
     choice = min(finite, key=lambda n: (finite[n], order.index(n)))
@@ -257,8 +257,8 @@ def remember(op: str, described: tuple, training: bool, device: str, timing: Tim
     try:
         store(key, item)
     except OSError as e:
-        log_once(f"store:{e}", "vivit_kernels: could not write the provider cache %s (%s); choices stay in memory",
-                 cache_path(), e)
+        log_once(f"store:{e}", "vivit_kernels: could not write the implementation cache %s (%s); choices stay in "
+                 "memory", cache_path(), e)
     return item
 
 
@@ -298,7 +298,11 @@ def forget() -> None:
 # Choosing per op call
 # ------------------------------------------------------------------------------------------------
 def pins_from_env() -> dict[str, str]:
-    """``VIVIT_KERNELS_PROVIDERS="op=name,op=name"`` as a dict, checked against the candidates."""
+    """``VIVIT_KERNELS_IMPLEMENTATIONS="op=name,op=name"`` as a dict, checked against the candidates. The variable's
+    name before 0.3.0 is not read; set, it gets one warning saying so."""
+    if _OLD_PINS_ENV in os.environ:
+        log_once("old-pins-env", "vivit_kernels: %s is ignored: it was renamed %s in 0.3.0 (CHANGELOG.md)",
+                 _OLD_PINS_ENV, PINS_ENV)
     return parse_pins(os.environ.get(PINS_ENV, ""))
 
 
@@ -310,13 +314,14 @@ def parse_pins(text: str | dict | None) -> dict[str, str]:
         for item in filter(None, (p.strip() for p in (text or "").split(","))):
             op, sep, name = item.partition("=")
             if not sep:
-                raise ValueError(f"{PINS_ENV}: {item!r} is not op=provider")
+                raise ValueError(f"{PINS_ENV}: {item!r} is not op=implementation")
             pins[op.strip()] = name.strip()
     for op, name in pins.items():
         if op not in OPS:
             raise ValueError(f"unknown op {op!r} to pin; ops: {', '.join(OPS)}")
         if name not in OPS[op].implementations:
-            raise ValueError(f"unknown provider {name!r} for {op}; providers: {', '.join(OPS[op].implementations)}")
+            raise ValueError(f"unknown implementation {name!r} of {op}; implementations: "
+                             f"{', '.join(OPS[op].implementations)}")
     return pins
 
 
@@ -350,7 +355,7 @@ def is_recording() -> bool:
 
 
 def choose(op: str, args: tuple, pins: dict[str, str]) -> str:
-    """The provider for this call of ``op`` (see the module docstring)."""
+    """The implementation for this call of ``op`` (see the module docstring)."""
     if op in pins:
         return pins[op]
     device = next(a.device for a in args if isinstance(a, torch.Tensor))

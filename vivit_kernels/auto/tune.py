@@ -12,7 +12,8 @@ import ast
 
 import torch
 
-from ..model import VivitForVideoClassification, image_hw, resolve_config
+from ..model import VivitForVideoClassification, resolve_config
+from ..presets import image_hw
 from . import choose
 from .cache import describe, load_cache
 from .guard import decide, key_of

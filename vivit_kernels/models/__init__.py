@@ -6,8 +6,6 @@ checkpoints.
 """
 
 from .factorized import (
-    ATTENTION_TYPES,
-    FACTORIZED_PRESETS,
     VivitFactorizedConfig,
     VivitFactorizedForVideoClassification,
     VivitFactorizedModel,
@@ -15,5 +13,5 @@ from .factorized import (
     pool_tokens,
 )
 
-__all__ = ["ATTENTION_TYPES", "FACTORIZED_PRESETS", "VivitFactorizedConfig", "VivitFactorizedModel",
+__all__ = ["VivitFactorizedConfig", "VivitFactorizedModel",
            "VivitFactorizedForVideoClassification", "factorized_reference_forward", "pool_tokens"]

@@ -38,11 +38,12 @@ from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
 from ..merging import merging_sequences, refuse_checkpointing
-from ..modules import KernelModule, autocast_dtype, compute_weight, has_hooks, kernel_mlp, plain
-from ..patch import AttnMixin
+from ..modules import KernelModule, kernel_mlp
+from ..monkey_patch import AttnMixin
+from ..plain_modules import autocast_dtype, compute_weight, has_hooks, plain
 from ..presets import ATTENTION_TYPES, FACTORIZED_PRESETS, image_hw  # plain Python (the command line lists them)
 
-__all__ = ["ATTENTION_TYPES", "FACTORIZED_PRESETS", "VivitFactorizedConfig", "VivitFactorizedModel", "pool_tokens",
+__all__ = ["VivitFactorizedConfig", "VivitFactorizedModel", "pool_tokens",
            "VivitFactorizedForVideoClassification", "factorized_reference_forward"]
 
 

@@ -36,6 +36,10 @@ if INTERPRET:
     fix_interpreter_scalars()  # Triton 3.6's interpreter with a newer numpy (see there)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Our kernels' floating-point contraction, stated rather than left to Triton's default: multiply-adds fused into FMAs
+# (Triton's default up to 3.9, which every kernel was validated with; 3.10 turns the default off). Every launch and
+# the compile gate pass it.
+FP_FUSION = True
 
 
 @dataclass(frozen=True)
@@ -187,13 +191,13 @@ def launch(tuned, plain, grid: Callable[[dict], tuple], args: tuple, meta: dict,
     with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
         if config is None and tuned is not None:
             if _autotune_now():
-                tuned[grid](*args, **meta)
+                tuned[grid](*args, **meta, enable_fp_fusion=FP_FUSION)
                 return
             if not INTERPRET:  # VIVIT_KERNELS_AUTOTUNE=0 on a GPU: the case's first shipped config
                 config = tuned.vivit_first_config(args, meta)
         config = config or interpreter_config
         plain[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                   num_stages=config.num_stages)
+                                   num_stages=config.num_stages, enable_fp_fusion=FP_FUSION)
 
 
 @torch.compiler.assume_constant_result

@@ -41,6 +41,7 @@ from ._triton import (
     triton,
     unit_last,
 )
+from .formulas import register_flop_formulas
 
 __all__ = ["flash_attention", "flash_attention_qkv", "attention_ref", "sdpa_attention", "FWD_CONFIGS", "DKDV_CONFIGS",
            "DQ_CONFIGS", "MAX_HEAD_DIM", "SHORT_N"]
@@ -835,6 +836,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_flop_formulas(flash_attn_fwd, flash_attn_bwd)
 
 
 def flash_attention(
@@ -936,6 +938,7 @@ def _qkv_backward(ctx, grad_out, grad_lse):
 
 
 flash_attn_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+register_flop_formulas(flash_attn_qkv_fwd, flash_attn_qkv_bwd)
 
 
 def flash_attention_qkv(

@@ -26,6 +26,7 @@ from ._triton import (
     tl,
     triton,
 )
+from .formulas import register_flop_formulas
 
 __all__ = ["layer_norm", "layer_norm_ref", "LN_CONFIGS", "MAX_FEATURES"]
 
@@ -216,6 +217,7 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_flop_formulas(layer_norm_fwd, layer_norm_bwd)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

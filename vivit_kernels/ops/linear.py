@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ._gemm import KERNEL_ACTIVATIONS, _as_2d, _bias_grad, _linear_grads, _weight_grad, gemm
 from ._triton import SUPPORTED_DTYPES, check_launchable, resolve_tf32, saved_outputs_only, unit_last
 from .activations import gelu_fast, gelu_fast_grad, get_activation
+from .formulas import register_flop_formulas
 
 __all__ = ["linear", "mlp", "qkv_projection", "linear_ref", "mlp_ref", "qkv_projection_ref", "gelu_fast_backward_ref",
            "lora_ref", "qkv_concat", "linear_addmm", "linear_matmul_ext", "mlp_with"]
@@ -112,6 +113,7 @@ def _linear_backward(ctx, grad_out, grad_pre):
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_flop_formulas(linear_fwd, linear_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,6 +312,7 @@ def _qkv_backward(ctx, grad, grad_downs, grad_casts):
 
 
 qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+register_flop_formulas(qkv_fwd, qkv_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,6 +413,7 @@ def _mlp_backward(ctx, grad_out, grad_pre):
 
 
 mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+register_flop_formulas(mlp_fwd, mlp_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -611,7 +615,7 @@ def qkv_concat(x, wq, bq, wk, bk, wv, bv, adapters=()):
     return torch.cat(_with_adapters(list(out.chunk(3, -1)), x, adapters), dim=-1) if adapters else out
 
 
-def linear_addmm(x, w, b, activation=None, residual=None):
+def linear_addmm(x, w, b=None, activation=None, residual=None):
     """torch.addmm (the bias in cuBLAS's epilogue on CUDA), with cuBLASLt's tanh-GELU epilogue where it is
     gelu_fast (checked numerically per device type; elsewhere addmm then gelu_fast)."""
     if activation not in (None, "gelu_fast"):
@@ -628,7 +632,7 @@ def linear_addmm(x, w, b, activation=None, residual=None):
     return y if residual is None else y + residual
 
 
-def linear_matmul_ext(x, w, b, activation=None, residual=None):
+def linear_matmul_ext(x, w, b=None, activation=None, residual=None):
     """torch's GEMM, then the extension's bias + gelu_fast kernel (one pass) where there is an activation."""
     from .gelu import bias_gelu_fast
 

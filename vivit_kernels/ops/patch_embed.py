@@ -36,6 +36,7 @@ from ._triton import (
     tl,
     triton,
 )
+from .formulas import register_flop_formulas
 
 __all__ = ["patch_embed", "patch_embed_ref", "PATCH_CONFIGS"]
 
@@ -382,6 +383,7 @@ def _backward(ctx, grad_out):
 
 
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_flop_formulas(patch_embed_fwd, patch_embed_bwd)
 
 
 def patch_embed(

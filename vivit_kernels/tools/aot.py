@@ -112,6 +112,8 @@ def compile_case(case: AotCase, arch: int, sass: bool = True) -> AotResult:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ..ops import _triton
+
     result = AotResult(case, arch)
     start = time.perf_counter()
     try:
@@ -120,7 +122,8 @@ def compile_case(case: AotCase, arch: int, sass: bool = True) -> AotResult:
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case.divisible}
         src = ASTSource(fn=fn, signature=dict(case.signature), constexprs=dict(case.constexprs), attrs=attrs)
         compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=case.num_warps, num_stages=case.num_stages)
+            src, target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=case.num_warps, num_stages=case.num_stages, enable_fp_fusion=_triton.FP_FUSION)
         )
         result.shared = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +212,7 @@ def analyse_sass(result: AotResult, sass: str) -> None:
     bm, bn, bk = meta.get("BLOCK_M"), meta.get("BLOCK_N"), meta.get("BLOCK_K")
     if not body or bm is None or bn is None:
         return
-    from ..ops.registry import gemm_flops
+    from ..ops.formulas import gemm_flops
 
     if "attn" in case.name or "attention" in case.name:
         # score elements per thread per iteration: BLOCK_M x BLOCK_N scores over warps x 32 threads

@@ -21,6 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..names import DTYPES
+
 __all__ = ["load_benchmarks", "inference_table", "training_table", "ops_table", "write_report", "main"]
 
 
@@ -75,15 +77,15 @@ def _seed_table(records: list[dict], table: str, count_key: str, count_label: st
     for r in records:
         if r.get("table") == table and r.get("time_s"):
             groups[(r["dtype"], r["batch"])].append(r)
-    lines = [f"| {count_label} | batch_size | dtype | backend | {time_label} (ms, median ± IQR) | speedup (%) "
+    lines = [f"| {count_label} | batch_size | dtype | path | {time_label} (ms, median ± IQR) | speedup (%) "
              "| peak memory (MB) | memory saving (%) |", "|---|---|---|---|---|---|---|---|"]
     for (dtype, batch), group in sorted(groups.items()):
-        base = _baseline(group, "provider")
-        for r in sorted(group, key=lambda r: r["provider"]):
+        base = _baseline(group, "path")
+        for r in sorted(group, key=lambda r: r["path"]):
             speedup = "-" if r.get("interpreted") else _pct(base and base["time_s"], r["time_s"])
-            backend = r["provider"] + (f" ({r['merge']})" if r.get("merge") else "")  # token merging's schedule
+            path = r["path"] + (f" ({r['merge']})" if r.get("merge") else "")  # token merging's schedule
             lines.append(
-                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {backend} | {_timing(r)} "
+                f"| {r.get(count_key, '-')} | {batch} | {dtype} | {path} | {_timing(r)} "
                 f"| {speedup} | {_mb(r.get('peak_mem_mb'))} "
                 f"| {_pct(base and base.get('peak_mem_mb'), r.get('peak_mem_mb'))} |"
             )
@@ -107,24 +109,32 @@ def predict_table(records: list[dict]) -> str:
     for r in rows:
         iqr = f" ± {r['iqr_s']:.2f}" if r.get("iqr_s") is not None and (r.get("rounds") or 0) > 1 else ""
         lines.append(
-            f"| {r.get('provider', r['name'])} | {r.get('dtype', '-')} | {r.get('videos', '-')} | "
+            f"| {r.get('path', r['name'])} | {r.get('dtype', '-')} | {r.get('videos', '-')} | "
             f"{r.get('workers', '-')} | {r['time_s']:.2f}{iqr} | {r.get('videos', 0) / r['time_s']:.2f} | "
             f"{pct(r.get('waiting_share'))} | {pct(r.get('preprocess_share'))} | {pct(r.get('model_share'))} |"
         )
     return "\n".join(lines)
 
 
+def _case(r: dict) -> str:
+    """An op row's op and variant, or another row's benchmark name."""
+    if r.get("op"):
+        return r["op"] + (f" {r['variant']}" if r.get("variant") else "")
+    return r["name"].split("[")[0].removeprefix("test_")
+
+
 def ops_table(records: list[dict]) -> str:
     rows = [r for r in records if r.get("time_s") and r.get("table") not in ("inference", "training", "predict")]
-    lines = ["| benchmark | provider | what ran | dtype | mode | ms (median ± IQR) | TFLOP/s | GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r.get("op", r["name"].split("[")[0]), r.get("dtype", ""), r.get("mode", ""))):
+    lines = ["| op / benchmark | implementation / path | what ran | dtype | batch | mode | ms (median ± IQR) | TFLOP/s "
+             "| GB/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("op") or r["name"].split("[")[0], r.get("variant") or "",
+                                         r.get("dtype", ""), r.get("batch") or 0, r.get("mode", ""))):
         tflops = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") else "-"
         lines.append(
-            f"| {r['name'].split('[')[0].removeprefix('test_')} | {r.get('provider', '-')} | {r.get('runs', '-')} "
-            f"| {r.get('dtype', '-')} "
-            f"| {r.get('mode', '-')} | {_timing(r)} | {tflops} | {gbps} |"
+            f"| {_case(r)} | {r.get('implementation') or r.get('path', '-')} | {r.get('runs', '-')} "
+            f"| {r.get('dtype', '-')} | {r.get('batch', '-')} | {r.get('mode', '-')} | {_timing(r)} | {tflops} "
+            f"| {gbps} |"
         )
     return "\n".join(lines)
 
@@ -146,7 +156,7 @@ def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for r in rows:
             if r.get(key) is not None:
-                series[f"{r['provider']} {r['dtype']}"].append((r["batch"], r[key] * scale))
+                series[f"{r['path']} {r['dtype']}"].append((r["batch"], r[key] * scale))
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -195,7 +205,7 @@ def write_report(out_dir: Path, benchmark_json: Path | None, measurements_md: st
                       "interpreter (no GPU here): they show the kernels run, not how fast; they are left out of the "
                       "plots and speedups."]
         parts.append("")
-        parts += providers_section()
+        parts += implementations_section()
     if measurements_md:
         parts += ["## Device-independent measurements (FakeTensorMode counts; exact on any machine)", "",
                   measurements_md, ""]
@@ -204,8 +214,8 @@ def write_report(out_dir: Path, benchmark_json: Path | None, measurements_md: st
     return report
 
 
-def providers_section() -> list[str]:
-    """What attn="auto" chose on this device (the provider cache), with each candidate's median time."""
+def implementations_section() -> list[str]:
+    """What attn="auto" chose on this device (the implementation cache), with each candidate's median time."""
     import torch
 
     from ..auto import cache
@@ -213,9 +223,9 @@ def providers_section() -> list[str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = cache.entry_rows(device)
     if not rows:
-        return ["## Providers chosen by attn=\"auto\"", "", f"No choices stored for {device} in "
+        return ["## Implementations chosen by attn=\"auto\"", "", f"No choices stored for {device} in "
                 f"{cache.cache_path()} (run `vivit-kernels tune`).", ""]
-    return ["## Providers chosen by attn=\"auto\"", "",
+    return ["## Implementations chosen by attn=\"auto\"", "",
             f"From {cache.cache_path()} (median ms of each candidate as measured when the choice was made):", "",
             cache.format_entries(rows), ""]
 
@@ -235,7 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", dest="select", help="pytest -k expression to select benchmarks")
     parser.add_argument("--measure-batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--measure-config", default="vivit-b-16x2", help="preset for the measurements")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES.values()),
                         help="dtype of the measurements")
 
 
@@ -262,8 +272,8 @@ def run_cli(args: argparse.Namespace) -> int:
                                 + format_models_markdown(models))
             from .costs import TRAINING_MODES, format_training_markdown, measure_training
 
-            training = [measure_training(mode, provider, batch=8, dtype=dtype, autocast=autocast)
-                        for provider in ("triton", "transformers-eager") for autocast in (False, True)
+            training = [measure_training(mode, path, batch=8, dtype=dtype, autocast=autocast)
+                        for path in ("triton", "transformers-eager") for autocast in (False, True)
                         for mode in TRAINING_MODES]
             measurements_md += ("\n\n### What a training step costs by what trains\n\n"
                                 "`vivit_kernels.tools.costs.measure_training()`:\n\n"
@@ -280,7 +290,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print("[bench] " + " ".join(cmd), file=sys.stderr, flush=True)
         from ..auto.cache import CACHE_ENV, cache_path
 
-        # the suite's attn="auto" rows use (and fill) the user's provider cache, which the report then shows
+        # the suite's attn="auto" rows use (and fill) the user's implementation cache, which the report then shows
         code = subprocess.call(cmd, env={**os.environ, CACHE_ENV: str(cache_path().parent)})
         if code not in (0, 5):
             print(f"[bench] pytest exited with {code}", file=sys.stderr)

@@ -11,7 +11,10 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .measure import _DTYPE_NAMES, Measurement, _build, _CostTracker, _storage_key, counting_saved, measure
+from ..names import dtype_name
+from .counting import CostTracker, counting_saved, storage_key
+from .measure import Measurement, config_label, measure
+from .model_paths import build_model
 
 __all__ = ["TRAINING_MODES", "TrainingMeasurement", "measure_training", "format_training_markdown",
            "time_training_steps", "MERGE_SWEEP", "measure_merging", "format_merging_markdown", "time_merging"]
@@ -26,11 +29,13 @@ class TrainingMeasurement:
     saved for the backward, by what trains (``TRAINING_MODES``)."""
 
     mode: str
-    provider: str
+    path: str
+    config: str
     batch: int
     dtype: str
     layers: int
     autocast: bool = False  # float32 weights under autocast to ``dtype`` (what ``finetune`` trains with)
+    lora_rank: int = 0  # the adapters' rank in mode "lora"
     flops: int = 0
     launches: int = 0
     saved_bytes: int = 0
@@ -39,7 +44,7 @@ class TrainingMeasurement:
         return dataclasses.asdict(self)
 
 
-def measure_training(mode: str, provider: str = "triton", config="vivit-b-16x2", batch: int = 8,
+def measure_training(mode: str, path: str = "triton", config="vivit-b-16x2", batch: int = 8,
                      dtype: torch.dtype = torch.bfloat16, lora_rank: int = 8,
                      autocast: bool = False) -> TrainingMeasurement:
     """A training step of ``mode`` ("full": every weight; "lora": PEFT LoRA of ``lora_rank`` on q and v and the
@@ -47,28 +52,31 @@ def measure_training(mode: str, provider: str = "triton", config="vivit-b-16x2",
     counted on fake tensors: FLOPs and launches of forward + backward, bytes saved for the backward. The weights
     are ``dtype``, or with ``autocast`` float32 under autocast to ``dtype`` (mixed precision, what ``finetune``
     runs: every weight is cast per step, and PEFT's adapters are float32 either way)."""
-    from ..model import VivitConfig, image_hw
+    from ..model import VivitConfig
+    from ..presets import image_hw
     from ..training import add_lora, freeze_all_but_head
 
     if mode not in TRAINING_MODES:
         raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
+    label = config_label(config)
     config = VivitConfig.from_preset(config) if isinstance(config, str) else config
-    result = TrainingMeasurement(mode, provider, batch, _DTYPE_NAMES[dtype], config.num_hidden_layers, autocast)
+    result = TrainingMeasurement(mode, path, label, batch, dtype_name(dtype), config.num_hidden_layers, autocast,
+                                 lora_rank if mode == "lora" else 0)
     h, w = image_hw(config)
     with torch.device("meta"):  # PEFT cannot wrap fake parameters (it moves adapters with swap_tensors)
-        model = _build(provider, config, torch.float32 if autocast else dtype)
+        model = build_model(path, config, torch.float32 if autocast else dtype)
         if mode == "lora":
             model = add_lora(model, lora_rank)
         elif mode == "probe":
             freeze_all_but_head(model)
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake ones
         model = model.to_empty(device="cpu")
-        params = {_storage_key(p) for p in model.parameters()}
+        params = {storage_key(p) for p in model.parameters()}
         pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w,
                                    dtype=torch.float32 if autocast else dtype)
         labels = torch.zeros(batch, dtype=torch.long)
         model.train()
-        tracker = _CostTracker(dtype, params | {_storage_key(pixel_values)})
+        tracker = CostTracker(dtype, params | {storage_key(pixel_values)})
         with tracker:
             with counting_saved(params) as saved, torch.autocast("cpu", dtype=dtype, enabled=autocast):
                 loss = model(pixel_values=pixel_values, labels=labels).loss
@@ -86,7 +94,8 @@ def time_training_steps(preset: str = "small", batch: int = 4, rounds: int = 7, 
     import time
 
     from .._devices import synchronize
-    from ..model import VivitForVideoClassification, image_hw
+    from ..model import VivitForVideoClassification
+    from ..presets import image_hw
     from ..training import add_lora, freeze_all_but_head
 
     runs = {}
@@ -122,7 +131,7 @@ MERGE_SWEEP = (None, 16, 64, "fraction-10", "fraction-20", "fraction-30")  # no 
 
 
 def measure_merging(specs=MERGE_SWEEP, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-                    provider: str = "triton") -> list[tuple[object, Measurement]]:
+                    path: str = "triton") -> list[tuple[object, Measurement]]:
     """(schedule, measurement) of Model 1 (or the Model 2 config given) with token merging at each schedule
     (``vivit_kernels.merging``), counted on fake tensors like ``measure``."""
     from ..model import VivitConfig
@@ -131,7 +140,9 @@ def measure_merging(specs=MERGE_SWEEP, config="vivit-b-16x2", batch: int = 1, dt
     for spec in specs:
         cfg = VivitConfig.from_preset(config) if isinstance(config, str) else copy.deepcopy(config)
         cfg.token_merging = spec
-        rows.append((spec, measure(provider, cfg, batch, dtype)))
+        m = measure(path, cfg, batch, dtype)
+        m.config = config_label(config)
+        rows.append((spec, m))
     return rows
 
 
@@ -146,8 +157,8 @@ def format_merging_markdown(rows: list[tuple[object, Measurement]]) -> str:
         per_layer = merge_schedule(spec, m.layers, m.tokens) if spec else [0] * m.layers
         lines.append(f"| {spec if spec is not None else 'none'} | {', '.join(map(str, per_layer))} | "
                      f"{m.tokens - sum(per_layer)} | {m.flops / 1e9:.0f} | {m.flops / base.flops:.2f} | {m.launches} |")
-    lines += ["", f"ViViT-B/16x2 ({base.tokens} tokens), batch {base.batch}, {base.dtype}, provider {base.provider}, "
-              "one forward counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it."]
+    lines += ["", f"{base.config} ({base.tokens} tokens), batch {base.batch}, {base.dtype}, path {base.path}, one "
+              "forward counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it."]
     return "\n".join(lines)
 
 
@@ -159,7 +170,8 @@ def time_merging(specs=(None, "fraction-10", "fraction-20"), preset: str = "smal
     import time
 
     from .._devices import synchronize
-    from ..model import VivitForVideoClassification, image_hw
+    from ..model import VivitForVideoClassification
+    from ..presets import image_hw
 
     torch.manual_seed(0)
     model = VivitForVideoClassification(preset, attn=attn).to(device).eval()  # a preset name or a config
@@ -184,25 +196,27 @@ def time_merging(specs=(None, "fraction-10", "fraction-20"), preset: str = "smal
 
 
 def format_training_markdown(rows: list[TrainingMeasurement]) -> str:
-    """Per provider, weights' precision and mode: GFLOP, launches (per layer: the step's total over the layers),
-    GiB saved for the backward, each with its ratio to the same provider's full fine-tuning at that precision."""
-    full = {(r.provider, r.autocast): r for r in rows if r.mode == "full"}
-    lines = ["| provider | weights | trains | GFLOP / step | x full | launches / step | per layer | x full "
+    """Per model path, weights' precision and mode: GFLOP, launches (per layer: the step's total over the layers),
+    GiB saved for the backward, each with its ratio to the same path's full fine-tuning at that precision."""
+    full = {(r.path, r.autocast): r for r in rows if r.mode == "full"}
+    lines = ["| path | weights | trains | GFLOP / step | x full | launches / step | per layer | x full "
              "| GiB saved for backward | x full |", "|" + "---|" * 10]
-    what = {"full": "every weight", "lora": "LoRA r=8 on q, v + classifier", "probe": "the classifier (probe)"}
+    what = {"full": "every weight", "lora": "LoRA r={} on q, v + classifier", "probe": "the classifier (probe)"}
+
     def ratio(r: TrainingMeasurement, field: str) -> str:
-        f = full.get((r.provider, r.autocast))
+        f = full.get((r.path, r.autocast))
         return f"{getattr(r, field) / getattr(f, field):.3f}" if f else "n/a"
 
     for r in rows:
         weights = f"fp32, {r.dtype} autocast" if r.autocast else r.dtype
-        lines.append(f"| {r.provider} | {weights} | {what[r.mode]} | {r.flops / 1e9:.0f} | {ratio(r, 'flops')} | "
-                     f"{r.launches} | {r.launches / r.layers:.1f} | {ratio(r, 'launches')} | "
+        lines.append(f"| {r.path} | {weights} | {what[r.mode].format(r.lora_rank)} | {r.flops / 1e9:.0f} "
+                     f"| {ratio(r, 'flops')} | {r.launches} | {r.launches / r.layers:.1f} | {ratio(r, 'launches')} | "
                      f"{r.saved_bytes / 2**30:.2f} | {ratio(r, 'saved_bytes')} |")
     r = rows[0]
-    lines += ["", f"ViViT-B/16x2, batch {r.batch}, one training step (forward + backward of the loss), counted on "
-              "fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. Weights in bf16, or in fp32 under "
-              "bf16 autocast (mixed precision: what `finetune` trains with; every weight is cast once per step). "
-              "PEFT keeps LoRA adapters in fp32 either way. Launches per layer: the step's total divided by the 12 "
-              "layers (the embedding and the head included)."]
+    dtypes = sorted({r.dtype for r in rows})
+    lines += ["", f"{r.config}, batch {r.batch}, one training step (forward + backward of the loss), counted on fake "
+              "tensors (FakeTensorMode): exact on any machine, no GPU ran it. Weights in "
+              f"{' / '.join(dtypes)}, or in fp32 under autocast to that dtype (mixed precision: what `finetune` trains "
+              "with; every weight is cast once per step). PEFT keeps LoRA adapters in fp32 either way. Launches per "
+              f"layer: the step's total divided by the {r.layers} layers (the embedding and the head included)."]
     return "\n".join(lines)

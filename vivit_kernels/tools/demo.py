@@ -36,10 +36,12 @@ def _interpreted(backend: str, device: torch.device) -> bool:
 def run_demo(model_dir: str | None, preset: str, device: torch.device, dtype: torch.dtype, batch: int = 1,
              repeats: int = 3, seed: int = 0, merge=None) -> dict[str, tuple[torch.Tensor, float]]:
     """Print the demo (model, input, one row per backend); returns backend -> (logits, ms per batch). ``merge``
-    (a token-merging schedule, ``patch.set_token_merging``): every backend again with merging, rows "NAME+merge",
+    (a token-merging schedule, ``monkey_patch.set_token_merging``): every backend again with merging, rows "NAME+merge",
     their difference to the unmerged eager logits being merging's approximation."""
-    from ..auto.backends import ATTN_CHOICES, backend_status
-    from ..model import VivitForVideoClassification, image_hw, num_tokens
+    from ..auto.backends import backend_status
+    from ..model import VivitForVideoClassification
+    from ..names import ATTN
+    from ..presets import image_hw, num_tokens
     from ..processing import VideoProcessor
 
     if model_dir:
@@ -65,7 +67,7 @@ def run_demo(model_dir: str | None, preset: str, device: torch.device, dtype: to
     results = {}
     for schedule in [None] + ([merge] if merge not in (None, "off") else []):
         model.set_token_merging(schedule)
-        for name in ATTN_CHOICES:
+        for name in ATTN:
             ok, why = status[name]
             if not ok:
                 if schedule is None:

@@ -56,10 +56,10 @@ def print_info() -> None:
     print("C++/CUDA extension (video preprocessing, bias + gelu_fast)")
     for _, line in _extension.status().items():
         print(f"  {line}")
-    _print_provider_cache()
+    _print_implementation_cache()
 
 
-def _print_provider_cache() -> None:
+def _print_implementation_cache() -> None:
     from ..auto import cache
 
     path = cache.cache_path()

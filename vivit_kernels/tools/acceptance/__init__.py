@@ -18,22 +18,19 @@ from .report import (
                      update_readme,
 )
 from .run import (
-                     COMPILED,
                      DEFAULT_BUDGET_S,
                      DRY_PLAN,
-                     DTYPE_NAMES,
                      GPU_PLAN,
                      SECTION_ENDS,
                      SECTIONS,
-                     SEED_PROVIDERS,
                      Acceptance,
                      Plan,
                      ops_dtype,
 )
-from .seed import build_seed_model, peak_memory_mb, section_auto, section_seed, seed_step
+from .seed import peak_memory_mb, section_auto, section_seed, seed_step
 
-__all__ = ["Acceptance", "COMPILED", "DEFAULT_BUDGET_S", "DRY_PLAN", "DTYPE_NAMES", "FORMAT", "GPU_PLAN", "Plan",
-           "README_BEGIN", "README_END", "RESULTS_DIR", "SECTIONS", "SECTION_ENDS", "SEED_PROVIDERS", "add_arguments",
-           "build_seed_model", "default_out_dir", "execute", "gpu_slug", "newest_results", "ops_dtype",
+__all__ = ["Acceptance", "DEFAULT_BUDGET_S", "DRY_PLAN", "FORMAT", "GPU_PLAN", "Plan",
+           "README_BEGIN", "README_END", "RESULTS_DIR", "SECTIONS", "SECTION_ENDS", "add_arguments",
+           "default_out_dir", "execute", "gpu_slug", "newest_results", "ops_dtype",
            "peak_memory_mb", "readme_section", "render_report", "run_cli", "section_auto", "section_correctness",
            "section_environment", "section_ops", "section_seed", "seed_step", "update_readme", "versions"]

@@ -1,7 +1,7 @@
 """Sections 1 to 3 of the acceptance run: the environment and its measured peaks; correctness at ViViT-B shapes
-(every op of the registry that a layer runs, forward and every input gradient, against its reference; the whole
-model against transformers' eager attention; the extension's CUDA ops against their CPU twins); per-op speed of
-every registered implementation and of the auto dispatcher, each checked before its time counts."""
+(every op of the registry, forward and every input gradient, against its reference by the suite's tolerance rule;
+the whole model against transformers' eager attention); per-op speed of every registered implementation and of the
+auto dispatcher, each checked before its time counts."""
 
 from __future__ import annotations
 
@@ -78,11 +78,13 @@ def section_environment(run: Acceptance) -> None:
     run.save()
 
     def peaks():
+        from ...ops.formulas import gemm_flops
+
         n, dtype = run.plan.matmul_n, ops_dtype(run.device)  # the per-op figures' dtype
         a = torch.randn(n, n, device=run.device, dtype=torch_dtype(dtype))
         b = torch.randn(n, n, device=run.device, dtype=torch_dtype(dtype))
         ms = median_ms(run, lambda: a @ b)
-        env["peak_matmul_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
+        env["peak_matmul_tflops"] = gemm_flops(n, n, n) / (ms * 1e-3) / 1e12
         env["peak_matmul"] = f"{dtype} {n}x{n}x{n}"
         nbytes = run.plan.copy_mib * 2**20
         src = torch.empty(nbytes, dtype=torch.uint8, device=run.device)
@@ -126,11 +128,11 @@ def _record_checks(run: Acceptance, section: str, case: str, shape: str, dtype: 
             run.fail(section, case, c.message(), shape=shape, dtype=dtype)
 
 
-def _layer_ops() -> list[str]:
-    """The registry's ops a ViViT layer runs (the extension's are checked against their CPU twins)."""
-    from ...ops.registry import backend_ops
+def _checked_ops() -> list[str]:
+    """The registry's ops, in its order: what sections 2 and 3 check (a test narrows it)."""
+    from ...ops.registry import OPS
 
-    return list(backend_ops())
+    return list(OPS)
 
 
 def _case(op: str, variant) -> str:
@@ -142,8 +144,9 @@ def _shape_text(args: tuple) -> str:
 
 
 def section_correctness(run: Acceptance) -> None:
-    """In the order that tells the most soonest: every op in bf16, the model in bf16, the extension, then fp32
-    (ops, model), then fp16. Each op's inputs, reference and our implementation come from its registry entry."""
+    """In the order that tells the most soonest: every op in bf16, the model in bf16, then fp32 (ops, model), then
+    fp16. Each op's inputs, reference and our implementation come from its registry entry; an op a layer runs is
+    checked in every dtype, the extension's ops in the dtypes their entries list."""
     import torch
 
     from ...ops.registry import OPS
@@ -152,8 +155,14 @@ def section_correctness(run: Acceptance) -> None:
     shape = run.plan.shape(run.plan.correct_batch)
 
     def op_checks(dtype: str) -> None:
-        for op in _layer_ops():
+        for op in _checked_ops():
             entry = OPS[op]
+            if not entry.backend and torch_dtype(dtype) not in entry.dtypes:
+                continue
+            why = entry.ours.available(run.device)
+            if why:  # e.g. the extension built without its CUDA half: said, never a fallback checked in its place
+                run.skip("correctness", f"{op} {dtype}", why)
+                continue
             for variant in entry.variants:
                 case = _case(op, variant)
 
@@ -177,8 +186,6 @@ def section_correctness(run: Acceptance) -> None:
         op_checks(dtype)
         if dtype in ("bf16", "fp32"):
             model_check(dtype)
-        if dtype == run.plan.correct_dtypes[0]:
-            run.step("correctness", "extension", "extension", lambda: _check_extension(run))
 
 
 def _model_pair(preset: str, device):
@@ -203,7 +210,7 @@ def _check_model(run: Acceptance, dtype: str) -> None:
     against the fp32 eager model, with the bf16 eager model as PyTorch's own same-dtype error."""
     import torch
 
-    from ...model import image_hw
+    from ...presets import image_hw
     from ...testing import judge_outputs
 
     start = time.perf_counter()
@@ -239,55 +246,6 @@ def _check_model(run: Acceptance, dtype: str) -> None:
                    f"{run.plan.preset} batch {run.plan.model_batch}", dtype, checks, time.perf_counter() - start)
 
 
-def _check_extension(run: Acceptance) -> None:
-    """The extension's CUDA ops against their CPU twins (same arithmetic); on the CPU (--dry-run), the CPU ops
-    against the PyTorch implementations of that arithmetic."""
-    import torch
-
-    from ...ops import _extension
-    from ...ops.gelu import bias_gelu_fast_ref
-    from ...ops.preprocess import preprocess_video_ref
-    from ...testing import Comparison, judge
-
-    where = run.device.type
-    if not (_extension.has_kernel("preprocess_video", where) and _extension.has_kernel("bias_gelu_fast", where)):
-        run.skip("correctness", "extension", f"the extension has no {where} kernels here: {_extension.status()}")
-        return
-    start = time.perf_counter()
-    g = torch.Generator().manual_seed(2)
-    video = torch.randint(0, 256, (2, 8, 180, 320, 3), generator=g, dtype=torch.uint8)
-    checks: list[Comparison] = []
-    for dtype in ("fp32", "bf16"):
-        dt = torch_dtype(dtype)
-        # VivitImageProcessor's defaults on a 180x320 clip: shortest edge to 256, centre crop 224
-        args = ([256, 455], [16, 115, 224, 224], 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, dt)
-        got = torch.ops.vivit_kernels.preprocess_video(video.to(run.device), *args).float().cpu()
-        twin = (torch.ops.vivit_kernels.preprocess_video(video, *args) if where == "cuda"
-                else preprocess_video_ref(video, *args)).float()
-        checks.append(judge(f"preprocess_video {dtype}", got, twin, fp32_atol=1e-5 if dtype == "fp32" else 1e-2))
-        x = torch.randn(64, 3072, generator=g).to(dt)
-        b = torch.randn(3072, generator=g).to(dt)
-        grad = torch.randn(64, 3072, generator=g).to(dt)
-        tol = 1e-5 if dtype == "fp32" else 1e-2
-        y = torch.ops.vivit_kernels.bias_gelu_fast(x.to(run.device), b.to(run.device)).float().cpu()
-        dy = torch.ops.vivit_kernels.bias_gelu_fast_backward(grad.to(run.device), x.to(run.device),
-                                                              b.to(run.device)).float().cpu()
-        if where == "cuda":
-            ty = torch.ops.vivit_kernels.bias_gelu_fast(x, b).float()
-            tdy = torch.ops.vivit_kernels.bias_gelu_fast_backward(grad, x, b).float()
-        else:
-            xr = x.float().requires_grad_()
-            out = bias_gelu_fast_ref(xr, b.float())
-            out.backward(grad.float())
-            ty, tdy = out.detach(), xr.grad
-        checks += [judge(f"bias_gelu_fast {dtype}", y, ty, fp32_atol=tol),
-                   judge(f"bias_gelu_fast_backward {dtype}", dy, tdy, fp32_atol=tol)]
-    run.sync()
-    twin = "its CPU twin" if where == "cuda" else "the PyTorch reference"
-    _record_checks(run, "correctness", f"extension ops vs {twin}", "video 2x8x180x320x3, x 64x3072", "fp32, bf16",
-                   checks, time.perf_counter() - start)
-
-
 # ------------------------------------------------------------------------------------------------
 # 3. Per-op speed
 # ------------------------------------------------------------------------------------------------
@@ -307,8 +265,10 @@ def section_ops(run: Acceptance) -> None:
     auto = auto_backend()
     env = run.data["environment"]
     shape = run.plan.shape(run.plan.ops_batch)
-    for op in _layer_ops():
+    for op in _checked_ops():
         entry = OPS[op]
+        if not entry.backend:  # the extension's ops are the layers' helpers: timed inside linear's cublas+ext
+            continue
         for mode in ("infer", "train"):
             training = mode == "train"
 
@@ -325,19 +285,19 @@ def section_ops(run: Acceptance) -> None:
                 continue
             leaves, ref32, low = prepared
             args = tuple(t.detach().to(dtype) if isinstance(t, torch.Tensor) else t for t in leaves)
-            flops, nbytes, shape_text = entry.flops(*args), entry.bytes(*args), _shape_text(args)
+            shape_text = _shape_text(args)
             names = [n for n, impl in entry.implementations.items() if impl.available(run.device) is None]
             for name in names + ["auto"]:
                 fn = auto.fns[op] if name == "auto" else entry.implementations[name].fn
 
                 def measure(entry=entry, op=op, name=name, fn=fn, mode=mode, training=training, leaves=leaves,
-                            ref32=ref32, low=low, args=args, flops=flops, nbytes=nbytes, shape_text=shape_text):
+                            ref32=ref32, low=low, args=args, shape_text=shape_text):
                     before = sum(_triton.LAUNCHES.values())
                     start = time.perf_counter()
                     try:
                         got = _outputs(fn, leaves, dtype, training, run_with_grads)
                     except Exception as e:  # noqa: BLE001 - a vendor backend that refuses these inputs is no failure
-                        run.data["ops"].append({"op": op, "provider": name, "mode": mode, "dtype": dtype_name,
+                        run.data["ops"].append({"op": op, "implementation": name, "mode": mode, "dtype": dtype_name,
                                                 "shape": shape_text, "ms": None, "unavailable": first_line(e)})
                         return
                     run.sync()
@@ -345,7 +305,7 @@ def section_ops(run: Acceptance) -> None:
                     interpreted = _triton.INTERPRET and sum(_triton.LAUNCHES.values()) > before
                     checks = judge_outputs(got[0], got[1], ref32, low, name=op)
                     ok = all(c.ok for c in checks)
-                    row = {"op": op, "provider": name, "mode": mode, "dtype": dtype_name, "shape": shape_text,
+                    row = {"op": op, "implementation": name, "mode": mode, "dtype": dtype_name, "shape": shape_text,
                            "runs": "attn='auto' dispatch" if name == "auto" else
                            entry.implementations[name].runs(run.device),
                            "checked": ok, "interpreted": interpreted, "ms": None}
@@ -357,8 +317,7 @@ def section_ops(run: Acceptance) -> None:
                         return
                     ms = median_ms(run, fn, training, args) if not interpreted else first_s * 1e3
                     run.overhead("ops", first_s - ms * 1e-3)
-                    work = flops * (1 + entry.backward_ratio) if training else flops
-                    moved = nbytes * (3 if training else 1)
+                    work, moved = entry.cost(args, training)
                     row.update(ms=ms)
                     if not interpreted:
                         if work:

@@ -59,8 +59,8 @@ def run_cli(args: argparse.Namespace) -> int:
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
     out = Path(args.out) if args.out else default_out_dir(device, args.dry_run)
     if args.dry_run and not os.environ.get("VIVIT_KERNELS_CACHE_DIR"):
-        # interpreter-run choices are no one's speed data: keep them out of the user's provider cache
-        os.environ["VIVIT_KERNELS_CACHE_DIR"] = str(out.resolve() / "provider-cache")
+        # interpreter-run choices are no one's speed data: keep them out of the user's implementation cache
+        os.environ["VIVIT_KERNELS_CACHE_DIR"] = str(out.resolve() / "implementation-cache")
     command = " ".join(["vivit-kernels", "acceptance", *getattr(args, "argv", [])])
     run = Acceptance(out, plan, device, args.budget_s, args.dry_run, command, tuple(args.sections))
     return execute(run)

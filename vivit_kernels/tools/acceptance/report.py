@@ -94,12 +94,12 @@ def render_report(data: dict) -> str:
     lines += [
         "## 3. Per-op speed",
         "",
-        "Each provider's result is checked against the op's reference before its time "
+        "Each implementation's result is checked against the op's reference before its time "
         "counts. Training rows time forward + backward. TFLOP/s: 2 M N K per GEMM (4 B H N^2 D for attention; "
         "backward 2x, attention 2.5x); GB/s: bytes read and written once; % of peak: of the measured matmul (same "
         "dtype) or copy above.",
         "",
-        "| op | shape | mode | provider | what ran | ms | TFLOP/s | GB/s | % of peak | check |",
+        "| op | shape | mode | implementation | what ran | ms | TFLOP/s | GB/s | % of peak | check |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data.get("ops", []):
@@ -110,7 +110,7 @@ def render_report(data: dict) -> str:
             ms = "interpreter: correctness run" if r.get("interpreted") else _fmt(r.get("ms"), ".3f")
         frac = r.get("fraction_of_peak")
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | {r.get('runs', '-')} | {ms} "
+            f"| {r['op']} | {r['shape']} | {r['mode']} | {r['implementation']} | {r.get('runs', '-')} | {ms} "
             f"| {_fmt(r.get('tflops'), '.3g')} "
             f"| {_fmt(r.get('gbps'), '.3g')} | {_fmt(None if frac is None else 100 * frac, '.0f')} | {check} |"
         )
@@ -266,11 +266,12 @@ def readme_section(root: Path = RESULTS_DIR) -> str:
     ]
     best = {}
     for r in data.get("ops", []):
-        if r.get("ms") and r.get("checked") and not r.get("interpreted") and r["provider"] != "auto":
+        if r.get("ms") and r.get("checked") and not r.get("interpreted") and r["implementation"] != "auto":
             key = (r["op"], r["mode"])
-            best.setdefault(key, {})[r["provider"]] = r["ms"]
+            best.setdefault(key, {})[r["implementation"]] = r["ms"]
     if best:
-        lines += ["Per op (ms, ours against the fastest other provider, each checked against the reference first):", "",
+        lines += ["Per op (ms, ours against the fastest other implementation, each checked against the reference "
+                  "first):", "",
                   "| op | mode | ours (triton) | fastest other | ours / fastest other |", "|---|---|---|---|---|"]
         for (op, mode), times in best.items():
             others = {n: t for n, t in times.items() if n != "triton"}

@@ -7,7 +7,7 @@ what was skipped is listed with the reason:
    compared with, measured here (a large bf16 matmul's TFLOP/s, a device-to-device copy's GB/s);
 2. correctness at ViViT-B shapes: every op's forward and every input gradient against its eager reference (the
    test suite's tolerance rule, vivit_kernels.testing), the whole model in bf16 and fp32 against transformers'
-   eager attention, the extension's CUDA ops against their CPU twins. Any failure makes the command exit 1,
+   eager attention; the extension's ops too, where it is built for the device. Any failure makes the command exit 1,
    with the op, shape, dtype and error in the report;
 3. per-op speed: ours against every vendor candidate attn="auto" chooses between (cuBLAS(Lt), SDPA flash /
    cuDNN / memory-efficient, cuDNN Conv3d, F.layer_norm) and the auto dispatcher itself, each checked against
@@ -46,7 +46,7 @@ from ..._devices import synchronize
 from ..._files import atomic_write_text
 from .report import FORMAT, render_report
 
-__all__ = ["SECTIONS", "SECTION_ENDS", "DEFAULT_BUDGET_S", "DTYPE_NAMES", "SEED_PROVIDERS", "COMPILED",
+__all__ = ["SECTIONS", "SECTION_ENDS", "DEFAULT_BUDGET_S",
            "Plan", "GPU_PLAN", "DRY_PLAN", "Acceptance", "ops_dtype", "torch_dtype", "first_line", "median_ms"]
 
 SECTIONS = ("environment", "correctness", "ops", "seed", "auto")
@@ -54,10 +54,6 @@ SECTIONS = ("environment", "correctness", "ops", "seed", "auto")
 # earlier ones left, but never starves the later ones; the last one may use everything that is left.
 SECTION_ENDS = {"environment": 0.05, "correctness": 0.50, "ops": 0.72, "seed": 0.97, "auto": 1.0}
 DEFAULT_BUDGET_S = 480.0
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
-# the seed's tables: our backends and transformers' own models, as bench/test_bench_model.py names them
-SEED_PROVIDERS = ("triton", "auto", "transformers-eager", "transformers-sdpa")
-COMPILED = "transformers-sdpa-compiled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +81,7 @@ class Plan:
 
     def shape(self, batch: int):
         """The op registry's sample-input sizes of this plan at ``batch``."""
-        from ...ops.registry import Shape
+        from ...ops.sample_inputs import Shape
 
         return getattr(Shape, self.sizes)(batch)
 
@@ -94,14 +90,14 @@ GPU_PLAN = Plan(
     preset="vivit-b-16x2", correct_batch=2, ops_batch=8, sizes="vivit_b", correct_dtypes=("bf16", "fp32", "fp16"),
     model_batch=1, infer_batches=(1, 2, 4, 8), infer_dtypes=("bf16", "fp32"), infer_rounds=20, train_batches=(1, 8),
     train_dtype="bf16", train_steps=20, matmul_n=8192, copy_mib=1024, warmup=3, repeats=15,
-    estimate_s={"environment": 20, "op": 10, "model": 40, "extension": 10, "speed": 6, "seed": 10, "train": 30,
+    estimate_s={"environment": 20, "op": 10, "model": 40, "speed": 6, "seed": 10, "train": 30,
                 "compiled": 120, "auto": 1},
 )
 DRY_PLAN = Plan(
     preset="tiny", correct_batch=1, ops_batch=2, sizes="tiny", correct_dtypes=("bf16", "fp32"), model_batch=1,
     infer_batches=(1, 2), infer_dtypes=("fp32",), infer_rounds=2, train_batches=(1,), train_dtype="fp32",
     train_steps=2, matmul_n=256, copy_mib=16, warmup=0, repeats=1,
-    estimate_s={"environment": 2, "op": 2, "model": 5, "extension": 1, "speed": 1, "seed": 2, "train": 5,
+    estimate_s={"environment": 2, "op": 2, "model": 5, "speed": 1, "seed": 2, "train": 5,
                 "compiled": 60, "auto": 0},
 )
 
@@ -115,7 +111,9 @@ def ops_dtype(device) -> str:
 def torch_dtype(name: str):
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    from ...names import DTYPES
+
+    return getattr(torch, DTYPES[name])
 
 
 def first_line(e: BaseException) -> str:

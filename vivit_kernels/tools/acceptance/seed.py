@@ -10,42 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .run import COMPILED, SEED_PROVIDERS, Acceptance, first_line, torch_dtype
+from ..model_paths import COMPILED, LORA, MERGE, MERGE_SCHEDULE, TIMED, build_model
+from .run import Acceptance, first_line, torch_dtype
 
-__all__ = ["build_seed_model", "seed_step", "peak_memory_mb", "section_seed", "section_auto"]
-
-
-LORA = "+lora"  # a provider with this suffix: the same model with LoRA rank 8 on q and v (finetune --lora-rank 8)
-MERGE = "+merge"  # ... the same model with token merging, MERGE_SCHEDULE (vivit_kernels.merging)
-MERGE_SCHEDULE = "fraction-10"  # half the FLOPs of ViViT-B/16x2 (docs/merging.md)
-
-
-def build_seed_model(provider: str, config, dtype, device):
-    """A model of the seed's tables: ours (provider "triton" / "auto"; "triton+lora" / "auto+lora": with PEFT LoRA
-    of rank 8 on q and v, as ``finetune --lora-rank 8`` trains; "triton+merge" / "auto+merge": with token merging
-    ``MERGE_SCHEDULE``) or transformers' own ("transformers-eager",
-    "transformers-sdpa", and torch.compile of the latter), same config and seeded weights."""
-    import torch
-
-    from ...model import VivitConfig, VivitForVideoClassification
-
-    cfg = VivitConfig.from_preset(config) if isinstance(config, str) else config
-    torch.manual_seed(0)
-    if provider.endswith(LORA):
-        from ...training import add_lora
-
-        return add_lora(VivitForVideoClassification(cfg, attn=provider.removesuffix(LORA)).to(device, dtype), 8)
-    if provider.endswith(MERGE):
-        model = VivitForVideoClassification(cfg, attn=provider.removesuffix(MERGE))
-        return model.set_token_merging(MERGE_SCHEDULE).to(device, dtype)
-    if provider.startswith("transformers"):
-        import transformers
-
-        hf_cfg = transformers.VivitConfig(**cfg.to_dict())
-        hf_cfg._attn_implementation = "eager" if provider == "transformers-eager" else "sdpa"
-        model = transformers.VivitForVideoClassification(hf_cfg).to(device, dtype)
-        return torch.compile(model) if provider.endswith("compiled") else model
-    return VivitForVideoClassification(cfg, attn=provider).to(device, dtype)
+__all__ = ["seed_step", "peak_memory_mb", "section_seed", "section_auto"]
 
 
 def seed_step(model, table: str, pixel_values) -> Callable[[], Any]:
@@ -116,15 +84,16 @@ def _iqr(times: list[float]) -> float | None:
     return q[2] - q[0]
 
 
-def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str) -> None:
+def _seed_row(run: Acceptance, table: str, path: str, batch: int, dtype: str) -> None:
     import torch
 
-    from ...model import VivitConfig, image_hw
+    from ...model import VivitConfig
     from ...ops import _triton
+    from ...presets import image_hw
 
     cfg = VivitConfig.from_preset(run.plan.preset)
     dt = torch_dtype(dtype)
-    model = build_seed_model(provider, cfg, dt, run.device)
+    model = build_model(path, cfg, dt, run.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.num_frames, 3, *image_hw(cfg), generator=g).to(run.device, dt)
     step = seed_step(model, table, x)
@@ -144,10 +113,10 @@ def _seed_row(run: Acceptance, table: str, provider: str, batch: int, dtype: str
     run.overhead("seed", first - median)
     count_key = "num_batches" if table == "inference" else "num_training_steps"
     run.data["seed"].append({
-        "table": table, "provider": provider, "batch": batch, "dtype": dtype, count_key: rounds, "time_s": median,
+        "table": table, "path": path, "batch": batch, "dtype": dtype, count_key: rounds, "time_s": median,
         "iqr_s": _iqr(times), "rounds": len(times), "peak_mem_mb": peak, "first_call_s": first,
         "interpreted": interpreted, "device": run.data["environment"].get("device", str(run.device)),
-        "config": run.plan.preset, "merge": MERGE_SCHEDULE if provider.endswith(MERGE) else None,
+        "config": run.plan.preset, "merge": MERGE_SCHEDULE if path.endswith(MERGE) else None,
     })
 
 
@@ -201,7 +170,7 @@ def _predict_row(run: Acceptance) -> None:
         if t.failed:
             raise RuntimeError(f"{t.failed} generated video(s) failed to decode")
         run.data.setdefault("predict", []).append({
-            "table": "predict", "name": "predict end to end", "provider": f"predict {run.plan.preset}",
+            "table": "predict", "name": "predict end to end", "path": f"predict {run.plan.preset}",
             "dtype": str(dtype).removeprefix("torch."), "videos": count, "workers": workers,
             "time_s": t.wall_s / passes, "rounds": passes, "waiting_share": t.waiting_s / t.wall_s,
             "preprocess_share": t.preprocess_s / t.wall_s, "model_share": t.model_s / t.wall_s,
@@ -307,16 +276,16 @@ def _cut_rows(run: Acceptance) -> None:
         for width, height in sources:
             path = write_bench_video(folder / f"{width}x{height}.mp4", width, height, seconds=2)
             clip = torch.from_numpy(read_clips(path, frames, 2).frames)  # (1, T, H, W, 3) uint8
-            view = processor.views(height, width)[0]
+            view = processor.eval_views(height, width)[0]
             torch.set_num_threads(1)
             try:
-                worker_ms, views = timed(processor.resize_view, clip, view.resize_hw, view.box)
+                worker_ms, views = timed(processor.take_view_uint8, clip, view.resize_hw, view.box)
             finally:
                 torch.set_num_threads(threads)
             views_h2d_ms, views_dev = timed(to_device, views.pin_memory() if gpu else views)
             clip_h2d_ms, clip_dev = timed(to_device, clip.pin_memory() if gpu else clip)
             normalize_ms, _ = timed(processor.normalize, views_dev, dtype)
-            device_op_ms, _ = timed(processor.process_view, clip_dev, view.resize_hw, view.box, dtype)
+            device_op_ms, _ = timed(processor.take_view, clip_dev, view.resize_hw, view.box, dtype)
             run.data.setdefault("cut", []).append({
                 "source": f"{width}x{height}", "frames": frames, "rounds": rounds,
                 "views": {"worker_ms": worker_ms, "pcie_bytes": views.numel() * views.element_size(),
@@ -329,22 +298,22 @@ def _cut_rows(run: Acceptance) -> None:
 
 def section_seed(run: Acceptance) -> None:
     plan = run.plan
-    # (table, provider, batch, dtype, kind), most valuable first: inference in the first dtype (bf16 on a GPU),
+    # (table, path, batch, dtype, kind), most valuable first: inference in the first dtype (bf16 on a GPU),
     # training, inference in the others (fp32, as the seed), and torch.compile (slow to compile) last
     infer = [
-        [("inference", p, b, d, "seed") for b in plan.infer_batches for p in SEED_PROVIDERS] for d in plan.infer_dtypes
+        [("inference", p, b, d, "seed") for b in plan.infer_batches for p in TIMED] for d in plan.infer_dtypes
     ]
     rows = infer[0] + [
-        ("training", p, b, plan.train_dtype, "train") for b in plan.train_batches for p in SEED_PROVIDERS
+        ("training", p, b, plan.train_dtype, "train") for b in plan.train_batches for p in TIMED
     ]
     # a LoRA step beside the full one (what frozen weights save): our two backends, the largest training batch
     rows += [("training", p + LORA, plan.train_batches[-1], plan.train_dtype, "train") for p in ("triton", "auto")]
     # token merging beside the full model (what merging saves): our two backends, the largest inference batch
     rows += [("inference", p + MERGE, plan.infer_batches[-1], plan.infer_dtypes[0], "seed") for p in ("triton", "auto")]
     rows += [row for rows_of_dtype in infer[1:] for row in rows_of_dtype]
-    for table, provider, batch, dtype, kind in rows:
-        run.step("seed", f"{table} {provider} batch {batch} {dtype}", kind,
-                 lambda t=table, p=provider, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
+    for table, path, batch, dtype, kind in rows:
+        run.step("seed", f"{table} {path} batch {batch} {dtype}", kind,
+                 lambda t=table, p=path, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
     run.step("seed", "predict end to end", "train", lambda: _predict_row(run))
     run.step("seed", "decode throughput", "train", lambda: _decode_rows(run))
     run.step("seed", "workers or device", "train", lambda: _cut_rows(run))
@@ -355,9 +324,9 @@ def section_seed(run: Acceptance) -> None:
         ("inference", COMPILED, b, d, "compiled") for d in plan.infer_dtypes[:1] for b in (1, plan.infer_batches[-1])
     ]
     compiled += [("training", COMPILED, 1, plan.train_dtype, "compiled")]
-    for table, provider, batch, dtype, kind in compiled:
-        run.step("seed", f"{table} {provider} batch {batch} {dtype}", kind,
-                 lambda t=table, p=provider, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
+    for table, path, batch, dtype, kind in compiled:
+        run.step("seed", f"{table} {path} batch {batch} {dtype}", kind,
+                 lambda t=table, p=path, b=batch, d=dtype: _seed_row(run, t, p, b, d), batch=batch, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -172,13 +172,13 @@ class AttnMixin:
 
     def set_attn(self, attn: str | None, pins: dict[str, str] | None = None, ops: OpSwitches = None):
         """Choose the backend ("eager", "sdpa", "triton", "auto") for every following forward; with "auto",
-        ``pins`` fixes the provider of some ops (see ``vivit_kernels.auto.choose``); ``ops`` keeps some ops on
+        ``pins`` fixes the implementation of some ops (see ``vivit_kernels.auto.choose``); ``ops`` keeps some ops on
         transformers' path (see ``apply_vivit_kernels``)."""
         apply_vivit_kernels(self, attn, pins, ops)
         return self
 
     def set_token_merging(self, merge=None):
-        """Token merging for every following forward: see ``patch.set_token_merging``. Returns the model."""
+        """Token merging for every following forward: see ``monkey_patch.set_token_merging``. Returns the model."""
         return set_token_merging(self, merge)
 
     @property

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 import vivit_kernels as vk
-from vivit_kernels import providers
-from vivit_kernels.ops.registry import OPS, Shape, backend_ops
+from vivit_kernels.auto import cache, choose
+from vivit_kernels.ops import _triton
+from vivit_kernels.ops.registry import OPS, backend_ops
+from vivit_kernels.ops.sample_inputs import Shape
 
 from helpers import DEVICE, assert_close, check_against_reference
 
-pytestmark = pytest.mark.usefixtures("private_provider_cache")  # each test its own cache file, empty memory
+pytestmark = pytest.mark.usefixtures("private_implementation_cache")  # each test its own cache file, empty memory
 
 
 def _cases():
@@ -75,65 +77,63 @@ def _x(shape=(2, 9, 48), dtype=torch.float32):
 
 @pytest.mark.triton
 def test_picks_the_fastest_and_breaks_ties_in_candidate_order():
-    with providers.timer(FakeTimer("layer_norm", {"triton": 3.0, "torch": 1.0})):
-        assert providers.choose("layer_norm", _x(), {}) == "torch"
-    providers.forget()
-    with providers.timer(FakeTimer("layer_norm", {"triton": 2.0, "torch": 2.0})):
-        assert providers.choose("layer_norm", _x((3, 9, 48)), {}) == "triton"  # a tie: ours, the first candidate
+    with choose.timer(FakeTimer("layer_norm", {"triton": 3.0, "torch": 1.0})):
+        assert choose.choose("layer_norm", _x(), {}) == "torch"
+    choose.forget()
+    with choose.timer(FakeTimer("layer_norm", {"triton": 2.0, "torch": 2.0})):
+        assert choose.choose("layer_norm", _x((3, 9, 48)), {}) == "triton"  # a tie: ours, the first candidate
 
 
 def test_keys_separate_shapes_dtypes_grad_modes_devices_and_versions(monkeypatch):
     timer = FakeTimer("layer_norm", {"torch": 1.0})
-    with providers.timer(timer):
-        providers.choose("layer_norm", _x(), {})
-        providers.choose("layer_norm", _x(), {})
-        assert timer.calls == len(providers.available("layer_norm", DEVICE))  # the same key: measured once
+    with choose.timer(timer):
+        choose.choose("layer_norm", _x(), {})
+        choose.choose("layer_norm", _x(), {})
+        assert timer.calls == len(choose.available("layer_norm", DEVICE))  # the same key: measured once
         n = timer.calls
-        providers.choose("layer_norm", _x((2, 10, 48)), {})  # another shape
-        providers.choose("layer_norm", _x(dtype=torch.bfloat16), {})  # another dtype
+        choose.choose("layer_norm", _x((2, 10, 48)), {})  # another shape
+        choose.choose("layer_norm", _x(dtype=torch.bfloat16), {})  # another dtype
         x, w, b, eps = _x()
-        providers.choose("layer_norm", (x.requires_grad_(), w, b, eps), {})  # training: forward + backward timed
+        choose.choose("layer_norm", (x.requires_grad_(), w, b, eps), {})  # training: forward + backward timed
         assert timer.calls == 4 * n
-    described = tuple(providers.describe(a) for a in _x())
-    base = providers.make_key("layer_norm", described, False, "cpu")
-    assert providers.make_key("layer_norm", described, False, "meta") != base  # another device
-    from vivit_kernels.auto import cache
-
+    described = tuple(cache.describe(a) for a in _x())
+    base = cache.make_key("layer_norm", described, False, "cpu")
+    assert cache.make_key("layer_norm", described, False, "meta") != base  # another device
     monkeypatch.setattr(cache, "versions", lambda: "torch=0 triton=0 vivit_kernels=0")
-    assert providers.make_key("layer_norm", described, False, "cpu") != base  # other versions
+    assert cache.make_key("layer_norm", described, False, "cpu") != base  # other versions
 
 
 def test_the_cache_file_survives_a_restart():
-    with providers.timer(FakeTimer("layer_norm", {"torch": 1.0, "triton": 9.0})):
-        first = providers.choose("layer_norm", _x(), {})
-    entries = providers.load_cache()
+    with choose.timer(FakeTimer("layer_norm", {"torch": 1.0, "triton": 9.0})):
+        first = choose.choose("layer_norm", _x(), {})
+    entries = cache.load_cache()
     assert len(entries) == 1 and next(iter(entries.values()))["choice"] == first
-    providers.forget()  # a new process: memory empty, the file stays
+    choose.forget()  # a new process: memory empty, the file stays
     never = FakeTimer("layer_norm", {})
-    with providers.timer(never):
-        assert providers.choose("layer_norm", _x(), {}) == first
+    with choose.timer(never):
+        assert choose.choose("layer_norm", _x(), {}) == first
     assert never.calls == 0
 
 
-@pytest.mark.parametrize("content", ['{"format": "vivit_kernels-providers", "version": 2, "entries": {"layer_no',
+@pytest.mark.parametrize("content", ['{"format": "vivit_kernels-implementations", "version": 2, "entries": {"layer_no',
                                      "\x00\x01garbage", '{"some": "other tool"}', "[1, 2, 3]",
-                                     '{"format": "vivit_kernels-providers", "version": 2, "entries": '
+                                     '{"format": "vivit_kernels-implementations", "version": 2, "entries": '
                                      '{"layer_norm(x) infer | cpu | v": {"op": "layer_norm", "choice": "rm -rf", '
                                      '"medians_ms": {}}}}',
-                                     '{"format": "vivit_kernels-providers", "version": 1, "entries": {}}'],
-                         ids=["truncated", "garbled", "foreign", "list", "unknown-provider", "older-version"])
+                                     '{"format": "vivit_kernels-implementations", "version": 1, "entries": {}}'],
+                         ids=["truncated", "garbled", "foreign", "list", "unknown-implementation", "older-version"])
 def test_bad_cache_files_are_ignored_with_a_warning(content):
-    path = providers.cache_path()
+    path = cache.cache_path()
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    with pytest.warns(UserWarning, match="ignoring the provider cache"):
-        assert providers.load_cache() == {}
+    with pytest.warns(UserWarning, match="ignoring the implementation cache"):
+        assert cache.load_cache() == {}
     timer = FakeTimer("layer_norm", {"torch": 1.0})
-    with providers.timer(timer), warnings.catch_warnings():
+    with choose.timer(timer), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert providers.choose("layer_norm", _x(), {}) == "torch"  # measured, not trusted
+        assert choose.choose("layer_norm", _x(), {}) == "torch"  # measured, not trusted
     assert timer.calls > 0
-    assert len(providers.load_cache()) == 1  # and the file is valid again
+    assert len(cache.load_cache()) == 1  # and the file is valid again
 
 
 def _write_entries(cache_dir: str, worker: int, n: int) -> None:
@@ -141,7 +141,7 @@ def _write_entries(cache_dir: str, worker: int, n: int) -> None:
 
     from vivit_kernels.auto import cache
 
-    os.environ[providers.CACHE_ENV] = cache_dir
+    os.environ[cache.CACHE_ENV] = cache_dir
     for i in range(n):
         cache.store(f"layer_norm(w{worker}-{i}) infer | cpu | v",
                     cache.entry("layer_norm", (), False, "cpu", {"torch": 1.0}, "torch", {}, lambda name: name))
@@ -155,22 +155,22 @@ def test_concurrent_writers_leave_a_valid_file_with_every_entry(tmp_path):
     for p in procs:
         p.join(timeout=300)
         assert p.exitcode == 0
-    data = json.loads((tmp_path / "shared" / "providers.json").read_text())
+    data = json.loads((tmp_path / "shared" / "implementations.json").read_text())
     assert len(data["entries"]) == 45
 
 
 def test_pins_from_the_environment_and_by_argument(monkeypatch):
-    monkeypatch.setenv(providers.PINS_ENV, "layer_norm=torch, attention_qkv=sdpa-flash")
-    assert providers.pins_from_env() == {"layer_norm": "torch", "attention_qkv": "sdpa-flash"}
+    monkeypatch.setenv(choose.PINS_ENV, "layer_norm=torch, attention_qkv=sdpa-flash")
+    assert choose.pins_from_env() == {"layer_norm": "torch", "attention_qkv": "sdpa-flash"}
     timer = FakeTimer("layer_norm", {"triton": 0.1})
-    with providers.timer(timer):
-        assert providers.choose("layer_norm", _x(), providers.pins_from_env()) == "torch"
+    with choose.timer(timer):
+        assert choose.choose("layer_norm", _x(), choose.pins_from_env()) == "torch"
     assert timer.calls == 0
-    with pytest.raises(ValueError, match="unknown provider 'cudnn' for layer_norm"):
-        providers.parse_pins("layer_norm=cudnn")
+    with pytest.raises(ValueError, match="unknown implementation 'cudnn' of layer_norm"):
+        choose.parse_pins("layer_norm=cudnn")
     with pytest.raises(ValueError, match="unknown op 'softmax'"):
-        providers.parse_pins({"softmax": "torch"})
-    with pytest.raises(ValueError, match="pins choose providers for attn='auto'"):
+        choose.parse_pins({"softmax": "torch"})
+    with pytest.raises(ValueError, match="pins choose implementations for attn='auto'"):
         vk.VivitModel("tiny", attn="triton").set_attn("triton", pins={"layer_norm": "torch"})
 
 
@@ -191,7 +191,7 @@ def _pair():
 
 
 class Favour:
-    """A timer that makes one named provider the fastest for every op that has it (others by order)."""
+    """A timer that makes one named implementation the fastest for every op that has it (others by order)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -208,7 +208,7 @@ class Favour:
 @pytest.mark.parametrize("favour", [pytest.param("triton", marks=pytest.mark.triton), "cublas", "torch", "sdpa-flash"])
 def test_auto_model_equals_eager(favour):
     eager, auto, x, labels = _pair()
-    with providers.timer(Favour(favour)):
+    with choose.timer(Favour(favour)):
         out_a = auto(x, labels=labels)
     out_e = eager(x, labels=labels)
     assert_close(out_a.logits, out_e.logits, 1e-4, name="logits")
@@ -217,8 +217,8 @@ def test_auto_model_equals_eager(favour):
     grads = dict(auto.named_parameters())
     for n, p in eager.named_parameters():
         assert_close(grads[n].grad, p.grad, 1e-4, rtol=1e-4, name=n)
-    chosen = {e["choice"] for e in providers.load_cache().values()}
-    if favour != "triton" or DEVICE.type == "cuda" or providers._triton.INTERPRET:
+    chosen = {e["choice"] for e in cache.load_cache().values()}
+    if favour != "triton" or DEVICE.type == "cuda" or _triton.INTERPRET:
         assert favour in chosen, chosen
 
 
@@ -227,7 +227,7 @@ def test_no_measurement_while_torch_compile_traces(caplog):
     eager, auto, x, _ = _pair()
     auto.eval()
     timer = Favour("torch")
-    with providers.timer(timer), caplog.at_level(logging.WARNING, logger="vivit_kernels"):
+    with choose.timer(timer), caplog.at_level(logging.WARNING, logger="vivit_kernels"):
         compiled = torch.compile(auto, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
             out = compiled(x).logits
@@ -237,7 +237,7 @@ def test_no_measurement_while_torch_compile_traces(caplog):
         assert_close(out, eager.eval()(x).logits, 1e-4, name="compiled auto")
     # once measured outside, a new trace uses the measured choices
     torch._dynamo.reset()
-    with providers.timer(timer), torch.no_grad():
+    with choose.timer(timer), torch.no_grad():
         auto(x)
         measured = timer.calls
         assert measured > 0
@@ -251,7 +251,7 @@ def test_no_measurement_during_cuda_graph_capture():
     eager, auto, x, _ = _pair()
     auto.eval()
     timer = Favour("cublas")
-    with providers.timer(timer), torch.no_grad():
+    with choose.timer(timer), torch.no_grad():
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         with torch.cuda.stream(side):
@@ -271,7 +271,7 @@ def test_tune_command_fills_the_cache_and_info_shows_it(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, providers.CACHE_ENV: str(tmp_path / "tuned"), "TRITON_INTERPRET": "0"}
+    env = {**os.environ, cache.CACHE_ENV: str(tmp_path / "tuned"), "TRITON_INTERPRET": "0"}
     out = subprocess.run(
         [
             sys.executable,
@@ -306,22 +306,76 @@ def test_tune_command_fills_the_cache_and_info_shows_it(tmp_path):
     assert {(r[3], r[2]) for r in rows if r[0] == "model"} == {(p, m) for p in ("kernels", "transformers")
                                                               for m in ("infer", "train")}
     assert "14 choices stored in" in out.stdout and "12 op calls, 2 whole-model" in out.stdout
-    data = json.loads((tmp_path / "tuned" / "providers.json").read_text())
+    data = json.loads((tmp_path / "tuned" / "implementations.json").read_text())
     assert len(data["entries"]) == 14
     info = subprocess.run([sys.executable, "-m", "vivit_kernels", "info"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert "(14 entries)" in info.stdout and "attention_qkv  infer" in info.stdout, info.stdout
     assert "model          infer  2x4x3x32x32" in info.stdout, info.stdout
     # a model at the tuned shapes now runs on the stored choices (per op and whole-model), measuring nothing
-    stored = (tmp_path / "tuned" / "providers.json").read_text()
+    stored = (tmp_path / "tuned" / "implementations.json").read_text()
     code = ("import torch, vivit_kernels as vk\n"
-            "from vivit_kernels import providers\n"
+            "from vivit_kernels.auto import choose\n"
             "calls = []\n"
             "def never(*a):\n    calls.append(a)\n    raise AssertionError('measured')\n"
-            "with providers.timer(never), torch.no_grad():\n"
+            "with choose.timer(never), torch.no_grad():\n"
             "    vk.VivitForVideoClassification('tiny', attn='auto').eval()(torch.randn(2, 4, 3, 32, 32))\n"
             "assert not calls, calls\n"
             "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
-    assert (tmp_path / "tuned" / "providers.json").read_text() == stored
+    assert (tmp_path / "tuned" / "implementations.json").read_text() == stored
+
+
+def test_every_implementation_takes_its_references_defaults():
+    """auto drops trailing arguments equal to the reference's defaults (one cache key however a caller spells a
+    call), so every implementation must default them the same way: an op's defaults live in its reference."""
+    import inspect
+
+    for op, entry in OPS.items():
+        # the op's call signature: as many arguments as its sample inputs have (the reference may take more)
+        arity = max(len(entry.sample_inputs(Shape.awkward(), torch.float32, "cpu", False, v)) for v in entry.variants)
+        reference = list(inspect.signature(entry.reference).parameters.values())[:arity]
+        for name, impl in entry.implementations.items():
+            params = list(inspect.signature(impl.fn).parameters.values())
+            if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+                continue  # a wrapper that passes its arguments on (SDPA's): checked by running it, below
+            assert len(params) >= len(reference), f"{op}/{name} takes fewer arguments than the op's call"
+            for ours, theirs in zip(params, reference, strict=False):
+                assert ours.default == theirs.default or theirs.default is inspect.Parameter.empty, \
+                    f"{op}/{name}: {ours.name} defaults to {ours.default!r}, the reference's {theirs.name} to " \
+                    f"{theirs.default!r}"
+
+
+def test_auto_keys_a_call_one_way_however_its_defaults_are_spelt():
+    from vivit_kernels.auto.backends import auto_backend
+
+    entry = OPS["linear"]
+    x, w, b, _, _ = entry.sample_inputs(Shape.awkward(), torch.float32, DEVICE, False, "fc1+gelu_fast")
+    auto = auto_backend()
+    with choose.timer(FakeTimer("linear", {"triton": 2.0, "cublas": 1.0, "cublas+ext": 3.0})), torch.no_grad():
+        short = auto.linear(x, w, b)
+        spelt = auto.linear(x, w, b, None, None)
+    assert torch.equal(short, spelt)
+    assert len([e for e in cache.load_cache().values() if e["op"] == "linear"]) == 1
+    q, k, v, scale = OPS["attention"].sample_inputs(Shape.awkward(), torch.float32, DEVICE, False)[:4]
+    for name in ("sdpa-flash",):  # a wrapper given no scale uses the reference's default, head_dim ** -0.5
+        assert torch.allclose(OPS["attention"].implementations[name].fn(q, k, v), OPS["attention"].reference(q, k, v),
+                              atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on the CPU the only vendor attention (SDPA's flash kernel) refuses a "
+                                                 "per-key bias with gradients; a GPU has other vendor paths")
+def test_auto_runs_ours_where_no_vendor_path_takes_the_inputs():
+    """attn="auto" training merged tokens on the CPU: SDPA refuses the proportional-attention bias with gradients,
+    and ours, no speed candidate when interpreted, is chosen rather than the call failing."""
+    args = OPS["attention"].sample_inputs(Shape.awkward(), torch.float32, DEVICE, True, "proportional")
+    with torch.enable_grad():
+        assert choose.choose("attention", args, {}) == "triton"
+
+
+def test_the_old_pins_variable_is_not_read_and_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("VIVIT_KERNELS_PROVIDERS", "layer_norm=torch")
+    with caplog.at_level(logging.WARNING, logger="vivit_kernels"):
+        assert choose.pins_from_env() == {}
+    assert "VIVIT_KERNELS_PROVIDERS is ignored: it was renamed VIVIT_KERNELS_IMPLEMENTATIONS" in caplog.text
