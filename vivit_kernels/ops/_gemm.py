@@ -42,8 +42,9 @@ GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
     (2, "ieee", "dgelu"): tile_configs((128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)),
     (4, "tf32", "main"): tile_configs((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)),
     (4, "tf32", "dgelu"): tile_configs((128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
-    # fp32 with IEEE products runs on FMA units: small tiles.
-    (4, "ieee", "main"): tile_configs((64, 64, 16, 4, 2), (64, 64, 32, 8, 2)),
+    # fp32 with IEEE products runs on FMA units: small tiles. (64 x 64 x 32 on 8 warps spills 8-12 bytes in the
+    # forward under Triton 3.9: left out.)
+    (4, "ieee", "main"): tile_configs((64, 64, 16, 4, 2), (32, 64, 32, 4, 2)),
     (4, "ieee", "dgelu"): tile_configs((64, 64, 32, 8, 2), (32, 64, 32, 4, 2)),
     # the grouped GEMMs of the QKV projection (three weights; dX over three K segments) select pointers per
     # group / unroll the K loop per segment, which costs registers: the 4-byte rows drop the tiles that spill
