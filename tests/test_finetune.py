@@ -193,14 +193,18 @@ def test_finetune_learns_a_label_that_needs_time_and_saves_a_checkpoint_both_rea
     splits = vdata.load_video_splits(motion, val_fraction=0.25)
     held_out = vdata.VideoClipDataset(splits.val, splits.label2id, processor, ours.config.num_frames, 2, views=(2, 3))
     unmerged = evaluate_clips(ours, held_out, batch_size=8)
+    kept: list[int] = []  # the tokens the last layer hands on (merged lengths: returned states are full length)
+    hook = ours.vivit.layers[-1].register_forward_hook(lambda m, a, out: kept.append(out.shape[1]))
     for schedule in ("fraction-20", 12):
         ours.set_token_merging(schedule)
+        kept.clear()
         with torch.no_grad():
-            kept = ours.vivit(x, output_hidden_states=True).hidden_states[-1].shape[1]
-        assert kept < x.shape[1] // 2 * 16 + 1, "nothing merged"  # 2 slices x 16 patches + [CLS] unmerged
+            ours(x)
+        assert kept[0] < x.shape[1] // 2 * 16 + 1, "nothing merged"  # 2 slices x 16 patches + [CLS] unmerged
         merged = evaluate_clips(ours, held_out, batch_size=8)
         assert merged["videos"] == unmerged["videos"] == 24
         assert merged["top1"] >= 0.75 and merged["top1"] >= unmerged["top1"] - 2 / 24, (schedule, merged, unmerged)
+    hook.remove()
 
 
 def test_resume_continues_from_the_saved_step(motion, tmp_path):
@@ -267,6 +271,28 @@ def test_finetune_with_lora_writes_a_plain_vivit_checkpoint(motion, tmp_path):
         assert_close(delta, scaling * b.float() @ a.float(), 1e-6, rtol=1e-4, name=key)
         k_key = key.replace("q_proj", "k_proj").replace("v_proj", "k_proj")
         assert torch.equal(runs["lora"][k_key], runs["frozen"][k_key])
+
+
+def test_finetune_merged_trains_and_keeps_the_setting(motion, tmp_path):
+    """finetune --merge trains on merged tokens (the schedule applies in every training forward: fewer tokens after
+    each layer), and the checkpoint keeps it; with gradient checkpointing, or for Model 3, a clear error."""
+    counts: list[int] = []
+
+    class Count(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.vivit.layers[-1].register_forward_hook(lambda m, a, out: counts.append(out.shape[1]))
+
+    result = finetune(motion, tmp_path / "merged", preset=tiny_config(), max_steps=2, batch_size=4, merge=2,
+                      val_fraction=0.25, eval_views=(1, 1), callbacks=[Count()], **RUN)
+    config = tiny_config()
+    tokens = 1 + (config.num_frames // config.tubelet_size[0]) * (config.image_size // config.tubelet_size[1]) ** 2
+    assert counts and set(counts) == {tokens - 2 * config.num_hidden_layers}  # r = 2 in every layer
+    assert result["token_merging"] == 2
+    assert vk.VivitForVideoClassification.from_pretrained(tmp_path / "merged").token_merging == 2
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        finetune(motion, tmp_path / "x", preset=tiny_config(), merge=2, gradient_checkpointing=True, **RUN)
+    with pytest.raises(ValueError, match="Models 1 and 2"):
+        finetune(motion, tmp_path / "y", preset="tiny-fsa", merge=2, max_steps=1, **RUN)
 
 
 def _losses_and_weights(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -157,3 +157,24 @@ def test_a_training_step_costs_what_trains():
         assert ours["lora", autocast].launches <= ours["full", autocast].launches + 2 * ours["full", autocast].layers
     docs = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     assert format_training_markdown(rows).split("\n\n")[0] in docs, "docs/finetune.md's training table is stale"
+
+
+def test_a_merged_forward_launches_four_kernels_per_merging_layer_and_docs_say_so():
+    """ViViT-B/16x2 at fraction-10 on our kernels: the unmerged forward's launches, four per merging layer (match,
+    rank, order, merge) and one gather back to full length: 87 + 4 x 12 + 1 (issue 35's budget); each merge step
+    moves about one read of the tokens and keys and one write of the merged tokens; docs/merging.md's table is this
+    measurement, every row."""
+    from pathlib import Path
+
+    from vivit_kernels.tools.costs import MERGE_OP, format_merging_markdown, measure_merging
+
+    rows = measure_merging()
+    plain = rows[0][1]
+    for spec, m in rows[1:]:
+        assert m.launches == plain.launches + 4 * m.layers + 1, spec
+        assert m.launches_by_op[MERGE_OP] == 4 * m.layers
+    first = dict(rows)[16]  # r = 16 at every layer: the steps see (nearly) the whole clip
+    tokens = first.tokens * 768 * 2  # bf16 tokens of ViViT-B; the keys are as many
+    assert 2.7 * tokens < first.bytes_by_op[MERGE_OP] / first.layers < 3.2 * tokens
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "merging.md").read_text()
+    assert format_merging_markdown(rows).split("\n\n")[0] in docs, "docs/merging.md's table is stale"

@@ -24,7 +24,8 @@ FUNCTIONAL = (
     "preprocess_video_ref qkv_projection qkv_projection_ref"
 )
 # the ops package's public modules (one per op, and the registry, its formulas and sample inputs)
-OPS_MODULES = "activations attention formulas gelu layer_norm linear patch_embed preprocess registry sample_inputs"
+OPS_MODULES = ("activations attention formulas gelu layer_norm linear patch_embed preprocess registry sample_inputs "
+               "token_merge token_sets")
 # op -> its implementations, as the registry names them (what VIVIT_KERNELS_IMPLEMENTATIONS and pins= take)
 IMPLEMENTATIONS = {
     "layer_norm": "triton torch",
@@ -36,6 +37,7 @@ IMPLEMENTATIONS = {
     "patch_embed": "triton torch",
     "bias_gelu_fast": "extension torch",
     "preprocess_video": "extension",
+    "token_merge": "triton",
 }
 # command -> (positional arguments, options)
 CLI = {
@@ -48,7 +50,8 @@ CLI = {
     "finetune": ("data", "--attention-type --attn --batch-size --bf16 --decode --device --epochs --eval-views --flip "
                          "--frame-sample-rate --freeze-backbone --from-vit --fsdp --grad-accum "
                          "--gradient-checkpointing --inflate --label-smoothing --logging-steps --lora-alpha "
-                         "--lora-rank --lr --max-steps --model --no-bf16 --no-progress --num-frames --out --preset "
+                         "--lora-rank --lr --max-steps --merge --model --no-bf16 --no-progress --num-frames --out "
+                         "--preset "
                          "--resume --save-steps --scheduler --seed --train-last-layers --tubelet-time --val "
                          "--val-fraction --warmup --weight-decay --workers"),
     "tune": ("", "--batch --device --dtype --mode --preset"),

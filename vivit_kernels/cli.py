@@ -179,7 +179,7 @@ _FINETUNE_ARGS = ("model", "preset", "from_vit", "inflate", "attention_type", "v
                   "tubelet_time", "frame_sample_rate", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                   "weight_decay", "warmup", "scheduler", "label_smoothing", "bf16", "gradient_checkpointing",
                   "lora_rank", "lora_alpha", "freeze_backbone", "train_last_layers", "attn", "workers", "flip",
-                  "resume", "fsdp", "seed", "logging_steps", "save_steps", "device", "decode")
+                  "resume", "fsdp", "seed", "logging_steps", "save_steps", "device", "decode", "merge")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -322,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     p.add_argument("--logging-steps", type=_positive, default=10)
     p.add_argument("--save-steps", type=_positive, help="save a checkpoint every n steps (default: every epoch)")
-    _options(p, "frame-sample-rate", "batch-size", "attn", "workers", "seed", "device", "decode", "no-progress")
+    _options(p, "frame-sample-rate", "batch-size", "attn", "workers", "seed", "device", "decode", "no-progress",
+             "merge", merge=dict(help="token merging while training (docs/merging.md): r per layer (16), a fraction "
+                                      "per layer (0.1), r per layer (8,8,4,...) or a schedule (fraction-10); kept in "
+                                      "the checkpoint, so predict merges alike; off turns a checkpoint's own off"))
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("tune", help="measure the attn='auto' implementations of a model's ops ahead of time and "

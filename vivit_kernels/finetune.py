@@ -32,6 +32,7 @@ from . import data as vdata
 from ._compat import training_checkpointing_argument
 from ._devices import run_defaults
 from ._files import atomic_write_text
+from .monkey_patch import set_token_merging
 from .processing import VideoProcessor
 from .training import add_lora, build_model, freeze_all_but_head
 from .video import resolve_decoder
@@ -230,6 +231,7 @@ def finetune(
     gradient_checkpointing: bool = False,
     lora_rank: int = 0,
     lora_alpha: int | None = None,
+    merge: Any = None,
     freeze_backbone: bool = False,
     train_last_layers: int = 0,
     attn: str | None = None,
@@ -264,8 +266,12 @@ def finetune(
     What trains: everything (default); LoRA adapters of ``lora_rank`` on q and v plus the classifier; or, with
     ``freeze_backbone``, the classifier alone on frozen features (a linear probe), plus the last
     ``train_last_layers`` encoder layers and the final LayerNorm when that is > 0. Frozen weights cost no gradient
-    in our kernels. ``seed`` seeds everything: the random weights (a preset, a new classifier), the data order,
-    clip sampling and augmentation: the same command twice gives the same losses and weights on the CPU.
+    in our kernels. ``merge``: token merging while training (r per layer, a fraction, a per-layer list or a
+    schedule's name, as ``set_token_merging`` takes; "off" turns a checkpoint's own off, None keeps it): the model
+    learns on the tokens it will see merged, and the checkpoint keeps the setting, so ``predict`` and ``classify``
+    merge alike (Models 1 and 2; not with ``gradient_checkpointing``). ``seed`` seeds everything: the random weights
+    (a preset, a new classifier), the data order, clip sampling and augmentation: the same command twice gives the
+    same losses and weights on the CPU.
     ``decode``: the video decoder (``video.DECODERS``); on a GPU the decoding workers hand on resized and cropped
     uint8 views and the GPU normalises them (``preprocess_on="views"``, docs/video.md).
     """
@@ -290,6 +296,9 @@ def finetune(
                          "lora_rank trains adapters in every layer: choose one")
     if train_last_layers and not freeze_backbone:
         raise ValueError("train_last_layers goes with freeze_backbone (without it, every layer trains)")
+    if merge not in (None, 0, "off", "none") and gradient_checkpointing:
+        raise ValueError("token merging (merge) with gradient checkpointing is not supported: the recomputed layers "
+                         "would not see the merged tokens; turn one of them off")
     splits = vdata.load_video_splits(data, val, val_fraction)
     transformers.set_seed(seed)  # before any random weight: a preset's, a new classifier's
     vivit, processor = build_model(splits, model, preset, from_vit, inflate, num_frames, tubelet_time, attn,
@@ -298,6 +307,8 @@ def finetune(
     # the checkpoint's own clip sampling unless told (video.DEFAULT_FRAME_SAMPLE_RATE without one); saved with the
     # model, so predict and classify read the model back with the sampling it was trained on
     frame_sample_rate = processor.frame_sample_rate = processor.sample_rate(frame_sample_rate)
+    if merge is not None:  # refused, with the reason, for Models 3 and 4 and for a schedule that does not fit
+        set_token_merging(vivit, merge)
     if lora_rank:
         vivit = add_lora(vivit, lora_rank, lora_alpha)
     if freeze_backbone:
@@ -400,6 +411,7 @@ def finetune(
         "parallel": _parallel(trainer, world),
         "bf16": bf16,
         "lora_rank": lora_rank,
+        "token_merging": getattr(config, "token_merging", None),
         "freeze_backbone": freeze_backbone,
         "train_last_layers": train_last_layers,
         "seed": seed,

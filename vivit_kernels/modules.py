@@ -233,10 +233,10 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
 
     def attend(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
                head_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, keys: list | None = None):
-        """(o_proj(attention(h)) + residual, probabilities or None). ``bias`` (B, N): a per-key additive bias
-        (proportional attention of merged tokens); ``keys``: a list that receives the keys (B, N, H, D), what
-        token merging matches on."""
+               bias: torch.Tensor | None = None, with_keys: bool = False):
+        """(o_proj(attention(h)) + residual, probabilities or None), and with ``with_keys`` the keys (B, N, H, D)
+        too (a view of the projections: what token merging matches on). ``bias`` (B, N): a per-key additive bias
+        (proportional attention of merged tokens)."""
         backend = self._vivit_backend
         batch, tokens, _ = h.shape
         heads, head_dim = self.num_attention_heads, self.head_dim
@@ -254,8 +254,6 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
             q, k, v = qkv.unbind(2)
         else:
             q, k, v = (self._project(name, h).view(shape) for name in ("q_proj", "k_proj", "v_proj"))
-        if keys is not None:
-            keys.append(k)
         dropout = self.attention_dropout if self.training else 0.0
         why = ("head_mask" if head_mask is not None else "output_attentions" if collecting_attentions()
                else "an attention mask" if attention_mask is not None else "attention dropout" if dropout > 0 else None)
@@ -266,8 +264,10 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
             context = context.reshape(batch, tokens, heads * head_dim)  # a view: the groups write (time, space) order
             if backend is None:
                 out = self.o_proj(context)
-                return (out if residual is None else out + residual), None
-            return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), None
+                out = out if residual is None else out + residual
+            else:
+                out = _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual)
+            return (out, None, k) if with_keys else (out, None)
         if why is not None:
             if backend is not None:
                 log_once(f"eager:{why}", f"vivit_kernels: attention with {why} runs eager attention (the flash kernel "
@@ -283,8 +283,10 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
         context = context.reshape(batch, tokens, heads * head_dim)
         if backend is None:
             out = self.o_proj(context)
-            return (out if residual is None else out + residual), probs
-        return _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual), probs
+            out = out if residual is None else out + residual
+        else:
+            out = _linear(backend, self.o_proj, _name(self, "o_proj"), context, residual=residual)
+        return (out, probs, k) if with_keys else (out, probs)
 
     def _factorised(self, backend: Backend | None, qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, dropout: float, why: str | None) -> torch.Tensor:
@@ -360,12 +362,12 @@ class KernelVivitLayer(KernelModule, hf.VivitLayer):
         attention = self.attention
         if not isinstance(attention, KernelVivitAttention) or has_hooks(attention) or attention_mask is not None:
             raise ValueError("token merging needs the layer's own attention module, without hooks or a mask")
-        keys: list = []
         fuse_residual = backend is not None and not (self.training and self.dropout.p > 0)
-        out, _ = attention.attend(self.layernorm_before(hidden_states), residual=hidden_states if fuse_residual
-                                  else None, bias=merging.bias(), keys=keys)
+        out, _, keys = attention.attend(self.layernorm_before(hidden_states), residual=hidden_states if fuse_residual
+                                        else None, bias=merging.bias(), with_keys=True)
         x = out if fuse_residual else self.dropout(out) + hidden_states
-        x = merging.merge(x, keys[0], merging.schedule[attention._vivit_layer_index])
+        layer = attention._vivit_layer_index
+        x = merging.merge(x, keys, merging.schedule[layer], layer, kernels=backend is not None)
         if backend is None:
             return self.dropout(self.mlp(self.layernorm_after(x))) + x
         return kernel_mlp(self, backend, self.layernorm_after(x), x, fuse_residual)

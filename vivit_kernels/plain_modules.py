@@ -13,24 +13,34 @@ from torch.nn.modules import module as _module_state
 
 from ._log import log_once
 
-__all__ = ["has_hooks", "plain", "why_not_plain", "autocast_dtype", "autocast_to", "compute_weight", "KERNEL_CLASSES",
-           "collecting_attentions"]
+__all__ = ["has_hooks", "observes", "plain", "why_not_plain", "autocast_dtype", "autocast_to", "compute_weight",
+           "KERNEL_CLASSES", "collecting_attentions"]
 
 # Our subclasses of each plain class, which count as that class (modules.py fills it in).
 KERNEL_CLASSES: dict[type, tuple[type, ...]] = {}
 
 
-def _is_capture_hook(hook) -> bool:
-    """transformers' output-capturing hooks (hidden states, attentions) stay installed once used and do
-    nothing unless outputs are being collected; they do not make a module 'hooked'."""
-    return getattr(hook, "__name__", "") == "output_capturing_hook"
+# Modules whose hooks observe a forward without changing what it computes: torch's module trackers (FlopCounterMode
+# and the memory tracker install their global hooks). A module computed around is then attributed to its parent.
+_OBSERVERS = ("torch.utils.module_tracker", "torch.distributed._tools.mod_tracker")
+
+
+def observes(hook) -> bool:
+    """Whether ``hook`` only watches: transformers' output-capturing hooks (hidden states, attentions: they stay
+    installed once used and do nothing unless outputs are being collected), or a method of one of torch's module
+    trackers. Any other hook may change what a module computes, so the module runs its own forward."""
+    if getattr(hook, "__name__", "") == "output_capturing_hook":
+        return True
+    owner = getattr(hook, "__self__", None)
+    return owner is not None and type(owner).__module__ in _OBSERVERS
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling around ``module`` (instead of calling it) would skip hooks someone relies on."""
-    if module._forward_pre_hooks or any(not _is_capture_hook(h) for h in module._forward_hooks.values()):
-        return True
-    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks)
+    """Whether calling around ``module`` (instead of calling it) would skip hooks that may change its result: its
+    own or global forward hooks, observers (``observes``) aside."""
+    hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
+             *_module_state._global_forward_pre_hooks.values(), *_module_state._global_forward_hooks.values())
+    return any(not observes(h) for h in hooks)
 
 
 def collecting_attentions() -> bool:

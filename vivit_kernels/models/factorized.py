@@ -297,11 +297,11 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
             if i == 1:  # Model 2: the spatial encoder's [CLS] outputs become the temporal encoder's tokens
                 x = self._temporal_tokens(x, pixel_values.shape[0])
             # Model 2's spatial encoder merges tokens within each temporal index's sequence; its [CLS] never merges
-            with merging_sequences(merge if i == 0 else None, len(layers), x.shape[0], x.shape[1], x.device):
+            with merging_sequences(merge if i == 0 else None, len(layers), x.shape[1]) as state:
                 for layer in layers:
                     x = layer(x)  # rebinds x: no layer's input outlives its layer (the peak of live activations)
-                    if hidden is not None:
-                        hidden.append(x)
+                    if hidden is not None:  # full length, as every token state a merging model returns
+                        hidden.append(x if state is None else state.unmerge(x))
         out = BaseModelOutput(last_hidden_state=self.layernorm(x), hidden_states=tuple(hidden) if hidden else None)
         return out if return_dict is not False else out.to_tuple()
 

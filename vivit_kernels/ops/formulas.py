@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .token_sets import MODES, Split
+
 __all__ = ["CustomOp", "CUSTOM_OPS", "BACKWARD_BYTES", "gemm_flops", "attention_flops", "launches", "transient_bytes",
            "register_flop_formulas"]
 
@@ -192,8 +194,26 @@ _PATCH_EMBED_OPS = {
         flops=lambda g, x, w, needs, *a, **k: (int(needs[0]) + int(needs[1])) * _patch_gemm(x, w),
         launches=lambda args: _patch_bwd_launches(*args[3])),
 }
+def _token_merge_flops(x, keys, size, source, r, mode, per_slice, odd, *args, **kwargs) -> int:
+    """The matching's cosine similarities: every A token against every B token, over the head dim."""
+    na, nb = Split(MODES[mode], per_slice, odd).sizes(x[1])
+    return gemm_flops(x[0] * na, nb, keys[-1])
+
+
+def _token_merge_transient(args) -> int:  # each A token's score, best B token and rank; the r merged, ordered
+    x, r, mode, per_slice, odd = args[0], *args[4:8]
+    na, _ = Split(MODES[mode], per_slice, odd).sizes(x.shape[1])
+    return x.shape[0] * (12 * na + 8 * r)
+
+
+_TOKEN_MERGE_OPS = {
+    # match, rank, order (skipped when nothing merges), merge
+    "vivit_kernels::token_merge_fwd": CustomOp(flops=_token_merge_flops, launches=lambda args: 3 + int(args[4] > 0),
+                                               transient=_token_merge_transient),
+    "vivit_kernels::token_merge_bwd": CustomOp(),  # each input row reads its output row: one launch
+}
 CUSTOM_OPS: dict[str, CustomOp] = {**_ATTENTION_OPS, **_ATTENTION_QKV_OPS, **_LINEAR_OPS, **_QKV_OPS, **_MLP_OPS,
-                                   **_LAYER_NORM_OPS, **_PATCH_EMBED_OPS,
+                                   **_LAYER_NORM_OPS, **_PATCH_EMBED_OPS, **_TOKEN_MERGE_OPS,
                                    # the extension's ops (csrc/): elementwise, one kernel each
                                    "vivit_kernels::bias_gelu_fast": CustomOp(),
                                    "vivit_kernels::bias_gelu_fast_backward": CustomOp(),
@@ -303,3 +323,15 @@ def preprocess_video_bytes(frames, resize_hw, crop_box, *rest) -> float:
     dtype = rest[-1]
     out = frames.shape[0] * frames.shape[1] * 3 * crop_box[2] * crop_box[3] * torch.empty(0, dtype=dtype).element_size()
     return _bytes(frames) + out
+
+
+def token_merge_flops(x, keys, size, source, r, mode, per_slice=1, odd=0) -> float:
+    na, nb = Split(mode, per_slice, odd).sizes(x.shape[1])
+    return gemm_flops(x.shape[0] * na, nb, keys.shape[-1])
+
+
+def token_merge_bytes(x, keys, size, source, r, mode, per_slice=1, odd=0) -> float:
+    """The tokens and keys read once, the merged tokens written once, the sizes and source map read and written."""
+    batch, n, channels = x.shape
+    merged = batch * (n - r) * (channels * x.element_size() + 8)  # the tokens, their sizes and log(sizes)
+    return _bytes(x, keys, size) + merged + 2 * _bytes(source)

@@ -33,6 +33,9 @@ Call signatures (the model's ``Backend`` table, ``auto/backends.py``, holds the 
 - ``patch_embed(pixel_values (B,T,C,H,W), weight, bias, cls_token, pos_embed) -> (B, 1+N, hidden)``
 - the C++/CUDA extension's: ``bias_gelu_fast(x, bias)`` and ``preprocess_video(frames uint8 (B,T,H,W,3),
   resize_hw, crop_box, scale, offset, mean, std, dtype) -> (B, T, 3, crop_h, crop_w)``
+- token merging's step: ``token_merge(x (B, N, C), keys (B, N, H, D), size (B, N), source (B, N0), r, mode,
+  per_slice=1, odd=0) -> (B, N - r, C)``, the merged tokens (the functional ``merge_tokens`` also gives the new
+  sizes, source map and proportional attention's bias); ``vivit_kernels.merging`` calls it, not a layer's table
 
 Every float32 path follows torch's matmul precision setting (``allow_tf32=None`` everywhere: IEEE products unless
 ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` allow TF32).
@@ -63,6 +66,7 @@ from .linear import (
 )
 from .patch_embed import patch_embed, patch_embed_conv3d, patch_embed_ref
 from .preprocess import preprocess_video, preprocess_video_ref
+from .token_merge import merged_tokens, merged_tokens_ref
 
 __all__ = ["Implementation", "Op", "OPS", "aot_modules", "ours", "backend_ops"]
 
@@ -352,6 +356,25 @@ OPS: dict[str, Op] = {
             custom_ops=_custom_ops("patch_embed_fwd", "patch_embed_bwd"),
             tests=("tests/test_patch_embed.py", *_KERNEL_TESTS),
             aot_modules=("vivit_kernels.ops.patch_embed",),
+        ),
+        Op(
+            name="token_merge",
+            kernel_module="vivit_kernels.ops.token_merge",
+            module="vivit_kernels.ops.token_merge",
+            implementations=_impls(
+                ("triton", merged_tokens, _triton_here,
+                 _ours_runs("matching, ranking and merge kernels (4 launches, no similarity matrix)")),
+            ),
+            reference=merged_tokens_ref,
+            flops=formulas.token_merge_flops,
+            bytes=formulas.token_merge_bytes,
+            sample_inputs=sample_inputs.token_merge_inputs,
+            variants=("temporal", "grouped", "alternate"),
+            custom_ops=_custom_ops("token_merge_fwd", "token_merge_bwd"),
+            backward_ratio=0.0,  # the backward gathers: no matmul
+            backend=False,
+            tests=("tests/test_token_merge.py", "tests/test_merging.py", *_KERNEL_TESTS),
+            aot_modules=("vivit_kernels.ops.token_merge",),
         ),
         # the C++/CUDA extension's ops (csrc/: device math in __host__ __device__ functions shared with the CPU build)
         Op(

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Shape", "layer_norm_inputs", "qkv_inputs", "linear_inputs", "mlp_inputs", "attention_qkv_inputs",
-           "attention_inputs", "patch_embed_inputs", "bias_gelu_fast_inputs", "preprocess_video_inputs"]
+           "attention_inputs", "patch_embed_inputs", "bias_gelu_fast_inputs", "preprocess_video_inputs",
+           "token_merge_inputs"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,22 @@ def preprocess_video_inputs(s: Shape, dtype, device, requires_grad=False, varian
     resized = (short, int(short * width / height))
     box = [(resized[0] - s.image) // 2, (resized[1] - s.image) // 2, s.image, s.image]
     return frames.to(device), list(resized), box, 1 / 127.5, -1.0, [0.5] * 3, [0.5] * 3, dtype
+
+
+def token_merge_inputs(s: Shape, dtype, device, requires_grad=False, variant=None):
+    """One merge step of a clip of (temporal slices) x (the image's patches) tokens after [CLS] (about ``s.tokens``):
+    tokens (only they take a gradient), keys as the QKV projection leaves them (a strided view of its (B, N, 3, H,
+    D) output), sizes of 1 to 3 tokens (earlier merges), a source map from twice as many original tokens, r a
+    sixth of the tokens, and the split ``variant`` ("temporal", "grouped" or "alternate")."""
+    r_ = _maker(dtype, device, requires_grad)
+    g = torch.Generator().manual_seed(5)
+    per_slice = (s.image // s.tubelet[1]) * (s.image // s.tubelet[2])
+    slices = max(2, (s.tokens - 1) // per_slice)
+    n = 1 + slices * per_slice
+    x = r_(s.batch, n, s.hidden)
+    keys = r_(s.batch, n, 3, s.heads, s.head_dim, grad=False)[:, :, 1]
+    size = torch.randint(1, 4, (s.batch, n), generator=g).float().to(device)
+    source = torch.randint(0, n, (s.batch, 2 * n), generator=g).to(device)
+    mode = variant or "temporal"
+    odd = (slices // 2) * per_slice if mode == "grouped" else 0
+    return x, keys, size, source, max(1, n // 6), mode, per_slice, odd

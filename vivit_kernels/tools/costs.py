@@ -146,19 +146,28 @@ def measure_merging(specs=MERGE_SWEEP, config="vivit-b-16x2", batch: int = 1, dt
     return rows
 
 
+MERGE_OP = "vivit_kernels::token_merge_fwd"  # the merge step on our kernels (ops/token_merge.py)
+
+
 def format_merging_markdown(rows: list[tuple[object, Measurement]]) -> str:
-    """GFLOP, its ratio to no merging, launches and the tokens left after the last layer, per schedule."""
+    """Per schedule: GFLOP and its ratio to no merging, the forward's launches, and the merge steps' own launches and
+    bytes (per merging layer: every input read once and every output written once, the step's temporaries too)."""
     from ..merging import merge_schedule
 
     base = rows[0][1]
     lines = ["| schedule | tokens merged per layer | tokens after the last layer | GFLOP / clip | x unmerged | "
-             "launches / forward |", "|---|---|---|---|---|---|"]
+             "launches / forward | launches / merge step | MB / merge step |", "|---|---|---|---|---|---|---|---|"]
     for spec, m in rows:
         per_layer = merge_schedule(spec, m.layers, m.tokens) if spec else [0] * m.layers
+        steps = sum(1 for r in per_layer if r)
+        step_launches = f"{m.launches_by_op.get(MERGE_OP, 0) / steps:.0f}" if steps else "-"
+        step_mb = f"{m.bytes_by_op.get(MERGE_OP, 0) / steps / 1e6:.1f}" if steps else "-"
         lines.append(f"| {spec if spec is not None else 'none'} | {', '.join(map(str, per_layer))} | "
-                     f"{m.tokens - sum(per_layer)} | {m.flops / 1e9:.0f} | {m.flops / base.flops:.2f} | {m.launches} |")
+                     f"{m.tokens - sum(per_layer)} | {m.flops / 1e9:.0f} | {m.flops / base.flops:.2f} | {m.launches} "
+                     f"| {step_launches} | {step_mb} |")
     lines += ["", f"{base.config} ({base.tokens} tokens), batch {base.batch}, {base.dtype}, path {base.path}, one "
-              "forward counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it."]
+              "forward counted on fake tensors (FakeTensorMode): exact on any machine, no GPU ran it. MB / merge step: "
+              "the mean over the merging layers of what the step reads and writes."]
     return "\n".join(lines)
 
 

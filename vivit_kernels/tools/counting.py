@@ -83,6 +83,7 @@ class CostTracker(TorchDispatchMode):
         self.peak = 0
         self.launches = 0
         self.launches_by_op: collections.Counter = collections.Counter()
+        self.bytes_by_op: collections.Counter = collections.Counter()
         self.flops = 0
         self.bytes = 0
         self.roofline_s = {gpu: 0.0 for gpu in GPUS}
@@ -135,6 +136,7 @@ class CostTracker(TorchDispatchMode):
             moved += 2 * transient  # written, then read back
             self.flops += flops
             self.bytes += moved
+            self.bytes_by_op[op] += moved
             precision = self.dtype_name if self.dtype_name != "fp32" else (
                 "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32")
             for gpu, spec in GPUS.items():

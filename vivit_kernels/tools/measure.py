@@ -49,6 +49,7 @@ class Measurement:
     hbm_bytes: int = 0
     roofline_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     launches_by_op: dict[str, int] = dataclasses.field(default_factory=dict)
+    bytes_by_op: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +94,7 @@ def measure(path: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype
     result.peak_live_bytes = tracker.peak
     result.launches = tracker.launches
     result.launches_by_op = dict(tracker.launches_by_op)
+    result.bytes_by_op = dict(tracker.bytes_by_op)
     result.flops = tracker.flops
     result.hbm_bytes = tracker.bytes
     result.roofline_ms = {gpu: 1e3 * s for gpu, s in tracker.roofline_s.items()}

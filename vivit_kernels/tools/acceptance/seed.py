@@ -308,8 +308,10 @@ def section_seed(run: Acceptance) -> None:
     ]
     # a LoRA step beside the full one (what frozen weights save): our two backends, the largest training batch
     rows += [("training", p + LORA, plan.train_batches[-1], plan.train_dtype, "train") for p in ("triton", "auto")]
-    # token merging beside the full model (what merging saves): our two backends, the largest inference batch
-    rows += [("inference", p + MERGE, plan.infer_batches[-1], plan.infer_dtypes[0], "seed") for p in ("triton", "auto")]
+    # token merging beside the full model (what merging saves, and whether it pays at batch 1): our two paths, the
+    # smallest and the largest inference batch
+    rows += [("inference", p + MERGE, b, plan.infer_dtypes[0], "seed") for b in dict.fromkeys(
+        (plan.infer_batches[0], plan.infer_batches[-1])) for p in ("triton", "auto")]
     rows += [row for rows_of_dtype in infer[1:] for row in rows_of_dtype]
     for table, path, batch, dtype, kind in rows:
         run.step("seed", f"{table} {path} batch {batch} {dtype}", kind,
