@@ -1,5 +1,7 @@
 """tests/: the test device, the Triton interpreter switch, markers and the launch-device check live in the
-repository's root conftest.py (shared with bench/).
+repository's root conftest.py (shared with bench/). Here: the compile gate's compilations, started in the background
+when a test that reads them (the ``gate_results`` fixture) is collected, and those tests ordered last
+(tests/compile_gate.py says why).
 
 On a GPU the suite launches each case's first shipped kernel config instead of autotuning every call
 (VIVIT_KERNELS_AUTOTUNE=0): every shipped config is tested on its own (tests/test_cuda.py, the *_config tests),
@@ -14,6 +16,34 @@ os.environ.setdefault("VIVIT_KERNELS_AUTOTUNE", "0")
 
 
 import pytest  # noqa: E402
+from compile_gate import BackgroundGate  # noqa: E402
+
+GATE_FIXTURE = "gate_results"
+_GATE = pytest.StashKey[BackgroundGate]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a run that keeps a gate test compiles the gate
+def pytest_collection_modifyitems(config, items):
+    gate = [item for item in items if GATE_FIXTURE in getattr(item, "fixturenames", ())]
+    if not gate or config.option.collectonly:
+        return
+    items[:] = [item for item in items if GATE_FIXTURE not in getattr(item, "fixturenames", ())] + gate
+    config.stash[_GATE] = BackgroundGate(jobs=max(1, min(16, os.cpu_count() or 1)))
+
+
+def pytest_unconfigure(config):
+    gate = config.stash.get(_GATE, None)
+    if gate is not None:
+        gate.stop()
+
+
+@pytest.fixture(scope="session")
+def gate_results(request):
+    """Every shipped config's AotResult for sm_80 and sm_90 (compiled since the session started)."""
+    gate = request.config.stash.get(_GATE, None)
+    if gate is None:  # collected without the hook above (a plugin reordering or re-collecting)
+        gate = request.config.stash[_GATE] = BackgroundGate(jobs=max(1, min(16, os.cpu_count() or 1)))
+    return gate.results()
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ register spills and within the architecture's shared memory. Runs on the CPU (no
 
 from __future__ import annotations
 
-import os
-
-import pytest
+from compile_gate import reads_sass
 
 from vivit_kernels.ops import _gemm
 from vivit_kernels.ops import attention as attn_mod
@@ -14,29 +12,12 @@ from vivit_kernels.ops import patch_embed as pe_mod
 from vivit_kernels.tools import aot
 
 
-def _matmul_sass(case, arch: int) -> bool:
-    """The compilations whose SASS the tests below read: sm_90's fp16 / bf16 matrix-multiplying kernels (wgmma,
-    TMA, hot loops). Token merging's kernels aside: the matching computes its similarities in IEEE fp32 from the
-    keys (the reference's numbers, so the same pairs), on FMA units by design; the others multiply no matrices."""
-    return arch == 90 and case.label.startswith(("fp16", "bf16")) and not case.kernel.startswith(
-        ("_layer_norm", "_attn_bwd_preprocess")) and not case.module.endswith(".token_merge")
-
-
-@pytest.fixture(scope="module")
-def results():
-    # one compile process per core (2 here; a GPU server has many more), at most 16. The SASS is read back only
-    # where the tests below assert on it (`_matmul_sass`), as nvdisasm is most of the gate's time; every
-    # compilation still gets registers, spills and shared memory (`vivit-kernels compile-report` reads all SASS)
-    return aot.run(aot.collect_cases(), archs=(80, 90), jobs=max(2, min(16, os.cpu_count() or 2)), progress=False,
-                   sass=_matmul_sass)
-
-
-def test_every_shipped_config_passes_the_gate(results):
-    failing = [r for r in results if not r.ok]
+def test_every_shipped_config_passes_the_gate(gate_results):
+    failing = [r for r in gate_results if not r.ok]
     assert not failing, "\n" + aot.format_table(failing)
 
 
-def test_gate_covers_every_attention_config(results):
+def test_gate_covers_every_attention_config(gate_results):
     """Each table row's entries x dtype x head_dim, on the architecture whose row it is (fp32 twice: IEEE and
     TF32 products), and the delta pre-processing kernel on both."""
     n_dims = len(attn_mod.AOT_HEAD_DIMS)
@@ -66,7 +47,7 @@ def test_gate_covers_every_attention_config(results):
             for arch in (80, 90):
                 variants = 2 if table is attn_mod.FWD_BIAS_ROWS and arch == 90 else 1
                 expected += len(attn_mod.unique_configs(table, block_d, 2, arch)) * variants
-    attention = [r for r in results if r.case.name.startswith("attn")]
+    attention = [r for r in gate_results if r.case.name.startswith("attn")]
     assert len(attention) == expected
     two = [r for r in attention if dict(r.case.constexprs).get("TWO_BATCH")]
     assert two and all("2-batch" in r.case.label and "bf16" in r.case.label for r in two)
@@ -74,7 +55,7 @@ def test_gate_covers_every_attention_config(results):
     assert biased and all(" bias " in r.case.label and "bf16" in r.case.label for r in biased)
 
 
-def test_gate_covers_every_gemm_config(results):
+def test_gate_covers_every_gemm_config(gate_results):
     """Each GEMM table entry in every launch variant of its kind, per dtype (fp32: IEEE and TF32): the pointer
     kernel on sm_80 and sm_90, the tensor-descriptor kernel on sm_90."""
     variants = _gemm.gemm_launch_variants()
@@ -83,14 +64,14 @@ def test_gate_covers_every_gemm_config(results):
         for (size, _precision, kind), configs in table.items():
             n_variants = sum(1 for _, v in variants if _gemm._kind(v) == kind)
             expected += len(configs) * n_variants * (2 if size == 2 else 1)  # fp16 and bf16 share the 2-byte rows
-        assert len([r for r in results if r.case.name == name]) == n_archs * expected, name
+        assert len([r for r in gate_results if r.case.name == name]) == n_archs * expected, name
 
 
-def test_sm90_fp16_bf16_configs_use_wgmma_and_gemms_use_tma(results):
+def test_sm90_fp16_bf16_configs_use_wgmma_and_gemms_use_tma(gate_results):
     """On sm_90 every fp16 / bf16 config of every matrix-multiplying kernel issues wgmma (not Ampere's mma.sync),
     and every shipped GEMM config of the sm_90 kernel, and the attention forward's tensor-descriptor variant, load
     their tiles through TMA."""
-    checked = [r for r in results if _matmul_sass(r.case, r.arch)]
+    checked = [r for r in gate_results if reads_sass(r.case, r.arch)]
     assert len(checked) > 400
     for r in checked:
         assert r.mma == "wgmma", (r.case.name, r.case.label, r.mma)
@@ -98,24 +79,17 @@ def test_sm90_fp16_bf16_configs_use_wgmma_and_gemms_use_tma(results):
             assert r.loads == "TMA", (r.case.name, r.case.label, r.loads)
 
 
-def _best(results, name: str, role: str) -> float:
-    rows = [r.work for r in results if r.arch == 90 and r.case.name == name and r.case.label.startswith("bf16")
-            and f" {role}:" in f" {r.case.label}" and r.work is not None]
-    assert rows, (name, role)
-    return min(rows)
-
-
-def test_static_targets_on_sm90_bf16(results):
+def test_static_targets_on_sm90_bf16(gate_results):
     """The hot-loop targets (SASS instructions, a proxy for speed): each GEMM variant's best shipped config, forward
     <= 50 per MFLOP, dX (with the gelu_fast backward) and dW <= 70; attention forward <= 7.5 per score element."""
-    labels = {r.case.label.split(" ")[1] for r in results if r.case.name == "gemm_tma"}
+    labels = {r.case.label.split(" ")[1] for r in gate_results if r.case.name == "gemm_tma"}
     for variant in sorted(labels):
         role = variant.split(":")[0]
-        best = min(r.work for r in results if r.arch == 90 and r.case.name == "gemm_tma" and r.work is not None
+        best = min(r.work for r in gate_results if r.arch == 90 and r.case.name == "gemm_tma" and r.work is not None
                    and r.case.label.startswith("bf16 ") and r.case.label.split(" ")[1] == variant)
         assert best <= (50 if role == "fwd" else 70), (variant, best)
     for variant in ("bf16 d=64 tma ", "bf16 d=64 BLOCK"):  # the sm_90 default (TMA) and the pointer fallback
-        attention = [r.work for r in results if r.arch == 90 and r.case.name == "attn_fwd"
+        attention = [r.work for r in gate_results if r.arch == 90 and r.case.name == "attn_fwd"
                      and r.case.label.startswith(variant)]
         assert attention and min(attention) <= 7.5, (variant, attention)
 
@@ -141,35 +115,43 @@ def test_vivit_b_weight_gradients_fill_132_sms():
             assert programs >= 132, (tubelets, cfg.label(), programs)
 
 
-def test_gate_covers_layer_norm_and_patch_embed(results):
+def test_gate_covers_layer_norm_and_patch_embed(gate_results):
     # per config, dtype and arch: the forward and three backward variants (all, frozen weight, no dx)
-    assert len([r for r in results if r.case.name.startswith("layer_norm")]) == (1 + 3) * 2 * 3 * len(ln_mod.LN_CONFIGS)
+    layer_norm = [r for r in gate_results if r.case.name.startswith("layer_norm")]
+    assert len(layer_norm) == (1 + 3) * 2 * 3 * len(ln_mod.LN_CONFIGS)
     expected = 0
     for table, rows in pe_mod.PATCH_CONFIGS.items():
         for (size, _precision), configs in rows.items():
             # + the forward's no-bias variant / the dW kernel's unsplit one, for ViViT-B's tubelet
             per_tubelet = len(pe_mod.AOT_TUBELETS) + (1 if table != "dx" else 0)
             expected += len(configs) * per_tubelet * (2 if size == 2 else 1)
-    assert len([r for r in results if r.case.name.startswith("patch_embed")]) == 2 * expected
+    assert len([r for r in gate_results if r.case.name.startswith("patch_embed")]) == 2 * expected
 
 
-def test_results_are_real_measurements(results):
-    for r in results:
+def test_results_are_real_measurements(gate_results):
+    for r in gate_results:
         assert r.registers and r.registers <= 255, r
         assert r.shared is not None and 0 < r.occupancy <= 1, r
 
 
-def test_gate_catches_a_spilling_config():
-    """fp32 attention with IEEE products and 64 x 64 tiles on 4 warps spills: the gate must say so."""
+def test_gate_catches_a_spilling_config(tmp_path, monkeypatch):
+    """fp32 attention with IEEE products and 64 x 64 tiles on 4 warps spills: the gate must say so, compiled cold
+    (read from the log of Triton's own ptxas run) and from Triton's cache (our ptxas run on its PTX)."""
     cases = [
         c for c in attn_mod.aot_cases(head_dims=(64,)) if c.kernel == "_attn_fwd_kernel" and c.label.startswith("fp32 ")
     ]
     constexprs = dict(cases[0].constexprs, BLOCK_M=64, BLOCK_N=64)
     bad = aot.AotCase(cases[0].module, cases[0].kernel, cases[0].signature, tuple(sorted(constexprs.items())), 4, 3,
                       "fp32 d=64 64x64 w4 s3", cases[0].divisible)
-    [result] = aot.run([bad], archs=(80,), jobs=1, progress=False)
-    assert not result.ok
-    assert any("spills" in p for p in result.problems), result.problems
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # the spawned compile workers read it
+    [cold] = aot.run([bad], archs=(80,), jobs=1, progress=False)
+    [cached] = aot.run([bad], archs=(80,), jobs=1, progress=False)
+    assert (cold.ptxas_log, cached.ptxas_log) == ("triton", "ptxas")
+    for result in (cold, cached):
+        assert not result.ok
+        assert any("spills" in p for p in result.problems), result.problems
+    assert (cold.registers, cold.spill_stores, cold.spill_loads) == (
+        cached.registers, cached.spill_stores, cached.spill_loads)
 
 
 def test_shared_memory_limit_is_enforced():

@@ -43,8 +43,10 @@ __all__ = ["Match", "match_tokens", "merge_tokens", "merge_tokens_ref", "merged_
 MATCH_CONFIGS = {32: KernelConfig.make(8, 1, BLOCK_A=64, BLOCK_B=64),
                  64: KernelConfig.make(8, 1, BLOCK_A=64, BLOCK_B=64),
                  128: KernelConfig.make(8, 1, BLOCK_A=32, BLOCK_B=32)}
-RANK_CONFIG = KernelConfig.make(4, 1, BLOCK=128, BLOCK_J=128)
-ORDER_CONFIG = KernelConfig.make(4, 1, BLOCK=64, BLOCK_J=64)  # int64 keys: a smaller tile
+# The ranking's tile: 64 x 64 comparisons (~120 registers on sm_80 / sm_90); 128 x 128 spilled 304 bytes under
+# Triton 3.9 (255 registers) though not under 3.6 / 3.8.
+RANK_CONFIG = KernelConfig.make(4, 1, BLOCK=64, BLOCK_J=64)
+ORDER_CONFIG = KernelConfig.make(4, 1, BLOCK=64, BLOCK_J=64)
 MERGE_CONFIG = KernelConfig.make(4, 1, BLOCK_C=1024, BLOCK_T=256)  # a row per program, 1024 channels at a time
 MAX_HEAD_DIM = 128
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import multiprocessing
 import os
@@ -60,6 +62,9 @@ class AotResult:
     seconds: float = 0.0
     error: str = ""
     problems: list[str] = field(default_factory=list)
+    # where registers and spills were read: "triton" (the log of the ptxas run Triton made compiling it) or
+    # "ptxas" (our own run on its PTX: a kernel from Triton's cache)
+    ptxas_log: str = ""
     # read from the SASS (a proxy for speed, not speed): the MMA instruction kind ("wgmma", "mma.sync", "FMA"),
     # whether tiles load through TMA ("TMA") or cp.async ("cp.async"), and the hot loop (the innermost loop
     # holding the MMAs): its instructions per warp, and those per MFLOP (GEMMs) or per score element (attention)
@@ -104,6 +109,43 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+@contextlib.contextmanager
+def _triton_ptxas_log():
+    """The log of the ptxas run Triton makes while compiling (``ptxas -v``: registers, spills), which Triton prints
+    when its ``dump_ptxas_log`` knob is on: read from there, a cold compilation runs ptxas once, not twice. Empty
+    for a cached kernel, or a Triton without the knob (the caller then runs ptxas itself)."""
+    buffer = io.StringIO()
+    try:
+        from triton import knobs
+        nvidia = knobs.nvidia
+        saved = nvidia.dump_ptxas_log
+    except (ImportError, AttributeError):
+        yield buffer
+        return
+    nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield buffer
+    finally:
+        nvidia.dump_ptxas_log = saved
+
+
+def _run_ptxas(ptx_source: str, arch: int) -> str:
+    """``ptxas -v`` on a kernel's PTX, as Triton runs it: the log (registers, spills)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(ptx_source)
+        proc = subprocess.run(
+            [_ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={_sm_name(arch)}", ptx, "-o", ptx + ".o"],
+            capture_output=True, text=True,
+        )
+    log = proc.stderr + proc.stdout
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {log.strip()[-500:]}")
+    return log
+
+
 def compile_case(case: AotCase, arch: int, sass: bool = True) -> AotResult:
     """Compile one case for one architecture (in a process where Triton is not interpreting); ``sass=False``
     skips reading the SASS back (the MMA / load / hot-loop fields stay empty; registers, spills and shared memory
@@ -121,22 +163,15 @@ def compile_case(case: AotCase, arch: int, sass: bool = True) -> AotResult:
         names = [n for n, _ in case.signature]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case.divisible}
         src = ASTSource(fn=fn, signature=dict(case.signature), constexprs=dict(case.constexprs), attrs=attrs)
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32),
-            options=dict(num_warps=case.num_warps, num_stages=case.num_stages, enable_fp_fusion=_triton.FP_FUSION)
-        )
-        result.shared = int(compiled.metadata.shared)
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "k.ptx")
-            with open(ptx, "w") as f:
-                f.write(compiled.asm["ptx"])
-            proc = subprocess.run(
-                [_ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={_sm_name(arch)}", ptx, "-o", ptx + ".o"],
-                capture_output=True, text=True,
+        with _triton_ptxas_log() as triton_log:
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", arch, 32),
+                options=dict(num_warps=case.num_warps, num_stages=case.num_stages, enable_fp_fusion=_triton.FP_FUSION)
             )
-        log = proc.stderr + proc.stdout
-        if proc.returncode != 0:
-            raise RuntimeError(f"ptxas failed: {log.strip()[-500:]}")
+        result.shared = int(compiled.metadata.shared)
+        log, result.ptxas_log = triton_log.getvalue(), "triton"
+        if not _REGS.search(log):  # a cached kernel (Triton ran no ptxas), or a Triton that keeps its log
+            log, result.ptxas_log = _run_ptxas(compiled.asm["ptx"], arch), "ptxas"
         regs, spills = _REGS.search(log), _SPILLS.search(log)
         result.registers = int(regs.group(1)) if regs else 0
         result.spill_stores, result.spill_loads = (int(spills.group(1)), int(spills.group(2))) if spills else (0, 0)
