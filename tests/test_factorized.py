@@ -145,10 +145,12 @@ def test_lora_on_the_projections_trains_only_the_adapters(preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_clip_size_and_attention_type_errors(preset):
     model = randomized("eager", preset=preset)
-    with pytest.raises(ValueError, match="built for 4 frames of 3x32x32"):
+    with pytest.raises(ValueError, match="input has 6 frames, the model expects num_frames=4"):
         model(torch.randn(1, 6, 3, 32, 32, device=DEVICE))
-    with pytest.raises(ValueError, match="interpolate_pos_encoding is not supported"):
-        model(clip(model.config), interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match=r"input image size \(48\*32\) doesn't match the model \(32\*32\)"):
+        model(torch.randn(1, 4, 3, 48, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="pixel_values has 1 channels in dim 2, expected num_channels=3"):
+        model(torch.randn(1, 4, 1, 32, 32, device=DEVICE))
     with pytest.raises(ValueError, match="attention_type must be one of"):
         VivitFactorizedConfig(attention_type="divided")
     with pytest.raises(ValueError, match="num_attention_heads must be even, got 3"):

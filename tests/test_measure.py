@@ -178,3 +178,25 @@ def test_a_merged_forward_launches_four_kernels_per_merging_layer_and_docs_say_s
     assert 2.7 * tokens < first.bytes_by_op[MERGE_OP] / first.layers < 3.2 * tokens
     docs = (Path(__file__).resolve().parents[1] / "docs" / "merging.md").read_text()
     assert format_merging_markdown(rows).split("\n\n")[0] in docs, "docs/merging.md's table is stale"
+
+
+@pytest.mark.cpu_only
+def test_cost_against_length_and_the_docs_table():
+    """docs/long_videos.md's table is this measurement (its 16- and 256-frame rows regenerated here); Model 1's
+    eager attention scores make its memory grow with the square of the tokens (16x the frames: > 100x the
+    memory), flash attention keeps ours linear; Model 1 FLOPs grow faster than the factorised models'."""
+    from pathlib import Path
+
+    from vivit_kernels.tools.measure import format_lengths_markdown, measure_lengths
+
+    rows = measure_lengths(lengths=(16, 256))
+    peak = {(name.split(":")[0], frames, m.path, m.batch): weights + m.peak_live_bytes
+            for name, frames, m, weights in rows}
+    flops = {(name.split(":")[0], frames, m.path): m.flops / m.batch for name, frames, m, _ in rows}
+    assert peak[("Model 1", 256, "transformers-eager", 1)] > 100 * peak[("Model 1", 16, "transformers-eager", 1)]
+    assert peak[("Model 1", 256, "triton", 1)] < 5 * peak[("Model 1", 16, "triton", 1)]
+    growth = {m: flops[(m, 256, "triton")] / flops[(m, 16, "triton")] for m in ("Model 1", "Model 2", "Model 3")}
+    assert growth["Model 1"] > 40 and growth["Model 2"] < 17 and growth["Model 3"] < 17, growth
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "long_videos.md").read_text()
+    for line in format_lengths_markdown(rows).split("\n\n")[0].splitlines()[2:]:
+        assert line in docs, f"docs/long_videos.md's table is stale (regenerate it as the page says): {line}"

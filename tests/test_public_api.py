@@ -47,6 +47,8 @@ CLI = {
                           "--preset --seed --top-k"),
     "predict": ("inputs", "--attn --batch-size --clips --crops --decode --device --dtype --embeddings "
                           "--frame-sample-rate --merge --model --no-progress --out --retry-errors --top-k --workers"),
+    "timeline": ("video", "--attn --batch-size --device --dtype --frame-sample-rate --merge --model --no-progress "
+                          "--out --plot --stride --top-k --window"),
     "finetune": ("data", "--attention-type --attn --batch-size --bf16 --decode --device --epochs --eval-views --flip "
                          "--frame-sample-rate --freeze-backbone --from-vit --fsdp --grad-accum "
                          "--gradient-checkpointing --inflate --label-smoothing --logging-steps --lora-alpha "

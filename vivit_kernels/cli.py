@@ -175,6 +175,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return FAILED_EXIT_CODE if summary["failed"] else 0
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    import json
+
+    from .timeline import plot_timeline, timeline
+
+    if not os.path.isfile(args.video):  # before building a model
+        raise UsageError(f"no video file {args.video}" + (" (it is a directory)" if os.path.isdir(args.video) else ""))
+    result = timeline(args.video, args.model, window=args.window, stride=args.stride, top_k=args.top_k,
+                      batch_size=args.batch_size, progress=not args.no_progress,
+                      frame_sample_rate=args.frame_sample_rate, device=_device(args.device), dtype=_dtype(args.dtype),
+                      attn=args.attn, merge=args.merge)
+    out = args.out or os.path.splitext(os.path.basename(args.video))[0] + ".timeline.json"
+    tmp = out + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, out)
+    if args.plot:
+        plot_timeline(result, args.plot)
+    fps = f" at {result['fps']:g} fps" if result["fps"] else ""
+    print(f"{args.video}: {result['frames']} frames{fps}, {len(result['windows'])} windows of "
+          f"{result['window_frames']} frames every {result['stride_frames']}")
+    for w in result["windows"]:
+        when = (f"{w['start_s']:8.2f}-{w['end_s']:.2f} s" if w["start_s"] is not None
+                else f"frames {w['start_frame']}-{w['end_frame']}")
+        print(f"  {when}  {w['scores'][0]:7.2%}  {w['labels'][0]}")
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    if "error" in result:
+        print(f"warning: {result['error']}")
+    return 0
+
+
 _FINETUNE_ARGS = ("model", "preset", "from_vit", "inflate", "attention_type", "val", "val_fraction", "num_frames",
                   "tubelet_time", "frame_sample_rate", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                   "weight_decay", "warmup", "scheduler", "label_smoothing", "bf16", "gradient_checkpointing",
@@ -275,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
              "merge", "decode", "no-progress")
     p.add_argument("--retry-errors", action="store_true", help="try the videos whose earlier line is an error again")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("timeline", help="what happens when along a whole video: every window scored, a JSON of "
+                                        "per-window top-k labels and a plot of the top labels over time")
+    p.add_argument("video")
+    _options(p, "model", model=dict(required=True, help="checkpoint directory"))
+    p.add_argument("--window", help="window length: frames (64) or seconds (2.5s); default: the span of the "
+                                    "checkpoint's clip (num_frames x frame sample rate)")
+    p.add_argument("--stride", help="distance between window starts: frames or seconds (default: one window)")
+    p.add_argument("--out", help="the JSON file (default: VIDEO's name + .timeline.json, here)")
+    p.add_argument("--plot", help="also draw the top labels' probabilities over time into this PNG")
+    _options(p, "top-k", "batch-size", "frame-sample-rate", "device", "dtype", "attn", "merge", "no-progress",
+             batch_size=dict(help="windows per forward"))
+    p.set_defaults(func=cmd_timeline)
 
     p = sub.add_parser("finetune", help="fine-tune on your videos (class folders or a manifest) with transformers' "
                                         "Trainer on our kernels; torchrun for several GPUs")

@@ -94,6 +94,37 @@ class KernelLayerNorm(KernelModule, nn.LayerNorm):
         return backend.layer_norm(x, compute_weight(self.weight, x), compute_weight(self.bias, x), self.eps)
 
 
+def check_clip_size(shape: tuple[int, ...], trained: tuple[int, int, int], tubelet: tuple[int, int, int],
+                    interpolate_pos_encoding: bool) -> None:
+    """A clear error where a (batch, frames, channels, height, width) clip cannot be read by a model trained on
+    ``trained`` = (frames, height, width) with ``tubelet`` = (t, p, q): an empty batch; without interpolation, any
+    other size (naming both); with it, a clip smaller than one tubelet. With interpolation a size that is not a
+    tubelet multiple drops its remainder, as the Conv3d does (the last frames, the bottom rows, the right
+    columns), and says so once."""
+    batch, frames, _, height, width = shape
+    (f0, h0, w0), (t, p, q) = trained, tubelet
+    if batch == 0:
+        raise ValueError(f"pixel_values holds no clip (an empty batch: shape {tuple(shape)})")
+    if not interpolate_pos_encoding:
+        if (height, width) != (h0, w0):
+            raise ValueError(f"input image size ({height}*{width}) doesn't match the model ({h0}*{w0}); pass "
+                             "interpolate_pos_encoding=True to run at another size")
+        if frames != f0:
+            raise ValueError(f"input has {frames} frames, the model expects num_frames={f0}; pass "
+                             "interpolate_pos_encoding=True to run on another number of frames (a multiple of the "
+                             f"tubelet's {t})")
+        return
+    if frames < t or height < p or width < q:
+        raise ValueError(f"pixel_values of {frames} frames of {height}x{width} is smaller than one tubelet "
+                         f"({t} frames of {p}x{q})")
+    dropped = [f"{n % size} {what}" for n, size, what in ((frames, t, "frame(s)"), (height, p, "pixel row(s)"),
+                                                         (width, q, "pixel column(s)")) if n % size]
+    if dropped:
+        log_once(f"remainder:{frames}x{height}x{width}",
+                 f"vivit_kernels: a clip of {frames} frames of {height}x{width} is not a multiple of the tubelet "
+                 f"({t} frames of {p}x{q}): its last {', '.join(dropped)} are not read")
+
+
 class KernelVivitEmbeddings(KernelModule, hf.VivitEmbeddings):
     """transformers' embeddings with clear input errors, the (T', h, w) position interpolation, Conv3d's handling
     of sizes that are not tubelet multiples, and (with a kernel backend) the fused patch-embedding kernel."""
@@ -145,26 +176,16 @@ class KernelVivitEmbeddings(KernelModule, hf.VivitEmbeddings):
                              f"got shape {tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
-        _, frames, channels, height, width = pixel_values.shape
+        batch, frames, channels, height, width = pixel_values.shape
         expected_channels = self.patch_embeddings.projection.in_channels
         if channels != expected_channels:
             raise ValueError(
                 f"pixel_values has {channels} channels in dim 2, expected num_channels={expected_channels} "
                 f"(layout is (batch, frames, channels, height, width); got shape {tuple(pixel_values.shape)})")
+        h0, w0 = self.image_size
         t, p, q = self._tubelet
-        if interpolate_pos_encoding:
-            if frames < t or height < p or width < q:
-                raise ValueError(f"pixel_values of {frames} frames of {height}x{width} is smaller than one tubelet "
-                                 f"({t} frames of {p}x{q})")
-        else:
-            h0, w0 = self.image_size
-            if (height, width) != (h0, w0):
-                raise ValueError(f"input image size ({height}*{width}) doesn't match the model ({h0}*{w0}); pass "
-                                 "interpolate_pos_encoding=True to run at another size")
-            t0 = (self.position_embeddings.shape[1] - 1) // ((h0 // p) * (w0 // q))
-            if frames // t != t0:
-                raise ValueError(f"input has {frames} frames, the model expects num_frames={t0 * t}; pass "
-                                 "interpolate_pos_encoding=True to run on another number of frames")
+        t0 = (self.position_embeddings.shape[1] - 1) // ((h0 // p) * (w0 // q))
+        check_clip_size(tuple(pixel_values.shape), (t0 * t, h0, w0), (t, p, q), interpolate_pos_encoding)
         weight = self.patch_embeddings.projection.weight
         if pixel_values.device != weight.device and weight.device.type != "meta":
             raise ValueError(f"pixel_values is on {pixel_values.device}, the model is on {weight.device}")
@@ -178,29 +199,40 @@ class KernelVivitEmbeddings(KernelModule, hf.VivitEmbeddings):
         return pixel_values.to(weight.dtype)
 
     def position_table(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """The position table for a (T', h, w) tubelet grid, (1, 1 + T'*h*w, hidden).
-
-        Unchanged for the configured grid. Otherwise its patch part is read as the (T0', h0, w0) grid it was
-        trained on, resized bicubically in space (each frame slice, align_corners=False) and linearly in time; the
-        [CLS] entry is kept.
-        """
+        """The position table for a (T', h, w) tubelet grid, (1, 1 + T'*h*w, hidden): the [CLS] entry kept, the
+        patch part resized from the grid it was trained on by :func:`resize_positions` (the same tensor for the
+        configured grid)."""
         table = self.position_embeddings
         t, p, q = self._tubelet
         h0, w0 = self.image_size[0] // p, self.image_size[1] // q
         t0 = (table.shape[1] - 1) // (h0 * w0)
-        t1, h1, w1 = grid
-        if (t1, h1, w1) == (t0, h0, w0):
+        if tuple(grid) == (t0, h0, w0):
             return table
-        dim = table.shape[-1]
-        g = table[:, 1:].float().reshape(t0, h0, w0, dim).permute(0, 3, 1, 2)  # (t0, D, h0, w0)
-        if (h1, w1) != (h0, w0):
-            g = F.interpolate(g, size=(h1, w1), mode="bicubic", align_corners=False)
-        if t1 != t0:
-            g = g.permute(1, 2, 3, 0).reshape(1, dim * h1 * w1, t0)
-            g = F.interpolate(g, size=t1, mode="linear", align_corners=False)
-            g = g.reshape(dim, h1, w1, t1).permute(3, 0, 1, 2)
-        patch = g.permute(0, 2, 3, 1).reshape(1, t1 * h1 * w1, dim).to(table.dtype)
-        return torch.cat((table[:, :1], patch), dim=1)
+        return torch.cat((table[:, :1], resize_positions(table[:, 1:], (t0, h0, w0), grid)), dim=1)
+
+
+def resize_positions(table: torch.Tensor, trained: tuple[int, int, int], grid: tuple[int, int, int]) -> torch.Tensor:
+    """Position embeddings (1, T0*h0*w0, hidden) of a (T0, h0, w0) tubelet grid, in (time, height, width) order,
+    resized to the (T1, h1, w1) grid: bicubically in space (each temporal slice on its own, align_corners=False;
+    ViT's and transformers' choice for images) and linearly in time (align_corners=False: each new temporal index
+    reads the two trained ones nearest its centre; a table constant over time stays so, to rounding). Computed in
+    float32, returned in the table's dtype; the table itself for the trained grid. Every ViViT model reads its
+    tables through it under ``interpolate_pos_encoding=True``: Model 1's (T', h, w) table, Model 2's spatial
+    (1, h, w) and temporal (T', 1, 1) ones, Models 3 and 4's (T', h, w)."""
+    (t0, h0, w0), (t1, h1, w1) = tuple(trained), tuple(grid)
+    if (t0, h0, w0) == (t1, h1, w1):
+        return table
+    if table.shape[1] != t0 * h0 * w0:
+        raise ValueError(f"a position table of {table.shape[1]} entries is not a {t0}x{h0}x{w0} grid")
+    dim = table.shape[-1]
+    g = table.float().reshape(t0, h0, w0, dim).permute(0, 3, 1, 2)  # (t0, D, h0, w0)
+    if (h1, w1) != (h0, w0):
+        g = F.interpolate(g, size=(h1, w1), mode="bicubic", align_corners=False)
+    if t1 != t0:
+        g = g.permute(1, 2, 3, 0).reshape(1, dim * h1 * w1, t0)
+        g = F.interpolate(g, size=t1, mode="linear", align_corners=False)
+        g = g.reshape(dim, h1, w1, t1).permute(3, 0, 1, 2)
+    return g.permute(0, 2, 3, 1).reshape(1, t1 * h1 * w1, dim).to(table.dtype)
 
 
 def _transformers_attention(config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -222,6 +254,7 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
     # modules: the tokens are (batch, T * S) in (time, space) order, heads [0, spatial heads) attend over the S
     # tokens of their temporal index, the others over the T tokens of their spatial position.
     _vivit_axes: tuple[int, int] | None = None
+    _vivit_tokens: int | None = None  # T x S of the model's last forward (set with the axes)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 head_mask: torch.Tensor | None = None, **kwargs):
@@ -295,6 +328,10 @@ class KernelVivitAttention(KernelModule, hf.VivitAttention):
         kernels write the temporal group's output in (time, space) token order, so no group is copied."""
         steps, spatial = self._vivit_axes
         batch, tokens, heads, head_dim = q.shape
+        if tokens % steps or (self._vivit_tokens is not None and tokens != self._vivit_tokens):
+            raise ValueError(f"the factorised attention got {tokens} tokens, its model's last forward was set for "
+                             f"{self._vivit_tokens or 'a multiple of ' + str(steps)} ({steps} temporal indices): a "
+                             "layer recomputed (gradient checkpointing) after a forward at another clip size")
         grid = (batch, steps, tokens // steps)
         kernels = backend is not None and why is None
         if backend is not None and why is not None:

@@ -38,7 +38,7 @@ from transformers.models.vivit import configuration_vivit as hf_config
 from transformers.models.vivit import modeling_vivit as hf
 
 from ..merging import merging_sequences, refuse_checkpointing
-from ..modules import KernelModule, kernel_mlp
+from ..modules import KernelModule, check_clip_size, kernel_mlp, resize_positions
 from ..monkey_patch import AttnMixin
 from ..plain_modules import autocast_dtype, compute_weight, has_hooks, plain
 from ..presets import ATTENTION_TYPES, FACTORIZED_PRESETS, image_hw  # plain Python (the command line lists them)
@@ -90,19 +90,20 @@ def _grid(config) -> tuple[int, int, int]:
     return config.num_frames // t, h // p, w // q
 
 
-def _check_clip(config, pixel_values) -> tuple[int, ...]:
-    """The clip's (batch, frames, channels, height, width), or a clear error where the model was built for another."""
+def _check_clip(config, pixel_values, interpolate_pos_encoding: bool = False) -> tuple[int, int, int]:
+    """The (T', h, w) tubelet grid of the clip (the configured one without interpolation), or a clear error where
+    the model cannot read it (check_clip_size's rules, as for Model 1)."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
         raise ValueError("pixel_values must be a 5-D tensor (batch, frames, channels, height, width), got "
                          f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
-    batch, frames, channels, height, width = pixel_values.shape
-    expected_hw = image_hw(config)
-    if frames != config.num_frames or (height, width) != tuple(expected_hw) or channels != config.num_channels:
-        raise ValueError(
-            f"pixel_values of {frames} frames of {channels}x{height}x{width}: the factorised model was built for "
-            f"{config.num_frames} frames of {config.num_channels}x{expected_hw[0]}x{expected_hw[1]} "
-            "(interpolate_pos_encoding is not supported by the factorised models)")
-    return batch, frames, channels, height, width
+    _, frames, channels, height, width = pixel_values.shape
+    if channels != config.num_channels:
+        raise ValueError(f"pixel_values has {channels} channels in dim 2, expected num_channels={config.num_channels} "
+                         f"(layout is (batch, frames, channels, height, width); got shape {tuple(pixel_values.shape)})")
+    t, p, q = config.tubelet_size
+    check_clip_size(tuple(pixel_values.shape), (config.num_frames, *image_hw(config)), (t, p, q),
+                    interpolate_pos_encoding)
+    return frames // t, height // p, width // q
 
 
 _PROJECTION = "embeddings.patch_embeddings.projection"
@@ -121,23 +122,32 @@ class FactorizedEncoderEmbeddings(KernelModule, nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """``grid``: the clip's (T', h, w) tubelet grid where it is not the configured one (interpolate_pos_encoding:
+        the spatial table resized to (h, w); a clip whose frames are not a tubelet multiple loses the rest)."""
         config = self.config
-        batch, frames, channels, height, width = _check_clip(config, pixel_values)
+        grid = _check_clip(config, pixel_values) if grid is None else grid
+        steps, gh, gw = grid
         t = config.tubelet_size[0]
-        steps = _grid(config)[0]
+        if pixel_values.shape[1] != steps * t:
+            pixel_values = pixel_values[:, : steps * t]
+        batch, frames, channels, height, width = pixel_values.shape
         proj = self.patch_embeddings.projection
         autocast = autocast_dtype(pixel_values.device.type)  # None, or the dtype our kernels then compute in
         clips = pixel_values.to(autocast or proj.weight.dtype)
         clips = clips.reshape(batch * steps, t, channels, height, width)  # a view for a contiguous clip: no copy
+        table = self.position_embeddings
+        _, h0, w0 = _grid(config)
+        if (gh, gw) != (h0, w0):
+            table = torch.cat((table[:, :1], resize_positions(table[:, 1:], (1, h0, w0), (1, gh, gw))), 1)
         backend = self._vivit_backend
         if backend is not None and backend.patch_embed is not None and plain(proj, nn.Conv3d, clips, _PROJECTION):
-            w = [compute_weight(t, clips) for t in (proj.weight, proj.bias, self.cls_token, self.position_embeddings)]
+            w = [compute_weight(t, clips) for t in (proj.weight, proj.bias, self.cls_token, table)]
             out = backend.patch_embed(clips, *w)
         else:
             tokens = self.patch_embeddings(clips)  # (batch * T', h * w, hidden)
             out = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens), 1)
-            out = out + self.position_embeddings.to(out.dtype)
+            out = out + table.to(out.dtype)
         return self.dropout(out)
 
 
@@ -153,21 +163,24 @@ class FactorizedTokenEmbeddings(KernelModule, nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        _check_clip(self.config, pixel_values)
+    def forward(self, pixel_values: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """``grid``: the clip's (T', h, w) tubelet grid where it is not the configured one (interpolate_pos_encoding:
+        the table resized to it; the patch embedding reads the grid's frames and pixels, in place)."""
+        grid = _check_clip(self.config, pixel_values) if grid is None else grid
+        table = resize_positions(self.position_embeddings, _grid(self.config), grid)
         proj = self.patch_embeddings.projection
         autocast = autocast_dtype(pixel_values.device.type)
         clips = pixel_values.to(autocast or proj.weight.dtype)
         backend = self._vivit_backend
         if backend is not None and backend.patch_embed is not None and plain(proj, nn.Conv3d, clips, _PROJECTION):
             # the fused kernel writes a [CLS] row first: a zero one, with a zero position, dropped after
-            pos = compute_weight(self.position_embeddings, clips)
+            pos = compute_weight(table, clips)
             pos = torch.cat((pos.new_zeros(1, 1, pos.shape[-1]), pos), 1)
             out = backend.patch_embed(clips, compute_weight(proj.weight, clips), compute_weight(proj.bias, clips),
                                       pos.new_zeros(1, 1, pos.shape[-1]), pos)
             out = out[:, 1:].contiguous()  # one copy of the tokens per forward, so every layer reads plain rows
         else:
-            out = self.patch_embeddings(clips) + self.position_embeddings.to(clips.dtype)
+            out = self.patch_embeddings(clips) + table.to(clips.dtype)
         return self.dropout(out)
 
 
@@ -280,13 +293,12 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
                 return_dict: bool | None = None, **kwargs) -> BaseModelOutput:
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        if interpolate_pos_encoding:
-            raise ValueError("interpolate_pos_encoding is not supported by the factorised models: build the model for "
-                             "the clip size (num_frames, image_size) it will see")
         if attention_mask is not None or kwargs.get("head_mask") is not None:
             raise ValueError("the factorised models take no attention_mask or head_mask (videos have no padding)")
+        grid = _check_clip(self.config, pixel_values, interpolate_pos_encoding)
+        self._set_grid(grid)
         hidden = [] if output_hidden_states else None
-        x = self.embeddings(pixel_values)
+        x = self.embeddings(pixel_values, grid)
         model_2 = self.config.attention_type == "factorized_encoder"
         encoders = [self.spatial_layers, self.temporal_layers] if model_2 else [self.layer]
         # token merging: Model 2 only (apply_vivit_kernels refuses it for Models 3 and 4 when it is switched on)
@@ -295,7 +307,7 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
             refuse_checkpointing(self)
         for i, layers in enumerate(encoders):
             if i == 1:  # Model 2: the spatial encoder's [CLS] outputs become the temporal encoder's tokens
-                x = self._temporal_tokens(x, pixel_values.shape[0])
+                x = self._temporal_tokens(x, pixel_values.shape[0], grid[0])
             # Model 2's spatial encoder merges tokens within each temporal index's sequence; its [CLS] never merges
             with merging_sequences(merge if i == 0 else None, len(layers), x.shape[1]) as state:
                 for layer in layers:
@@ -305,11 +317,30 @@ class VivitFactorizedModel(AttnMixin, VivitFactorizedPreTrainedModel):
         out = BaseModelOutput(last_hidden_state=self.layernorm(x), hidden_states=tuple(hidden) if hidden else None)
         return out if return_dict is not False else out.to_tuple()
 
-    def _temporal_tokens(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """Model 2: the temporal [CLS] and one normalised spatial [CLS] per temporal index, with their positions."""
-        frames = self.spatial_layernorm(x)[:, 0].reshape(batch, _grid(self.config)[0], -1)
+    def _temporal_tokens(self, x: torch.Tensor, batch: int, steps: int) -> torch.Tensor:
+        """Model 2: the temporal [CLS] and one normalised spatial [CLS] per temporal index, with their positions
+        (the temporal table resized to ``steps`` temporal indices where that is not the configured number)."""
+        frames = self.spatial_layernorm(x)[:, 0].reshape(batch, steps, -1)
         cls = self.temporal_cls_token.expand(batch, -1, -1).to(frames.dtype)
-        return torch.cat((cls, frames), 1) + self.temporal_position_embeddings.to(frames.dtype)
+        table = self.temporal_position_embeddings
+        trained = _grid(self.config)[0]
+        if steps != trained:
+            table = torch.cat((table[:, :1], resize_positions(table[:, 1:], (trained, 1, 1), (steps, 1, 1))), 1)
+        return torch.cat((cls, frames), 1) + table.to(frames.dtype)
+
+    def _set_grid(self, grid: tuple[int, int, int]) -> None:
+        """Models 3 and 4: tell their attention modules the (time, space) token grid of this forward (the
+        configured one unless interpolate_pos_encoding changed it); a backward that recomputes a layer (gradient
+        checkpointing) after a forward at another grid is an error there, not a wrong result."""
+        if self.config.attention_type == "factorized_encoder" or getattr(self, "_vivit_grid", None) == grid:
+            return
+        steps, gh, gw = grid
+        for module in self.modules():
+            axes = getattr(module, "_vivit_axes", None)
+            if axes is not None:
+                module._vivit_axes = (steps, axes[1])
+                module._vivit_tokens = steps * gh * gw
+        self._vivit_grid = grid
 
 
 def pool_tokens(config, tokens: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..names import dtype_name
 from .counting import GPUS, CostTracker, counting_saved, storage_key
-from .model_paths import COUNTED, build_model
+from .model_paths import COUNTED, MERGE, build_model
 
 __all__ = ["Measurement", "measure", "measure_all", "format_markdown", "MODEL_VARIANTS", "measure_models",
-           "format_models_markdown"]
+           "format_models_markdown", "LENGTHS", "LENGTH_PATHS", "measure_lengths", "format_lengths_markdown",
+           "plot_lengths"]
 
 
 @dataclasses.dataclass
@@ -63,8 +64,10 @@ def config_label(config) -> str:
             f"{config.num_frames} frames)")
 
 
-def measure(path: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> Measurement:
-    """All device-independent measurements of one model path at one batch size (see the module docstring)."""
+def measure(path: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+            training: bool = True) -> Measurement:
+    """All device-independent measurements of one model path at one batch size (see the module docstring);
+    ``training=False`` leaves out the training forward (``saved_bytes`` stays 0)."""
     from ..model import VivitConfig
     from ..presets import image_hw, num_tokens
 
@@ -80,10 +83,11 @@ def measure(path: str, config="vivit-b-16x2", batch: int = 1, dtype: torch.dtype
         labels = torch.zeros(batch, dtype=torch.long)
 
         # training forward: what autograd keeps for the backward
-        model.train()
-        with counting_saved(params) as saved:
-            model(pixel_values, labels=labels)
-        result.saved_bytes = sum(saved.values())
+        if training:
+            model.train()
+            with counting_saved(params) as saved:
+                model(pixel_values, labels=labels)
+            result.saved_bytes = sum(saved.values())
 
         # inference forward: launches, FLOPs, bytes, peak live activations
         model.eval()
@@ -194,3 +198,105 @@ def format_models_markdown(rows: list[tuple[str, float, float, int, Measurement]
               "exact on any machine). x: ratio to Model 1. The paper's columns are its Table 2 as we read it "
               "(ViViT-B, tubelet 16x2); its runtime column we have not reproduced: no GPU has run these models."]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost against clip length: the four models at ViViT-B/16x2 from 16 to 256 frames
+# ------------------------------------------------------------------------------------------------
+LENGTHS = (16, 32, 64, 128, 256)  # frames of 224x224 (tubelet 2: 8 to 128 temporal indices)
+# transformers' paths (our factorised models with that attention for Models 2-4), ours, ours with token merging
+# (Models 1 and 2: merging needs one sequence per clip or per temporal index)
+LENGTH_PATHS = ("transformers-eager", "transformers-sdpa", "triton", "triton" + MERGE)
+GPU_MEMORY = 80 * 10**9  # bytes: an A100 / H100 80 GB
+
+
+def measure_lengths(lengths=LENGTHS, batches=(1, 8), dtype: torch.dtype = torch.bfloat16, paths=LENGTH_PATHS,
+                    progress: Callable[[str], None] | None = None) -> list[tuple[str, int, Measurement, int]]:
+    """(model name, frames, inference Measurement, weight bytes) per model of ``MODEL_VARIANTS``, clip length,
+    batch and path: a model built for that many frames (the same layers and costs as the trained one with
+    ``interpolate_pos_encoding=True``; its position table is a parameter)."""
+    from ..model import VivitConfig
+    from ..models import VivitFactorizedConfig
+    from ..presets import FACTORIZED_PRESETS
+
+    rows = []
+    for name, preset, _, _ in MODEL_VARIANTS:
+        for frames in lengths:
+            cls = VivitFactorizedConfig if preset in FACTORIZED_PRESETS else VivitConfig
+            config = cls.from_preset(preset, num_frames=frames)
+            mergeable = getattr(config, "attention_type", "factorized_encoder") == "factorized_encoder"
+            with torch.device("meta"):
+                weights = sum(p.numel() * p.element_size() for p in build_model("triton", config, dtype).parameters())
+            for batch in batches:
+                for path in paths:
+                    if path.endswith(MERGE) and not mergeable:
+                        continue
+                    if progress:
+                        progress(f"{preset} {frames} frames batch {batch} {path}")
+                    rows.append((name, frames, measure(path, config, batch, dtype, training=False), weights))
+    return rows
+
+
+def format_lengths_markdown(rows: list[tuple[str, int, Measurement, int]]) -> str:
+    """Per model, clip length and path: tokens, GFLOP per clip, the inference peak (weights + live activations)
+    at each batch, and whether that fits an 80 GB GPU."""
+    batches = sorted({m.batch for _, _, m, _ in rows})
+    table = {(name, frames, m.path, m.batch): (m, weights) for name, frames, m, weights in rows}
+    keys = list(dict.fromkeys((name, frames, m.path) for name, frames, m, _ in rows))
+    head = ("| model | frames | path | tokens | GFLOP / clip | "
+            + " | ".join(f"peak GB, batch {b} | fits 80 GB, batch {b}" for b in batches) + " |")
+    lines = [head, "|" + "---|" * (5 + 2 * len(batches))]
+    for name, frames, path in keys:
+        first, _ = table[(name, frames, path, batches[0])]
+        cells = []
+        for b in batches:
+            m, weights = table[(name, frames, path, b)]
+            peak = weights + m.peak_live_bytes
+            cells += [f"{peak / 1e9:.1f}", "yes" if peak <= GPU_MEMORY else "**no**"]
+        gflop = first.flops / first.batch / 1e9
+        lines.append(f"| {name.split(':')[0]} | {frames} | {path} | {first.tokens} | {gflop:.0f} | "
+                     + " | ".join(cells) + " |")
+    m = rows[0][2]
+    lines += ["", f"{m.dtype}, frames of 224x224, ViViT-B/16x2 (FakeTensorMode counts; exact on any machine). GFLOP "
+              "per clip with a multiply-add counted twice; peak: the weights plus the peak of live activations of "
+              "an inference forward (the input clip and the allocator's slack not included; a GPU also holds the "
+              "CUDA context). tokens: what one sequence holds in Model 1 (per clip, with [CLS]); Models 2-4 "
+              "attend over shorter sequences (one temporal index's, one spatial position's)."]
+    return "\n".join(lines)
+
+
+def plot_lengths(rows: list[tuple[str, int, Measurement, int]], path: str) -> None:
+    """GFLOP per clip and the batch-1 inference peak against frames, one line per model and path (log scales),
+    with the 80 GB line: a PNG at ``path`` (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = min(m.batch for _, _, m, _ in rows)
+    fig, (flops_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for name, frames, m, weights in rows:
+        if m.batch == batch:
+            series.setdefault((name.split(":")[0], m.path), []).append(
+                (frames, m.flops / m.batch / 1e9, (weights + m.peak_live_bytes) / 1e9))
+    models = list(dict.fromkeys(model for model, _ in series))
+    styles = {"transformers-eager": "--", "transformers-sdpa": ":", "triton": "-", "triton" + MERGE: "-."}
+    for (model, route), points in series.items():
+        frames, flops, peak = zip(*sorted(points), strict=True)
+        look = dict(color=f"C{models.index(model)}", linestyle=styles.get(route, "-"), marker="o", markersize=4)
+        flops_ax.plot(frames, flops, label=f"{model}, {route}", **look)
+        memory_ax.plot(frames, peak, **look)
+    memory_ax.axhline(GPU_MEMORY / 1e9, color="red", linewidth=1)
+    memory_ax.text(LENGTHS[-1], GPU_MEMORY / 1e9 * 1.15, "80 GB", color="red", ha="right")
+    for ax, label in ((flops_ax, "GFLOP per clip"), (memory_ax, f"inference peak, batch {batch} (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("frames (224x224, tubelet 2)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    flops_ax.legend(fontsize=6, ncol=2, loc="upper left")
+    fig.suptitle("ViViT-B/16x2 against clip length (counted on fake tensors, not timed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
