@@ -13,8 +13,8 @@
 #   3. the compile gate for sm_90 under that Triton: every shipped kernel config compiles, without spills, within
 #      shared memory (vivit-kernels compile-report --arch 90);
 #   4. the CPU test suite's model, kernel and ecosystem tests under those versions: eager / sdpa / auto models
-#      against that transformers, the factorised models (Models 2-4), and the Triton kernels in that Triton's
-#      interpreter;
+#      against that transformers, the factorised models (Models 2-4), and the Triton
+#      kernels (token merging's included) in that Triton's interpreter;
 #   5. `vivit-kernels acceptance --dry-run`.
 # The venv reuses this machine's site-packages for everything else (the nvidia-* wheels, pytest, peft, ...): only
 # the versions named above are replaced (torchvision with torch: it is built against one torch), so nothing big is
@@ -76,7 +76,7 @@ step "tests under torch $TORCH / Triton $TRITON / transformers $TRANSFORMERS (CP
   tests/test_model.py tests/test_model_parity.py tests/test_model_triton.py tests/test_choose.py \
   tests/test_attention.py tests/test_linear.py tests/test_layer_norm.py tests/test_patch_embed.py \
   tests/test_checkpoint.py tests/test_ecosystem.py tests/test_compat.py tests/test_acceptance.py \
-  tests/test_guard.py tests/test_architecture.py tests/test_factorized.py
+  tests/test_guard.py tests/test_architecture.py tests/test_factorized.py tests/test_token_merge.py
 
 step "vivit-kernels acceptance --dry-run"
 "$BIN/vivit-kernels" acceptance --dry-run --out acceptance-dry-run

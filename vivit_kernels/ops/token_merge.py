@@ -240,7 +240,9 @@ if HAS_TRITON:
             jb = (pid - a_blocks) * BLOCK + tl.arange(0, BLOCK)
             mask = jb < NB
             tl.store(WHERE + batch * N + _b_position(jb, MODE, P, ODD), 1 + kept + jb, mask=mask)
-            tl.store(WHERE + batch * N + jb * 0, jb * 0, mask=(jb == 0) & (pid == a_blocks))  # [CLS] stays first
+            # [CLS] stays first (jb == 0 only in the first of these programs; a tensor mask alone: Triton 3.9's
+            # interpreter refuses a tensor mask and-ed with a scalar condition)
+            tl.store(WHERE + batch * N + jb * 0, jb * 0, mask=jb == 0)
 
     @triton.jit
     def _order_kernel(
