@@ -73,17 +73,9 @@ def window_indices(start: int, window: int, num_frames: int) -> np.ndarray:
 def _decoded_frames(path: str, errors: list) -> Iterator[np.ndarray]:
     """Every frame of the video, front to back, as (H, W, 3) uint8 (decoding stops at the first decoder error,
     kept in ``errors``)."""
-    import av
+    from .video import _frames, open_video
 
-    from .video import _frames
-
-    try:
-        container = av.open(path)
-    except Exception as e:  # noqa: BLE001 - PyAV raises several error types for bad files
-        raise ValueError(f"{path} is not a readable video ({type(e).__name__}: {e})") from None
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
+    with open_video(path) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 0  # one video: FFmpeg's threads for its throughput
         for frame in _frames(container, stream, errors):
@@ -91,19 +83,12 @@ def _decoded_frames(path: str, errors: list) -> Iterator[np.ndarray]:
 
 
 def _stream_info(path: str) -> tuple[float | None, int | None]:
-    import av
+    """(frames per second or None, the frame count the header gives or None)."""
+    from .video import open_video
 
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
-            return fps, (stream.frames or None)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is not a readable video ({type(e).__name__}: {e})") from None
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        return float(stream.average_rate or stream.guessed_rate or 0) or None, (stream.frames or None)
 
 
 def timeline(video: str | os.PathLike, model: Any, window: int | str | None = None, stride: int | str | None = None,

@@ -142,15 +142,7 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
         raise FileNotFoundError(f"no video file at {path}")
     if decoder != "pyav":
         return _read_torchcodec(path, num_frames, frame_sample_rate, clips, rng, decoder == "cuda", transform, threads)
-    import av
-
-    try:
-        container = av.open(path)
-    except Exception as e:  # noqa: BLE001 - PyAV raises several error types for bad files
-        raise ValueError(f"{path} is not a readable video ({type(e).__name__}: {e})") from None
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
+    with open_video(path) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
         fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -184,6 +176,21 @@ def read_clips(path: str | os.PathLike, num_frames: int, frame_sample_rate: int 
         warnings.warn(f"{path}: {seg_len} frames decode, fewer than the {num_frames} a clip needs; the clip spreads "
                       f"{num_frames} samples over those {seg_len}, so frames repeat", stacklevel=2)
     return Clips(out, seg_len, _duration(seg_len, fps))
+
+
+def open_video(path: str):
+    """A PyAV container of ``path`` that holds a video stream, or a ValueError saying why not (the caller closes
+    it: ``with open_video(path) as container``)."""
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as e:  # noqa: BLE001 - PyAV raises several error types for bad files
+        raise ValueError(f"{path} is not a readable video ({type(e).__name__}: {e})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path} has no video stream")
+    return container
 
 
 def _windows(num_frames: int, frame_sample_rate: int, clips: int, seg_len: int,
