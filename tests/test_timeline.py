@@ -14,13 +14,13 @@ import torch
 
 import vivit_kernels as vk
 from vivit_kernels.processing import VideoProcessor
-from vivit_kernels.timeline import parse_span, plot_timeline, timeline, window_indices
-from vivit_kernels.video import _uniform_clips
+from vivit_kernels.timeline import parse_span, plot_timeline, timeline
+from vivit_kernels.video import _uniform_clips, window_frames
 
+from helpers import DEVICE
 from videos import write_video
 
 pytest.importorskip("av")
-pytestmark = pytest.mark.cpu_only
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +42,19 @@ def _all_frames(path: str) -> np.ndarray:
 def test_every_window_is_scored_as_its_clip(tmp_path, checkpoint):
     """100 frames, windows of 16 every 8: 11 windows, each the model's softmax on the 8 frames spread over it."""
     path = write_video(tmp_path / "v.mp4", n_frames=100)
-    result = timeline(path, checkpoint, window=16, stride="8", top_k=10, batch_size=3, device="cpu", attn="eager")
+    result = timeline(path, checkpoint, window=16, stride="8", top_k=10, batch_size=3, device=DEVICE, attn="eager")
     assert (result["frames"], result["window_frames"], result["stride_frames"]) == (100, 16, 8)
     assert [(w["start_frame"], w["end_frame"]) for w in result["windows"]] == [(8 * k, 8 * k + 16) for k in range(11)]
     assert result["windows"][1]["start_s"] == pytest.approx(8 / 25)
     # a window samples as read_clips samples a video of the window's length (its middle clip), the same indices
-    assert window_indices(0, 16, 8).tolist() == [0, 2, 4, 6, 9, 11, 13, 15] == _uniform_clips(8, 2, 16, 1)[0].tolist()
+    assert window_frames(0, 16, 8).tolist() == [0, 2, 4, 6, 9, 11, 13, 15] == _uniform_clips(8, 2, 16, 1)[0].tolist()
     frames = _all_frames(path)
-    model = vk.VivitForVideoClassification.from_pretrained(checkpoint, attn="eager").eval()
+    model = vk.VivitForVideoClassification.from_pretrained(checkpoint, attn="eager").to(DEVICE).eval()
     processor = VideoProcessor.for_model(model.config, checkpoint)
     for k, window in enumerate(result["windows"]):
-        clip = torch.as_tensor(frames[window_indices(8 * k, 16, 8)])[None]
+        clip = torch.as_tensor(frames[window_frames(8 * k, 8 * k + 16, 8)])[None]
         with torch.no_grad():
-            probs = model(processor(clip)["pixel_values"]).logits.softmax(-1)[0]
+            probs = model(processor(clip)["pixel_values"].to(DEVICE)).logits.softmax(-1)[0]
         expected = {model.config.id2label[i]: p for i, p in enumerate(probs.tolist())}
         for label, score in zip(window["labels"], window["scores"], strict=True):
             assert score == pytest.approx(expected[label], abs=1e-5), (k, label)
@@ -64,10 +64,11 @@ def test_every_window_is_scored_as_its_clip(tmp_path, checkpoint):
 
 def test_a_video_shorter_than_a_window_is_one_window_over_all_its_frames(tmp_path, checkpoint):
     path = write_video(tmp_path / "short.mp4", n_frames=12)
-    result = timeline(path, checkpoint, window=40, device="cpu", attn="eager")
+    result = timeline(path, checkpoint, window=40, device=DEVICE, attn="eager")
     assert [(w["start_frame"], w["end_frame"]) for w in result["windows"]] == [(0, 12)]
 
 
+@pytest.mark.cpu_only
 def test_window_and_stride_in_seconds_and_bad_values():
     assert parse_span("0.64s", 25.0, "window") == 16
     assert parse_span(64, None, "window") == 64
@@ -84,7 +85,7 @@ def test_command_writes_the_json_and_the_plot(tmp_path, checkpoint):
     out, png = tmp_path / "t.json", tmp_path / "t.png"
     run = subprocess.run([sys.executable, "-m", "vivit_kernels", "timeline", path, "--model", checkpoint,
                           "--window", "0.8s", "--stride", "0.4s", "--out", str(out), "--plot", str(png),
-                          "--device", "cpu", "--no-progress", "--merge", "1"],
+                          "--device", DEVICE.type, "--no-progress", "--merge", "1"],
                          capture_output=True, text=True, timeout=600, env={**os.environ})
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
@@ -94,6 +95,7 @@ def test_command_writes_the_json_and_the_plot(tmp_path, checkpoint):
     assert "5 windows of 20 frames every 10" in run.stdout
 
 
+@pytest.mark.cpu_only
 def test_plot_without_a_frame_rate(tmp_path):
     result = {"path": "x.mp4", "fps": None, "window_frames": 4, "stride_frames": 4,
               "windows": [{"start_frame": 4 * k, "end_frame": 4 * k + 4} for k in range(3)],

@@ -176,7 +176,7 @@ class KernelVivitEmbeddings(KernelModule, hf.VivitEmbeddings):
                              f"got shape {tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
-        batch, frames, channels, height, width = pixel_values.shape
+        channels = pixel_values.shape[2]
         expected_channels = self.patch_embeddings.projection.in_channels
         if channels != expected_channels:
             raise ValueError(

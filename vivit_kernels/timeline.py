@@ -37,8 +37,9 @@ import torch
 
 from . import __version__
 from ._devices import synchronize
+from .video import window_frames
 
-__all__ = ["timeline", "plot_timeline", "parse_span", "window_indices"]
+__all__ = ["timeline", "plot_timeline", "parse_span"]
 
 
 def parse_span(value: int | str | None, fps: float | None, what: str) -> int | None:
@@ -61,13 +62,6 @@ def parse_span(value: int | str | None, fps: float | None, what: str) -> int | N
     if frames < 1:
         raise ValueError(f"{what} must be at least one frame, got {value!r} ({frames} frames)")
     return frames
-
-
-def window_indices(start: int, window: int, num_frames: int) -> np.ndarray:
-    """The ``num_frames`` frames a window of ``window`` frames from ``start`` samples (evenly spread, as
-    ``read_clips``)."""
-    indices = np.linspace(start, start + window, num=num_frames)
-    return np.clip(indices, start, start + window - 1).astype(np.int64)
 
 
 def _decoded_frames(path: str, errors: list) -> Iterator[np.ndarray]:
@@ -133,7 +127,7 @@ def timeline(video: str | os.PathLike, model: Any, window: int | str | None = No
         if next_window == 0 and i < span:  # the first window: every frame, for a video shorter than it
             return True
         first = max(next_window, math.ceil((i - span + 1) / step))
-        return any(i in window_indices(k * step, span, num_frames) for k in range(first, i // step + 1))
+        return any(i in window_frames(k * step, k * step + span, num_frames) for k in range(first, i // step + 1))
 
     def clip_of(indices: np.ndarray) -> torch.Tensor:
         views = [torch.stack([kept[int(i)][v] for i in indices]) for v in range(len(kept[int(indices[0])]))]
@@ -166,7 +160,7 @@ def timeline(video: str | os.PathLike, model: Any, window: int | str | None = No
             kept[i] = per_frame(frame)
             held = max(held, len(kept))
             while True:  # the windows this frame completes
-                indices = window_indices(next_window * step, span, num_frames)
+                indices = window_frames(next_window * step, next_window * step + span, num_frames)
                 if int(indices[-1]) > i:
                     break
                 pending.append((next_window * step, next_window * step + span, clip_of(indices)))
@@ -178,7 +172,7 @@ def timeline(video: str | os.PathLike, model: Any, window: int | str | None = No
         if seen == 0:
             raise ValueError(f"{path}: no frames could be decoded" + (f" ({errors[0]})" if errors else ""))
         if next_window == 0:  # shorter than one window: one window over every frame
-            indices = np.clip(np.linspace(0, seen, num=num_frames), 0, seen - 1).astype(np.int64)
+            indices = window_frames(0, seen, num_frames)
             pending.append((0, seen, clip_of(indices)))
         if pending:
             run_batch()

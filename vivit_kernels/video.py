@@ -20,8 +20,8 @@ import numpy as np
 
 from .names import DECODERS
 
-__all__ = ["read_video", "read_clips", "Clips", "sample_frame_indices", "DEFAULT_FRAME_SAMPLE_RATE",
-           "resolve_decoder"]
+__all__ = ["read_video", "read_clips", "Clips", "sample_frame_indices", "window_frames", "open_video",
+           "DEFAULT_FRAME_SAMPLE_RATE", "resolve_decoder"]
 
 
 # Every 2nd frame: ViViT-B/16x2's 32 frames span 64 (scenic's Kinetics sampling, and finetune's default). Commands read
@@ -38,7 +38,13 @@ def sample_frame_indices(clip_len: int, frame_sample_rate: int, seg_len: int, rn
     else:
         end = int(rng.integers(converted_len, seg_len))
         start = end - converted_len
-    indices = np.linspace(start, end, num=clip_len)
+    return window_frames(start, end, clip_len)
+
+
+def window_frames(start: int, end: int, num_frames: int) -> np.ndarray:
+    """The ``num_frames`` frame indices a clip samples from the window [start, end): evenly spread, the last
+    clipped to the window (every sampling here: the seed's random window, the evaluation's, timeline's)."""
+    indices = np.linspace(start, end, num=num_frames)
     return np.clip(indices, start, max(end - 1, start)).astype(np.int64)
 
 
@@ -50,8 +56,7 @@ def _uniform_clips(clip_len: int, frame_sample_rate: int, seg_len: int, clips: i
     for i in range(clips):
         start = int(round(span * (i + 0.5) / clips)) if clips > 1 else span // 2
         end = min(start + converted_len, seg_len)
-        indices = np.linspace(start, end, num=clip_len)
-        out.append(np.clip(indices, start, max(end - 1, start)).astype(np.int64))
+        out.append(window_frames(start, end, clip_len))
     return out
 
 
