@@ -53,6 +53,12 @@ def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, ac
         w, b = compute_weight(base.weight, x), compute_weight(base.bias, x)
         if not adapters and (activation_fn is None or fused_gelu):
             return backend.linear(x, w, b, "gelu_fast" if fused_gelu else None, residual)
+        no_dropout = len(adapters) == 1 and not (isinstance(adapters[0][2], nn.Dropout) and adapters[0][2].training
+                                                  and adapters[0][2].p > 0)
+        fused = fusable_adapters(adapters, x) if no_dropout and getattr(backend.linear, "fuses_lora", False) else []
+        if fused and (activation_fn is None or fused_gelu):
+            # PEFT's adapter inside our GEMM (before gelu_fast and the residual, which stay fused)
+            return backend.linear(x, w, b, "gelu_fast" if fused_gelu else None, residual, adapters=[fused[0][:3]])
         # LoRA: its update goes in before the activation (and the residual) the base GEMM would have fused
         y = add_lora_(backend.linear(x, w, b, None, residual if activation_fn is None else None), x, adapters)
         if activation_fn is None:

@@ -13,6 +13,8 @@ kernels (``aot_cases``) for every way the ops launch them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import _triton
@@ -28,7 +30,8 @@ from ._triton import (
     triton,
 )
 
-__all__ = ["gemm", "sum_splits", "GEMM_CONFIGS", "TMA_CONFIGS", "KERNEL_ACTIVATIONS", "aot_cases"]
+__all__ = ["gemm", "sum_splits", "GEMM_CONFIGS", "TMA_CONFIGS", "KERNEL_ACTIVATIONS", "aot_cases", "LoraOperands",
+           "lora_grads", "lora_grad_plan", "lora_input_products", "lora_rank_pad", "LORA_MAX_RANK", "LORA_BLOCK_N"]
 
 # Activations fused into the GEMM epilogue; any other is applied by torch after the kernel.
 KERNEL_ACTIVATIONS = ("gelu_fast",)
@@ -51,6 +54,12 @@ GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
     (2, "ieee", "grouped"): tile_configs((128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3)),
     (4, "tf32", "grouped"): tile_configs((128, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
     (4, "ieee", "grouped"): tile_configs((64, 64, 16, 4, 2)),
+    # LoRA inside the GEMM (ops/linear.py): a (BLOCK_M, rank) accumulator and the adapters' tiles beside the base
+    # GEMM's. Every row 128 columns wide: the x A^T product is repeated per column block, and the cost formulas
+    # count it at that width (ops/formulas.py)
+    (2, "ieee", "lora"): tile_configs((128, 128, 64, 8, 3), (64, 128, 64, 4, 3)),
+    (4, "tf32", "lora"): tile_configs((128, 128, 32, 8, 3), (64, 128, 32, 4, 3)),
+    (4, "ieee", "lora"): tile_configs((32, 128, 16, 4, 2)),
 }
 # The sm_90 tensor-descriptor kernel (2-byte elements, or TF32 products). Larger tiles than the pointer kernel:
 # TMA leaves the registers to the accumulator, and the epilogue runs in two halves.
@@ -145,11 +154,17 @@ if HAS_TRITON:
         PRE,  # (M, N) receives the pre-activation (SAVE_PRE), or gelu_fast(AUX) (SAVE_PRE with DGELU)
         B1, B2,  # the second and third (K, N) B matrix of a grouped GEMM (N_GROUPS or K_GROUPS = 3), B's strides
         BIAS1, BIAS2,  # the second and third bias (N_GROUPS = 3)
+        LA0, LA1, LA2,  # LoRA: each group's / K segment's adapter A (rank, in_features), row-major, any float dtype
+        LB0, LB1, LB2,  # LoRA: the adapters' B (out_features, rank), row-major
+        LD,  # LoRA: (M, groups, LORA_RP) in A's dtype, receives the forward's s x A^T or the input gradient's s dY B
         M, N, K, k_split,  # k_split: the K range of one split (SPLIT_K; a multiple of BLOCK_K)
+        rank, stride_ld, ls0, ls1, ls2,  # LoRA: the adapters' rank, LD's row stride, each adapter's scale s
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
         DGELU: tl.constexpr, N_GROUPS: tl.constexpr, K_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+        LORA: tl.constexpr, LORA_SLOTS: tl.constexpr, LORA_RP: tl.constexpr, LORA_STORE: tl.constexpr,
+        LORA_ONLY: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     ):
@@ -157,8 +172,16 @@ if HAS_TRITON:
         A @ B1 + BIAS1, A @ B2 + BIAS2] (the QKV projection reading three weights in place). K_GROUPS = 3: A is
         (M, 3K) and C = A[:, :K] @ B + A[:, K:2K] @ B1 + A[:, 2K:] @ B2 (its input gradient). SPLIT_K: program
         axis 1 picks a K range and C is an fp32 workspace (splits, M, N) of partial sums (summed in a fixed order
-        afterwards: deterministic)."""
+        afterwards: deterministic).
+
+        LoRA adapters on the groups / segments of bit mask LORA_SLOTS (rank <= LORA_RP, a power of two >= 16):
+        LORA = 1 (forward): the K loop that reads each x tile also accumulates x A^T (BLOCK_M, LORA_RP); the
+        epilogue adds (s x A^T) B^T before the bias's epilogue (so before gelu_fast and the residual). LORA = 2 (the
+        input gradient dY W): the K loop of segment g also accumulates dY_g B_g; its end adds (s dY_g B_g) A_g. The
+        column block 0 programs store the rank-wide products into LD (LORA_STORE) for the adapters' gradients.
+        LORA_ONLY: those products alone (no base GEMM, no C; one column block)."""
         pid = tl.program_id(0)
+        group = 0
         if N_GROUPS > 1:
             # the groups of one output tile are neighbouring programs: they read the same A tile from L2
             group = pid % N_GROUPS
@@ -184,6 +207,15 @@ if HAS_TRITON:
         m_mask = pid_m * BLOCK_M + lm < M
         n_mask = pid_n * BLOCK_N + ln < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if LORA > 0:
+            lr = tl.arange(0, LORA_RP)
+            low_ty = A.dtype.element_ty  # the adapters' products run in x's dtype, as PEFT's weights cast to it
+        if LORA == 1:  # this group's adapter (none: its loads are masked off, the products zero)
+            la = tl.where(group == 0, LA0, tl.where(group == 1, LA1, LA2))
+            lb = tl.where(group == 0, LB0, tl.where(group == 1, LB1, LB2))
+            ls = tl.where(group == 0, ls0, tl.where(group == 1, ls1, ls2))
+            r_mask = (lr < rank) & (((LORA_SLOTS >> group) & 1) != 0)
+            acc_r = tl.zeros([BLOCK_M, LORA_RP], dtype=tl.float32)
         for segment in tl.static_range(K_GROUPS):
             b_base = B
             if segment == 1:
@@ -194,19 +226,82 @@ if HAS_TRITON:
                 A + row0 * stride_am + (lm[:, None] * stride_am + (segment * K + k_lo + offs_k)[None, :] * stride_ak)
             )
             b_ptrs = b_base + col0 * stride_bn + ((k_lo + offs_k)[:, None] * stride_bk + ln[None, :] * stride_bn)
+            SEG_LORA: tl.constexpr = LORA == 2 and ((LORA_SLOTS >> segment) & 1) == 1
+            if LORA == 1:  # A^T's (BLOCK_K, rank) tile
+                l_ptrs = la + (k_lo + offs_k)[:, None] + lr[None, :] * K
+            if SEG_LORA:  # B_g's (BLOCK_K, rank) tile
+                lb = LB0
+                if segment == 1:
+                    lb = LB1
+                if segment == 2:
+                    lb = LB2
+                l_ptrs = lb + (k_lo + offs_k)[:, None] * rank + lr[None, :]
+                acc_r = tl.zeros([BLOCK_M, LORA_RP], dtype=tl.float32)
             for k in range(k_lo, k_hi, BLOCK_K):
                 k_mask = offs_k < k_hi - k
                 a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 if EMULATE_BF16:
                     a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                if not LORA_ONLY:
+                    b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                    if EMULATE_BF16:
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                if LORA == 1 or SEG_LORA:
+                    if LORA == 1:
+                        l_mask = k_mask[:, None] & r_mask[None, :]
+                    else:
+                        l_mask = k_mask[:, None] & (lr < rank)[None, :]
+                    low = tl.load(l_ptrs, mask=l_mask, other=0.0).to(low_ty)
+                    if EMULATE_BF16:
+                        low = low.to(tl.float32)
+                    acc_r = tl.dot(a, low, acc_r, input_precision=DOT_PRECISION)
+                    if LORA == 1:
+                        l_ptrs += BLOCK_K
+                    else:
+                        l_ptrs += BLOCK_K * rank
                 a_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
-        _gemm_epilogue(acc, row0 + lm, col0 + ln, m_mask, n_mask, C, BIAS, AUX, RES, PRE,
-                       stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
-                       HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+            if SEG_LORA:  # + (s dY_g B_g) A_g[:, cols]
+                ls = ls0
+                la = LA0
+                if segment == 1:
+                    ls = ls1
+                    la = LA1
+                if segment == 2:
+                    ls = ls2
+                    la = LA2
+                acc = _lora_expand(acc, acc_r, ls, la + lr[:, None] * N + (col0 + ln)[None, :],
+                                   (lr < rank)[:, None] & n_mask[None, :], LD + segment * LORA_RP, row0 + lm, lr,
+                                   m_mask & (pid_n == 0), stride_ld, low_ty, LORA_STORE, LORA_ONLY, DOT_PRECISION,
+                                   EMULATE_BF16)
+        if LORA == 1:  # + (s x A^T) B^T[:, cols]
+            acc = _lora_expand(acc, acc_r, ls, lb + (col0 + ln)[None, :] * rank + lr[:, None],
+                               r_mask[:, None] & n_mask[None, :], LD + group * LORA_RP, row0 + lm, lr,
+                               m_mask & (pid_n == 0), stride_ld, low_ty,  # (a group with no adapter: zeros)
+                               LORA_STORE, LORA_ONLY, DOT_PRECISION, EMULATE_BF16)
+        if not LORA_ONLY:
+            _gemm_epilogue(acc, row0 + lm, col0 + ln, m_mask, n_mask, C, BIAS, AUX, RES, PRE,
+                           stride_cm, stride_cn, stride_xm, stride_xn, stride_rm, stride_rn, stride_pm, stride_pn,
+                           HAS_BIAS, ACTIVATION, HAS_RES, SAVE_PRE, DGELU, EMULATE_BF16)
+
+    @triton.jit
+    def _lora_expand(acc, acc_r, scale, up_ptrs, up_mask, LD, rows, lr, store_mask, stride_ld, low_ty: tl.constexpr,
+                     STORE: tl.constexpr, ONLY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr):
+        """acc + (scale acc_r) @ up: the rank-wide product scaled and rounded to x's dtype (as an unfused GEMM writes
+        it), stored to LD where ``store_mask`` (for the adapters' gradients), times the (LORA_RP, BLOCK_N) tile of
+        the adapter's other matrix."""
+        down = to_output(acc_r * scale, low_ty, EMULATE_BF16)
+        if STORE:
+            tl.store(LD + rows[:, None] * stride_ld + lr[None, :], down, mask=store_mask[:, None])
+        if not ONLY:
+            up = tl.load(up_ptrs, mask=up_mask, other=0.0).to(low_ty)
+            if EMULATE_BF16:
+                down = down.to(tl.float32)
+                up = up.to(tl.float32)
+            acc = tl.dot(down, up, acc, input_precision=DOT_PRECISION)
+        return acc
 
     @triton.jit
     def _descriptor(ptr, rows, cols, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr):
@@ -402,16 +497,97 @@ if HAS_TRITON:
         rows, cols = offs // N, offs % N
         tl.store(C + rows * stride_cm + cols * stride_cn, to_output(total, C.dtype.element_ty, EMULATE_BF16), mask=mask)
 
+    @triton.jit
+    def _lora_grad_target(job, f, j, K_IN, N_OUT, rank, DA0, DA1, DA2, DB0, DB1, DB2):
+        """(pointers, mask) of the (BLOCK_F, LORA_RP) tile (features f, rank j) of job ``job``'s gradient: jobs 0-2
+        are the dA (rank, K_IN) of slots 0-2 (stored transposed), jobs 3-5 their dB (N_OUT, rank)."""
+        base = tl.where(job == 0, DA0, tl.where(job == 1, DA1, tl.where(job == 2, DA2, tl.where(
+            job == 3, DB0, tl.where(job == 4, DB1, DB2)))))
+        is_a = job < 3
+        offs = tl.where(is_a, j[None, :] * K_IN + f[:, None], f[:, None] * rank + j[None, :])
+        mask = (f < tl.where(is_a, K_IN, N_OUT))[:, None] & (j < rank)[None, :]
+        return base + offs, mask
+
+    @triton.jit
+    def _lora_grads_kernel(
+        X, DY, DYB, DOWN,  # x (M, K_IN); dY (M, slots * N_OUT); LD buffers (M, 3, LORA_RP): s dY_g B_g, s x A_g^T
+        WS,  # (splits, 6, FMAX, LORA_RP) fp32 partial sums (SPLIT)
+        DA0, DA1, DA2, DB0, DB1, DB2,  # the gradients (dA (rank, K_IN), dB (N_OUT, rank), contiguous)
+        M, K_IN, N_OUT, rank, m_split, tiles, FMAX,
+        stride_xm, stride_ym, stride_lm,
+        JOBS: tl.constexpr,  # bit g: dA of slot g; bit 3 + g: dB of slot g
+        LORA_RP: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, ROUND_OUT: tl.constexpr,
+    ):
+        """Every adapter gradient of one op in one launch: dA_g^T = x^T (s dY_g B_g) (K_IN, rank) and dB_g = dY_g^T
+        (s x A_g^T) (N_OUT, rank), the long reduction over the M rows, one (BLOCK_F, LORA_RP) tile per program
+        (axis 0: job x feature tile), axis 1 a range of rows (SPLIT: fp32 partials into WS, summed in split order by
+        _lora_sum_kernel; deterministic)."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        job = pid // tiles
+        tile = pid % tiles
+        slot = job % 3
+        is_a = job < 3
+        present = ((JOBS >> job) & 1) != 0
+        q_base = tl.where(is_a, X, DY + slot * N_OUT)
+        stride_q = tl.where(is_a, stride_xm, stride_ym)
+        p_base = tl.where(is_a, DYB, DOWN) + slot * LORA_RP
+        f = tile * BLOCK_F + tl.arange(0, BLOCK_F)
+        f_mask = (f < tl.where(is_a, K_IN, N_OUT)) & present
+        j = tl.arange(0, LORA_RP)
+        lm = tl.arange(0, BLOCK_M)
+        m_lo = split * m_split
+        m_hi = tl.where(present, tl.minimum(M, m_lo + m_split), m_lo)
+        acc = tl.zeros([BLOCK_F, LORA_RP], dtype=tl.float32)
+        for m in range(m_lo, m_hi, BLOCK_M):
+            rows = m + lm
+            r_mask = rows < m_hi
+            rows = rows.to(tl.int64)
+            q = tl.load(q_base + rows[None, :] * stride_q + f[:, None], mask=f_mask[:, None] & r_mask[None, :],
+                        other=0.0)
+            p = tl.load(p_base + rows[:, None] * stride_lm + j[None, :], mask=r_mask[:, None], other=0.0)
+            if EMULATE_BF16:
+                q = q.to(tl.float32)
+                p = p.to(tl.float32)
+            acc = tl.dot(q, p, acc, input_precision=DOT_PRECISION)
+        if SPLIT:
+            ws = WS + ((split * 6 + job) * FMAX).to(tl.int64) * LORA_RP
+            tl.store(ws + f[:, None] * LORA_RP + j[None, :], acc, mask=f_mask[:, None])
+        else:
+            ptrs, mask = _lora_grad_target(job, f, j, K_IN, N_OUT, rank, DA0, DA1, DA2, DB0, DB1, DB2)
+            tl.store(ptrs, to_output(acc, DA0.dtype.element_ty, ROUND_OUT), mask=mask & present)
+
+    @triton.jit
+    def _lora_sum_kernel(WS, DA0, DA1, DA2, DB0, DB1, DB2, n_splits, K_IN, N_OUT, rank, FMAX,
+                         JOBS: tl.constexpr, LORA_RP: tl.constexpr, BLOCK_F: tl.constexpr,
+                         ROUND_OUT: tl.constexpr):
+        """The adapter gradients: the sum of _lora_grads_kernel's partials in split order (one tile a program)."""
+        job = tl.program_id(0)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        j = tl.arange(0, LORA_RP)
+        present = ((JOBS >> job) & 1) != 0
+        total = tl.zeros([BLOCK_F, LORA_RP], dtype=tl.float32)
+        offs = f[:, None] * LORA_RP + j[None, :]
+        in_ws = (f < FMAX)[:, None] & present
+        for s in range(0, n_splits):
+            total += tl.load(WS + ((s * 6 + job) * FMAX).to(tl.int64) * LORA_RP + offs, mask=in_ws, other=0.0)
+        ptrs, mask = _lora_grad_target(job, f, j, K_IN, N_OUT, rank, DA0, DA1, DA2, DB0, DB1, DB2)
+        tl.store(ptrs, to_output(total, DA0.dtype.element_ty, ROUND_OUT), mask=mask & present)
+
     def _row(named_args, kwargs):
         return named_args["A"].element_size(), kwargs["DOT_PRECISION"], _kind(kwargs)
 
     _GEMM_KEY = ["M", "N", "K", "k_split", "HAS_BIAS", "ACTIVATION", "HAS_RES", "SAVE_PRE", "DGELU", "N_GROUPS",
                  "K_GROUPS", "SPLIT_K", "DOT_PRECISION"]
-    _gemm_tuned = autotuned(_gemm_kernel, GEMM_CONFIGS, _row, _GEMM_KEY)
+    _LORA_KEY = ["LORA", "LORA_SLOTS", "LORA_RP", "LORA_STORE", "LORA_ONLY"]
+    _gemm_tuned = autotuned(_gemm_kernel, GEMM_CONFIGS, _row, _GEMM_KEY + _LORA_KEY)
     _gemm_tma_tuned = autotuned(_gemm_tma_kernel, TMA_CONFIGS, _row, _GEMM_KEY + ["A_KM", "B_NK"])
 
 
 def _kind(flags: dict) -> str:
+    if flags.get("LORA", 0):
+        return "lora"
     if flags["DGELU"]:
         return "dgelu"
     return "grouped" if flags.get("N_GROUPS", 1) > 1 or flags.get("K_GROUPS", 1) > 1 else "main"
@@ -437,6 +613,7 @@ def gemm(
     split_k: bool = False,
     path: str | None = None,
     sms: int | None = None,
+    lora: LoraOperands | None = None,
 ) -> torch.Tensor:
     """out (M, N) = epilogue(a @ b) for 2-D strided a (M, K), b (K, N).
 
@@ -453,6 +630,8 @@ def gemm(
     ``sms`` multiprocessors, K is cut into ranges whose fp32 partial sums are added in a fixed order by a second
     kernel (deterministic). ``path`` "tma" (sm_90: tensor descriptors, persistent) or "pointer" (sm_80's
     cp.async kernel); by default "tma" where the device and the operands' layout and alignment allow it.
+    ``lora``: LoRA adapters added inside this GEMM (``LoraOperands``: the forward's x A^T in the K loop and its
+    product with B^T in the epilogue, or the input gradient's dY B and its product with A); on the pointer kernel.
     """
     M = a.shape[0]
     K, N = b.shape
@@ -472,6 +651,8 @@ def gemm(
         raise ValueError(f"gemm: a has {a.shape[1]} columns, b {K} rows (x {k_groups} groups)")
     if activation is not None and residual is not None:
         raise ValueError("gemm: an activation and a residual do not combine in one launch")
+    if lora is not None and (split_k or pre is not None and lora.mode == 2):
+        raise ValueError("gemm: LoRA adapters do not combine with split_k")
     if M == 0 or N == 0:
         return out
     if K == 0:
@@ -483,6 +664,8 @@ def gemm(
         target = torch.empty((n_splits, M, N), dtype=torch.float32, device=out.device)
     operands = [a, b, target, *more_b] + [t for t in (dgelu_of, residual, pre) if t is not None]
     path = path or FORCED_PATH or ("tma" if _tma_ok(a, operands, (a, b, *more_b), allow_tf32) else "pointer")
+    if lora is not None:
+        path = "pointer"  # (the tensor-descriptor kernel has no LoRA variant)
     x = dgelu_of if dgelu_of is not None else target
     r = residual if residual is not None else target
     p = pre if pre is not None else target
@@ -495,6 +678,10 @@ def gemm(
         K_GROUPS=k_groups, SPLIT_K=n_splits > 1, DOT_PRECISION=dot_precision(a.dtype, allow_tf32),
         EMULATE_BF16=emulate_bf16(a.dtype),
     )
+    lora_meta = dict(LORA=0, LORA_SLOTS=0, LORA_RP=16, LORA_STORE=False, LORA_ONLY=False)
+    lora_args = (target,) * 7 + (M, N, K, k_split, 0, 0, 0.0, 0.0, 0.0)
+    if lora is not None:
+        lora_meta, lora_args = lora.kernel_args(target, M, N, K, k_split)
     c_strides = (N, 1) if n_splits > 1 else (target.stride(0), target.stride(1))
     if path == "tma":
         a_km = a.stride(0) == 1 and a.stride(1) != 1  # e.g. dY^T: read dY (K, M) as it is
@@ -509,15 +696,134 @@ def gemm(
                lambda m: (max(1, min(triton.cdiv(sms, n_groups), tiles(m))), n_groups), args,
                dict(meta, A_KM=a_km, B_NK=b_nk), config, INTERPRETER_CONFIG)
     else:
-        args = (a, b, target, bias0, x, r, p, b1, b2, bias1, bias2, M, N, K, k_split,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1), *c_strides,
+        args = (a, b, target, bias0, x, r, p, b1, b2, bias1, bias2, *lora_args[:7], *lora_args[7:11],
+                *lora_args[11:], a.stride(0), a.stride(1), b.stride(0), b.stride(1), *c_strides,
                 x.stride(0), x.stride(1), r.stride(0), r.stride(1), p.stride(0), p.stride(1))
         launch(_gemm_tuned, _gemm_kernel,
-               lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]) * n_groups, n_splits), args, meta,
-               config, INTERPRETER_CONFIG)
+               lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]) * n_groups, n_splits), args,
+               dict(meta, **lora_meta), config, INTERPRETER_CONFIG)
     if n_splits > 1:
         sum_splits(target, out)
     return out
+
+
+LORA_BLOCK_N = 128  # the width of every "lora" config: the forward repeats x A^T once per column block
+LORA_MAX_RANK = 64  # the rank-wide accumulators' width: a larger rank runs the adapters as GEMMs of their own
+
+
+def lora_rank_pad(rank: int) -> int:
+    """The kernels' LORA_RP: the rank rounded up to a power of two, at least 16 (the smallest tensor-core tile)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+@dataclass
+class LoraOperands:
+    """LoRA adapters one ``gemm`` call adds inside its GEMM. ``mode`` 1: the forward of x @ W^T (a group of a
+    groups="n" GEMM, or the only one): adds s (x A^T) B^T; 2: the input gradient dY @ W (a K segment of a
+    groups="k" GEMM, or the only one): adds (s dY B) A. ``a``, ``b``, ``scales``: per group / segment the adapter's
+    A (rank, in), B (out, rank) (contiguous; x's dtype or float32, read as they are) and s, or None / 0 where it has
+    none; every adapter of one call has one rank. ``saved`` (M, groups, lora_rank_pad(rank)) in x's dtype receives
+    s x A^T (mode 1) or s dY B (mode 2) for the adapters' gradients, or None. ``only``: those products alone (no
+    base product: ``b`` of the gemm call is a stand-in and ``out`` is not written)."""
+
+    mode: int
+    a: tuple
+    b: tuple
+    scales: tuple
+    saved: torch.Tensor | None = None
+    only: bool = False
+
+    @property
+    def rank(self) -> int:
+        return next(t.shape[0] for t in self.a if t is not None)
+
+    def kernel_args(self, stand_in: torch.Tensor, M: int, N: int, K: int, k_split: int) -> tuple[dict, tuple]:
+        slots = sum(1 << g for g, t in enumerate(self.a) if t is not None)
+        present = next(t for t in self.a if t is not None)
+        a = [t if t is not None else present for t in self.a] + [present] * (3 - len(self.a))
+        lb = next(t for t in self.b if t is not None)
+        b = [t if t is not None else lb for t in self.b] + [lb] * (3 - len(self.b))
+        scales = [float(c) for c in self.scales] + [0.0] * (3 - len(self.scales))
+        saved = self.saved if self.saved is not None else stand_in
+        meta = dict(LORA=self.mode, LORA_SLOTS=slots, LORA_RP=lora_rank_pad(self.rank),
+                    LORA_STORE=self.saved is not None, LORA_ONLY=self.only)
+        return meta, (*a, *b, saved, M, N, K, k_split, self.rank, saved.stride(0), *scales)
+
+
+def lora_input_products(g2: torch.Tensor, lora: LoraOperands, n_out: int) -> None:
+    """``lora.saved[:, g] = s_g dY_g B_g`` for each adapter, dY_g the g-th (M, n_out) column block of g2: the input
+    gradient GEMM's LoRA products alone, one launch (when the input gradient itself is not wanted)."""
+    gemm(g2, g2.new_empty((n_out, 1)), lora.saved, groups="k" if len(lora.a) == 3 else None,
+         more_b=(g2.new_empty((n_out, 1)),) * 2 if len(lora.a) == 3 else (), lora=lora)
+
+
+def lora_grad_splits(M: int, programs: int, sms: int, block_m: int = 128, min_rows: int = 1024) -> tuple[int, int]:
+    """(ranges of rows, rows per range) of the adapters' gradient launch: enough that its ``programs`` (jobs x
+    feature tiles) fill ``sms`` multiprocessors, each range at least ``min_rows`` long, at most 32."""
+    want = min(triton.cdiv(sms, programs), M // min_rows, 32)
+    if want <= 1:
+        return 1, M
+    m_split = triton.cdiv(triton.cdiv(M, want), block_m) * block_m
+    return triton.cdiv(M, m_split), m_split
+
+
+LORA_GRAD_CONFIG = KernelConfig.make(4, 3, BLOCK_F=64, BLOCK_M=128)
+
+
+def lora_grad_plan(M: int, k_in: int, n_out: int, n_a: int, n_b: int, sms: int = 132) -> tuple[int, int, int]:
+    """(feature tiles per job, ranges of rows, rows per range) of ``lora_grads`` for ``n_a`` dA and ``n_b`` dB
+    jobs (also what the cost formulas count: a second launch where the rows split)."""
+    block_f, block_m = LORA_GRAD_CONFIG.kwargs["BLOCK_F"], LORA_GRAD_CONFIG.kwargs["BLOCK_M"]
+    busy = n_a * triton.cdiv(k_in, block_f) + n_b * triton.cdiv(n_out, block_f)
+    return (triton.cdiv(max(k_in, n_out), block_f), *lora_grad_splits(M, max(busy, 1), sms, block_m))
+
+
+def lora_grads(x2: torch.Tensor | None, g2: torch.Tensor, dy_b: torch.Tensor | None, x_a: torch.Tensor | None,
+               a: tuple, b: tuple, needs_a: tuple, needs_b: tuple, sms: int | None = None
+               ) -> tuple[list, list]:
+    """The adapters' weight gradients of one op in one launch (two where the rows are split): for each group g
+    with an adapter, dA_g = (s dY_g B_g)^T x (rank, in) where ``needs_a[g]`` and dB_g = dY_g^T (s x A_g^T) (out,
+    rank) where ``needs_b[g]``, in the adapters' dtype (float32 for PEFT's). ``dy_b`` / ``x_a``: (M, groups,
+    lora_rank_pad(rank)) products the input-gradient and forward GEMMs stored; g2 (M, groups * out). Returns per
+    group (dA or None, dB or None)."""
+    present = next(t for t in a if t is not None)
+    rank, k_in = present.shape
+    n_out = next(t for t in b if t is not None).shape[0]
+    M = g2.shape[0]
+    d_a = [torch.empty_like(t) if t is not None and need else None for t, need in zip(a, needs_a, strict=True)]
+    d_b = [torch.empty_like(t) if t is not None and need else None for t, need in zip(b, needs_b, strict=True)]
+    jobs = sum(1 << g for g, t in enumerate(d_a) if t is not None) + \
+        sum(1 << (3 + g) for g, t in enumerate(d_b) if t is not None)
+    if jobs == 0:
+        return d_a, d_b
+    outs = [t if t is not None else present.new_empty(0) for t in d_a + [None] * (3 - len(d_a))] + \
+        [t if t is not None else present.new_empty(0) for t in d_b + [None] * (3 - len(d_b))]
+    if M == 0:
+        for t in outs:
+            t.zero_()
+        return d_a, d_b
+    cfg = LORA_GRAD_CONFIG
+    f_max = max(k_in, n_out)
+    tiles, n_splits, m_split = lora_grad_plan(M, k_in, n_out, sum(t is not None for t in d_a),
+                                              sum(t is not None for t in d_b), sms or _multiprocessors(g2.device))
+    rp = lora_rank_pad(rank)
+    ws = torch.empty((n_splits, 6, f_max, rp), dtype=torch.float32, device=g2.device) if n_splits > 1 \
+        else outs[0]
+    x_in = x2 if x2 is not None else g2
+    p_a = dy_b if dy_b is not None else x_a
+    p_b = x_a if x_a is not None else dy_b
+    args = (x_in, g2, p_a, p_b, ws, *(t if t.numel() else present for t in outs),
+            M, k_in, n_out, rank, m_split, tiles, f_max, x_in.stride(0), g2.stride(0), p_a.stride(0))
+    meta = dict(JOBS=jobs, LORA_RP=rp, SPLIT=n_splits > 1, DOT_PRECISION=dot_precision(g2.dtype, False),
+                EMULATE_BF16=emulate_bf16(g2.dtype), ROUND_OUT=emulate_bf16(present.dtype))
+    # (products of x's dtype: float32 x takes IEEE products here, as torch's default float32 matmul)
+    launch(None, _lora_grads_kernel, lambda m: (6 * tiles, n_splits), args, meta, cfg)
+    if n_splits > 1:
+        launch(None, _lora_sum_kernel, lambda m: (6, tiles),
+               (ws, *(t if t.numel() else present for t in outs), n_splits, k_in, n_out, rank, f_max),
+               dict(JOBS=jobs, LORA_RP=rp, ROUND_OUT=emulate_bf16(present.dtype)),
+               KernelConfig.make(4, 1, BLOCK_F=cfg.kwargs["BLOCK_F"]))
+    return d_a, d_b
 
 
 def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:

@@ -103,14 +103,54 @@ _ATTENTION_QKV_OPS = {  # qkv (B, N, 3, H, D) or (B1, B2, N, 3, H, D)
 }
 # Backward entries count only what is computed: the Triton GEMMs of the gradients wanted (a frozen weight: no dW);
 # where a weight gradient splits over K a summing kernel follows, and a bias gradient is one torch reduction.
-def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32)
-    return int(args[4]) + int(args[5])
+def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32, lora_a,
+    # lora_b, lora_scales, lora_saved, lora_needs): dx (with the adapter's products, or those alone where dx is not
+    # wanted and dA is), dW, the adapter's gradients
+    lora_needs = args[12] if len(args) > 12 else []
+    if not lora_needs:
+        return int(args[4]) + int(args[5])
+    shape = args[0].shape
+    return int(args[4] or lora_needs[0]) + int(args[5]) + \
+        _lora_grad_launches(_rows(shape), args[3][-1], shape[-1], lora_needs)
+
+
+def _linear_fwd_flops(x, w, bias, residual, activation, save_pre, allow_tf32, lora_a=(), *args, **kwargs) -> int:
+    m = _rows(x)
+    return gemm_flops(m, w[0], w[1]) + (_lora_fwd_flops(m, w[0], w[1], 1, lora_a[0][0]) if lora_a else 0)
+
+
+def _linear_bwd_flops(g, x, w, x_shape, needs_dx, needs_dw, needs_db, allow_tf32, lora_a=(), lora_b=(),
+                      lora_scales=(), lora_saved=None, lora_needs=(), **kwargs) -> int:
+    from ._gemm import LORA_BLOCK_N, lora_rank_pad
+
+    m, n, k = _rows(g), g[-1], x_shape[-1]
+    flops = (int(needs_dx) + int(needs_dw)) * gemm_flops(m, n, k)
+    if lora_a:  # as the QKV op's (_qkv_bwd_flops), one adapter
+        rp, (needs_a, needs_b) = lora_rank_pad(lora_a[0][0]), lora_needs
+        if needs_dx or needs_a:
+            flops += (-(-k // LORA_BLOCK_N) if needs_dx else 1) * gemm_flops(m, rp, n) + \
+                int(needs_dx) * gemm_flops(m, k, rp)
+        flops += int(needs_a) * gemm_flops(rp, k, m) + int(needs_b) * gemm_flops(n, rp, m)
+    return flops
+
+
+def _lora_grad_launches(m: int, k: int, n: int, lora_needs) -> int:
+    """The adapters' gradient launch of a fused-LoRA backward, and its sum where the rows split (lora_grads)."""
+    from ._gemm import lora_grad_plan
+
+    n_a, n_b = sum(int(a) for a, _ in _pairs(lora_needs)), sum(int(b) for _, b in _pairs(lora_needs))
+    return 0 if n_a + n_b == 0 else 1 + int(lora_grad_plan(m, k, n, n_a, n_b)[1] > 1)
 
 
 def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32,
     needs = args[6]                 #  lora_a, lora_b, slots, scales, downs, lora_needs (A, B of each adapter),
-    # lora_wide, lora_x, lora_x_needs (each adapter's input)): an adapter's float32 gradients are written by the
-    # GEMM (out_dtype) on CUDA, no cast
+    # lora_wide, lora_x, lora_x_needs (each adapter's input), lora_fused): an adapter's float32 gradients are
+    # written by the GEMM (out_dtype) on CUDA, no cast. Fused: dx (with the adapters' products) or, where dx is not
+    # wanted and a dA is, the products alone; the weight gradients; the adapters' gradients
+    if args[17]:
+        any_a = any(a for a, _ in _pairs(args[13]))
+        return int(needs[0] or any_a) + sum(int(n) for n in needs[1::2][:3]) + \
+            _lora_grad_launches(_rows(args[0].shape), args[5][-1], args[0].shape[-1] // 3, args[13])
     adapters = zip(_pairs(args[13]), args[16], strict=True)
     return int(needs[0]) + sum(int(n) for n in needs[1::2][:3]) + \
         sum(int(nu or na) + int(nu) + int(na) + int(nb) for (na, nb), nu in adapters)
@@ -120,21 +160,59 @@ def _pairs(flags) -> list[tuple[bool, bool]]:
     return list(zip(flags[0::2], flags[1::2], strict=True))
 
 
-def _qkv_fwd_launches(args) -> int:  # the GEMM; per adapter two GEMMs and a cast of each float32 weight
+def _fused_shapes(lora_a, slots, lora_x) -> bool:
+    """ops.linear.fused_lora as far as shapes tell it (a FLOP formula sees shapes; PEFT's adapters are contiguous
+    and of one dtype, the rest of that check)."""
+    from ._gemm import LORA_MAX_RANK
+    from .linear import FUSE_LORA
+
+    return bool(FUSE_LORA and lora_a) and not any(math.prod(own) for own in lora_x) and \
+        len(set(slots)) == len(slots) and len({a[0] for a in lora_a}) == 1 and lora_a[0][0] <= LORA_MAX_RANK
+
+
+def _lora_fwd_flops(m: int, n: int, k: int, groups: int, rank: int) -> int:
+    """What the forward's fused adapters compute: each group's programs (one with no adapter too: its loads masked,
+    the products still run) repeat x A^T per column block of LORA_BLOCK_N, and take its product with B^T, at the
+    padded rank."""
+    from ._gemm import LORA_BLOCK_N, lora_rank_pad
+
+    rp = lora_rank_pad(rank)
+    return groups * (-(-n // LORA_BLOCK_N) * gemm_flops(m, rp, k) + gemm_flops(m, n, rp))
+
+
+def _qkv_fwd_launches(args) -> int:  # the GEMM; unfused, per adapter two GEMMs and a cast of each float32 weight
+    from .linear import fused_lora
+
     x, lora_a, lora_b = args[0], args[8], args[9]
+    if fused_lora(lora_a, lora_b, args[10], args[12]):
+        return 1
     return 1 + 2 * len(lora_a) + sum(int(t.dtype != x.dtype) for t in (*lora_a, *lora_b))
 
 
-def _qkv_fwd_flops(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, *args, **kwargs) -> int:
+def _qkv_fwd_flops(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, slots, scales, lora_x, *args,
+                   **kwargs) -> int:
     m = _rows(x)  # the base GEMM; per adapter, x @ A^T and its product with B^T
+    if _fused_shapes(lora_a, slots, lora_x):
+        return 3 * gemm_flops(m, wq[0], wq[1]) + _lora_fwd_flops(m, wq[0], wq[1], 3, lora_a[0][0])
     return 3 * gemm_flops(m, wq[0], wq[1]) + sum(gemm_flops(m, a[0], a[1]) + gemm_flops(m, b[0], b[1])
                                                  for a, b in zip(lora_a, lora_b, strict=True))
 
 
 def _qkv_bwd_flops(g, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, slots, scales, downs, lora_needs,
-                   lora_wide, lora_x, lora_x_needs, **kwargs) -> int:
+                   lora_wide, lora_x, lora_x_needs, lora_fused=False, **kwargs) -> int:
     m, n, k = _rows(g), g[-1] // 3, x_shape[-1]
     flops = (3 * int(needs[0]) + sum(int(w) for w in needs[1::2][:3])) * gemm_flops(m, n, k)
+    if lora_fused:  # per adapter, in the dx GEMM: dY_g B_g per column block and its product with A; or that
+        # product alone once; then one grouped launch: dA = (s dY_g B_g)^T x, dB = dY_g^T (s x A^T)
+        from ._gemm import LORA_BLOCK_N, lora_rank_pad
+
+        rp = lora_rank_pad(lora_b[0][-1])
+        blocks = -(-k // LORA_BLOCK_N) if needs[0] else 1
+        any_a = any(a for a, _ in _pairs(lora_needs))
+        if needs[0] or any_a:
+            flops += len(lora_b) * (blocks * gemm_flops(m, rp, n) + int(needs[0]) * gemm_flops(m, k, rp))
+        return flops + sum(int(a) * gemm_flops(rp, k, m) + int(b) * gemm_flops(n, rp, m)
+                           for a, b in _pairs(lora_needs))
     # per adapter dU = s g B, du = dU A, dA = dU^T u, dB = s g^T (u A^T); the rank read from what each is given:
     # B (for dU), the down projection (for dB)
     for b, down, (na, nb), nu in zip(lora_b, downs, _pairs(lora_needs), lora_x_needs, strict=True):
@@ -151,11 +229,8 @@ def _mlp_bwd_gemms(args) -> int:  # (grad, x, w1, w2, pre, x_shape, needs (x, w1
 
 
 _LINEAR_OPS = {
-    "vivit_kernels::linear_fwd": CustomOp(flops=lambda x, w, *a, **k: gemm_flops(_rows(x), w[0], w[1])),
-    "vivit_kernels::linear_bwd": CustomOp(
-        flops=lambda g, x, w, x_shape, *a, **k: _linear_bwd_gemms((g, x, w, x_shape, *a)) *
-        gemm_flops(_rows(g), g[-1], x_shape[-1]),
-        launches=_linear_bwd_gemms),
+    "vivit_kernels::linear_fwd": CustomOp(flops=_linear_fwd_flops),  # one launch, an adapter inside it
+    "vivit_kernels::linear_bwd": CustomOp(flops=_linear_bwd_flops, launches=_linear_bwd_gemms),
 }
 _QKV_OPS = {
     "vivit_kernels::qkv_fwd": CustomOp(flops=_qkv_fwd_flops, launches=_qkv_fwd_launches),

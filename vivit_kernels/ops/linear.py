@@ -24,7 +24,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._gemm import KERNEL_ACTIVATIONS, _as_2d, _bias_grad, _linear_grads, _weight_grad, gemm
+from ._gemm import (
+    KERNEL_ACTIVATIONS,
+    LORA_MAX_RANK,
+    LoraOperands,
+    _as_2d,
+    _bias_grad,
+    _linear_grads,
+    _weight_grad,
+    gemm,
+    lora_grads,
+    lora_input_products,
+    lora_rank_pad,
+)
 from ._triton import SUPPORTED_DTYPES, check_launchable, resolve_tf32, saved_outputs_only, unit_last
 from .activations import gelu_fast, gelu_fast_grad, get_activation
 from .formulas import register_flop_formulas
@@ -45,71 +57,116 @@ def linear_fwd(
     activation: str,
     save_pre: bool,
     allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(x @ W^T + b) + residual, the pre-activation if save_pre else an empty tensor)."""
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    lora_scales: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(act(x @ W^T + b + s (x A^T) B^T) + residual, the pre-activation if save_pre else an empty tensor, the
+    (M, 1, rank) s x A^T for B's gradient where there is an adapter else an empty tensor). At most one LoRA adapter
+    (``fused_lora``), inside the GEMM: the product x A^T in its K loop, its product with B^T in the epilogue before
+    the bias, the activation and the residual."""
     x2 = _as_2d(x)
     # outputs allocated in their final shape (not views of 2-D buffers: a module returning a view trips FSDP2)
     out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
     pre = torch.empty_like(out) if save_pre else out.new_empty(0)
+    saved = _lora_saved(x2, lora_a, 1) if lora_a else x.new_empty(0)
     gemm(x2, weight.t(), _as_2d(out), bias=bias, activation=None if activation == "none" else activation,
          residual=_as_2d(residual) if residual is not None else None, pre=_as_2d(pre) if save_pre else None,
-         allow_tf32=allow_tf32)
-    return out, pre
+         allow_tf32=allow_tf32,
+         lora=LoraOperands(1, tuple(lora_a), tuple(lora_b), tuple(lora_scales), saved) if lora_a else None)
+    return out, pre, saved
 
 
 @linear_fwd.register_fake
-def _(x, weight, bias, residual, activation, save_pre, allow_tf32):
+def _(x, weight, bias, residual, activation, save_pre, allow_tf32, lora_a, lora_b, lora_scales):
     torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight disagree on in_features")
     shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), (x.new_empty(shape) if save_pre else x.new_empty(0))
+    saved = _lora_saved(x.new_empty((math.prod(x.shape[:-1]), 1)), lora_a, 1) if lora_a else x.new_empty(0)
+    return x.new_empty(shape), (x.new_empty(shape) if save_pre else x.new_empty(0)), saved
 
 
 @torch.library.custom_op("vivit_kernels::linear_bwd", mutates_args=())
 def linear_bwd(
     grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None, x_shape: list[int], needs_dx: bool,
-    needs_dw: bool, needs_db: bool, allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW, db) of x @ W^T + b from the gradient of that output, each empty where not needed (``x`` is given
-    only for dW, ``weight`` only for dx)."""
-    return _linear_grads(_as_2d(grad), x, weight, needs_dx, needs_dw, needs_db, allow_tf32, x_shape)
+    needs_dw: bool, needs_db: bool, allow_tf32: bool, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+    lora_scales: list[float], lora_saved: torch.Tensor | None, lora_needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(dx, dW, db, the adapter's [dA, dB]) of x @ W^T + b + s (x A^T) B^T from the gradient of that output, each
+    empty where not needed (``x`` is given for dW and dA, ``weight`` for dx, ``lora_saved`` (the forward's s x A^T)
+    for dB). The adapter: dx gets (s dY B) A inside its GEMM, which stores s dY B (or computes it alone where dx is
+    not wanted); dA and dB in one launch (``lora_grads``)."""
+    g2 = _as_2d(grad)
+    if not lora_a:
+        dx, dw, db = _linear_grads(g2, x, weight, needs_dx, needs_dw, needs_db, allow_tf32, x_shape)
+        return dx, dw, db, []
+    needs_a, needs_b = lora_needs
+    lora = (tuple(lora_a), tuple(lora_b), tuple(lora_scales))
+    d_u = _lora_saved(g2, lora_a, 1) if needs_a else None
+    dx = g2.new_empty(0)
+    if needs_dx:
+        dx2 = torch.empty((g2.shape[0], weight.shape[1]), dtype=g2.dtype, device=g2.device)
+        gemm(g2, weight, dx2, allow_tf32=allow_tf32, lora=LoraOperands(2, *lora, d_u))
+        dx = dx2.view(x_shape)
+    elif needs_a:
+        lora_input_products(g2, LoraOperands(2, *lora, d_u, only=True), g2.shape[1])
+    _, dw, db = _linear_grads(g2, x, None, False, needs_dw, needs_db, allow_tf32, x_shape)
+    (d_a,), (d_b,) = lora_grads(_as_2d(x) if needs_a else None, g2, d_u, lora_saved if needs_b else None,
+                                lora[0], lora[1], (needs_a,), (needs_b,))
+    return dx, dw, db, [t if t is not None else g2.new_empty(0) for t in (d_a, d_b)]
 
 
 @linear_bwd.register_fake
-def _(grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32):
+def _(grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32, lora_a, lora_b, lora_scales, lora_saved,
+      lora_needs):
     n, k = grad.shape[-1], x_shape[-1]
+    lora = [t.new_empty(t.shape if need else (0,)) for t, need in zip((*lora_a, *lora_b), lora_needs)] \
+        if lora_a else []
     return (grad.new_empty(x_shape if needs_dx else (0,)), grad.new_empty((n, k) if needs_dw else (0,)),
-            grad.new_empty(n if needs_db else 0))
+            grad.new_empty(n if needs_db else 0), lora)
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_pre, allow_tf32 = inputs
+    x, weight, bias, residual, activation, save_pre, allow_tf32, lora_a, lora_b, lora_scales = inputs
     ctx.needs = ctx.needs_input_grad[:4]  # x, weight, bias, residual
     needs_dx, needs_dw = ctx.needs[0], ctx.needs[1]
-    # Saved only for a gradient someone wants: x for dW, the weight for dx, with gelu_fast the pre-activation
-    # (for its derivative, whichever gradient flows through it)
-    ctx.save_for_backward(x if needs_dw else None, weight if needs_dx else None, output[1])
-    saved_outputs_only(ctx, output[1])
+    ctx.lora_needs = [t.requires_grad for t in (*lora_a, *lora_b)]
+    ctx.lora_scales, ctx.n_lora = list(lora_scales), len(lora_a)
+    needs_a, needs_b = ctx.lora_needs or (False, False)
+    # Saved only for a gradient someone wants: x for dW or the adapter's dA, the weight for dx, with gelu_fast the
+    # pre-activation (for its derivative, whichever gradient flows through it); the adapter (parameters: no copy)
+    # and the forward's s x A^T for dB
+    ctx.save_for_backward(x if needs_dw or needs_a else None, weight if needs_dx else None, output[1], *lora_a,
+                          *lora_b, output[2] if needs_b else None)
+    saved_outputs_only(ctx, output[1], output[2])
     ctx.x_shape = tuple(x.shape)
     ctx.activation, ctx.allow_tf32 = activation, allow_tf32
 
 
-def _linear_backward(ctx, grad_out, grad_pre):
+def _linear_backward(ctx, grad_out, grad_pre, grad_saved):
+    n_lora = ctx.n_lora
+    no_lora = ([None] * n_lora, [None] * n_lora, None) if n_lora else ([], [], [])
     if grad_out is None:
-        return (None,) * 7
-    x, weight, pre = ctx.saved_tensors
+        return (None,) * 7 + no_lora
+    x, weight, pre, *rest = ctx.saved_tensors
+    lora_a, lora_b, lora_saved = list(rest[:n_lora]), list(rest[n_lora:2 * n_lora]), rest[-1]
     needs_dx, needs_dw, needs_db, needs_dres = ctx.needs
     grad = unit_last(grad_out)
-    if ctx.activation == "gelu_fast" and (needs_dx or needs_dw or needs_db):
+    if ctx.activation == "gelu_fast" and (needs_dx or needs_dw or needs_db or any(ctx.lora_needs)):
         # A standalone linear has no neighbouring GEMM to fuse this into (the MLP op fuses it into the
         # epilogue of the next layer's backward GEMM): one elementwise pass.
         if pre.numel() == 0:
             raise RuntimeError("linear: backward through gelu_fast needs the forward run with save_pre=True")
         grad = gelu_fast_backward_ref(grad, pre)
     dx = dw = db = None
-    if needs_dx or needs_dw or needs_db:
-        dx, dw, db = linear_bwd(grad, x, weight, list(ctx.x_shape), needs_dx, needs_dw, needs_db, ctx.allow_tf32)
+    d_lora = [None] * (2 * n_lora)
+    if needs_dx or needs_dw or needs_db or any(ctx.lora_needs):
+        dx, dw, db, d_lora = linear_bwd(grad, x, weight, list(ctx.x_shape), needs_dx, needs_dw, needs_db,
+                                        ctx.allow_tf32, lora_a, lora_b, ctx.lora_scales,
+                                        lora_saved if n_lora else None, ctx.lora_needs)
+        d_lora = [g if need else None for g, need in zip(d_lora, ctx.lora_needs, strict=True)]
+    lora_grads_ = (d_lora[:n_lora], d_lora[n_lora:], None) if n_lora else ([], [], [])
     return (dx if needs_dx else None, dw if needs_dw else None, db if needs_db else None,
-            grad_out if needs_dres else None, None, None, None)
+            grad_out if needs_dres else None, None, None, None, *lora_grads_)
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -120,6 +177,34 @@ register_flop_formulas(linear_fwd, linear_bwd)
 # qkv: [x @ Wq^T + bq, x @ Wk^T + bk, x @ Wv^T + bv], one GEMM reading the three weights in place, plus any
 # LoRA adapters' low-rank updates (PEFT's ``scaling * (x @ A^T) @ B^T``) accumulated into their third
 # ------------------------------------------------------------------------------------------------
+# Tests switch this off to run the adapters as GEMMs of their own (the path dropout and the cases below still take)
+FUSE_LORA = True
+
+
+def fused_lora(lora_a, lora_b, lora_slots, lora_x) -> bool:
+    """Whether an op's LoRA adapters run inside its GEMMs (LoraOperands): no adapter with an input of its own
+    (dropout), at most one per projection, one rank of at most LORA_MAX_RANK, A and B contiguous in one dtype.
+    Otherwise each adapter is two GEMMs of its own forward (and its float32 weights are cast)."""
+    if not (FUSE_LORA and lora_a) or any(own.numel() for own in lora_x) or len(set(lora_slots)) != len(lora_slots):
+        return False
+    tensors = (*lora_a, *lora_b)
+    return all(a.shape[0] == lora_a[0].shape[0] for a in lora_a) and lora_a[0].shape[0] <= LORA_MAX_RANK and \
+        len({t.dtype for t in tensors}) == 1 and all(t.is_contiguous() for t in tensors)
+
+
+def _per_slot(groups: int, slots, a, b, scales) -> tuple[tuple, tuple, tuple]:
+    """The adapters' (A, B, scale) by group of the GEMM (None / 0 where a group has none)."""
+    per = [(None, None, 0.0)] * groups
+    for slot, a_, b_, scale in zip(slots, a, b, scales, strict=True):
+        per[slot] = (a_, b_, scale)
+    return tuple(zip(*per, strict=True))
+
+
+def _lora_saved(x2: torch.Tensor, lora_a, groups: int) -> torch.Tensor:
+    """The (M, groups, padded rank) buffer of the adapters' rank-wide products one GEMM stores for the backward."""
+    return torch.empty((x2.shape[0], groups, lora_rank_pad(lora_a[0].shape[0])), dtype=x2.dtype, device=x2.device)
+
+
 @torch.library.custom_op("vivit_kernels::qkv_fwd", mutates_args=())
 def qkv_fwd(
     x: torch.Tensor,
@@ -146,6 +231,11 @@ def qkv_fwd(
     n = wq.shape[0]
     out = torch.empty((*x.shape[:-1], 3 * n), dtype=x.dtype, device=x.device)
     out2 = _as_2d(out)
+    if fused_lora(lora_a, lora_b, lora_slots, lora_x):  # the adapters inside the GEMM: one launch in all
+        saved = _lora_saved(x2, lora_a, 3)
+        gemm(x2, wq.t(), out2, bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
+             more_bias=(bk, bv), lora=LoraOperands(1, *_per_slot(3, lora_slots, lora_a, lora_b, lora_scales), saved))
+        return out, [saved], []
     gemm(x2, wq.t(), out2, bias=bq, allow_tf32=allow_tf32, groups="n", more_b=(wk.t(), wv.t()),
          more_bias=(bk, bv))
     downs, casts = [], []
@@ -162,6 +252,8 @@ def qkv_fwd(
 def _(x, wq, bq, wk, bk, wv, bv, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, lora_x):
     torch._check(x.shape[-1] == wq.shape[1], lambda: "x and wq disagree on in_features")
     rows = math.prod(x.shape[:-1])
+    if fused_lora(lora_a, lora_b, lora_slots, lora_x):
+        return x.new_empty((*x.shape[:-1], 3 * wq.shape[0])), [_lora_saved(x.new_empty((rows, 1)), lora_a, 3)], []
     casts = [x.new_empty(t.shape if t.dtype != x.dtype else (0,)) for pair in zip(lora_a, lora_b, strict=True)
              for t in pair]
     return (x.new_empty((*x.shape[:-1], 3 * wq.shape[0])), [x.new_empty((rows, a.shape[0])) for a in lora_a],
@@ -191,7 +283,7 @@ def qkv_bwd(
     wv: torch.Tensor | None, x_shape: list[int], needs: list[bool], allow_tf32: bool,
     lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], lora_slots: list[int], lora_scales: list[float],
     downs: list[torch.Tensor], lora_needs: list[bool], lora_wide: list[bool], lora_x: list[torch.Tensor],
-    lora_x_needs: list[bool],
+    lora_x_needs: list[bool], lora_fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(dx, dWq, dbq, dWk, dbk, dWv, dbv, the adapters' dA, their dB, the gradients of their own inputs), each empty
@@ -201,7 +293,12 @@ def qkv_bwd(
     bias gradient that is wanted. Per adapter (its A and B in the gradient's dtype), with g its third of the
     gradient, s its scale and u its input: dU = s g B (wanted for u's gradient and dA), du = dU A (accumulated
     into dx when u is x), dA = dU^T u, dB = s g^T (u A^T): one small GEMM each, no other pass; dA and dB in float32
-    where ``lora_wide`` says the adapter's weights are."""
+    where ``lora_wide`` says the adapter's weights are. ``lora_fused`` (the forward ran them inside its GEMM): the
+    adapters' weights as they are, ``downs`` the forward's one (M, 3, rank) buffer; dU A is added inside the dx GEMM,
+    which also stores dU, and every dA and dB comes from one grouped launch (``lora_grads``)."""
+    if lora_fused:
+        return _qkv_bwd_fused(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots,
+                              lora_scales, downs[0], lora_needs)
     g2 = _as_2d(grad)
     n = g2.shape[1] // 3
     dx2 = None
@@ -238,12 +335,46 @@ def qkv_bwd(
     return (dx, *grads, d_a, d_b, d_own)
 
 
+def _qkv_bwd_fused(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, saved,
+                   lora_needs):
+    g2 = _as_2d(grad)
+    n = g2.shape[1] // 3
+    a3, b3, s3 = _per_slot(3, lora_slots, lora_a, lora_b, lora_scales)
+    needs_a = [False] * 3
+    needs_b = [False] * 3
+    for i, slot in enumerate(lora_slots):
+        needs_a[slot], needs_b[slot] = lora_needs[2 * i], lora_needs[2 * i + 1]
+    dx = g2.new_empty(0)  # every output its own tensor (outputs of a custom op may not alias)
+    d_u = _lora_saved(g2, lora_a, 3) if any(needs_a) else None
+    if needs[0]:  # dx = dY W + (s dY_g B_g) A_g, storing s dY_g B_g for dA
+        dx2 = torch.empty((g2.shape[0], wq.shape[1]), dtype=g2.dtype, device=g2.device)
+        gemm(g2, wq, dx2, allow_tf32=allow_tf32, groups="k", more_b=(wk, wv),
+             lora=LoraOperands(2, a3, b3, s3, d_u))
+        dx = dx2.view(x_shape)
+    elif d_u is not None:  # dx not wanted (the first layer): the products alone
+        lora_input_products(g2, LoraOperands(2, a3, b3, s3, d_u, only=True), n)
+    grads = []
+    for i in range(3):
+        g = g2[:, i * n:(i + 1) * n]
+        grads += [_weight_grad(g, _as_2d(x), allow_tf32) if needs[1 + 2 * i] else g2.new_empty(0),
+                  _bias_grad(g, g2.dtype) if needs[2 + 2 * i] else g2.new_empty(0)]
+    d_a, d_b = lora_grads(_as_2d(x) if any(needs_a) else None, g2, d_u, saved if any(needs_b) else None, a3, b3,
+                          tuple(needs_a), tuple(needs_b))
+    return (dx, *grads, [d_a[slot] if d_a[slot] is not None else g2.new_empty(0) for slot in lora_slots],
+            [d_b[slot] if d_b[slot] is not None else g2.new_empty(0) for slot in lora_slots],
+            [g2.new_empty(0) for _ in lora_slots])
+
+
 @qkv_bwd.register_fake
 def _(grad, x, wq, wk, wv, x_shape, needs, allow_tf32, lora_a, lora_b, lora_slots, lora_scales, downs, lora_needs,
-      lora_wide, lora_x, lora_x_needs):
+      lora_wide, lora_x, lora_x_needs, lora_fused):
     n, k = grad.shape[-1] // 3, x_shape[-1]
     shapes = [x_shape] + [shape for _ in range(3) for shape in ((n, k), (n,))]
     base = [grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True)]
+    if lora_fused:  # the adapters' gradients in their own dtype
+        return (*base, [a.new_empty(a.shape if lora_needs[2 * i] else (0,)) for i, a in enumerate(lora_a)],
+                [b.new_empty(b.shape if lora_needs[2 * i + 1] else (0,)) for i, b in enumerate(lora_b)],
+                [grad.new_empty(0) for _ in lora_a])
     # (only what a gradient needs is given: B for dA, the down projection for dB; each tells the rank)
     dtypes = [torch.float32 if wide else grad.dtype for wide in lora_wide]
     d_a = [grad.new_empty((b.shape[-1], k) if lora_needs[2 * i] else (0,), dtype=dtypes[i])
@@ -268,6 +399,16 @@ def _qkv_setup(ctx, inputs, output):
     separate = [own.numel() > 0 for own in lora_x]
     ctx.lora_x_needs = [own.requires_grad if sep else ctx.needs[0] for own, sep in zip(lora_x, separate, strict=True)]
     saved_outputs_only(ctx, *downs, *casts)
+    ctx.lora_fused = fused_lora(lora_a, lora_b, lora_slots, lora_x)
+    ctx.n_lora = len(lora_a)
+    ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
+    ctx.lora_x_shapes = [None] * len(lora_a)
+    if ctx.lora_fused:  # x for a weight gradient or dA; the weights for dx; every adapter (parameters: no copy);
+        # the forward's products for dB
+        needs_x = any(ctx.needs[1::2][:3]) or any(needs_a)
+        ctx.save_for_backward(x if needs_x else None, *((wq, wk, wv) if ctx.needs[0] else (None, None, None)),
+                              *lora_a, *lora_b, downs[0] if any(needs_b) else None)
+        return
     # Saved only for a gradient someone wants (views, no copies): x for a weight gradient or an adapter's A, the
     # weights for dx; each adapter's A (in x's dtype) for dx, its B for dx and dA, its down projection for dB
     low_a = [c if c.numel() else a for a, c in zip(lora_a, casts[0::2], strict=True)]
@@ -282,7 +423,6 @@ def _qkv_setup(ctx, inputs, output):
                           *(own if sep and na else None for own, sep, na in zip(lora_x, separate, needs_a,
                                                                                  strict=True)))
     ctx.lora_x_shapes = [list(own.shape) if sep else None for own, sep in zip(lora_x, separate, strict=True)]
-    ctx.x_shape, ctx.allow_tf32 = list(x.shape), allow_tf32
 
 
 def _qkv_backward(ctx, grad, grad_downs, grad_casts):
@@ -294,15 +434,25 @@ def _qkv_backward(ctx, grad, grad_downs, grad_casts):
     if grad is None or not (any(ctx.needs) or any(ctx.lora_needs) or any(ctx.lora_x_needs)):
         return (None,) * 8 + ([None] * n_lora, [None] * n_lora, *constants, [None] * n_lora if n_lora else [])
     x, wq, wk, wv, *rest = ctx.saved_tensors
-    lora_a, lora_b, downs, own = (rest[i * n_lora:(i + 1) * n_lora] for i in range(4))
     empty = grad.new_empty(0)  # stands for what is not kept (a custom op takes no None in a list)
+    if ctx.lora_fused:
+        lora_a, lora_b, saved = rest[:n_lora], rest[n_lora:2 * n_lora], rest[-1]
+        *grads, d_a, d_b, _ = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32,
+                                      list(lora_a), list(lora_b), ctx.lora_slots, ctx.lora_scales,
+                                      [saved if saved is not None else empty], ctx.lora_needs, ctx.lora_wide,
+                                      [empty] * n_lora, ctx.lora_x_needs, True)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None,
+                [g if need else None for g, need in zip(d_a, ctx.lora_needs[0::2], strict=True)],
+                [g if need else None for g, need in zip(d_b, ctx.lora_needs[1::2], strict=True)], *constants,
+                [None] * n_lora)
+    lora_a, lora_b, downs, own = (rest[i * n_lora:(i + 1) * n_lora] for i in range(4))
     # an adapter's own input not kept (its dA not wanted): a stand-in with its shape and no storage, never read
     own = [t if t is not None else empty if shape is None else grad.new_empty((1,)).expand(shape)
            for t, shape in zip(own, ctx.lora_x_shapes, strict=True)]
     lora_a, lora_b, downs = ([empty if t is None else t for t in ts] for ts in (lora_a, lora_b, downs))
     *grads, d_a, d_b, d_own = qkv_bwd(unit_last(grad), x, wq, wk, wv, ctx.x_shape, ctx.needs, ctx.allow_tf32,
                                       lora_a, lora_b, ctx.lora_slots, ctx.lora_scales, downs, ctx.lora_needs,
-                                      ctx.lora_wide, own, ctx.lora_x_needs)
+                                      ctx.lora_wide, own, ctx.lora_x_needs, False)
     needs_a, needs_b = ctx.lora_needs[0::2], ctx.lora_needs[1::2]
     return (*(g if need else None for g, need in zip(grads, ctx.needs, strict=True)), None,
             [g if need else None for g, need in zip(d_a, needs_a, strict=True)],
@@ -536,6 +686,7 @@ def linear(
     activation: str | None = None,
     residual: torch.Tensor | None = None,
     allow_tf32: bool | None = None,
+    adapters: Sequence[tuple] = (),
 ) -> torch.Tensor:
     """``act(x @ weight^T + bias) + residual`` in one Triton GEMM (forward and backward).
 
@@ -544,16 +695,39 @@ def linear(
     transformers' activations runs as a torch op after the GEMM. A residual is fused when there is no
     activation (with one, it is a torch add). ``allow_tf32`` (float32 only) defaults to
     torch's matmul setting (``torch.get_float32_matmul_precision() != "highest"``).
+
+    ``adapters``: LoRA adapters as (A (rank, in), B (out, rank), scaling), adding PEFT's ``scaling * (x @ A^T) @
+    B^T`` before the activation and the residual. One adapter of rank <= 64 with A and B contiguous in one dtype
+    (x's or float32) runs inside the GEMM (``fused_lora``: no launch of its own forward; backward its update of dx
+    inside the dx GEMM and dA, dB in one launch); any other runs as two GEMMs of its own after the base GEMM.
     """
     _check("linear", x, (weight,), (bias,), residual, weight.shape[0] if weight.dim() == 2 else -1)
+    for i, adapter in enumerate(adapters):
+        if len(adapter) != 3:
+            raise ValueError(f"linear: adapter {i} must be (A, B, scaling), got {len(adapter)} items")
+    _check_adapters("linear", x, weight.shape[0], [(0, *adapter) for adapter in adapters])
     tf32 = resolve_tf32(allow_tf32)
-    if activation is None:
-        return linear_fwd(x, weight, bias, residual, "none", False, tf32)[0]
-    if activation in KERNEL_ACTIVATIONS:
-        y = linear_fwd(x, weight, bias, None, activation, _needs_grad(x, weight, bias), tf32)[0]
+    if adapters:
+        a, b, scales = ([t[i] for t in adapters] for i in range(3))
+        if len(adapters) > 1 or not fused_lora(a, b, [0], [x.new_empty(0)]):
+            y = linear_fwd(x, weight, bias, None, "none", False, tf32, [], [], [])[0]
+            y = y + sum(lora_ref(x, *adapter) for adapter in adapters)
+            y = get_activation(activation)(y) if activation is not None else y
+            return y + residual if residual is not None else y
+        lora = (a, b, [float(c) for c in scales])
     else:
-        y = get_activation(activation)(linear_fwd(x, weight, bias, None, "none", False, tf32)[0])
+        lora = ([], [], [])
+    if activation is None:
+        return linear_fwd(x, weight, bias, residual, "none", False, tf32, *lora)[0]
+    if activation in KERNEL_ACTIVATIONS:
+        y = linear_fwd(x, weight, bias, None, activation, _needs_grad(x, weight, bias, *lora[0], *lora[1]), tf32,
+                       *lora)[0]
+    else:
+        y = get_activation(activation)(linear_fwd(x, weight, bias, None, "none", False, tf32, *lora)[0])
     return y + residual if residual is not None else y
+
+
+linear.fuses_lora = True  # modules pass PEFT's adapters to this op (a vendor linear gets them added after it)
 
 
 def mlp(
