@@ -42,10 +42,10 @@ def batch(cfg, n=2, seed=1):
 # ------------------------------------------------------------------------------------------------
 # PEFT
 # ------------------------------------------------------------------------------------------------
-def _lora(model, targets=("q_proj", "v_proj")):
+def _lora(model, targets=("q_proj", "v_proj"), rank=4):
     import peft
 
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
+    config = peft.LoraConfig(r=rank, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
     model = peft.get_peft_model(model, config)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # non-zero adapters (lora_B starts at zero) so that they change the output
@@ -153,6 +153,57 @@ def test_lora_stays_on_our_fused_gemms_and_frozen_weights_get_no_gradient(target
         assert_close(merged(pixel_values=x).logits, ref.logits.detach(), 1e-4, name="merge_and_unload")
 
 
+EVERY_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("rank", [1, 8, 64])
+def test_lora_of_each_rank_runs_inside_our_gemms_and_equals_peft(rank):
+    """PEFT LoRA of rank 1, 8 and 64 on every linear, two adapter matrices frozen: the adapters run inside our GEMMs
+    (no torch matmul of rank width anywhere in the step; fc1's GEMM keeps gelu_fast with its adapter inside it),
+    and logits and every trainable adapter's gradient equal transformers' eager model with the same adapters; the
+    frozen ones get none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg, ours, theirs = tiny_pair()
+    ours, theirs = _lora(ours, EVERY_LINEAR, rank), _lora(theirs, EVERY_LINEAR, rank)
+    last = cfg.num_hidden_layers - 1
+    frozen = ("layer.0.attention.attention.q_proj.lora_A", f"layer.{last}.mlp.fc2.lora_B")
+    for model in (ours, theirs):
+        for n, p in model.named_parameters():
+            if any(f in n for f in frozen):
+                p.requires_grad_(False)
+    x, labels = batch(cfg)
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func.namespace, func.__name__.split(".")[0], args))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        out = ours(pixel_values=x, labels=labels)
+        out.loss.backward()
+    matmuls = [[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)] for ns, name, args in seen
+               if ns == "aten" and name in ("mm", "addmm", "bmm", "linear")]
+    # (the classifier's GEMMs aside: they hold num_labels)
+    rank_wide = [shapes for shapes in matmuls if any(rank in s[-2:] for s in shapes)
+                 and not any(cfg.num_labels in s for s in shapes)]
+    assert not rank_wide, rank_wide
+    fc1 = [args for ns, name, args in seen if name == "linear_fwd" and args[4] == "gelu_fast"]
+    assert len(fc1) == cfg.num_hidden_layers and all(len(args[7]) == 1 for args in fc1)
+    ref = theirs(pixel_values=x, labels=labels)
+    ref.loss.backward()
+    assert_close(out.logits, ref.logits, 1e-4, name="logits")
+    theirs_params = dict(theirs.named_parameters())
+    adapters = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    assert len(adapters) == 2 * len(EVERY_LINEAR) * cfg.num_hidden_layers
+    for n, p in adapters.items():
+        if any(f in n for f in frozen):
+            assert p.grad is None, n
+        else:
+            assert_close(p.grad, theirs_params[n].grad, 1e-4, rtol=1e-4, name=n)
+
+
 def test_lora_with_dropout_stays_in_the_qkv_op_and_matches_peft():
     """lora_dropout > 0 in training: each adapter's dropped input goes into the QKV op (no update added on a view of
     its output); with the same random state the masks are PEFT's own, so logits and every adapter gradient equal
@@ -205,9 +256,10 @@ def test_lora_with_dropout_stays_in_the_qkv_op_and_matches_peft():
     assert not torch.allclose(ours(pixel_values=x).logits, out["ours"].logits)
 
 
-def test_lora_on_a_bf16_model_with_peft_fp32_adapters():
-    """A bf16 model: PEFT keeps its adapters in fp32 (``autocast_adapter_dtype``) and casts x up; ours cast the
-    small adapter weights to bf16 inside the fused QKV op. Logits and every adapter gradient within the tolerance
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), EVERY_LINEAR], ids=["q-v", "every-linear"])
+def test_lora_on_a_bf16_model_with_peft_fp32_adapters(targets):
+    """A bf16 model: PEFT keeps its adapters in fp32 (``autocast_adapter_dtype``) and casts x up; our GEMMs read
+    them as they are and take their products in bf16, their gradients written in fp32. Logits and every adapter gradient within the tolerance
     rule against transformers' eager model in fp32, PEFT's own bf16 forward giving PyTorch's own error."""
     from vivit_kernels.testing import judge_outputs
 
@@ -216,7 +268,7 @@ def test_lora_on_a_bf16_model_with_peft_fp32_adapters():
     theirs_bf16.set_attn_implementation("eager")
     theirs_bf16.load_state_dict(theirs.state_dict())
     ours, theirs_bf16 = ours.to(torch.bfloat16), theirs_bf16.to(DEVICE, torch.bfloat16)
-    ours, theirs, theirs_bf16 = _lora(ours), _lora(theirs), _lora(theirs_bf16)
+    ours, theirs, theirs_bf16 = _lora(ours, targets, 8), _lora(theirs, targets, 8), _lora(theirs_bf16, targets, 8)
     assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}  # PEFT's upcast
     x, labels = batch(cfg)
     results = []

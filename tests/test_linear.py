@@ -365,8 +365,12 @@ def test_autotuner_prunes_to_the_row(kernel_row):
 
 def test_opcheck():
     x, w, b, r = params(5, 32, 48, residual=True)
-    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, r, "none", False, False))
-    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, None, "gelu_fast", True, False))
+    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default, (x, w, b, r, "none", False, False, [], [], []))
+    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default,
+                          (x, w, b, None, "gelu_fast", True, False, [], [], []))
+    a, bb = leaf(torch.randn(4, 32)), leaf(torch.randn(48, 4))  # a LoRA adapter inside the GEMM
+    torch.library.opcheck(torch.ops.vivit_kernels.linear_fwd.default,
+                          (x, w, b, None, "gelu_fast", True, False, [a], [bb], [2.0]))
     w2 = leaf(torch.randn(32, 48))
     torch.library.opcheck(
         torch.ops.vivit_kernels.mlp_fwd.default, (x, w, b, w2, None, x.detach().clone().requires_grad_(), True, False)

@@ -146,15 +146,28 @@ def test_a_training_step_costs_what_trains():
     for autocast in (False, True):
         ours = {r.mode: r for r in rows if r.path == "triton" and r.autocast == autocast}
         eager = {r.mode: r for r in rows if r.path == "transformers-eager" and r.autocast == autocast}
-        assert 0.79 < ours["lora"].flops / ours["full"].flops < 0.82  # eager's 0.792 and our attention recompute
+        # eager's 0.792, our attention recompute, and the adapters' x A^T repeated per column block inside the GEMMs
+        assert 0.79 < ours["lora"].flops / ours["full"].flops < 0.83
         assert ours["probe"].flops == eager["probe"].flops  # a frozen backbone: the forward and the head alone
         assert ours["lora"].saved_bytes < ours["full"].saved_bytes and ours["probe"].saved_bytes < 2**28
         assert ours["probe"].launches < ours["lora"].launches and ours["full"].launches < eager["full"].launches
-    # LoRA's launches: at most two per layer more than the full step, in bf16 (PEFT's fp32 adapters cast in the
-    # forward, their gradients written in fp32 by the GEMMs) and under finetune's mixed precision
+    # LoRA's launches (issue 36's budget): at most two per layer more than the full step less its weight-gradient
+    # launches (every weight frozen, the gradient flowing to the input), in bf16 and under finetune's mixed
+    # precision: the adapters inside the GEMMs read PEFT's fp32 weights as they are (no casts), their gradients
+    # one grouped launch (and its ordered sum) per layer
     ours = {(r.mode, r.autocast): r for r in rows if r.path == "triton"}
     for autocast in (False, True):
-        assert ours["lora", autocast].launches <= ours["full", autocast].launches + 2 * ours["full", autocast].layers
+        frozen = measure_training("frozen", "triton", batch=8, autocast=autocast)
+        assert ours["lora", autocast].launches <= frozen.launches + 2 * frozen.layers, (autocast, frozen.launches)
+    # FLOPs within 1.05x of the adapters as GEMMs of their own (what they compute at rank 8, no repetition)
+    from vivit_kernels.ops import linear as lin
+
+    lin.FUSE_LORA = False
+    try:
+        ideal = measure_training("lora", "triton", batch=8)
+    finally:
+        lin.FUSE_LORA = True
+    assert ideal.flops < ours["lora", False].flops <= 1.05 * ideal.flops
     docs = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     assert format_training_markdown(rows).split("\n\n")[0] in docs, "docs/finetune.md's training table is stale"
 

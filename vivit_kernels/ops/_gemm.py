@@ -56,10 +56,11 @@ GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
     (4, "ieee", "grouped"): tile_configs((64, 64, 16, 4, 2)),
     # LoRA inside the GEMM (ops/linear.py): a (BLOCK_M, rank) accumulator and the adapters' tiles beside the base
     # GEMM's. Every row 128 columns wide: the x A^T product is repeated per column block, and the cost formulas
-    # count it at that width (ops/formulas.py)
-    (2, "ieee", "lora"): tile_configs((128, 128, 64, 8, 3), (64, 128, 64, 4, 3)),
-    (4, "tf32", "lora"): tile_configs((128, 128, 32, 8, 3), (64, 128, 32, 4, 3)),
-    (4, "ieee", "lora"): tile_configs((32, 128, 16, 4, 2)),
+    # count it at that width (ops/formulas.py). The QKV input gradient (three K segments, each with its adapter's
+    # loop) is the tightest: 64-deep K tiles, or 3 stages, spill there on sm_80 at rank 64
+    (2, "ieee", "lora"): tile_configs((128, 128, 32, 8, 2)),
+    (4, "tf32", "lora"): tile_configs((64, 128, 16, 8, 3), (128, 128, 16, 8, 2)),
+    (4, "ieee", "lora"): tile_configs((16, 128, 16, 8, 1), (16, 128, 8, 8, 2)),
 }
 # The sm_90 tensor-descriptor kernel (2-byte elements, or TF32 products). Larger tiles than the pointer kernel:
 # TMA leaves the registers to the accumulator, and the epilogue runs in two halves.
@@ -226,10 +227,9 @@ if HAS_TRITON:
                 A + row0 * stride_am + (lm[:, None] * stride_am + (segment * K + k_lo + offs_k)[None, :] * stride_ak)
             )
             b_ptrs = b_base + col0 * stride_bn + ((k_lo + offs_k)[:, None] * stride_bk + ln[None, :] * stride_bn)
-            SEG_LORA: tl.constexpr = LORA == 2 and ((LORA_SLOTS >> segment) & 1) == 1
             if LORA == 1:  # A^T's (BLOCK_K, rank) tile
                 l_ptrs = la + (k_lo + offs_k)[:, None] + lr[None, :] * K
-            if SEG_LORA:  # B_g's (BLOCK_K, rank) tile
+            if LORA == 2 and ((LORA_SLOTS >> segment) & 1) == 1:  # this segment's adapter: B_g's (BLOCK_K, rank) tile
                 lb = LB0
                 if segment == 1:
                     lb = LB1
@@ -247,12 +247,12 @@ if HAS_TRITON:
                     if EMULATE_BF16:
                         b = b.to(tl.float32)
                     acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-                if LORA == 1 or SEG_LORA:
+                if LORA == 1 or (LORA == 2 and ((LORA_SLOTS >> segment) & 1) == 1):
                     if LORA == 1:
                         l_mask = k_mask[:, None] & r_mask[None, :]
                     else:
                         l_mask = k_mask[:, None] & (lr < rank)[None, :]
-                    low = tl.load(l_ptrs, mask=l_mask, other=0.0).to(low_ty)
+                    low = to_output(tl.load(l_ptrs, mask=l_mask, other=0.0).to(tl.float32), low_ty, EMULATE_BF16)
                     if EMULATE_BF16:
                         low = low.to(tl.float32)
                     acc_r = tl.dot(a, low, acc_r, input_precision=DOT_PRECISION)
@@ -262,7 +262,7 @@ if HAS_TRITON:
                         l_ptrs += BLOCK_K * rank
                 a_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
-            if SEG_LORA:  # + (s dY_g B_g) A_g[:, cols]
+            if LORA == 2 and ((LORA_SLOTS >> segment) & 1) == 1:  # + (s dY_g B_g) A_g[:, cols]
                 ls = ls0
                 la = LA0
                 if segment == 1:
@@ -296,7 +296,7 @@ if HAS_TRITON:
         if STORE:
             tl.store(LD + rows[:, None] * stride_ld + lr[None, :], down, mask=store_mask[:, None])
         if not ONLY:
-            up = tl.load(up_ptrs, mask=up_mask, other=0.0).to(low_ty)
+            up = to_output(tl.load(up_ptrs, mask=up_mask, other=0.0).to(tl.float32), low_ty, EMULATE_BF16)
             if EMULATE_BF16:
                 down = down.to(tl.float32)
                 up = up.to(tl.float32)
@@ -767,13 +767,17 @@ def lora_grad_splits(M: int, programs: int, sms: int, block_m: int = 128, min_ro
     return triton.cdiv(M, m_split), m_split
 
 
-LORA_GRAD_CONFIG = KernelConfig.make(4, 3, BLOCK_F=64, BLOCK_M=128)
+# the adapters' gradient launch by element size (4-byte tiles at 128 rows spill at rank 64)
+LORA_GRAD_CONFIGS = {2: KernelConfig.make(4, 3, BLOCK_F=64, BLOCK_M=128), 4: KernelConfig.make(4, 2, BLOCK_F=64,
+                                                                                               BLOCK_M=32)}
 
 
-def lora_grad_plan(M: int, k_in: int, n_out: int, n_a: int, n_b: int, sms: int = 132) -> tuple[int, int, int]:
+def lora_grad_plan(M: int, k_in: int, n_out: int, n_a: int, n_b: int, sms: int = 132, element_size: int = 2
+                   ) -> tuple[int, int, int]:
     """(feature tiles per job, ranges of rows, rows per range) of ``lora_grads`` for ``n_a`` dA and ``n_b`` dB
     jobs (also what the cost formulas count: a second launch where the rows split)."""
-    block_f, block_m = LORA_GRAD_CONFIG.kwargs["BLOCK_F"], LORA_GRAD_CONFIG.kwargs["BLOCK_M"]
+    cfg = LORA_GRAD_CONFIGS[element_size]
+    block_f, block_m = cfg.kwargs["BLOCK_F"], cfg.kwargs["BLOCK_M"]
     busy = n_a * triton.cdiv(k_in, block_f) + n_b * triton.cdiv(n_out, block_f)
     return (triton.cdiv(max(k_in, n_out), block_f), *lora_grad_splits(M, max(busy, 1), sms, block_m))
 
@@ -802,10 +806,11 @@ def lora_grads(x2: torch.Tensor | None, g2: torch.Tensor, dy_b: torch.Tensor | N
         for t in outs:
             t.zero_()
         return d_a, d_b
-    cfg = LORA_GRAD_CONFIG
+    cfg = LORA_GRAD_CONFIGS[g2.element_size()]
     f_max = max(k_in, n_out)
     tiles, n_splits, m_split = lora_grad_plan(M, k_in, n_out, sum(t is not None for t in d_a),
-                                              sum(t is not None for t in d_b), sms or _multiprocessors(g2.device))
+                                              sum(t is not None for t in d_b), sms or _multiprocessors(g2.device),
+                                              g2.element_size())
     rp = lora_rank_pad(rank)
     ws = torch.empty((n_splits, 6, f_max, rp), dtype=torch.float32, device=g2.device) if n_splits > 1 \
         else outs[0]
@@ -938,7 +943,7 @@ def gemm_launch_variants() -> list[tuple[str, dict]]:
     """(role, constexpr flags) for every kernel variant ``linear``, ``qkv_projection``, ``mlp`` and their
     backwards launch."""
     off = dict(HAS_BIAS=False, ACTIVATION="none", HAS_RES=False, SAVE_PRE=False, DGELU=False, N_GROUPS=1,
-               K_GROUPS=1, SPLIT_K=False)
+               K_GROUPS=1, SPLIT_K=False, LORA=0, LORA_SLOTS=0, LORA_RP=16, LORA_STORE=False, LORA_ONLY=False)
     out = []
     for has_bias in (False, True):
         for has_res in (False, True):
@@ -953,6 +958,16 @@ def gemm_launch_variants() -> list[tuple[str, dict]]:
     out.append(("dx", dict(off, DGELU=True)))
     out.append(("dw", dict(off)))
     out.append(("dw", dict(off, SPLIT_K=True)))
+    # LoRA inside the GEMM: QKV with adapters on q and v (rank 8 and rank 64's widths), o_proj (+ residual), fc1
+    # (+ gelu_fast, storing the pre-activation) and fc2; their dx GEMMs storing s dY B, and those products alone
+    lora = dict(off, LORA_STORE=True)
+    for rp in (16, 64):
+        out.append(("fwd", dict(lora, HAS_BIAS=True, N_GROUPS=3, LORA=1, LORA_SLOTS=5, LORA_RP=rp)))
+        out.append(("dx", dict(lora, K_GROUPS=3, LORA=2, LORA_SLOTS=5, LORA_RP=rp)))
+    out.append(("fwd", dict(lora, HAS_BIAS=True, HAS_RES=True, LORA=1, LORA_SLOTS=1)))
+    out.append(("fwd", dict(lora, HAS_BIAS=True, ACTIVATION="gelu_fast", SAVE_PRE=True, LORA=1, LORA_SLOTS=1)))
+    out.append(("dx", dict(lora, LORA=2, LORA_SLOTS=1)))
+    out.append(("dx", dict(lora, K_GROUPS=3, LORA=2, LORA_SLOTS=5, LORA_ONLY=True)))
     return out
 
 
@@ -961,6 +976,8 @@ def _variant_label(role: str, v: dict) -> str:
     if v["ACTIVATION"] != "none":
         parts.append(v["ACTIVATION"])
     parts += [f"{k.lower()}={v[k]}" for k in ("N_GROUPS", "K_GROUPS") if v[k] > 1]
+    if v["LORA"]:
+        parts.append(f"lora{v['LORA']}:slots={v['LORA_SLOTS']}:rp={v['LORA_RP']}")
     return f"{role}:" + ("+".join(parts) or "plain")
 
 
@@ -981,13 +998,17 @@ def aot_cases():
     cases = []
     for ty, size in types.items():
         for precision in (("ieee", "tf32") if size == 4 else ("ieee",)):
-            pointers = {n: f"*{ty}" for n in ("A", "B", "C", "BIAS", "AUX", "RES", "PRE", "B1", "B2", "BIAS1", "BIAS2")}
+            pointers = {n: f"*{ty}" for n in ("A", "B", "C", "BIAS", "AUX", "RES", "PRE", "B1", "B2", "BIAS1", "BIAS2",
+                                              "LD")}
+            # PEFT's adapters: float32 (on every base dtype)
+            pointers.update({n: "*fp32" for n in ("LA0", "LA1", "LA2", "LB0", "LB1", "LB2")})
             for role, variant in gemm_launch_variants():
                 kind = _kind(variant)
                 c_type = "*fp32" if variant["SPLIT_K"] else f"*{ty}"  # split-K writes fp32 partial sums
                 tag = f"{ty}{'/tf32' if precision == 'tf32' else ''} {_variant_label(role, variant)}"
                 unit = _UNIT_STRIDES[role]
-                sig = dict(pointers, C=c_type, M="i32", N="i32", K="i32", k_split="i32",
+                sig = dict(pointers, C=c_type, M="i32", N="i32", K="i32", k_split="i32", rank="i32", stride_ld="i32",
+                           ls0="fp32", ls1="fp32", ls2="fp32",
                            **{f"stride_{n}": "i32" for n in strides if f"stride_{n}" not in unit})
                 for cfg in GEMM_CONFIGS[(size, precision, kind)]:
                     constexprs = dict(variant, DOT_PRECISION=precision, EMULATE_BF16=False, **cfg.kwargs)
@@ -997,11 +1018,26 @@ def aot_cases():
                                            divisible=_DIVISIBLE[role] + ("k_split",)))
                 tma_sig = dict(pointers, C=c_type, M="i32", N="i32", K="i32", k_split="i32", stride_a="i32",
                                stride_b="i32", stride_cm="i32", stride_xm="i32", stride_rm="i32", stride_pm="i32")
+                tma_variant = {k: val for k, val in variant.items() if not k.startswith("LORA")}
                 for cfg in TMA_CONFIGS.get((size, precision, kind), []):
-                    constexprs = dict(variant, **_TMA_LAYOUT[role], DOT_PRECISION=precision, EMULATE_BF16=False,
+                    constexprs = dict(tma_variant, **_TMA_LAYOUT[role], DOT_PRECISION=precision, EMULATE_BF16=False,
                                       **cfg.kwargs)
                     cases.append(make_case(__name__, _gemm_tma_kernel, "_gemm_tma_kernel", tma_sig, constexprs,
                                            cfg.num_warps, cfg.num_stages, f"{tag} {cfg.label()}",
                                            divisible=_DIVISIBLE[role] + ("k_split",), archs=(90,)))
+    # the adapters' gradients, from x / dY of each dtype into PEFT's float32 (whole rows, and split)
+    for ty in types:
+        for rp in (16, 64):
+            for split in (False, True):
+                sig = dict(X=f"*{ty}", DY=f"*{ty}", DYB=f"*{ty}", DOWN=f"*{ty}", WS="*fp32",
+                           **{n: "*fp32" for n in ("DA0", "DA1", "DA2", "DB0", "DB1", "DB2")},
+                           M="i32", K_IN="i32", N_OUT="i32", rank="i32", m_split="i32", tiles="i32", FMAX="i32",
+                           stride_xm="i32", stride_ym="i32", stride_lm="i32")
+                cfg = LORA_GRAD_CONFIGS[types[ty]]
+                constexprs = dict(JOBS=45, LORA_RP=rp, SPLIT=split, DOT_PRECISION="ieee", EMULATE_BF16=False,
+                                  ROUND_OUT=False, **cfg.kwargs)
+                cases.append(make_case(__name__, _lora_grads_kernel, "_lora_grads_kernel", sig, constexprs,
+                                       cfg.num_warps, cfg.num_stages, f"{ty} lora grads rp={rp} split={split}",
+                                       divisible=("K_IN", "N_OUT", "m_split", "FMAX")))
     return cases
 

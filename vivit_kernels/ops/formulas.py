@@ -111,7 +111,7 @@ def _linear_bwd_gemms(args) -> int:  # (grad, x, weight, x_shape, needs_dx, need
         return int(args[4]) + int(args[5])
     shape = args[0].shape
     return int(args[4] or lora_needs[0]) + int(args[5]) + \
-        _lora_grad_launches(_rows(shape), args[3][-1], shape[-1], lora_needs)
+        _lora_grad_launches(_rows(shape), args[3][-1], shape[-1], lora_needs, args[0].element_size())
 
 
 def _linear_fwd_flops(x, w, bias, residual, activation, save_pre, allow_tf32, lora_a=(), *args, **kwargs) -> int:
@@ -134,12 +134,12 @@ def _linear_bwd_flops(g, x, w, x_shape, needs_dx, needs_dw, needs_db, allow_tf32
     return flops
 
 
-def _lora_grad_launches(m: int, k: int, n: int, lora_needs) -> int:
+def _lora_grad_launches(m: int, k: int, n: int, lora_needs, element_size: int) -> int:
     """The adapters' gradient launch of a fused-LoRA backward, and its sum where the rows split (lora_grads)."""
     from ._gemm import lora_grad_plan
 
     n_a, n_b = sum(int(a) for a, _ in _pairs(lora_needs)), sum(int(b) for _, b in _pairs(lora_needs))
-    return 0 if n_a + n_b == 0 else 1 + int(lora_grad_plan(m, k, n, n_a, n_b)[1] > 1)
+    return 0 if n_a + n_b == 0 else 1 + int(lora_grad_plan(m, k, n, n_a, n_b, element_size=element_size)[1] > 1)
 
 
 def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq, bq, wk, bk, wv, bv), allow_tf32,
@@ -150,7 +150,8 @@ def _qkv_bwd_gemms(args) -> int:  # (grad, x, wq, wk, wv, x_shape, needs (x, wq,
     if args[17]:
         any_a = any(a for a, _ in _pairs(args[13]))
         return int(needs[0] or any_a) + sum(int(n) for n in needs[1::2][:3]) + \
-            _lora_grad_launches(_rows(args[0].shape), args[5][-1], args[0].shape[-1] // 3, args[13])
+            _lora_grad_launches(_rows(args[0].shape), args[5][-1], args[0].shape[-1] // 3, args[13],
+                                args[0].element_size())
     adapters = zip(_pairs(args[13]), args[16], strict=True)
     return int(needs[0]) + sum(int(n) for n in needs[1::2][:3]) + \
         sum(int(nu or na) + int(nu) + int(na) + int(nb) for (na, nb), nu in adapters)

@@ -48,7 +48,8 @@ def measure_training(mode: str, path: str = "triton", config="vivit-b-16x2", bat
                      dtype: torch.dtype = torch.bfloat16, lora_rank: int = 8,
                      autocast: bool = False) -> TrainingMeasurement:
     """A training step of ``mode`` ("full": every weight; "lora": PEFT LoRA of ``lora_rank`` on q and v and the
-    classifier, as ``finetune --lora-rank``; "probe": the classifier alone, as ``finetune --freeze-backbone``)
+    classifier, as ``finetune --lora-rank``; "probe": the classifier alone, as ``finetune --freeze-backbone``;
+    "frozen": no weight, the gradient of the input: the full step less every weight-gradient launch)
     counted on fake tensors: FLOPs and launches of forward + backward, bytes saved for the backward. The weights
     are ``dtype``, or with ``autocast`` float32 under autocast to ``dtype`` (mixed precision, what ``finetune``
     runs: every weight is cast per step, and PEFT's adapters are float32 either way)."""
@@ -56,8 +57,8 @@ def measure_training(mode: str, path: str = "triton", config="vivit-b-16x2", bat
     from ..presets import image_hw
     from ..training import add_lora, freeze_all_but_head
 
-    if mode not in TRAINING_MODES:
-        raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
+    if mode not in (*TRAINING_MODES, "frozen"):
+        raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)} or frozen, got {mode!r}")
     label = config_label(config)
     config = VivitConfig.from_preset(config) if isinstance(config, str) else config
     result = TrainingMeasurement(mode, path, label, batch, dtype_name(dtype), config.num_hidden_layers, autocast,
@@ -69,11 +70,13 @@ def measure_training(mode: str, path: str = "triton", config="vivit-b-16x2", bat
             model = add_lora(model, lora_rank)
         elif mode == "probe":
             freeze_all_but_head(model)
+        elif mode == "frozen":
+            model.requires_grad_(False)
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake ones
         model = model.to_empty(device="cpu")
         params = {storage_key(p) for p in model.parameters()}
         pixel_values = torch.empty(batch, config.num_frames, config.num_channels, h, w,
-                                   dtype=torch.float32 if autocast else dtype)
+                                   dtype=torch.float32 if autocast else dtype, requires_grad=mode == "frozen")
         labels = torch.zeros(batch, dtype=torch.long)
         model.train()
         tracker = CostTracker(dtype, params | {storage_key(pixel_values)})
