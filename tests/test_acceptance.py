@@ -41,7 +41,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert all(r["interpreted"] for r in data["ops"] if r["implementation"] == "triton")  # never a speed figure
     assert any(r["implementation"] == "auto" and r["ms"] for r in data["ops"])
     seed = {(r["table"], r["path"]) for r in data["seed"]}
-    lora = {("training", "triton+lora"), ("training", "auto+lora")}  # a LoRA step beside the full one
+    # a LoRA step beside the full one, and PEFT on transformers' sdpa model
+    lora = {("training", "triton+lora"), ("training", "auto+lora"), ("training", "transformers-sdpa+lora")}
     merge = {("inference", "triton+merge"), ("inference", "auto+merge")}  # token merging beside the full model
     assert seed == {(t, p) for t in ("inference", "training") for p in TIMED} | lora | merge
     merged = [r for r in data["seed"] if r["path"].endswith("+merge")]

@@ -259,8 +259,9 @@ def test_lora_with_dropout_stays_in_the_qkv_op_and_matches_peft():
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), EVERY_LINEAR], ids=["q-v", "every-linear"])
 def test_lora_on_a_bf16_model_with_peft_fp32_adapters(targets):
     """A bf16 model: PEFT keeps its adapters in fp32 (``autocast_adapter_dtype``) and casts x up; our GEMMs read
-    them as they are and take their products in bf16, their gradients written in fp32. Logits and every adapter gradient within the tolerance
-    rule against transformers' eager model in fp32, PEFT's own bf16 forward giving PyTorch's own error."""
+    them as they are and take their products in bf16, their gradients written in fp32. Logits and every adapter
+    gradient within the tolerance rule against transformers' eager model in fp32, PEFT's own bf16 forward giving
+    PyTorch's own error."""
     from vivit_kernels.testing import judge_outputs
 
     cfg, ours, theirs = tiny_pair()

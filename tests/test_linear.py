@@ -138,7 +138,7 @@ def test_qkv_lora_computes_and_keeps_only_what_trains(monkeypatch, fused):
     Unfused: one small GEMM each for dU, dA, dB."""
     from vivit_kernels.ops import formulas
 
-    monkeypatch.setattr(lin, "FUSE_LORA", fused)
+    monkeypatch.setattr(_gemm, "FUSE_LORA", fused)
     torch.manual_seed(0)
     hidden, rank = 32, 4
     ws = [torch.randn(hidden, hidden, device=DEVICE) * hidden**-0.5 for _ in range(3)]
@@ -190,7 +190,7 @@ def test_qkv_lora_float32_adapters_on_bf16_activations(monkeypatch, fused):
     adapters cast to bf16 for their products, as the op computes them)."""
     from vivit_kernels.testing import judge_outputs
 
-    monkeypatch.setattr(lin, "FUSE_LORA", fused)
+    monkeypatch.setattr(_gemm, "FUSE_LORA", fused)
     torch.manual_seed(0)
     hidden, rank = 32, 4
     ws = [(torch.randn(hidden, hidden, device=DEVICE) * hidden**-0.5) for _ in range(3)]

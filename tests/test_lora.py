@@ -45,6 +45,30 @@ def _judge(ours, ref, base, adapters, dtype, name):
         assert c.ok, c.message()
 
 
+def _assert_inside_the_gemms(call, leaves):
+    """``call()``'s forward is one GEMM launch and its backward takes the grouped adapter-gradient launch, with no
+    torch matmul anywhere (the adapters run inside our kernels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "aten" and func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul", "linear"):
+                matmuls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        before = _triton.LAUNCHES.copy()
+        out = call()
+        forward = dict(_triton.LAUNCHES - before)
+        before = _triton.LAUNCHES.copy()
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        backward = dict(_triton.LAUNCHES - before)
+    assert forward == {"_gemm_kernel": 1} and backward.get("_lora_grads_kernel") == 1 and not matmuls, \
+        (forward, backward, matmuls)
+
+
 def _adapter(rank, fan_in, fan_out, requires_a=True, requires_b=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = (torch.randn(rank, fan_in, generator=g) * fan_in**-0.5).to(DEVICE).requires_grad_(requires_a)
@@ -79,10 +103,7 @@ def test_linear_with_an_adapter_inside_the_gemm(epilogue, rank, dtype):
         return y + r if r is not None else y
 
     _judge(ours, ref, [x, w, b, r], [a, bb], dtype, f"linear+lora {epilogue} r={rank}")
-    before = _triton.LAUNCHES.copy()
-    with torch.no_grad():
-        lin.linear(x.detach(), w.detach(), b.detach(), act, r, adapters=[(a, bb, 2.0)])
-    assert dict(_triton.LAUNCHES - before) == {"_gemm_kernel": 1}
+    _assert_inside_the_gemms(lambda: ours(x, w, b, r, a, bb), [x, w, a, bb])
 
 
 SLOTS = {"q": (0,), "q-v": (0, 2), "q-k-v": (0, 1, 2)}
@@ -110,10 +131,8 @@ def test_qkv_with_adapters_inside_the_gemm(slots, rank, dtype):
     base = [x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2]]
     _judge(call(lin.qkv_projection), call(lin.qkv_projection_ref), base, [t for p in pairs for t in p], dtype,
            f"qkv+lora {slots} r={rank}")
-    before = _triton.LAUNCHES.copy()
-    with torch.no_grad():
-        call(lin.qkv_projection)(*[t.detach() for t in base], *[t for p in pairs for t in p])
-    assert dict(_triton.LAUNCHES - before) == {"_gemm_kernel": 1}
+    _assert_inside_the_gemms(lambda: call(lin.qkv_projection)(*base, *[t for p in pairs for t in p]),
+                             [x, *[t for p in pairs for t in p]])
 
 
 @pytest.mark.parametrize("frozen", ["A of q", "B of v", "x and the base", "every adapter"])
@@ -133,6 +152,8 @@ def test_qkv_frozen_parts_get_no_gradient_and_the_rest_is_right(frozen):
         return fn(x, ws[0], None, ws[1], None, ws[2], None, adapters=[(0, a_q, b_q, 2.0), (2, a_v, b_v, 0.5)])
 
     leaves = [t for t in (x, *ws, a_q, b_q, a_v, b_v) if t.requires_grad]
+    if frozen != "every adapter":
+        _assert_inside_the_gemms(lambda: call(lin.qkv_projection), leaves)
     out, ref = call(lin.qkv_projection), call(lin.qkv_projection_ref)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -31,7 +31,8 @@ from ._triton import (
 )
 
 __all__ = ["gemm", "sum_splits", "GEMM_CONFIGS", "TMA_CONFIGS", "KERNEL_ACTIVATIONS", "aot_cases", "LoraOperands",
-           "lora_grads", "lora_grad_plan", "lora_input_products", "lora_rank_pad", "LORA_MAX_RANK", "LORA_BLOCK_N"]
+           "lora_grads", "lora_grad_plan", "lora_input_products", "fused_lora", "FUSE_LORA", "lora_rank_pad",
+           "LORA_MAX_RANK", "LORA_BLOCK_N"]
 
 # Activations fused into the GEMM epilogue; any other is applied by torch after the kernel.
 KERNEL_ACTIVATIONS = ("gelu_fast",)
@@ -651,8 +652,8 @@ def gemm(
         raise ValueError(f"gemm: a has {a.shape[1]} columns, b {K} rows (x {k_groups} groups)")
     if activation is not None and residual is not None:
         raise ValueError("gemm: an activation and a residual do not combine in one launch")
-    if lora is not None and (split_k or pre is not None and lora.mode == 2):
-        raise ValueError("gemm: LoRA adapters do not combine with split_k")
+    if lora is not None and (split_k or dgelu_of is not None):
+        raise ValueError("gemm: LoRA adapters do not combine with split_k or the gelu_fast backward")
     if M == 0 or N == 0:
         return out
     if K == 0:
@@ -709,6 +710,22 @@ def gemm(
 
 LORA_BLOCK_N = 128  # the width of every "lora" config: the forward repeats x A^T once per column block
 LORA_MAX_RANK = 64  # the rank-wide accumulators' width: a larger rank runs the adapters as GEMMs of their own
+
+
+# Off: the ops run LoRA adapters as GEMMs of their own (the path dropout and the cases below still take); tests
+# and measure_lora_budget compare the two
+FUSE_LORA = True
+
+
+def fused_lora(lora_a, lora_b, lora_slots, lora_x) -> bool:
+    """Whether an op's LoRA adapters run inside its GEMMs (LoraOperands): no adapter with an input of its own
+    (dropout), at most one per projection, one rank of at most LORA_MAX_RANK, A and B contiguous in one dtype.
+    Otherwise each adapter is two GEMMs of its own forward (and its float32 weights are cast)."""
+    if not (FUSE_LORA and lora_a) or any(own.numel() for own in lora_x) or len(set(lora_slots)) != len(lora_slots):
+        return False
+    tensors = (*lora_a, *lora_b)
+    return all(a.shape[0] == lora_a[0].shape[0] for a in lora_a) and lora_a[0].shape[0] <= LORA_MAX_RANK and \
+        len({t.dtype for t in tensors}) == 1 and all(t.is_contiguous() for t in tensors)
 
 
 def lora_rank_pad(rank: int) -> int:

@@ -162,13 +162,12 @@ def _pairs(flags) -> list[tuple[bool, bool]]:
 
 
 def _fused_shapes(lora_a, slots, lora_x) -> bool:
-    """ops.linear.fused_lora as far as shapes tell it (a FLOP formula sees shapes; PEFT's adapters are contiguous
+    """ops._gemm.fused_lora as far as shapes tell it (a FLOP formula sees shapes; PEFT's adapters are contiguous
     and of one dtype, the rest of that check)."""
-    from ._gemm import LORA_MAX_RANK
-    from .linear import FUSE_LORA
+    from . import _gemm
 
-    return bool(FUSE_LORA and lora_a) and not any(math.prod(own) for own in lora_x) and \
-        len(set(slots)) == len(slots) and len({a[0] for a in lora_a}) == 1 and lora_a[0][0] <= LORA_MAX_RANK
+    return bool(_gemm.FUSE_LORA and lora_a) and not any(math.prod(own) for own in lora_x) and \
+        len(set(slots)) == len(slots) and len({a[0] for a in lora_a}) == 1 and lora_a[0][0] <= _gemm.LORA_MAX_RANK
 
 
 def _lora_fwd_flops(m: int, n: int, k: int, groups: int, rank: int) -> int:
@@ -182,7 +181,7 @@ def _lora_fwd_flops(m: int, n: int, k: int, groups: int, rank: int) -> int:
 
 
 def _qkv_fwd_launches(args) -> int:  # the GEMM; unfused, per adapter two GEMMs and a cast of each float32 weight
-    from .linear import fused_lora
+    from ._gemm import fused_lora
 
     x, lora_a, lora_b = args[0], args[8], args[9]
     if fused_lora(lora_a, lora_b, args[10], args[12]):

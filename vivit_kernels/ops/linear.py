@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from ._gemm import (
     KERNEL_ACTIVATIONS,
-    LORA_MAX_RANK,
     LoraOperands,
     _as_2d,
     _bias_grad,
     _linear_grads,
     _weight_grad,
+    fused_lora,
     gemm,
     lora_grads,
     lora_input_products,
@@ -119,7 +119,7 @@ def linear_bwd(
 def _(grad, x, weight, x_shape, needs_dx, needs_dw, needs_db, allow_tf32, lora_a, lora_b, lora_scales, lora_saved,
       lora_needs):
     n, k = grad.shape[-1], x_shape[-1]
-    lora = [t.new_empty(t.shape if need else (0,)) for t, need in zip((*lora_a, *lora_b), lora_needs)] \
+    lora = [t.new_empty(t.shape if need else (0,)) for t, need in zip((*lora_a, *lora_b), lora_needs, strict=True)] \
         if lora_a else []
     return (grad.new_empty(x_shape if needs_dx else (0,)), grad.new_empty((n, k) if needs_dw else (0,)),
             grad.new_empty(n if needs_db else 0), lora)
@@ -177,21 +177,6 @@ register_flop_formulas(linear_fwd, linear_bwd)
 # qkv: [x @ Wq^T + bq, x @ Wk^T + bk, x @ Wv^T + bv], one GEMM reading the three weights in place, plus any
 # LoRA adapters' low-rank updates (PEFT's ``scaling * (x @ A^T) @ B^T``) accumulated into their third
 # ------------------------------------------------------------------------------------------------
-# Tests switch this off to run the adapters as GEMMs of their own (the path dropout and the cases below still take)
-FUSE_LORA = True
-
-
-def fused_lora(lora_a, lora_b, lora_slots, lora_x) -> bool:
-    """Whether an op's LoRA adapters run inside its GEMMs (LoraOperands): no adapter with an input of its own
-    (dropout), at most one per projection, one rank of at most LORA_MAX_RANK, A and B contiguous in one dtype.
-    Otherwise each adapter is two GEMMs of its own forward (and its float32 weights are cast)."""
-    if not (FUSE_LORA and lora_a) or any(own.numel() for own in lora_x) or len(set(lora_slots)) != len(lora_slots):
-        return False
-    tensors = (*lora_a, *lora_b)
-    return all(a.shape[0] == lora_a[0].shape[0] for a in lora_a) and lora_a[0].shape[0] <= LORA_MAX_RANK and \
-        len({t.dtype for t in tensors}) == 1 and all(t.is_contiguous() for t in tensors)
-
-
 def _per_slot(groups: int, slots, a, b, scales) -> tuple[tuple, tuple, tuple]:
     """The adapters' (A, B, scale) by group of the GEMM (None / 0 where a group has none)."""
     per = [(None, None, 0.0)] * groups

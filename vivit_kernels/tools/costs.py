@@ -17,6 +17,7 @@ from .measure import Measurement, config_label, measure
 from .model_paths import build_model
 
 __all__ = ["TRAINING_MODES", "TrainingMeasurement", "measure_training", "format_training_markdown",
+           "measure_lora_budget", "format_lora_budget_markdown",
            "time_training_steps", "MERGE_SWEEP", "measure_merging", "format_merging_markdown", "time_merging"]
 
 
@@ -205,6 +206,42 @@ def time_merging(specs=(None, "fraction-10", "fraction-20"), preset: str = "smal
             times[spec].append(forward(spec))
     model.set_token_merging(None)
     return {spec: statistics.median(t) for spec, t in times.items()}
+
+
+def measure_lora_budget(config="vivit-b-16x2", batch: int = 8, dtype: torch.dtype = torch.bfloat16,
+                        autocast: bool = False) -> dict[str, TrainingMeasurement]:
+    """Issue 36's budget, counted: the full step, the step with every weight frozen (the gradient flowing to the
+    input: the full step less its weight-gradient launches), the LoRA step (rank 8 on q and v) with the adapters
+    inside our GEMMs, and with the adapters as GEMMs of their own (``ops._gemm.FUSE_LORA`` off: what they compute,
+    with nothing repeated)."""
+    from ..ops import _gemm
+
+    out = {mode: measure_training(mode, "triton", config, batch, dtype, autocast=autocast)
+           for mode in ("full", "frozen", "lora")}
+    fused = _gemm.FUSE_LORA
+    _gemm.FUSE_LORA = False
+    try:
+        out["lora, adapters as own GEMMs"] = measure_training("lora", "triton", config, batch, dtype, autocast=autocast)
+    finally:
+        _gemm.FUSE_LORA = fused
+    return out
+
+
+def format_lora_budget_markdown(budgets: list[dict[str, TrainingMeasurement]]) -> str:
+    """measure_lora_budget's counts, one row per step and precision."""
+    lines = ["| weights | step | launches | per layer | over frozen, per layer | GFLOP | x adapters as own GEMMs |",
+             "|" + "---|" * 7]
+    for b in budgets:
+        frozen, own = b["frozen"], b["lora, adapters as own GEMMs"]
+        for name, r in b.items():
+            weights = f"fp32, {r.dtype} autocast" if r.autocast else r.dtype
+            step = {"full": "every weight", "frozen": "no weight (gradient to the input)",
+                    "lora": f"LoRA r={r.lora_rank} on q, v, inside our GEMMs"}.get(name, f"LoRA r={r.lora_rank} on q, "
+                                                                                    "v, adapters as own GEMMs")
+            lines.append(f"| {weights} | {step} | {r.launches} | {r.launches / r.layers:.1f} | "
+                         f"{(r.launches - frozen.launches) / r.layers:+.2f} | {r.flops / 1e9:.0f} | "
+                         f"{f'{r.flops / own.flops:.3f}' if r.mode == 'lora' else '-'} |")
+    return "\n".join(lines)
 
 
 def format_training_markdown(rows: list[TrainingMeasurement]) -> str:

@@ -43,8 +43,10 @@ def build_model(path: str, config: Any, dtype=None, device=None, seed: int = 0):
     base = path.removesuffix(LORA).removesuffix(MERGE)
     if base not in PATHS:
         raise ValueError(f"unknown model path {path!r}; paths: {', '.join(PATHS)}, ours with {LORA} or {MERGE}")
-    if base != path and base not in ("triton", "auto"):
-        raise ValueError(f"{path!r}: {LORA} and {MERGE} apply to our paths (triton, auto), not to {base}")
+    if path.endswith(MERGE) and base not in ("triton", "auto"):
+        raise ValueError(f"{path!r}: {MERGE} applies to our paths (triton, auto), not to {base}")
+    if path.endswith(LORA) and base == COMPILED:
+        raise ValueError(f"{path!r}: {LORA} applies to an uncompiled model")
     config = VivitConfig.from_preset(config) if isinstance(config, str) else copy.deepcopy(config)
     torch.manual_seed(seed)
     with _default_dtype(dtype) if dtype is not None else contextlib.nullcontext():

@@ -306,8 +306,10 @@ def section_seed(run: Acceptance) -> None:
     rows = infer[0] + [
         ("training", p, b, plan.train_dtype, "train") for b in plan.train_batches for p in TIMED
     ]
-    # a LoRA step beside the full one (what frozen weights save): our two backends, the largest training batch
-    rows += [("training", p + LORA, plan.train_batches[-1], plan.train_dtype, "train") for p in ("triton", "auto")]
+    # a LoRA step beside the full one (what frozen weights and the adapters inside our GEMMs save), and PEFT on
+    # transformers' sdpa model (what a LoRA user runs without us): the largest training batch
+    rows += [("training", p + LORA, plan.train_batches[-1], plan.train_dtype, "train")
+             for p in ("triton", "auto", "transformers-sdpa")]
     # token merging beside the full model (what merging saves, and whether it pays at batch 1): our two paths, the
     # smallest and the largest inference batch
     rows += [("inference", p + MERGE, b, plan.infer_dtypes[0], "seed") for b in dict.fromkeys(
