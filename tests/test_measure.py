@@ -73,6 +73,10 @@ def test_launch_table_matches_real_launches():
     assert sum(LAUNCHES.values()) - before == ours
 
 
+_META_GRAD = torch.empty(8, 3137, 3 * 768, dtype=torch.bfloat16, device="meta")
+_SMALL_GRAD = torch.empty(1, 100, 3 * 768, dtype=torch.bfloat16, device="meta")
+
+
 @pytest.mark.parametrize("op, args, triton_launches", [
     ("vivit_kernels::flash_attn_bwd", None, 3),
     ("vivit_kernels::mlp_bwd", (None,) * 6 + ([True] * 5,), 4),  # dH, dW2, dX, dW1
@@ -80,14 +84,24 @@ def test_launch_table_matches_real_launches():
     ("vivit_kernels::mlp_bwd", (None,) * 6 + ([True, False, False, False, False],), 2),  # frozen: dH, dX
     ("vivit_kernels::linear_bwd", (None,) * 4 + (True, True, True), 2),
     ("vivit_kernels::linear_bwd", (None,) * 4 + (True, False, False), 1),  # a frozen weight: dX alone
-    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] * 7,) + (None,) * 6 + ([], None, None, []), 4),  # dX, dW*
-    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([], None, None, []), 1),
-    # LoRA on q and v of frozen base weights: dX; q: dU, dX += dU A, dA, dB; v (its A frozen): dU, dX += dU A, dB
-    ("vivit_kernels::qkv_bwd",
-     (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([True, True, False, True], None, None, [True, True]), 8),
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] * 7,) + (None,) * 6 + ([], None, None, [], False), 4),  # dX, dW*
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 + ([], None, None, [], False), 1),
+    # LoRA on q and v of frozen base weights, each adapter its own GEMMs: dX; q: dU, dX += dU A, dA, dB; v (its A
+    # frozen): dU, dX += dU A, dB
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([True] + [False] * 6,) + (None,) * 6 +
+     ([True, True, False, True], None, None, [True, True], False), 8),
     # ... and no dX (the first layer's input needs none): q: dU, dA, dB; v: dB
-    ("vivit_kernels::qkv_bwd",
-     (None,) * 6 + ([False] * 7,) + (None,) * 6 + ([True, True, False, True], None, None, [False, False]), 4),
+    ("vivit_kernels::qkv_bwd", (None,) * 6 + ([False] * 7,) + (None,) * 6 +
+     ([True, True, False, True], None, None, [False, False], False), 4),
+    # inside the GEMMs, ViViT-B batch 8 (25,096 rows): dX with the adapters' products; dA_q, dB_q, dB_v in one launch
+    # and its ordered sum (the rows split); without dX the products alone
+    ("vivit_kernels::qkv_bwd", (_META_GRAD,) + (None,) * 4 + ([8, 3137, 768], [True] + [False] * 6) + (None,) * 6 +
+     ([True, True, False, True], None, None, [True, True], True), 3),
+    ("vivit_kernels::qkv_bwd", (_META_GRAD,) + (None,) * 4 + ([8, 3137, 768], [False] * 7) + (None,) * 6 +
+     ([True, True, False, True], None, None, [False, False], True), 3),
+    # few rows: no split, no sum
+    ("vivit_kernels::qkv_bwd", (_SMALL_GRAD,) + (None,) * 4 + ([1, 100, 768], [True] + [False] * 6) + (None,) * 6 +
+     ([True, True, False, True], None, None, [True, True], True), 2),
 ])
 def test_backward_launch_entries(op, args, triton_launches):
     assert formulas.launches(op, args) == triton_launches

@@ -832,6 +832,7 @@ def lora_grads(x2: torch.Tensor | None, g2: torch.Tensor, dy_b: torch.Tensor | N
     ws = torch.empty((n_splits, 6, f_max, rp), dtype=torch.float32, device=g2.device) if n_splits > 1 \
         else outs[0]
     x_in = x2 if x2 is not None else g2
+    x_in = x_in if x_in.stride(-1) == 1 else x_in.contiguous()  # (the kernel reads features at unit stride)
     p_a = dy_b if dy_b is not None else x_a
     p_b = x_a if x_a is not None else dy_b
     args = (x_in, g2, p_a, p_b, ws, *(t if t.numel() else present for t in outs),
