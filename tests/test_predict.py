@@ -22,7 +22,7 @@ from vivit_kernels.processing import VideoProcessor
 from vivit_kernels.video import read_clips
 
 from helpers import assert_close
-from videos import motion_dataset, write_video
+from videos import prediction_collection, write_video
 
 pytestmark = pytest.mark.cpu_only
 OPTIONS = dict(workers=0, device="cpu", batch_size=4, progress=False)
@@ -30,19 +30,7 @@ OPTIONS = dict(workers=0, device="cpu", batch_size=4, progress=False)
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
-    """14 videos in class folders, plus a corrupt and an empty file, and a tiny checkpoint with named labels and its
-    own clip sampling (frame_sample_rate 1)."""
-    root = tmp_path_factory.mktemp("collection")
-    motion_dataset(root / "videos", per_class=7)
-    (root / "videos" / "up" / "corrupt.mp4").write_bytes(os.urandom(3000))
-    (root / "videos" / "down" / "empty.mp4").write_bytes(b"")
-    torch.manual_seed(0)
-    config = vk.VivitConfig.from_preset("tiny", num_labels=6, id2label={i: f"action_{i}" for i in range(6)})
-    vk.VivitForVideoClassification(config).save_pretrained(root / "model")
-    # the checkpoint's own clip sampling (finetune saves it): every frame; predict and classify read it back
-    processor = VideoProcessor.for_image_size(32, 32, frame_sample_rate=1)
-    (root / "model" / "preprocessor_config.json").write_text(json.dumps(processor.to_dict()))
-    return root
+    return prediction_collection(tmp_path_factory.mktemp("collection"))
 
 
 def rows_of(path) -> list[dict]:

@@ -45,8 +45,9 @@ CLI = {
     "demo": ("", "--batch --device --dtype --merge --model --preset --repeats --seed"),
     "classify": ("video", "--attn --clips --crops --decode --device --dtype --frame-sample-rate --merge --model "
                           "--preset --seed --top-k"),
-    "predict": ("inputs", "--attn --batch-size --clips --crops --decode --device --dtype --embeddings "
-                          "--frame-sample-rate --merge --model --no-progress --out --retry-errors --top-k --workers"),
+    "predict": ("inputs", "--attn --batch-size --clips --crops --decode --decode-workers --device --dtype "
+                          "--embeddings --frame-sample-rate --merge --model --model-actors --no-progress --out --ray "
+                          "--retry-errors --top-k --workers"),
     "timeline": ("video", "--attn --batch-size --device --dtype --frame-sample-rate --merge --model --no-progress "
                           "--out --plot --stride --top-k --window"),
     "finetune": ("data", "--attention-type --attn --batch-size --bf16 --decode --device --epochs --eval-views --flip "

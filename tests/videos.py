@@ -85,3 +85,27 @@ def motion_dataset(root, per_class: int = 24, n_frames: int = 8, height: int = 4
         for i in range(per_class):
             write_frames(folder / f"{i:03d}.mp4", motion_frames(label, n_frames, height, width, rng))
     return str(root)
+
+
+def prediction_collection(root):
+    """14 videos in class folders under ``root/videos``, plus a corrupt and an empty file, and a tiny checkpoint
+    ``root/model`` with named labels and its own clip sampling (frame_sample_rate 1): what the prediction tests
+    classify."""
+    import json
+    import os
+
+    import torch
+
+    import vivit_kernels as vk
+    from vivit_kernels.processing import VideoProcessor
+
+    motion_dataset(root / "videos", per_class=7)
+    (root / "videos" / "up" / "corrupt.mp4").write_bytes(os.urandom(3000))
+    (root / "videos" / "down" / "empty.mp4").write_bytes(b"")
+    torch.manual_seed(0)
+    config = vk.VivitConfig.from_preset("tiny", num_labels=6, id2label={i: f"action_{i}" for i in range(6)})
+    vk.VivitForVideoClassification(config).save_pretrained(root / "model")
+    # the checkpoint's own clip sampling (finetune saves it): every frame; predict and classify read it back
+    processor = VideoProcessor.for_image_size(32, 32, frame_sample_rate=1)
+    (root / "model" / "preprocessor_config.json").write_text(json.dumps(processor.to_dict()))
+    return root

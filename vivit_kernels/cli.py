@@ -158,11 +158,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import FAILED_EXIT_CODE, predict_to_file
 
-    summary = predict_to_file(
-        args.inputs, args.model, args.out, embeddings=args.embeddings, progress=not args.no_progress,
-        retry_errors=args.retry_errors, clips=args.clips, crops=args.crops, top_k=args.top_k,
-        batch_size=args.batch_size, frame_sample_rate=args.frame_sample_rate, workers=args.workers,
-        device=_device(args.device), dtype=_dtype(args.dtype), attn=args.attn, merge=args.merge, decode=args.decode)
+    options = dict(embeddings=args.embeddings, progress=not args.no_progress, retry_errors=args.retry_errors,
+                   clips=args.clips, crops=args.crops, top_k=args.top_k, batch_size=args.batch_size,
+                   frame_sample_rate=args.frame_sample_rate, device=_device(args.device), dtype=_dtype(args.dtype),
+                   attn=args.attn, merge=args.merge, decode=args.decode)
+    if args.ray is not None:
+        from .ray_predict import predict_on_ray
+
+        if args.workers is not None:
+            raise UsageError("--workers is predict's own decoding processes; on Ray use --decode-workers")
+        summary = predict_on_ray(args.inputs, args.model, args.out, address=None if args.ray == "local" else args.ray,
+                                 decode_workers=args.decode_workers, model_actors=args.model_actors, **options)
+    else:
+        if args.decode_workers is not None or args.model_actors is not None:
+            raise UsageError("--decode-workers and --model-actors are for --ray")
+        summary = predict_to_file(args.inputs, args.model, args.out, workers=args.workers, **options)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"this run: {summary['this_run'].summary()}")
@@ -305,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     _options(p, "clips", "crops", "top-k", "batch-size", "frame-sample-rate", "workers", "device", "dtype", "attn",
              "merge", "decode", "no-progress")
     p.add_argument("--retry-errors", action="store_true", help="try the videos whose earlier line is an error again")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray (vivit_kernels[ray]): decoding on CPU workers, the model on GPU actors; ADDRESS a "
+                        "cluster's ('auto' on one of its machines), none for a local instance")
+    p.add_argument("--decode-workers", type=_positive, help="--ray: decode tasks at a time (default: the CPUs)")
+    p.add_argument("--model-actors", type=_positive, help="--ray: model actors (default: one per GPU, else one)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("timeline", help="what happens when along a whole video: every window scored, a JSON of "

@@ -86,8 +86,6 @@ class Predictor:
                                              collate_fn=vdata.collate_clips,
                                              pin_memory=device.type == "cuda" and decoder != "cuda")
         preparer = vdata.VideoBatchPreparer(self.processor, device, dtype)
-        views = self.clips * self.crops
-        names = self.model.config.id2label
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -95,7 +93,6 @@ class Predictor:
             bar = tqdm(total=len(paths), unit="video", desc="predict", dynamic_ncols=True)
         t = self.timings
         t.workers = workers
-        merging = getattr(self.model.config, "token_merging", None)
         self.model.eval()
         start = last = time.perf_counter()
         position = 0  # the loader keeps the input order: batch n holds paths[n * batch_size:][:batch_size]
@@ -113,25 +110,7 @@ class Predictor:
                 synchronize(device)
                 prepared = time.perf_counter()
                 t.preprocess_s += prepared - got + sum(m.get("preprocess_s", 0.0) for m in meta)
-                results: dict[str, tuple[dict, np.ndarray]] = {}
-                if pixels is not None:
-                    with torch.no_grad():
-                        flat = pixels.to(device, dtype).reshape(-1, *pixels.shape[-4:])
-                        features = pool_tokens(self.model.config, self.model.vivit(flat).last_hidden_state)
-                        probs = self.model.classifier(features).float().softmax(-1)
-                        probs = probs.view(len(paths_ok), views, -1).mean(1)
-                        pooled = features.float().view(len(paths_ok), views, -1).mean(1)
-                        top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
-                    scores, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-                    pooled = pooled.cpu().numpy()
-                    for j, path in enumerate(paths_ok):
-                        row = {"path": path, "labels": [names.get(i, str(i)) for i in indices[j]],
-                               "scores": [round(s, 6) for s in scores[j]], "views": f"{self.clips}x{self.crops}",
-                               "frames": meta[j]["video_frames"], "duration_s": _round(meta[j]["duration_s"]),
-                               "model": self.name, "vivit_kernels": __version__}
-                        if merging is not None:
-                            row["merge"] = merging
-                        results[path] = (row, pooled[j])
+                results = self.score(pixels, paths_ok, meta) if pixels is not None else {}
                 synchronize(device)
                 last = time.perf_counter()
                 t.model_s += last - prepared
@@ -154,6 +133,34 @@ class Predictor:
             if bar is not None:
                 bar.close()
 
+
+    def score(self, pixels: torch.Tensor, paths: Sequence[str], meta: Sequence[dict]
+              ) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+        """(row, pooled features) by path for one batch: ``pixels`` (videos, [views,] T, 3, h, w) preprocessed,
+        ``meta`` per video its ``video_frames`` and ``duration_s``; the softmax and the features averaged over each
+        video's views."""
+        param = next(self.model.parameters())
+        names, views = self.model.config.id2label, self.clips * self.crops
+        with torch.no_grad():
+            flat = pixels.to(param.device, param.dtype).reshape(-1, *pixels.shape[-4:])
+            features = pool_tokens(self.model.config, self.model.vivit(flat).last_hidden_state)
+            probs = self.model.classifier(features).float().softmax(-1)
+            probs = probs.view(len(paths), views, -1).mean(1)
+            pooled = features.float().view(len(paths), views, -1).mean(1)
+            top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        scores, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        pooled = pooled.cpu().numpy()
+        merging = getattr(self.model.config, "token_merging", None)
+        results = {}
+        for j, path in enumerate(paths):
+            row = {"path": path, "labels": [names.get(i, str(i)) for i in indices[j]],
+                   "scores": [round(s, 6) for s in scores[j]], "views": f"{self.clips}x{self.crops}",
+                   "frames": meta[j]["video_frames"], "duration_s": _round(meta[j]["duration_s"]),
+                   "model": self.name, "vivit_kernels": __version__}
+            if merging is not None:
+                row["merge"] = merging
+            results[path] = (row, pooled[j])
+        return results
 
     def classify(self, path: str | os.PathLike) -> dict[str, Any]:
         """One video in this process (no workers): its ``clips`` evenly spread windows (1: the middle one, as the
