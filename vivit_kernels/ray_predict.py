@@ -239,11 +239,11 @@ def _pipeline(ray, todo, model, options, processor, num_frames, rate, views, dec
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * (decode_workers or 8))))
     ds = ds.map(_decode, fn_kwargs=dict(processor=processor, num_frames=num_frames, frame_sample_rate=rate,
                                         views=views, decode=decoder),
-                num_cpus=decode_cpus, concurrency=decode_workers)
+                num_cpus=decode_cpus, compute=ray.data.TaskPoolStrategy(size=decode_workers))
     model_options = {k: v for k, v in options.items() if k not in ("workers", "decode", "batch_size")}
     model_options["batch_size"] = batch_size
     ds = ds.map_batches(_ModelStage, fn_constructor_kwargs=dict(model=model, options=model_options),
-                        batch_size=batch_size, batch_format="numpy", concurrency=actors,
+                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
     return ds
 
