@@ -58,10 +58,11 @@ GEMM_CONFIGS: dict[tuple[int, str, str], list[KernelConfig]] = {
     # LoRA inside the GEMM (ops/linear.py): a (BLOCK_M, rank) accumulator and the adapters' tiles beside the base
     # GEMM's. Every row 128 columns wide: the x A^T product is repeated per column block, and the cost formulas
     # count it at that width (ops/formulas.py). The QKV input gradient (three K segments, each with its adapter's
-    # loop) is the tightest: 64-deep K tiles, or 3 stages, spill there on sm_80 at rank 64
+    # loop) is the tightest: 64-deep K tiles, or 3 stages, spill there on sm_80 at rank 64; the 4-byte rows keep the
+    # configs with no spill under Triton 3.9 too (128 x 128 x 16 TF32 and 16 x 128 x 8 IEEE spill 8-16 B there)
     (2, "ieee", "lora"): tile_configs((128, 128, 32, 8, 2)),
-    (4, "tf32", "lora"): tile_configs((64, 128, 16, 8, 3), (128, 128, 16, 8, 2)),
-    (4, "ieee", "lora"): tile_configs((16, 128, 16, 8, 1), (16, 128, 8, 8, 2)),
+    (4, "tf32", "lora"): tile_configs((64, 128, 16, 8, 3)),
+    (4, "ieee", "lora"): tile_configs((16, 128, 16, 8, 1)),
 }
 # The sm_90 tensor-descriptor kernel (2-byte elements, or TF32 products). Larger tiles than the pointer kernel:
 # TMA leaves the registers to the accumulator, and the epilogue runs in two halves.
@@ -785,7 +786,7 @@ def lora_grad_splits(M: int, programs: int, sms: int, block_m: int = 128, min_ro
 
 
 # the adapters' gradient launch by element size (4-byte tiles at 128 rows spill at rank 64)
-LORA_GRAD_CONFIGS = {2: KernelConfig.make(4, 3, BLOCK_F=64, BLOCK_M=128), 4: KernelConfig.make(4, 2, BLOCK_F=64,
+LORA_GRAD_CONFIGS = {2: KernelConfig.make(4, 3, BLOCK_F=64, BLOCK_M=64), 4: KernelConfig.make(4, 2, BLOCK_F=64,
                                                                                                BLOCK_M=32)}
 
 
