@@ -217,7 +217,8 @@ if HAS_TRITON:
             la = tl.where(group == 0, LA0, tl.where(group == 1, LA1, LA2))
             lb = tl.where(group == 0, LB0, tl.where(group == 1, LB1, LB2))
             ls = tl.where(group == 0, ls0, tl.where(group == 1, ls1, ls2))
-            r_mask = (lr < rank) & (((LORA_SLOTS >> group) & 1) != 0)
+            # (vector conditions only: Triton 3.9's interpreter refuses a mask that ands a vector with a scalar)
+            r_mask = (lr < rank) & (((LORA_SLOTS >> (lr * 0 + group)) & 1) != 0)
             acc_r = tl.zeros([BLOCK_M, LORA_RP], dtype=tl.float32)
         for segment in tl.static_range(K_GROUPS):
             b_base = B
@@ -275,12 +276,13 @@ if HAS_TRITON:
                     la = LA2
                 acc = _lora_expand(acc, acc_r, ls, la + lr[:, None] * N + (col0 + ln)[None, :],
                                    (lr < rank)[:, None] & n_mask[None, :], LD + segment * LORA_RP, row0 + lm, lr,
-                                   m_mask & (pid_n == 0), stride_ld, low_ty, LORA_STORE, LORA_ONLY, DOT_PRECISION,
+                                   m_mask & (lm * 0 + pid_n == 0), stride_ld, low_ty, LORA_STORE, LORA_ONLY,
+                                   DOT_PRECISION,
                                    EMULATE_BF16)
         if LORA == 1:  # + (s x A^T) B^T[:, cols]
             acc = _lora_expand(acc, acc_r, ls, lb + (col0 + ln)[None, :] * rank + lr[:, None],
                                r_mask[:, None] & n_mask[None, :], LD + group * LORA_RP, row0 + lm, lr,
-                               m_mask & (pid_n == 0), stride_ld, low_ty,  # (a group with no adapter: zeros)
+                               m_mask & (lm * 0 + pid_n == 0), stride_ld, low_ty,  # (no adapter: zeros)
                                LORA_STORE, LORA_ONLY, DOT_PRECISION, EMULATE_BF16)
         if not LORA_ONLY:
             _gemm_epilogue(acc, row0 + lm, col0 + ln, m_mask, n_mask, C, BIAS, AUX, RES, PRE,
@@ -536,7 +538,7 @@ if HAS_TRITON:
         stride_q = tl.where(is_a, stride_xm, stride_ym)
         p_base = tl.where(is_a, DYB, DOWN) + slot * LORA_RP
         f = tile * BLOCK_F + tl.arange(0, BLOCK_F)
-        f_mask = (f < tl.where(is_a, K_IN, N_OUT)) & present
+        f_mask = (f < tl.where(is_a, K_IN, N_OUT)) & (((JOBS >> (f * 0 + job)) & 1) != 0)  # (vector conditions)
         j = tl.arange(0, LORA_RP)
         lm = tl.arange(0, BLOCK_M)
         m_lo = split * m_split
@@ -558,7 +560,7 @@ if HAS_TRITON:
             tl.store(ws + f[:, None] * LORA_RP + j[None, :], acc, mask=f_mask[:, None])
         else:
             ptrs, mask = _lora_grad_target(job, f, j, K_IN, N_OUT, rank, DA0, DA1, DA2, DB0, DB1, DB2)
-            tl.store(ptrs, to_output(acc, DA0.dtype.element_ty, ROUND_OUT), mask=mask & present)
+            tl.store(ptrs, to_output(acc, DA0.dtype.element_ty, ROUND_OUT), mask=mask & f_mask[:, None])
 
     @triton.jit
     def _lora_sum_kernel(WS, DA0, DA1, DA2, DB0, DB1, DB2, n_splits, K_IN, N_OUT, rank, FMAX,
@@ -568,14 +570,14 @@ if HAS_TRITON:
         job = tl.program_id(0)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         j = tl.arange(0, LORA_RP)
-        present = ((JOBS >> job) & 1) != 0
+        present = ((JOBS >> (f * 0 + job)) & 1) != 0  # (a vector condition, as in _lora_grads_kernel)
         total = tl.zeros([BLOCK_F, LORA_RP], dtype=tl.float32)
         offs = f[:, None] * LORA_RP + j[None, :]
-        in_ws = (f < FMAX)[:, None] & present
+        in_ws = ((f < FMAX) & present)[:, None] & (j >= 0)[None, :]
         for s in range(0, n_splits):
             total += tl.load(WS + ((s * 6 + job) * FMAX).to(tl.int64) * LORA_RP + offs, mask=in_ws, other=0.0)
         ptrs, mask = _lora_grad_target(job, f, j, K_IN, N_OUT, rank, DA0, DA1, DA2, DB0, DB1, DB2)
-        tl.store(ptrs, to_output(total, DA0.dtype.element_ty, ROUND_OUT), mask=mask & present)
+        tl.store(ptrs, to_output(total, DA0.dtype.element_ty, ROUND_OUT), mask=mask & present[:, None])
 
     def _row(named_args, kwargs):
         return named_args["A"].element_size(), kwargs["DOT_PRECISION"], _kind(kwargs)
