@@ -22,7 +22,7 @@ from ._log import log_once
 from .auto.backends import Backend
 from .merging import active as merging_state
 from .ops.attention import attention_ref, sdpa_attention
-from .peft_lora import add_lora_, fusable_adapters, linear_parts
+from .peft_lora import add_lora_, dropout_active, fusable_adapters, linear_parts
 from .plain_modules import (
     KERNEL_CLASSES,
     autocast_dtype,
@@ -53,9 +53,8 @@ def _linear(backend: Backend, module: nn.Module, where: str, x: torch.Tensor, ac
         w, b = compute_weight(base.weight, x), compute_weight(base.bias, x)
         if not adapters and (activation_fn is None or fused_gelu):
             return backend.linear(x, w, b, "gelu_fast" if fused_gelu else None, residual)
-        no_dropout = len(adapters) == 1 and not (isinstance(adapters[0][2], nn.Dropout) and adapters[0][2].training
-                                                  and adapters[0][2].p > 0)
-        fused = fusable_adapters(adapters, x) if no_dropout and getattr(backend.linear, "fuses_lora", False) else []
+        one = len(adapters) == 1 and not dropout_active(adapters[0][2])
+        fused = fusable_adapters(adapters, x) if one and getattr(backend.linear, "fuses_lora", False) else []
         if fused and (activation_fn is None or fused_gelu):
             # PEFT's adapter inside our GEMM (before gelu_fast and the residual, which stay fused)
             return backend.linear(x, w, b, "gelu_fast" if fused_gelu else None, residual, adapters=[fused[0][:3]])

@@ -10,7 +10,7 @@ from torch import nn
 
 from .plain_modules import has_hooks, plain, why_not_plain
 
-__all__ = ["linear_parts", "fusable_adapters", "add_lora_"]
+__all__ = ["linear_parts", "fusable_adapters", "dropout_active", "add_lora_"]
 
 
 def _lora_adapters(module: nn.Module, x: torch.Tensor) -> list | None:
@@ -56,6 +56,11 @@ def _adapter_weight(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return param if param.dtype == x.dtype else param.to(x.dtype)
 
 
+def dropout_active(drop: nn.Module) -> bool:
+    """Whether an adapter's dropout changes its input here (training with lora_dropout > 0)."""
+    return type(drop) is nn.Dropout and drop.training and drop.p > 0
+
+
 def fusable_adapters(adapters: list, x: torch.Tensor) -> list:
     """(A, B, scaling, the adapter's own input or None) of each adapter, for an op that adds the updates itself:
     the weights as they are in ``x``'s dtype or float32 (the op casts float32 ones and writes their gradients in
@@ -65,8 +70,7 @@ def fusable_adapters(adapters: list, x: torch.Tensor) -> list:
     for a, b, drop, scaling in adapters:
         if not (a.dtype == b.dtype and a.dtype in (x.dtype, torch.float32)):
             a, b = _adapter_weight(a, x), _adapter_weight(b, x)
-        active = type(drop) is nn.Dropout and drop.training and drop.p > 0
-        fused.append((a, b, scaling, drop(x) if active else None))
+        fused.append((a, b, scaling, drop(x) if dropout_active(drop) else None))
     return fused
 
 

@@ -250,6 +250,7 @@ def _pipeline(ray, todo, model, options, processor, num_frames, rate, views, dec
 
 def _write(batches, out: Path, parts_dir: Path | None, stages: RayStages, total: int, progress: bool) -> None:
     """Each result line appended as it arrives (once per video), each batch's embeddings first."""
+    from .predict import _flush
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -278,10 +279,7 @@ def _write(batches, out: Path, parts_dir: Path | None, stages: RayStages, total:
                     stages.failed += 1
                 elif feature:
                     feats.append((path, np.frombuffer(feature, np.float32)))
-            if parts_dir is not None and feats:
-                files.write_embedding_part(parts_dir, 0, seq, feats)
-                seq += 1
-            appender.write(rows)
+            seq = _flush(appender, rows, feats, parts_dir, 0, seq)  # predict's: the features, then the lines
             if bar is not None:
                 bar.update(len(rows))
                 bar.set_postfix(failed=stages.failed)
