@@ -15,7 +15,8 @@
 #   4. the CPU test suite's model, kernel and ecosystem tests under those versions: eager / sdpa / auto models
 #      against that transformers, the factorised models (Models 2-4), and the Triton
 #      kernels (token merging's included) in that Triton's interpreter;
-#   5. `vivit-kernels acceptance --dry-run`.
+#   5. `vivit-kernels acceptance --dry-run`: tests/test_acceptance.py in that list runs it (and checks every
+#      section of what it writes), so it is not run a second time here.
 # The venv reuses this machine's site-packages for everything else (the nvidia-* wheels, pytest, peft, ...): only
 # the versions named above are replaced (torchvision with torch: it is built against one torch), so nothing big is
 # downloaded twice. The checks run on a copy of the working tree in VENV_DIR/src (tracked and untracked, not
@@ -78,7 +79,5 @@ step "tests under torch $TORCH / Triton $TRITON / transformers $TRANSFORMERS (CP
   tests/test_checkpoint.py tests/test_ecosystem.py tests/test_compat.py tests/test_acceptance.py \
   tests/test_guard.py tests/test_architecture.py tests/test_factorized.py tests/test_token_merge.py
 
-step "vivit-kernels acceptance --dry-run"
-"$BIN/vivit-kernels" acceptance --dry-run --out acceptance-dry-run
 echo
 echo "$WHICH supported versions: all checks passed"
