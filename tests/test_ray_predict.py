@@ -144,3 +144,26 @@ def test_the_command_checks_its_ray_options(collection, tmp_path, capsys):
     assert cli.main([*base, "--ray", "--workers", "2"]) == 1
     assert "on Ray use --decode-workers" in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_the_writer_writes_a_video_delivered_twice_once(tmp_path):
+    """Ray Data delivers a batch at least once: a result that arrives again (a batch rerun after its actor died once
+    its first result was out) is not written, nor counted, a second time; its embedding neither. No Ray needed:
+    the writer takes any iterable of the model stage's output batches."""
+    from vivit_kernels.ray_predict import RayStages, _write
+
+    def batch(paths, value):
+        rows = [json.dumps({"path": p, "labels": ["a"], "scores": [value]}) for p in paths]
+        feats = [np.full(3, value, np.float32).tobytes() for _ in paths]
+        return {"path": np.array(paths, dtype=object), "row": np.array(rows, dtype=object),
+                "feature": np.array(feats, dtype=object), "decode_s": np.full(len(paths), 0.5),
+                "model_s": np.full(len(paths), 0.25)}
+
+    out, parts = tmp_path / "p.jsonl", tmp_path / "parts"
+    stages = RayStages(decode_workers=1, model_actors=1)
+    _write([batch(["a", "b"], 1.0), batch(["b", "c"], 2.0), batch(["a"], 3.0)], out, parts, stages, 3, False)
+    assert [(r["path"], r["scores"]) for r in rows_of(out)] == [("a", [1.0]), ("b", [1.0]), ("c", [2.0])]
+    assert (stages.videos, stages.decode_s, stages.model_s) == (3, 1.5, 0.75)
+    files.gather_embeddings(tmp_path / "e.npy", parts, ["a", "b", "c"])  # what predict_on_ray does at the end
+    keys, matrix = files.read_embeddings(tmp_path / "e.npy")
+    assert list(keys) == ["a", "b", "c"] and matrix.tolist() == [[1.0] * 3, [1.0] * 3, [2.0] * 3]
